@@ -1,0 +1,186 @@
+"""Train the toy text-to-image model on CPU: a small VAE first, then a UNet and a CLIP text encoder jointly.
+
+    python -m diffusers_goca.toyworld.train --out toy_runs/sd --steps 5000
+
+The result is a stock `StableDiffusionPipeline` folder (`save_pretrained`), rewritten every `--save-every` steps with
+`training_log.json` (seed, wall time, loss curve) beside it, so an interrupted run still leaves a usable model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..clip_bpe import CLIP_VOCAB_SIZE, build_clip_tokenizer
+from .scenes import make_scene, scene_seeds
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=32,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16,
+    )
+
+
+def build_unet(cross_attention_dim: int = 64):
+    from diffusers import UNet2DConditionModel
+
+    # Cross-attention at 16×16 and 8×8 and in the 4×4 mid block; `attention_head_dim` is the head count here (diffusers' naming).
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=16,
+        block_out_channels=(48, 96, 96),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=8,
+    )
+
+
+def build_text_encoder(hidden: int = 64):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    )
+    return CLIPTextModel(config)
+
+
+def build_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+    )
+
+
+def _scenes_tensor(seeds: list[int]) -> tuple[torch.Tensor, list[str]]:
+    scenes = [make_scene(s) for s in tqdm(seeds, desc="drawing scenes", mininterval=5)]
+    images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return images, [s.caption for s in scenes]
+
+
+def train_vae(vae, images: torch.Tensor, steps: int, batch: int, generator: torch.Generator, log: dict) -> None:
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=max(0.1, 3 / steps))
+    vae.train()
+    for step in tqdm(range(steps), desc="vae", mininterval=10):
+        x = images[torch.randint(len(images), (batch,), generator=generator)]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=generator)).sample
+        loss = F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 50 == 0:
+            log["vae_loss"].append([step, round(loss.item(), 5)])
+    vae.eval()
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    return torch.cat([vae.encode(images[i : i + batch]).latent_dist.mean for i in range(0, len(images), batch)])
+
+
+def save_pipeline(out: str, vae, unet, text_encoder, tokenizer, save_dtype: torch.dtype) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=build_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.to(save_dtype).save_pretrained(out)
+    pipe.to(torch.float32)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=5000)
+    p.add_argument("--vae-steps", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--n-scenes", type=int, default=30000)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--save-dtype", choices=["float16", "float32"], default="float16",
+                   help="float16 keeps the shipped folder small; loading with torch_dtype=float32 restores full precision")
+    args = p.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    start = time.time()
+    log = {"seed": args.seed, "args": vars(args), "vae_loss": [], "loss": [], "torch_threads": torch.get_num_threads()}
+
+    images, captions = _scenes_tensor(scene_seeds("train", args.n_scenes))
+    vae = build_vae()
+    train_vae(vae, images, args.vae_steps, args.batch, g, log)
+    latents = encode_latents(vae, images)
+    scaling = 1.0 / latents.std().item()
+    vae.register_to_config(scaling_factor=scaling)
+    latents = latents * scaling
+    log["vae_seconds"] = round(time.time() - start, 1)
+    log["scaling_factor"] = scaling
+
+    tokenizer = build_clip_tokenizer()
+    ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    empty_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    unet, text_encoder = build_unet(), build_text_encoder()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=max(0.05, 3 / args.steps))
+    noise_sched = build_scheduler()
+    alphas = noise_sched.alphas_cumprod
+    save_dtype = getattr(torch, args.save_dtype)
+    unet.train()
+    text_encoder.train()
+    running = None
+    for step in tqdm(range(1, args.steps + 1), desc="unet+text", mininterval=10):
+        idx = torch.randint(len(latents), (args.batch,), generator=g)
+        x0, tok = latents[idx], ids[idx].clone()
+        drop = torch.rand(args.batch, generator=g) < 0.1  # caption dropout, so classifier-free guidance works
+        tok[drop] = empty_ids
+        t = torch.randint(0, 1000, (args.batch,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        cond = text_encoder(tok).last_hidden_state
+        loss = F.mse_loss(unet(xt, t, encoder_hidden_states=cond).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 50 == 0:
+            log["loss"].append([step, round(running, 5)])
+        if step % args.save_every == 0 or step == args.steps:
+            unet.eval()
+            text_encoder.eval()
+            save_pipeline(args.out, vae, unet, text_encoder, tokenizer, save_dtype)
+            unet.train()
+            text_encoder.train()
+            log["steps_done"] = step
+            log["seconds"] = round(time.time() - start, 1)
+            with open(os.path.join(args.out, "training_log.json"), "w") as f:
+                json.dump(log, f, indent=1)
+    if not math.isfinite(running):
+        raise RuntimeError("training diverged")
+
+
+if __name__ == "__main__":
+    main()
