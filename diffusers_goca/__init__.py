@@ -1,0 +1,23 @@
+"""diffusers-goca: training-free open-vocabulary segmentation from the attention of diffusers pipelines (GoCA).
+
+    import diffusers_goca as goca
+    pipe = goca.from_pipe(pipe)          # same components, class gains GoCAMixin, capture enabled
+    result = pipe.segment(image, classes=["cat", "grass"])
+"""
+from .capture import Capture, StepCapture
+from .methods import METHODS, GoCAOptions
+from .mixin import GoCAMixin, GoCAStepMasks
+from .models import Adapter, LayerInfo, UNetAdapter, adapter_for
+from .pipelines import GoCAStableDiffusionPipeline, GoCAStableDiffusionXLPipeline, from_pipe, goca_class
+from .processors import GoCAAttnProcessor2_0, GoCAWrappedProcessor
+from .result import GoCASegmentation
+from .tokens import TokenIndex, entities_from_prompt, token_index
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adapter", "Capture", "GoCAAttnProcessor2_0", "GoCAMixin", "GoCAOptions", "GoCASegmentation",
+    "GoCAStableDiffusionPipeline", "GoCAStableDiffusionXLPipeline", "GoCAStepMasks", "GoCAWrappedProcessor", "LayerInfo",
+    "METHODS", "StepCapture", "TokenIndex", "UNetAdapter", "adapter_for", "entities_from_prompt", "from_pipe", "goca_class",
+    "token_index",
+]

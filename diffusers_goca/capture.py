@@ -1,0 +1,111 @@
+"""The capture: what one denoiser forward leaves behind for the GoCA formulas, and nothing more (ARCHITECTURE, memory).
+
+Per cross layer: the head-aggregated image→text maps C_l [R, N_l, T] (auto-weighted and head-mean); for the reference
+layer its `to_q` output F [R, N_ref, C]; per self layer its queries and keys [R, N_l, C] in the model dtype, reduced after
+the forward in row chunks (no [heads, N, N] tensor is ever formed). R = the batch rows segmented (the conditional half).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .functional.aggregation import aggregate_heads, head_weights
+
+
+@dataclass
+class SelfQK:
+    query: torch.Tensor  # [R, N, C]
+    key: torch.Tensor  # [R, N, C]
+    heads: int
+    scale: float
+    grid: tuple[int, int]
+
+
+@dataclass
+class StepCapture:
+    """Everything captured in one denoiser forward, for rows `rows` of its batch."""
+
+    latent_hw: tuple[int, int]
+    rows: list[int]
+    cross: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # layer → {"auto", "average"}: [R, N, T]
+    grids: dict[str, tuple[int, int]] = field(default_factory=dict)
+    selfs: dict[str, SelfQK] = field(default_factory=dict)
+    reference: torch.Tensor | None = None  # [R, N_ref, C]
+    reference_grid: tuple[int, int] | None = None
+    degenerate_pixels: int = 0  # pixels where ‖out(p)‖ ≈ 0, whose head weights fell back to 1/H
+
+    def nbytes(self) -> int:
+        """Bytes held by the capture (the accounting that bounds its memory)."""
+        tensors = [t for maps in self.cross.values() for t in maps.values()]
+        tensors += [t for s in self.selfs.values() for t in (s.query, s.key)]
+        tensors += [self.reference] if self.reference is not None else []
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class Capture:
+    """Receives projections from the GoCA processors while active; `start` / `stop` bracket one denoiser forward."""
+
+    def __init__(self, adapter, head_weighting: str = "auto"):
+        self.adapter = adapter
+        self.head_weighting = head_weighting
+        self.step: StepCapture | None = None
+        self.peak_bytes = 0
+
+    @property
+    def active(self) -> bool:
+        return self.step is not None
+
+    def wants(self, layer: str) -> bool:
+        return self.step is not None and layer in self.adapter.layers
+
+    def start(self, latent_hw: tuple[int, int], rows: list[int]) -> None:
+        self.step = StepCapture(tuple(latent_hw), list(rows))
+
+    def stop(self) -> StepCapture | None:
+        step, self.step = self.step, None
+        return step
+
+    def record(self, layer: str, attn, tap, attention_mask) -> None:
+        info = self.adapter.layers[layer]
+        if tap.query is None or tap.key is None:
+            raise RuntimeError(
+                f"GoCA could not read the queries and keys of {layer}: its processor "
+                f"({type(attn.processor).__name__}) does not call to_q / to_k (fused projections are not supported)"
+            )
+        step = self.step
+        rows = torch.tensor(step.rows, device=tap.query.device)
+        q, k = tap.query.index_select(0, rows), tap.key.index_select(0, rows)
+        grid = self.adapter.grid(layer, q.shape[1], step.latent_hw)
+        step.grids[layer] = grid
+        if info.role == "self":
+            step.selfs[layer] = SelfQK(q.detach(), k.detach(), attn.heads, attn.scale, grid)
+        else:
+            self._record_cross(layer, attn, tap, q, k, rows, attention_mask)
+            if layer == self.adapter.reference_layer:
+                step.reference, step.reference_grid = q.detach(), grid
+        self.peak_bytes = max(self.peak_bytes, step.nbytes())
+
+    def _record_cross(self, layer, attn, tap, q, k, rows, attention_mask) -> None:
+        heads = attn.heads
+        r, n, inner = q.shape
+        d = inner // heads
+        qh = q.float().view(r, n, heads, d).transpose(1, 2)
+        kh = k.float().view(r, k.shape[1], heads, d).transpose(1, 2)
+        scores = qh @ kh.transpose(-1, -2) * attn.scale  # [R, heads, N, T]
+        if attention_mask is not None:
+            mask = attn.prepare_attention_mask(attention_mask, k.shape[1], tap.query.shape[0])
+            mask = mask.view(tap.query.shape[0], heads, -1, mask.shape[-1]).index_select(0, rows)
+            scores = scores + mask.float()
+        probs = scores.softmax(-1)
+        maps = {"average": probs.mean(1)}
+        if tap.head_out is not None:
+            weight = attn.to_out[0].weight
+            w, degenerate = head_weights(
+                tap.head_out.index_select(0, rows), weight, heads, self.head_weighting, return_degenerate=True
+            )
+            self.step.degenerate_pixels += int(degenerate.sum())
+            maps["auto"] = aggregate_heads(probs, w)
+        else:
+            maps["auto"] = maps["average"]
+        self.step.cross[layer] = maps

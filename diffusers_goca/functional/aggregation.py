@@ -1,0 +1,81 @@
+"""Head-wise and layer-wise auto aggregation (ALGORITHMS §1–2)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .maps import resize_maps
+
+HEAD_WEIGHTINGS = ("auto", "average", "dot-product")
+
+
+def head_weights(
+    head_out: torch.Tensor, out_weight: torch.Tensor, heads: int, mode: str = "auto", eps: float = 1e-8,
+    return_degenerate: bool = False,
+):
+    """Per-pixel head weights w_h(p) = ⟨o_h(p), out(p)⟩ / Σ_h' ⟨o_h'(p), out(p)⟩, with o_h(p) = head_out_h(p) · W_hᵀ.
+
+    head_out: [B, N, heads·d], the attention output before `to_out` (head h in columns h·d:(h+1)·d).
+    out_weight: [D, heads·d], the weight of `to_out[0]` (its bias is excluded, as in the formula).
+    mode: "auto" (official "dot-product w/o clamp": may be negative), "average" (1/H), "dot-product" (clamp ≥ 0, renormalise).
+    Returns [B, heads, N] fp32 summing to 1 over heads; where Σ_h ⟨o_h, out⟩ = ‖out(p)‖² < eps the weights fall back to 1/H
+    (with `return_degenerate`, also the bool mask [B, N] of those pixels).
+    """
+    if mode not in HEAD_WEIGHTINGS:
+        raise ValueError(f"head weighting must be one of {HEAD_WEIGHTINGS}, got {mode!r}")
+    b, n, hd = head_out.shape
+    if mode == "average":
+        uniform = torch.full((b, heads, n), 1.0 / heads, device=head_out.device)
+        return (uniform, torch.zeros(b, n, dtype=torch.bool, device=head_out.device)) if return_degenerate else uniform
+    x = head_out.float()
+    w = out_weight.float()
+    out = x @ w.T  # [B, N, D]
+    # ⟨o_h, out⟩ = Σ_{j ∈ head h} x_j · (out · W)_j: one matmul back instead of H per-head projections.
+    dots = (x * (out @ w)).view(b, n, heads, hd // heads).sum(-1).transpose(1, 2)  # [B, heads, N]
+    if mode == "dot-product":
+        dots = dots.clamp_min(0)
+    total = dots.sum(1, keepdim=True)
+    degenerate = total.abs() < eps
+    weights = torch.where(degenerate, torch.full_like(dots, 1.0 / heads), dots / torch.where(degenerate, 1.0, total))
+    return (weights, degenerate[:, 0]) if return_degenerate else weights
+
+
+def aggregate_heads(probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """C(p, t) = Σ_h w_h(p) · A_h(p, t).  probs: [B, heads, N, T], weights: [B, heads, N] → [B, N, T] fp32."""
+    return torch.einsum("bhnt,bhn->bnt", probs.float(), weights.float())
+
+
+def pseudo_self_attention(feature: torch.Tensor) -> torch.Tensor:
+    """A_p = softmax(F Fᵀ / √C) over rows. feature: [N, C] → [N, N] fp32. (Small grids only; see `layer_weight`.)"""
+    f = feature.float()
+    return (f @ f.T / f.shape[-1] ** 0.5).softmax(-1)
+
+
+def layer_weight(pseudo: torch.Tensor, self_attn: torch.Tensor) -> torch.Tensor:
+    """Unnormalised layer weight: the Frobenius product Σ_ij A_p[i, j] · S̃_l[i, j]. Both [N_ref, N_ref] → 0-d."""
+    return (pseudo.float() * self_attn.float()).sum()
+
+
+def normalize_layer_weights(raw: torch.Tensor) -> torch.Tensor:
+    """w_l ← max(w_l, 0) / Σ_l' max(w_l', 0).  raw: [L] → [L]; all-nonpositive input gives uniform weights."""
+    pos = raw.float().clamp_min(0)
+    total = pos.sum()
+    if total <= 0:
+        return torch.full_like(pos, 1.0 / len(pos))
+    return pos / total
+
+
+def aggregate_layers(
+    maps: Sequence[torch.Tensor], grids: Sequence[tuple[int, int]], weights: torch.Tensor, out_hw: tuple[int, int]
+) -> torch.Tensor:
+    """M = Σ_l w_l · resize_bilinear(C_l → out grid), clamped ≥ 0, L1-normalised per pixel over all T tokens.
+
+    maps: per layer [N_l, T] (N_l = h_l·w_l of `grids[l]`); weights: [L]. Returns [out_h·out_w, T] fp32.
+    """
+    total = None
+    for c, hw, w in zip(maps, grids, weights):
+        term = w * resize_maps(c.float().T, hw, out_hw).T
+        total = term if total is None else total + term
+    total = total.clamp_min(0)
+    return total / total.sum(-1, keepdim=True).clamp_min(1e-12)

@@ -1,0 +1,148 @@
+"""Aggregations over one capture: GoCA and the baselines of ALGORITHMS §7, all reading the same `StepCapture`.
+
+Each method returns class scores at the map grid, [K, h·w] in [0, 1], plus the background entity's score when one is
+asked for. The formulas are those of `functional`; this module only picks the layers and the options.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from .capture import StepCapture
+from .functional.aggregation import aggregate_layers, normalize_layer_weights
+from .functional.maps import gaussian_blur, minmax, per_pixel_rescale, propagate, resize_maps, token_class_maps
+from .functional.self_attention import frobenius_with_reference, head_mean_self_attention
+from .tokens import TokenIndex
+
+METHODS = ("goca", "vanilla", "manual", "diffsegmenter")
+
+
+@dataclass(frozen=True)
+class GoCAOptions:
+    """The switches of GoCA; the defaults are the official method, the others its ablations and baselines.
+
+    head_weighting: "auto" | "average" | "dot-product" (chosen when the capture is made);
+    layer_weighting: "auto" (pseudo self-attention) | "uniform"; renormalize_rows: renormalise resized self-attention
+    rows in the layer weights (the official code does not); rescale: per-pixel rescaling over content tokens
+    (False = "renorm+", blur and min-max only); refine_order: k of S^k·M (None = the model's default);
+    layers: "all" or "manual" (SD 1.5's hand-picked set).
+    """
+
+    head_weighting: str = "auto"
+    layer_weighting: str = "auto"
+    renormalize_rows: bool = False
+    rescale: bool = True
+    refine_order: int | None = None
+    layers: str = "all"
+    blur_kernel: int = 5
+
+
+VANILLA = GoCAOptions(head_weighting="average", layer_weighting="uniform", rescale=False)
+PRESETS = {"goca": GoCAOptions(), "vanilla": VANILLA, "manual": replace(VANILLA, layers="manual")}
+
+
+def options_for(method: str, **overrides) -> GoCAOptions:
+    if method not in PRESETS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    return replace(PRESETS[method], **overrides)
+
+
+def _entities(index: TokenIndex, background: str | None) -> list[list[int]]:
+    return index.class_tokens + ([index.positions(background)] if background else [])
+
+
+def refinement_matrix(step: StepCapture, row: int, layers: list[str], map_hw: tuple[int, int]) -> torch.Tensor:
+    """S: mean over `layers` of head-mean self-attention resized to the map grid, [N_map, N_map] fp32."""
+    mats = [
+        head_mean_self_attention(s.query[row], s.key[row], s.heads, s.scale, s.grid, map_hw)
+        for s in (step.selfs[n] for n in layers)
+    ]
+    return torch.stack(mats).mean(0)
+
+
+def layer_weights(step: StepCapture, row: int, adapter, layers: list[str], renormalize_rows: bool) -> torch.Tensor:
+    """Normalised w_l for `layers` from the pseudo self-attention of the reference feature (ALGORITHMS §2)."""
+    if step.reference is None:
+        raise RuntimeError(f"the reference layer {adapter.reference_layer} was not captured")
+    raw = []
+    for name in layers:
+        s = step.selfs[adapter.self_of(name)]
+        raw.append(frobenius_with_reference(
+            s.query[row], s.key[row], s.heads, s.scale, s.grid, step.reference[row], step.reference_grid,
+            renormalize_rows=renormalize_rows,
+        ))
+    return normalize_layer_weights(torch.stack(raw))
+
+
+def goca_scores(
+    step: StepCapture, row: int, index: TokenIndex, adapter, options: GoCAOptions, background: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """GoCA (and, through `options`, vanilla and manual): class scores [K, N_map] and the background entity's [N_map]."""
+    map_hw = adapter.map_grid(step.latent_hw)
+    layers = adapter.cross_layers if options.layers == "all" else adapter.manual_layers
+    if options.layers not in ("all", "manual"):
+        raise ValueError(f"layers must be 'all' or 'manual', got {options.layers!r}")
+    maps = [step.cross[n]["average" if options.head_weighting == "average" else "auto"][row] for n in layers]
+    grids = [step.grids[n] for n in layers]
+    if options.layer_weighting == "auto":
+        weights = layer_weights(step, row, adapter, layers, options.renormalize_rows)
+    elif options.layer_weighting == "uniform":
+        weights = torch.full((len(layers),), 1.0 / len(layers))
+    else:
+        raise ValueError(f"layer_weighting must be 'auto' or 'uniform', got {options.layer_weighting!r}")
+    entities = _entities(index, background)
+    if options.rescale:
+        token_maps = aggregate_layers(maps, grids, weights, map_hw)
+        scores = per_pixel_rescale(token_maps, entities, index.content)
+    else:
+        token_maps = sum(w * resize_maps(c.float().T, g, map_hw).T for c, g, w in zip(maps, grids, weights))
+        scores = token_class_maps(token_maps, entities)
+    scores = minmax(gaussian_blur(scores, map_hw, options.blur_kernel))
+    order = adapter.refine_order if options.refine_order is None else options.refine_order
+    if order > 0:
+        s = refinement_matrix(step, row, adapter.refinement_layers, map_hw)
+        scores = minmax(propagate(s, scores, order))
+    return _split_background(scores, background)
+
+
+# DiffSegmenter's weights per grid size at SD 1.5's 512 px, i.e. per downsampling from the finest grid.
+_DIFFSEG_WEIGHTS = {1: 0.1, 2: 0.1, 4: 0.5, 8: 0.3}
+
+
+def diffsegmenter_scores(
+    step: StepCapture, row: int, index: TokenIndex, adapter, background: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """DiffSegmenter: per-resolution head/layer means, min-max, fixed resolution weights, one product with the mean
+    finest-grid self-attention."""
+    map_hw = adapter.map_grid(step.latent_hw)
+    entities = _entities(index, background)
+    by_level: dict[int, list[torch.Tensor]] = {}
+    for name in adapter.cross_layers:
+        rel = adapter.layers[name].factor // adapter.map_factor
+        by_level.setdefault(rel, []).append(resize_maps(step.cross[name]["average"][row].float().T, step.grids[name], map_hw).T)
+    scores = sum(
+        _DIFFSEG_WEIGHTS.get(rel, 0.0) * minmax(token_class_maps(torch.stack(ms).mean(0), entities))
+        for rel, ms in by_level.items()
+    )
+    finest_selfs = [n for n, i in adapter.layers.items() if i.role == "self" and i.factor == adapter.map_factor]
+    s = refinement_matrix(step, row, finest_selfs, map_hw)
+    return _split_background(minmax(propagate(s, scores, 1)), background)
+
+
+def _split_background(scores: torch.Tensor, background: str | None):
+    if background:
+        return scores[:-1], scores[-1]
+    return scores, None
+
+
+def method_scores(step, row, index, adapter, method: str, background: str | None = None, **options):
+    """Dispatch on the method name; `options` override GoCAOptions fields for goca / vanilla / manual."""
+    if method == "diffsegmenter":
+        if options:
+            raise ValueError(f"diffsegmenter takes no GoCA options, got {sorted(options)}")
+        return diffsegmenter_scores(step, row, index, adapter, background)
+    opts = options_for(method, **options)
+    if opts.layers == "manual" and not adapter.manual_layers:
+        raise ValueError(f"method 'manual' needs the hand-picked layer set, which {adapter.family} does not define")
+    return goca_scores(step, row, index, adapter, opts, background)

@@ -1,0 +1,324 @@
+"""`GoCAMixin`: enable / disable the capture on a pipeline, segment existing images, masks during generation."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .capture import Capture, StepCapture
+from .functional.maps import scores_to_labels
+from .methods import METHODS, method_scores
+from .models.base import adapter_for
+from .processors import is_goca_processor, wrap_processor
+from .result import GoCASegmentation
+from .tokens import entities_from_prompt, segmentation_prompt, token_index
+
+
+@dataclass
+class GoCAStepMasks:
+    """The segmentation of the images being generated, at one denoising step (one result per image of the batch)."""
+
+    step: int
+    timestep: float
+    results: list[GoCASegmentation]
+
+
+@dataclass
+class _Request:
+    """What the denoiser hooks should capture and segment during one pipeline call or one `segment`."""
+
+    wants: Callable[[int], bool]
+    indices: list  # TokenIndex per segmented image
+    method: str
+    background: str | None
+    background_offset: float
+    options: dict
+    out_hw: tuple[int, int] | None = None  # None: the generated image's size
+    step: int = 0
+    timestep: object = None
+    callback: Callable | None = None
+    delivered: list[GoCAStepMasks] = field(default_factory=list)
+
+
+@dataclass
+class _GoCAState:
+    adapter: object
+    capture: Capture
+    originals: dict
+    handles: list
+    request: _Request | None = None
+
+
+def _as_rgb(image) -> Image.Image:
+    """A PIL RGB image from a PIL image (any mode; alpha composited on white), an array [H, W(, C)], a tensor
+    [C, H, W] / [1, C, H, W] in [0, 1], or a file path."""
+    if isinstance(image, (str, os.PathLike)):
+        if not os.path.exists(image):
+            raise ValueError(f"image path does not exist: {image}")
+        image = Image.open(image)
+    if isinstance(image, torch.Tensor):
+        t = image.detach().float().cpu()
+        if t.ndim == 4 and t.shape[0] == 1:
+            t = t[0]
+        if t.ndim != 3 or t.shape[0] not in (1, 3, 4):
+            raise ValueError(f"a tensor image must be [C, H, W] or [1, C, H, W] with C in (1, 3, 4), got {tuple(image.shape)}")
+        image = (t.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    if isinstance(image, np.ndarray):
+        a = image
+        if a.ndim == 3 and a.shape[-1] == 1:
+            a = a[..., 0]
+        if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)) or min(a.shape[:2]) < 1:
+            raise ValueError(f"an array image must be [H, W], [H, W, 3] or [H, W, 4], got shape {a.shape}")
+        if a.dtype != np.uint8:
+            a = (np.clip(a.astype(np.float32), 0, 1) * 255).round().astype(np.uint8)
+        image = Image.fromarray(a)
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"image must be a PIL image, a numpy array, a torch tensor or a path, got {type(image).__name__}")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+class GoCAMixin:
+    """Adds GoCA to a diffusers pipeline: `enable_goca`, `disable_goca`, `segment`, and masks during generation
+    through the extra call arguments `goca_masks`, `goca_classes`, `goca_method`, `goca_callback`.
+    """
+
+    _goca: _GoCAState | None = None
+
+    # -- attach / detach ----------------------------------------------------------------------------------------------
+    def enable_goca(self, head_weighting: str = "auto") -> "GoCAMixin":
+        """Install the capture processors and the denoiser hooks. Images are unchanged; steps that ask for no mask
+        cost nothing extra. Calling it again re-attaches (e.g. after `load_ip_adapter` replaced the processors)."""
+        if self._goca is not None:
+            self.disable_goca()
+        adapter = adapter_for(self)
+        capture = Capture(adapter, head_weighting)
+        denoiser = adapter.denoiser
+        originals = dict(denoiser.attn_processors)
+        wrapped = {}
+        for key, proc in originals.items():
+            layer = key[: -len(".processor")]
+            wrapped[key] = wrap_processor(proc, capture, layer) if layer in adapter.layers else proc
+        state = _GoCAState(adapter, capture, originals, [])
+        try:
+            denoiser.set_attn_processor(dict(wrapped))
+            state.handles = [
+                denoiser.register_forward_pre_hook(self._goca_pre_forward, with_kwargs=True),
+                denoiser.register_forward_hook(self._goca_post_forward, with_kwargs=True),
+            ]
+        except Exception:
+            denoiser.set_attn_processor(dict(originals))
+            for h in state.handles:
+                h.remove()
+            raise
+        self._goca = state
+        return self
+
+    def disable_goca(self) -> None:
+        """Restore the original processors (the same objects) and remove the hooks."""
+        state, self._goca = self._goca, None
+        if state is None:
+            return
+        for h in state.handles:
+            h.remove()
+        state.adapter.denoiser.set_attn_processor(dict(state.originals))
+
+    @property
+    def goca_enabled(self) -> bool:
+        return self._goca is not None
+
+    def _goca_attached(self) -> _GoCAState:
+        """The state, re-attaching when something replaced the processors since `enable_goca`."""
+        if self._goca is None:
+            raise RuntimeError("GoCA is not enabled: call pipe.enable_goca() first")
+        procs = self._goca.adapter.denoiser.attn_processors
+        if not all(is_goca_processor(procs[f"{n}.processor"]) for n in self._goca.adapter.layers):
+            self.enable_goca(self._goca.capture.head_weighting)
+        return self._goca
+
+    # -- hooks --------------------------------------------------------------------------------------------------------
+    def _goca_pre_forward(self, module, args, kwargs):
+        state = self._goca
+        req = state.request if state else None
+        if req is None or not req.wants(req.step):
+            return None
+        batch = state.adapter.denoiser_batch(args, kwargs)
+        n = len(req.indices)
+        if batch == 2 * n:
+            rows = list(range(n, 2 * n))  # [uncond, cond]: segment the conditional half
+        elif batch == n:
+            rows = list(range(n))
+        else:
+            raise RuntimeError(f"GoCA expected a denoiser batch of {n} or {2 * n} images, got {batch}")
+        state.capture.start(state.adapter.denoiser_latent_hw(args, kwargs), rows)
+        req.timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        return None
+
+    def _goca_post_forward(self, module, args, kwargs, output):
+        state = self._goca
+        req = state.request if state else None
+        if req is None:
+            return None
+        step = state.capture.stop()
+        if step is not None:
+            results = self._goca_results(state, req, step)
+            t = req.timestep
+            masks = GoCAStepMasks(req.step, float(t.flatten()[0]) if torch.is_tensor(t) else float(t or 0), results)
+            req.delivered.append(masks)
+            if req.callback is not None:
+                req.callback(self, req.step, masks.timestep, masks)
+        req.step += 1
+        return None
+
+    def _goca_results(self, state: _GoCAState, req: _Request, step: StepCapture) -> list[GoCASegmentation]:
+        adapter = state.adapter
+        map_hw = adapter.map_grid(step.latent_hw)
+        out_hw = req.out_hw or tuple(s * getattr(self, "vae_scale_factor", 8) for s in step.latent_hw)
+        results = []
+        for row, index in enumerate(req.indices):
+            bg = req.background if req.background in index.extra_entities else None
+            scores, bg_scores = method_scores(step, row, index, adapter, req.method, bg, **req.options)
+            labels, up = scores_to_labels(scores, map_hw, out_hw, bg_scores, req.background_offset)
+            classes = list(index.classes) + (["background"] if bg else [])
+            results.append(GoCASegmentation(labels.cpu(), up.cpu(), classes))
+        return results
+
+    # -- segmentation of an existing image ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def segment(
+        self,
+        image,
+        classes: Sequence[str],
+        method: str = "goca",
+        timestep: int | None = None,
+        seed: int = 0,
+        background: bool = True,
+        background_offset: float = 0.0,
+        resolution: int | None = None,
+        **options,
+    ) -> GoCASegmentation:
+        """Segment an existing image into `classes` (ALGORITHMS §5): resize to the model's native square resolution,
+        VAE-encode, add seeded noise at `timestep` (default 100 of 1000), one denoiser forward without CFG on the
+        prompt "class1, class2, ..., background", then the aggregation `method`
+        ("goca", "vanilla", "manual", "diffsegmenter"). `options` override GoCA's switches (see `GoCAOptions`).
+
+        background: add a "background" word to the prompt and a background channel (its map + `background_offset`).
+        Returns a `GoCASegmentation` whose labels have the input image's size.
+        """
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if isinstance(classes, str):
+            classes = [c.strip() for c in classes.split(",") if c.strip()]
+        rgb = _as_rgb(image)
+        classes = list(classes)
+        use_background = background and "background" not in classes
+        prompt = segmentation_prompt(classes, use_background)
+        was_enabled = self._goca is not None
+        adapter = self._goca.adapter if was_enabled else adapter_for(self)
+        index = token_index(adapter.tokenizer(), prompt, classes, extra_entities=["background"] if use_background else [])
+        timestep = adapter.segment_timestep if timestep is None else timestep
+        resolution = resolution or adapter.native_resolution
+        state = self._goca_attached() if was_enabled else self.enable_goca()._goca
+        request = _Request(
+            wants=lambda i: True, indices=[index], method=method, background="background" if use_background else None,
+            background_offset=background_offset, options=options, out_hw=(rgb.height, rgb.width),
+        )
+        try:
+            latents = self._goca_encode(rgb, resolution)
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+            state.request = request
+            adapter.segment_forward(latents, prompt, timestep, generator)
+        finally:
+            state.request = None
+            state.capture.stop()
+            if not was_enabled:
+                self.disable_goca()
+        if not request.delivered:
+            raise RuntimeError("the denoiser forward ran but GoCA captured nothing")
+        result = request.delivered[0].results[0]
+        result.image = rgb
+        return result
+
+    def _goca_encode(self, rgb: Image.Image, resolution: int) -> torch.Tensor:
+        vae = self.vae
+        pixels = self.image_processor.preprocess(rgb, height=resolution, width=resolution)
+        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        dtype = torch.float32 if upcast else vae.dtype
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            latents = vae.encode(pixels.to(vae.device, dtype)).latent_dist.mean
+        finally:
+            if upcast:
+                vae.to(torch.float16)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((latents - shift) * vae.config.scaling_factor).to(self._goca_denoiser_dtype())
+
+    def _goca_denoiser_dtype(self):
+        return next(self._goca.adapter.denoiser.parameters()).dtype if self._goca else torch.float32
+
+    # -- masks during generation --------------------------------------------------------------------------------------
+    def __call__(
+        self,
+        *args,
+        goca_masks: bool | str | Sequence[int] = False,
+        goca_classes: Sequence[str] | None = None,
+        goca_method: str = "goca",
+        goca_callback: Callable | None = None,
+        goca_background: bool = False,
+        goca_background_offset: float = 0.0,
+        goca_options: dict | None = None,
+        **kwargs,
+    ):
+        """The pipeline's own call, plus masks during generation.
+
+        goca_masks: False (default: nothing extra is computed), True / "all" (every step), "last", or step indices.
+        goca_classes: classes to segment (default: the entities of each prompt, see `tokens.entities_from_prompt`).
+        goca_callback: called as `goca_callback(pipe, step, timestep, masks: GoCAStepMasks)` after each segmented step.
+        After the call, `pipe.goca_masks` holds the list of `GoCAStepMasks` of that call.
+        """
+        if not goca_masks:
+            return super().__call__(*args, **kwargs)
+        if goca_method not in METHODS:
+            raise ValueError(f"goca_method must be one of {METHODS}, got {goca_method!r}")
+        state = self._goca_attached() if self._goca is not None else self.enable_goca()._goca
+        prompt = kwargs.get("prompt", args[0] if args else None)
+        if prompt is None:
+            raise ValueError("masks during generation need the prompt text (prompt_embeds alone cannot be segmented)")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        per_prompt = kwargs.get("num_images_per_prompt", 1) or 1
+        indices = []
+        tokenizer = state.adapter.tokenizer()
+        for p in prompts:
+            classes = list(goca_classes) if goca_classes is not None else entities_from_prompt(p)
+            extra = ["background"] if goca_background and "background" not in classes else []
+            indices += [token_index(tokenizer, p, classes, extra_entities=extra)] * per_prompt
+        request = _Request(
+            wants=self._goca_step_filter(goca_masks), indices=indices, method=goca_method,
+            background="background" if goca_background else None, background_offset=goca_background_offset,
+            options=dict(goca_options or {}), callback=goca_callback,
+        )
+        self.goca_masks = request.delivered
+        state.request = request
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            state.request = None
+            state.capture.stop()
+
+    def _goca_step_filter(self, goca_masks) -> Callable[[int], bool]:
+        if goca_masks is True or goca_masks == "all":
+            return lambda i: True
+        if goca_masks == "last":
+            return lambda i: i == getattr(self, "_num_timesteps", -1) - 1
+        if isinstance(goca_masks, str):
+            raise ValueError(f"goca_masks must be True, 'all', 'last' or a list of step indices, got {goca_masks!r}")
+        wanted = {int(i) for i in goca_masks}
+        return lambda i: i in wanted

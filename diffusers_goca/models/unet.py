@@ -1,0 +1,122 @@
+"""UNet2DConditionModel: Stable Diffusion 1.x / 2.x (incl. 768-v) and SDXL.
+
+Every `Transformer2DModel` block holds attn1 (self) and attn2 (cross). Grids: down_blocks.i at 1/2^i of the latent,
+the mid block at the coarsest level, up_blocks.i mirrored. Reference and refinement layers follow ALGORITHMS §2 and §4.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .base import Adapter, LayerInfo
+
+_NAME = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.(attn1|attn2)$|"
+                   r"^mid_block\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.(attn1|attn2)$")
+
+
+def _attn(path: str, attention: int, block: int, which: str) -> str:
+    return f"{path}.attentions.{attention}.transformer_blocks.{block}.{which}"
+
+
+class UNetAdapter(Adapter):
+    family = "unet"
+
+    @classmethod
+    def supports(cls, pipe) -> bool:
+        from diffusers import UNet2DConditionModel
+
+        return isinstance(getattr(pipe, "unet", None), UNet2DConditionModel) and getattr(pipe, "tokenizer", None) is not None
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        unet = pipe.unet
+        self.is_sdxl = unet.config.addition_embed_type == "text_time"
+        n_down, n_up = len(unet.down_blocks), len(unet.up_blocks)
+        from diffusers.models.attention_processor import Attention
+
+        for name, module in unet.named_modules():
+            m = _NAME.match(name)
+            if not m or not isinstance(module, Attention):
+                continue
+            if m.group(1):
+                level = int(m.group(2)) if m.group(1) == "down_blocks" else n_up - 1 - int(m.group(2))
+                which = m.group(5)
+            else:
+                level, which = n_down - 1, m.group(8)
+            role = "cross" if which == "attn2" and module.is_cross_attention else "self"
+            self.layers[name] = LayerInfo(name, role, name.rsplit(".", 1)[0], 2**level)
+        if not self.cross_layers:
+            raise ValueError("this UNet has no cross-attention layers: GoCA needs a text-conditioned UNet")
+        # The map grid is the finest grid with cross-attention (64×64 for SD 1.5 at 512 px and SDXL at 1024 px).
+        self.map_factor = min(self.layers[n].factor for n in self.cross_layers)
+        self.native_resolution = unet.config.sample_size * getattr(pipe, "vae_scale_factor", 8)
+        self.reference_layer = self._reference_layer()
+        self.refinement_layers = self._refinement_layers()
+        self.manual_layers = self._manual_layers()
+        self.refine_order = 2
+
+    @property
+    def denoiser(self):
+        return self.pipe.unet
+
+    def _up_cross(self, factor: int) -> list[str]:
+        return [n for n in self.cross_layers if n.startswith("up_blocks.") and self.layers[n].factor == factor]
+
+    def _reference_layer(self) -> str:
+        # SD 1.x/2.x: up_blocks.2.attentions.1 (the 1/2-resolution up level, second attention);
+        # SDXL: up_blocks.1.attentions.0 block 0 (its 1/2-resolution up level, first attention).
+        if self.is_sdxl:
+            return self._up_cross(self.map_factor)[0]
+        candidates = self._up_cross(2 * self.map_factor) or self._up_cross(self.map_factor)
+        blocks0 = [n for n in candidates if n.endswith("transformer_blocks.0.attn2")]
+        return blocks0[1] if len(blocks0) > 1 else blocks0[0]
+
+    def _refinement_layers(self) -> list[str]:
+        finest = self.map_factor
+        selfs = [n for n, i in self.layers.items() if i.role == "self" and i.factor == finest]
+        up = [n for n in selfs if n.startswith("up_blocks.")]
+        down = [n for n in selfs if n.startswith("down_blocks.")]
+        if self.is_sdxl:
+            # up attentions 0 and 1 (blocks 0, 1), attention 2 (block 0); the first down attention (blocks 0, 1).
+            ub = up[0].split(".")[1] if up else None
+            db = down[0].split(".")[1] if down else None
+            wanted = [_attn(f"up_blocks.{ub}", a, b, "attn1") for a, b in ((0, 0), (0, 1), (1, 0), (1, 1), (2, 0))]
+            wanted += [_attn(f"down_blocks.{db}", 0, b, "attn1") for b in (0, 1)]
+            return [n for n in wanted if n in self.layers]
+        # SD 1.x/2.x: the first two up attentions and the last down attention of the finest level.
+        def attention_index(n: str) -> int:
+            return int(n.split(".")[3])
+
+        up_first = [n for n in up if attention_index(n) in (0, 1) and ".transformer_blocks.0." in n]
+        down_last = [n for n in down if ".transformer_blocks.0." in n][-1:]
+        return up_first + down_last
+
+    def _manual_layers(self) -> list[str]:
+        # SD 1.5's hand-picked set: every cross layer at 1/4 resolution and coarser, plus the first two up attentions of
+        # the 1/2 level (down_blocks.2, mid, up_blocks.1, up_blocks.2 attentions 0–1 at 512 px). Other layouts: the same rule.
+        coarse = [n for n in self.cross_layers if self.layers[n].factor >= 4 * self.map_factor]
+        half = [n for n in self._up_cross(2 * self.map_factor) if int(n.split(".")[3]) in (0, 1)]
+        return coarse + half
+
+    # -- segmentation of an existing image (ALGORITHMS §5) --------------------------------------------------------------
+    def segment_forward(self, latents, prompt, timestep, generator):
+        pipe, unet = self.pipe, self.pipe.unet
+        from diffusers import DDPMScheduler
+
+        noising = DDPMScheduler.from_config(pipe.scheduler.config)
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        t = torch.tensor([timestep], device=latents.device)
+        noisy = noising.add_noise(latents, noise, t)
+        kwargs = {}
+        if self.is_sdxl:
+            embeds, _, pooled, _ = pipe.encode_prompt(
+                prompt, device=latents.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+            size = (latents.shape[-2] * pipe.vae_scale_factor, latents.shape[-1] * pipe.vae_scale_factor)
+            proj_dim = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else int(pooled.shape[-1])
+            time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=embeds.dtype, text_encoder_projection_dim=proj_dim)
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids.to(latents.device)}
+        else:
+            embeds, _ = pipe.encode_prompt(prompt, latents.device, 1, False)
+        unet(noisy.to(unet.dtype), t, encoder_hidden_states=embeds.to(unet.dtype), return_dict=False, **kwargs)

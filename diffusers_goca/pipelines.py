@@ -1,0 +1,43 @@
+"""Ready GoCA pipelines, and `from_pipe` for any supported pipeline."""
+from __future__ import annotations
+
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from .mixin import GoCAMixin
+from .models.base import adapter_for
+
+
+class GoCAStableDiffusionPipeline(GoCAMixin, StableDiffusionPipeline):
+    """`StableDiffusionPipeline` (SD 1.x / 2.x) with GoCA."""
+
+
+class GoCAStableDiffusionXLPipeline(GoCAMixin, StableDiffusionXLPipeline):
+    """`StableDiffusionXLPipeline` with GoCA."""
+
+
+_READY = {StableDiffusionPipeline: GoCAStableDiffusionPipeline, StableDiffusionXLPipeline: GoCAStableDiffusionXLPipeline}
+_DERIVED: dict[type, type] = {}
+
+
+def goca_class(pipeline_class: type) -> type:
+    """The GoCA subclass of a pipeline class: a ready one, or one derived once and cached."""
+    if issubclass(pipeline_class, GoCAMixin):
+        return pipeline_class
+    if pipeline_class in _READY:
+        return _READY[pipeline_class]
+    if pipeline_class not in _DERIVED:
+        _DERIVED[pipeline_class] = type(f"GoCA{pipeline_class.__name__}", (GoCAMixin, pipeline_class), {})
+    return _DERIVED[pipeline_class]
+
+
+def from_pipe(pipe, enable: bool = True):
+    """A pipeline of `pipe`'s class plus `GoCAMixin`, sharing `pipe`'s components (no copy, no reload).
+
+    enable: call `enable_goca()` on the result. Raises ValueError for a pipeline GoCA does not support.
+    """
+    adapter_for(pipe)  # fails early, before anything is built, for an unsupported pipeline
+    new = goca_class(type(pipe)).from_pipe(pipe)
+    new.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+    if enable:
+        new.enable_goca()
+    return new

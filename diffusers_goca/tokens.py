@@ -1,0 +1,148 @@
+"""Class names → token positions, through the tokenizer's offset mapping (ALGORITHMS §3).
+
+Works for any tokenizer with an offset mapping: CLIP (SD 1.x/2.x, SDXL) here; slow tokenizers are converted to their
+fast form once. Positions are those of the text encoder's input (position 0 = CLIP's `<|startoftext|>`).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Sequence
+
+STOPWORDS = frozenset({"a", "an", "the", "and", ",", ".", "-"})
+# Words that separate entities when classes are taken from a prompt ("a red circle on grass" → red circle, grass).
+_ENTITY_SEPARATORS = r",|;|\.|\band\b|\bwith\b|\bon\b|\bin\b|\bof\b|\bat\b|\bnear\b|\bunder\b|\bover\b|\bbeside\b|\bby\b|\bnext to\b"
+_ARTICLES = re.compile(r"^(?:(?:a|an|the|some|two|three|four|photo|picture|image)\s+)+", re.IGNORECASE)
+
+
+@dataclass
+class TokenIndex:
+    """Where each class sits in one prompt's token sequence.
+
+    class_tokens[k]: positions of class k's tokens (all occurrences); content: positions of every content token
+    (not special, not a stopword, not truncated away); length: tokens kept (incl. special ones).
+    """
+
+    prompt: str
+    classes: list[str]
+    class_tokens: list[list[int]]
+    content: list[int]
+    length: int
+    extra_entities: dict[str, list[int]] = field(default_factory=dict)  # entities of the prompt that match no class
+
+    def positions(self, name: str) -> list[int]:
+        if name in self.classes:
+            return self.class_tokens[self.classes.index(name)]
+        return self.extra_entities[name]
+
+
+def _fast_backend(tokenizer):
+    """A `tokenizers.Tokenizer` that gives offsets, for fast and slow transformers tokenizers alike."""
+    if getattr(tokenizer, "is_fast", False):
+        return None
+    cached = getattr(tokenizer, "_goca_fast_backend", None)
+    if cached is None:
+        from transformers.convert_slow_tokenizer import convert_slow_tokenizer
+
+        cached = convert_slow_tokenizer(tokenizer)
+        tokenizer._goca_fast_backend = cached
+    return cached
+
+
+def encode_with_offsets(tokenizer, prompt: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids and character offsets of `prompt`, with the special tokens the text encoder sees, untruncated."""
+    backend = _fast_backend(tokenizer)
+    if backend is None:
+        enc = tokenizer(prompt, add_special_tokens=True, truncation=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    enc = backend.encode(prompt)
+    return list(enc.ids), [tuple(o) for o in enc.offsets]
+
+
+def _find_spans(prompt: str, phrase: str) -> list[tuple[int, int]]:
+    pattern = r"(?<!\w)" + r"\s+".join(re.escape(w) for w in phrase.split()) + r"(?!\w)"
+    return [m.span() for m in re.finditer(pattern, prompt, flags=re.IGNORECASE)]
+
+
+def _overlaps(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
+
+
+def token_index(
+    tokenizer, prompt: str, classes: Sequence[str], max_length: int | None = None, extra_entities: Sequence[str] = ()
+) -> TokenIndex:
+    """Map each class to its token positions in `prompt`.
+
+    A class matches whole words only; longer classes claim their words first, so "light" does not take the tokens of
+    "traffic light" when both are classes. A class that appears twice gets the tokens of both occurrences.
+    Raises ValueError for an empty class list, a class absent from the prompt, or one cut off by the token limit.
+    """
+    classes = [c.strip() for c in classes]
+    if not classes:
+        raise ValueError("classes is empty: give at least one class name")
+    if any(not c for c in classes):
+        raise ValueError(f"class names must be non-empty strings, got {list(classes)!r}")
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"class names must be unique, got {list(classes)!r}")
+    max_length = max_length or tokenizer.model_max_length
+    ids, offsets = encode_with_offsets(tokenizer, prompt)
+    special = set(tokenizer.all_special_ids)
+    # The encoder keeps max_length tokens; with an end token, the last kept position is replaced by it.
+    kept = min(len(ids), max_length - (1 if tokenizer.eos_token_id is not None and len(ids) > max_length else 0))
+
+    def is_content(i: int) -> bool:
+        s, e = offsets[i]
+        return ids[i] not in special and e > s and prompt[s:e].strip().lower() not in STOPWORDS
+
+    names = list(classes) + [e for e in extra_entities if e not in classes]
+    claimed: list[tuple[int, int]] = []
+    spans: dict[str, list[tuple[int, int]]] = {}
+    for name in sorted(names, key=lambda c: -len(c)):
+        found = _find_spans(prompt, name)
+        free = [s for s in found if not any(_overlaps(s, c) for c in claimed)]
+        spans[name] = free or found
+        claimed.extend(free)
+
+    def positions_of(name: str, required: bool) -> list[int]:
+        if not spans[name]:
+            if required:
+                raise ValueError(f"class {name!r} does not appear in the prompt {prompt!r}")
+            return []
+        pos = [i for i in range(len(ids)) if is_content(i) and any(_overlaps(offsets[i], s) for s in spans[name])]
+        if not pos:
+            raise ValueError(f"class {name!r} has only special tokens or stopwords in {prompt!r}")
+        inside = [i for i in pos if i < kept]
+        if not inside:
+            raise ValueError(
+                f"class {name!r} is cut off by the {max_length}-token limit of the text encoder: "
+                f"shorten the prompt or use fewer classes"
+            )
+        return inside
+
+    class_tokens = [positions_of(c, True) for c in classes]
+    extra = {e: p for e in names[len(classes):] if (p := positions_of(e, False))}
+    content = [i for i in range(kept) if is_content(i)]
+    return TokenIndex(prompt, list(classes), class_tokens, content, kept, extra)
+
+
+def entities_from_prompt(prompt: str) -> list[str]:
+    """Entity phrases of a prompt by a simple rule: split at commas and linking words, drop articles.
+
+    "a red circle and a blue square on grass" → ["red circle", "blue square", "grass"]. Pass classes explicitly
+    when the prompt is more complex than a list of things.
+    """
+    parts = re.split(_ENTITY_SEPARATORS, prompt, flags=re.IGNORECASE)
+    out = []
+    for part in parts:
+        phrase = _ARTICLES.sub("", " ".join(part.split())).strip()
+        if phrase and phrase.lower() not in STOPWORDS and phrase not in out:
+            out.append(phrase)
+    if not out:
+        raise ValueError(f"no entity found in the prompt {prompt!r}; pass classes explicitly")
+    return out
+
+
+def segmentation_prompt(classes: Sequence[str], background: bool) -> str:
+    """The prompt used to segment an existing image: class names joined with ", " (official form), plus "background"."""
+    names = list(classes) + (["background"] if background and "background" not in classes else [])
+    return ", ".join(names)

@@ -1,0 +1,104 @@
+"""Tiny pipelines built from configs (random weights), with the real CLIP tokenizer from open_clip's BPE file."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from diffusers_goca.clip_bpe import CLIP_VOCAB_SIZE, build_clip_tokenizer
+
+torch.set_num_threads(2)
+
+
+@functools.lru_cache(maxsize=None)
+def clip_tokenizer(pad_token: str = "<|endoftext|>"):
+    return build_clip_tokenizer(pad_token=pad_token)
+
+
+def tiny_clip_text(hidden=32, with_projection=False, seed=0):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=hidden,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    )
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
+
+
+def tiny_vae(seed=0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=16, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(16, 32),
+    ).eval()
+
+
+def tiny_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def make_tiny_sd(pipeline_class=None, seed=0):
+    """SD 1.x layout in miniature: four levels, cross-attention in the first three down and last three up blocks."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=16,
+        block_out_channels=(16, 32, 32, 32),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=32, attention_head_dim=4,
+    ).eval()
+    cls = pipeline_class or StableDiffusionPipeline
+    pipe = cls(
+        vae=tiny_vae(seed), unet=unet, text_encoder=tiny_clip_text(seed=seed), tokenizer=clip_tokenizer(),
+        scheduler=tiny_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def make_tiny_sdxl(pipeline_class=None, seed=0):
+    """SDXL layout in miniature: no attention at the finest level, transformer depth (1, 2), layers_per_block 2."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=16,
+        block_out_channels=(16, 32, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 2), attention_head_dim=(2, 4, 4), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64,
+    ).eval()
+    cls = pipeline_class or StableDiffusionXLPipeline
+    pipe = cls(
+        vae=tiny_vae(seed), unet=unet, text_encoder=tiny_clip_text(seed=seed),
+        text_encoder_2=tiny_clip_text(with_projection=True, seed=seed + 1), tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer("!"),
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_sd():
+    return make_tiny_sd()
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl():
+    return make_tiny_sdxl()
