@@ -1,0 +1,176 @@
+"""Every formula against a slow, literal implementation on random tensors."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffusers_goca.functional import (
+    aggregate_heads, aggregate_layers, gaussian_blur, head_mean_self_attention, head_weights, layer_weight, minmax,
+    normalize_layer_weights, per_pixel_rescale, propagate, pseudo_self_attention, scores_to_labels,
+)
+from diffusers_goca.functional.self_attention import frobenius_with_reference, grid_nearest_rows
+
+torch.manual_seed(0)
+
+
+def literal_head_weights(x, w, heads):
+    """w_h(p) = ⟨o_h(p), out(p)⟩ / Σ_h ⟨o_h(p), out(p)⟩ with explicit per-head projections."""
+    b, n, hd = x.shape
+    d = hd // heads
+    out = torch.zeros(b, n, w.shape[0], dtype=torch.float64)
+    o = []
+    for h in range(heads):
+        oh = x[..., h * d:(h + 1) * d].double() @ w[:, h * d:(h + 1) * d].double().T
+        o.append(oh)
+        out += oh
+    dots = torch.stack([(oh * out).sum(-1) for oh in o], 1)
+    return dots / dots.sum(1, keepdim=True)
+
+
+def test_head_weights_match_literal_and_can_be_negative():
+    heads, d, D = 4, 8, 20
+    x = torch.randn(2, 10, heads * d)
+    w = torch.randn(D, heads * d)
+    got = head_weights(x, w, heads)
+    want = literal_head_weights(x, w, heads)
+    assert torch.allclose(got.double(), want, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(got.sum(1), torch.ones(2, 10), atol=1e-5)
+    assert (got < 0).any(), "random heads must give some negative weights: no clamp"
+    clamped = head_weights(x, w, heads, mode="dot-product")
+    dots = torch.stack([((x[..., h * d:(h + 1) * d] @ w[:, h * d:(h + 1) * d].T) * (x @ w.T)).sum(-1) for h in range(heads)], 1)
+    lit = dots.clamp_min(0) / dots.clamp_min(0).sum(1, keepdim=True)
+    assert torch.allclose(clamped, lit, atol=1e-5)
+    assert torch.equal(head_weights(x, w, heads, mode="average"), torch.full((2, heads, 10), 0.25))
+
+
+def test_head_weights_guard_zero_output():
+    heads = 2
+    x = torch.zeros(1, 3, 4)
+    w, degenerate = head_weights(x, torch.randn(5, 4), heads, return_degenerate=True)
+    assert torch.equal(w, torch.full((1, 2, 3), 0.5)) and degenerate.all()
+
+
+def test_aggregate_heads_literal():
+    probs = torch.rand(2, 3, 5, 7).softmax(-1)
+    w = torch.randn(2, 3, 5)
+    want = torch.zeros(2, 5, 7)
+    for b in range(2):
+        for h in range(3):
+            for p in range(5):
+                want[b, p] += w[b, h, p] * probs[b, h, p]
+    assert torch.allclose(aggregate_heads(probs, w), want, atol=1e-6)
+
+
+def literal_resized_self_attention(q, k, heads, scale, src, dst):
+    """S̃ by the book: full per-head softmax, head mean, queries nearest, keys bilinear (F.interpolate)."""
+    n, hd = q.shape
+    d = hd // heads
+    s = torch.stack([((q[:, h * d:(h + 1) * d] @ k[:, h * d:(h + 1) * d].T) * scale).softmax(-1) for h in range(heads)]).mean(0)
+    s4 = s.view(*src, *src)  # [hq, wq, hk, wk]
+    s4 = F.interpolate(s4.reshape(-1, 1, *src), size=dst, mode="bilinear", align_corners=False).view(*src, *dst)
+    s4 = s4.permute(2, 3, 0, 1).reshape(-1, 1, *src)
+    s4 = F.interpolate(s4, size=dst, mode="nearest").view(*dst, *dst).permute(2, 3, 0, 1)
+    return s4.reshape(dst[0] * dst[1], dst[0] * dst[1])
+
+
+@pytest.mark.parametrize("src,dst", [((4, 6), (8, 12)), ((8, 12), (8, 12)), ((6, 4), (3, 2))])
+def test_head_mean_self_attention_resized(src, dst):
+    heads, d = 3, 4
+    q, k = torch.randn(src[0] * src[1], heads * d), torch.randn(src[0] * src[1], heads * d)
+    got = head_mean_self_attention(q, k, heads, d ** -0.5, src, dst)
+    want = literal_resized_self_attention(q, k, heads, d ** -0.5, src, dst)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_nearest_rows_match_interpolate():
+    src, dst = (5, 7), (12, 9)
+    idx = torch.arange(35.0).view(1, 1, *src)
+    want = F.interpolate(idx, size=dst, mode="nearest").flatten().long()
+    assert torch.equal(grid_nearest_rows(src, dst), want)
+
+
+@pytest.mark.parametrize("renorm", [False, True])
+def test_layer_weight_chunked_equals_dense(renorm, monkeypatch):
+    import diffusers_goca.functional.self_attention as sa
+
+    monkeypatch.setattr(sa, "CHUNK_ELEMENTS", 50)  # force many chunks
+    heads, d, src, ref = 2, 4, (4, 3), (8, 6)
+    q, k = torch.randn(12, heads * d), torch.randn(12, heads * d)
+    f = torch.randn(48, 10)
+    s = literal_resized_self_attention(q, k, heads, d ** -0.5, src, ref)
+    if renorm:
+        s = s / s.sum(-1, keepdim=True)
+    a_p = torch.stack([(f[i] @ f.T / math.sqrt(10)).softmax(-1) for i in range(48)])
+    assert torch.allclose(pseudo_self_attention(f), a_p, atol=1e-6)
+    want = (a_p * s).sum()
+    assert torch.allclose(layer_weight(a_p, s), want)
+    got = frobenius_with_reference(q, k, heads, d ** -0.5, src, f, ref, renormalize_rows=renorm)
+    assert torch.allclose(got, want, rtol=1e-5)
+
+
+def test_normalize_layer_weights():
+    w = normalize_layer_weights(torch.tensor([2.0, -1.0, 6.0]))
+    assert torch.allclose(w, torch.tensor([0.25, 0.0, 0.75]))
+    assert torch.allclose(normalize_layer_weights(torch.tensor([-1.0, -2.0])), torch.tensor([0.5, 0.5]))
+
+
+def test_aggregate_layers_literal():
+    maps = [torch.rand(4 * 6, 5), torch.rand(8 * 12, 5) - 0.2]
+    grids = [(4, 6), (8, 12)]
+    w = torch.tensor([0.3, 0.7])
+    up = F.interpolate(maps[0].T.reshape(5, 1, 4, 6), size=(8, 12), mode="bilinear", align_corners=False).reshape(5, -1).T
+    m = (0.3 * up + 0.7 * maps[1]).clamp_min(0)
+    want = m / m.sum(-1, keepdim=True)
+    assert torch.allclose(aggregate_layers(maps, grids, w, (8, 12)), want, atol=1e-6)
+
+
+def test_per_pixel_rescale_literal():
+    m = torch.rand(6, 10)
+    classes, content = [[2, 3], [5], [7]], [2, 3, 5, 7, 8]
+    got = per_pixel_rescale(m, classes, content)
+    for p in range(6):
+        denom = sum(m[p, t] for t in content)
+        for k, toks in enumerate(classes):
+            assert torch.isclose(got[k, p], sum(m[p, t] for t in toks) / len(toks) / denom, atol=1e-6)
+
+
+def test_blur_matches_torchvision_semantics():
+    # torchvision's gaussian_blur: sigma = 0.3·((k−1)/2 − 1) + 0.8, reflect padding, separable kernel.
+    x = torch.rand(2, 9 * 7)
+    sigma = 1.1
+    k1 = torch.exp(-0.5 * ((torch.arange(5) - 2) / sigma) ** 2)
+    k1 = k1 / k1.sum()
+    k2 = k1[:, None] * k1[None, :]
+    img = F.pad(x.view(2, 1, 9, 7), (2, 2, 2, 2), mode="reflect")
+    want = F.conv2d(img, k2.view(1, 1, 5, 5)).view(2, -1)
+    assert torch.allclose(gaussian_blur(x, (9, 7)), want, atol=1e-6)
+    try:
+        import torchvision.transforms.functional as TF
+
+        tv = TF.gaussian_blur(x.view(2, 1, 9, 7), [5, 5]).view(2, -1)
+        assert torch.allclose(gaussian_blur(x, (9, 7)), tv, atol=1e-5)
+    except Exception:  # torchvision is optional
+        pass
+
+
+def test_minmax_and_propagation():
+    m = torch.randn(3, 16)
+    mm = minmax(m)
+    assert torch.allclose(mm.min(-1).values, torch.zeros(3)) and torch.allclose(mm.max(-1).values, torch.ones(3))
+    s = torch.rand(16, 16)
+    want = (torch.linalg.matrix_power(s, 3) @ m.T).T
+    assert torch.allclose(propagate(s, m, 3), want, rtol=1e-4, atol=1e-4)
+    calls = []
+    assert torch.allclose(propagate(lambda x: calls.append(1) or s @ x, m, 3), want, rtol=1e-4, atol=1e-4)
+    assert len(calls) == 3, "S^k·M must be k products, never S^k"
+
+
+def test_labels_with_background_offset():
+    scores = torch.tensor([[0.2, 0.9], [0.5, 0.1]])  # 2 classes, 1×2 grid
+    bg = torch.tensor([0.4, 0.4])
+    labels, up = scores_to_labels(scores, (1, 2), (1, 2), bg, background_offset=0.2)
+    assert up.shape == (3, 1, 2)
+    assert labels.tolist() == [[2, 0]]  # background 0.6 beats 0.5 at pixel 0; class 0 (0.9) wins at pixel 1
+    labels, _ = scores_to_labels(scores, (1, 2), (1, 2), bg, background_offset=-0.3)
+    assert labels.tolist() == [[1, 0]]

@@ -1,0 +1,53 @@
+"""Class names → token positions with the real CLIP tokenizer (built offline from open_clip's BPE file)."""
+import pytest
+
+from conftest import clip_tokenizer
+from diffusers_goca.tokens import entities_from_prompt, segmentation_prompt, token_index
+
+
+def ids_at(prompt, positions):
+    ids = clip_tokenizer()(prompt).input_ids
+    return [clip_tokenizer().convert_ids_to_tokens(ids[p]) for p in positions]
+
+
+def test_real_clip_ids():
+    ids = clip_tokenizer()("a photo of a cat").input_ids
+    assert ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def test_multi_token_classes_and_background():
+    prompt = "a photo of a traffic light and a person, background"
+    index = token_index(clip_tokenizer(), prompt, ["traffic light", "person"], extra_entities=["background"])
+    assert ids_at(prompt, index.class_tokens[0]) == ["traffic</w>", "light</w>"]
+    assert ids_at(prompt, index.class_tokens[1]) == ["person</w>"]
+    assert ids_at(prompt, index.positions("background")) == ["background</w>"]
+    # Content excludes specials and stopwords (a, and, ","), keeps "photo" / "of".
+    assert ids_at(prompt, index.content) == ["photo</w>", "of</w>", "traffic</w>", "light</w>", "person</w>", "background</w>"]
+
+
+def test_class_twice_and_substring_class():
+    prompt = "a car next to a carpet and another car"
+    index = token_index(clip_tokenizer(), prompt, ["carpet", "car"])
+    assert ids_at(prompt, index.class_tokens[1]) == ["car</w>", "car</w>"]  # both occurrences, not the carpet
+    assert len(index.class_tokens[1]) == 2 and index.class_tokens[0] not in index.class_tokens[1]
+    assert ids_at(prompt, index.class_tokens[0]) == ["carpet</w>"]
+    # "light" must not take the tokens of "traffic light" when both are classes.
+    prompt = "a traffic light and a light"
+    index = token_index(clip_tokenizer(), prompt, ["light", "traffic light"])
+    assert index.class_tokens[0] == [6] and index.class_tokens[1] == [2, 3]
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(ValueError, match="empty"):
+        token_index(clip_tokenizer(), "a cat", [])
+    with pytest.raises(ValueError, match="does not appear"):
+        token_index(clip_tokenizer(), "a cat", ["dog"])
+    with pytest.raises(ValueError, match="cut off by the 77-token limit"):
+        token_index(clip_tokenizer(), " ".join(["dog"] * 80) + " cat", ["dog", "cat"])
+
+
+def test_entities_and_segmentation_prompt():
+    assert entities_from_prompt("a red circle and a purple square on grass") == ["red circle", "purple square", "grass"]
+    assert entities_from_prompt("grass with a white triangle") == ["grass", "white triangle"]
+    assert segmentation_prompt(["cat", "grass"], True) == "cat, grass, background"
+    assert segmentation_prompt(["cat", "background"], True) == "cat, background"
