@@ -41,6 +41,8 @@ class _Request:
     step: int = 0
     timestep: object = None
     callback: Callable | None = None
+    keep_capture: bool = False  # segment(): keep the raw capture, so several methods can read it
+    captured: list[StepCapture] = field(default_factory=list)
     delivered: list[GoCAStepMasks] = field(default_factory=list)
 
 
@@ -167,8 +169,10 @@ class GoCAMixin:
         if req is None:
             return None
         step = state.capture.stop()
-        if step is not None:
-            results = self._goca_results(state, req, step)
+        if step is not None and req.keep_capture:
+            req.captured.append(step)
+        elif step is not None:
+            results = self._goca_results(state, req, step, req.method)
             t = req.timestep
             masks = GoCAStepMasks(req.step, float(t.flatten()[0]) if torch.is_tensor(t) else float(t or 0), results)
             req.delivered.append(masks)
@@ -177,14 +181,14 @@ class GoCAMixin:
         req.step += 1
         return None
 
-    def _goca_results(self, state: _GoCAState, req: _Request, step: StepCapture) -> list[GoCASegmentation]:
+    def _goca_results(self, state: _GoCAState, req: _Request, step: StepCapture, method: str) -> list[GoCASegmentation]:
         adapter = state.adapter
         map_hw = adapter.map_grid(step.latent_hw)
         out_hw = req.out_hw or tuple(s * getattr(self, "vae_scale_factor", 8) for s in step.latent_hw)
         results = []
         for row, index in enumerate(req.indices):
             bg = req.background if req.background in index.extra_entities else None
-            scores, bg_scores = method_scores(step, row, index, adapter, req.method, bg, **req.options)
+            scores, bg_scores = method_scores(step, row, index, adapter, method, bg, **req.options)
             labels, up = scores_to_labels(scores, map_hw, out_hw, bg_scores, req.background_offset)
             classes = list(index.classes) + (["background"] if bg else [])
             results.append(GoCASegmentation(labels.cpu(), up.cpu(), classes))
@@ -196,7 +200,7 @@ class GoCAMixin:
         self,
         image,
         classes: Sequence[str],
-        method: str = "goca",
+        method: str | Sequence[str] = "goca",
         timestep: int | None = None,
         seed: int = 0,
         background: bool = True,
@@ -210,10 +214,13 @@ class GoCAMixin:
         ("goca", "vanilla", "manual", "diffsegmenter"). `options` override GoCA's switches (see `GoCAOptions`).
 
         background: add a "background" word to the prompt and a background channel (its map + `background_offset`).
-        Returns a `GoCASegmentation` whose labels have the input image's size.
+        Returns a `GoCASegmentation` whose labels have the input image's size; with a list of methods, a dict
+        method → result, all read from the same single forward.
         """
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        methods = [method] if isinstance(method, str) else list(method)
+        for m in methods:
+            if m not in METHODS:
+                raise ValueError(f"method must be one of {METHODS}, got {m!r}")
         if isinstance(classes, str):
             classes = [c.strip() for c in classes.split(",") if c.strip()]
         rgb = _as_rgb(image)
@@ -227,8 +234,8 @@ class GoCAMixin:
         resolution = resolution or adapter.native_resolution
         state = self._goca_attached() if was_enabled else self.enable_goca()._goca
         request = _Request(
-            wants=lambda i: True, indices=[index], method=method, background="background" if use_background else None,
-            background_offset=background_offset, options=options, out_hw=(rgb.height, rgb.width),
+            wants=lambda i: True, indices=[index], method=methods[0], background="background" if use_background else None,
+            background_offset=background_offset, options=options, out_hw=(rgb.height, rgb.width), keep_capture=True,
         )
         try:
             latents = self._goca_encode(rgb, resolution)
@@ -240,11 +247,13 @@ class GoCAMixin:
             state.capture.stop()
             if not was_enabled:
                 self.disable_goca()
-        if not request.delivered:
+        if not request.captured:
             raise RuntimeError("the denoiser forward ran but GoCA captured nothing")
-        result = request.delivered[0].results[0]
-        result.image = rgb
-        return result
+        results = {}
+        for m in methods:
+            results[m] = self._goca_results(state, request, request.captured[0], m)[0]
+            results[m].image = rgb
+        return results[method] if isinstance(method, str) else results
 
     def _goca_encode(self, rgb: Image.Image, resolution: int) -> torch.Tensor:
         vae = self.vae

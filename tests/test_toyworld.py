@@ -1,0 +1,67 @@
+"""The toy world: deterministic scenes, the shipped model, and segmentation quality measured on held-out scenes."""
+import numpy as np
+import pytest
+import torch
+
+import diffusers_goca as goca
+from diffusers_goca.toyworld import BACKGROUNDS, CLASS_NAMES, TOY_MODEL_DIR, load_toy_pipeline, make_scene, scene_seeds
+from diffusers_goca.toyworld.evaluate import evaluate_segmentation
+
+
+def test_scenes_are_deterministic_and_splits_disjoint():
+    a, b = make_scene(123), make_scene(123)
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.labels, b.labels) and a.caption == b.caption
+    assert set(scene_seeds("train", 1000)).isdisjoint(scene_seeds("test", 1000))
+    for s in scene_seeds("test", 50):
+        scene = make_scene(s)
+        present = {CLASS_NAMES[i] for i in np.unique(scene.labels)}
+        assert present == set(scene.classes)
+        assert scene.background in scene.caption and all(o in scene.caption for o in scene.objects)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    pipe = load_toy_pipeline(pipeline_class=goca.GoCAStableDiffusionPipeline)
+    pipe.enable_goca()
+    yield pipe
+    pipe.disable_goca()
+
+
+def test_loads_with_the_stock_pipeline():
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(TOY_MODEL_DIR, torch_dtype=torch.float32)
+    assert pipe.tokenizer("a red circle").input_ids == [49406, 736, 2682, 49407]
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+
+
+def _background_means():
+    means = {b: [] for b in BACKGROUNDS}
+    for s in scene_seeds("train", 200):
+        sc = make_scene(s)
+        mask = sc.labels == CLASS_NAMES.index(sc.background)
+        means[sc.background].append(sc.image[mask].mean(0))
+    return {b: np.mean(v, 0) for b, v in means.items()}
+
+
+def test_generated_background_matches_caption(toy):
+    means = _background_means()
+    captions = [f"a {c} {s} on {b}" for b, c, s in zip(BACKGROUNDS * 2, ["red", "yellow", "white", "black", "purple"] * 2,
+                                                         ["circle", "square", "triangle", "circle", "square"] * 2)]
+    images = toy(captions, num_inference_steps=20, guidance_scale=4.0, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    hits = 0
+    for caption, img in zip(captions, images):
+        border = np.concatenate([img[:3].reshape(-1, 3), img[-3:].reshape(-1, 3), img[:, :3].reshape(-1, 3),
+                                 img[:, -3:].reshape(-1, 3)]) * 255
+        colour = np.median(border, 0)
+        guess = min(means, key=lambda b: np.linalg.norm(means[b] - colour))
+        hits += caption.endswith(guess)
+    assert hits >= 7, f"only {hits}/10 generated backgrounds match their caption"
+
+
+def test_goca_miou_floor_on_held_out_scenes(toy):
+    report = evaluate_segmentation(toy, n=60, methods=("goca", "vanilla"), progress=False)
+    table = report["miou"]
+    assert table["goca"] >= GOCA_FLOOR, table
+    assert table["goca"] > table["all-background"] + 0.1, table
