@@ -8,7 +8,10 @@ from .capture import Capture, StepCapture
 from .methods import METHODS, GoCAOptions
 from .mixin import GoCAMixin, GoCAStepMasks
 from .models import Adapter, LayerInfo, UNetAdapter, adapter_for
-from .pipelines import GoCAStableDiffusionPipeline, GoCAStableDiffusionXLPipeline, from_pipe, goca_class
+from .pipelines import (
+    GoCAPixArtAlphaPipeline, GoCAPixArtSigmaPipeline, GoCAStableDiffusionPipeline, GoCAStableDiffusionXLPipeline, from_pipe,
+    goca_class,
+)
 from .processors import GoCAAttnProcessor2_0, GoCAWrappedProcessor
 from .result import GoCASegmentation
 from .tokens import TokenIndex, entities_from_prompt, token_index
@@ -17,7 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adapter", "Capture", "GoCAAttnProcessor2_0", "GoCAMixin", "GoCAOptions", "GoCASegmentation",
-    "GoCAStableDiffusionPipeline", "GoCAStableDiffusionXLPipeline", "GoCAStepMasks", "GoCAWrappedProcessor", "LayerInfo",
+    "GoCAPixArtAlphaPipeline", "GoCAPixArtSigmaPipeline", "GoCAStableDiffusionPipeline", "GoCAStableDiffusionXLPipeline", "GoCAStepMasks", "GoCAWrappedProcessor", "LayerInfo",
     "METHODS", "StepCapture", "TokenIndex", "UNetAdapter", "adapter_for", "entities_from_prompt", "from_pipe", "goca_class",
     "token_index",
 ]

@@ -13,7 +13,7 @@ from .capture import Capture, StepCapture
 from .functional.maps import scores_to_labels
 from .methods import METHODS, method_scores
 from .models.base import adapter_for
-from .processors import is_goca_processor, wrap_processor
+from .processors import is_goca_processor, unwrap_processor, wrap_processor
 from .result import GoCASegmentation
 from .tokens import entities_from_prompt, segmentation_prompt, token_index
 
@@ -103,7 +103,7 @@ class GoCAMixin:
         adapter = adapter_for(self)
         capture = Capture(adapter, head_weighting)
         denoiser = adapter.denoiser
-        originals = dict(denoiser.attn_processors)
+        originals = {key: unwrap_processor(proc) for key, proc in denoiser.attn_processors.items()}
         wrapped = {}
         for key, proc in originals.items():
             layer = key[: -len(".processor")]
@@ -229,7 +229,8 @@ class GoCAMixin:
         prompt = segmentation_prompt(classes, use_background)
         was_enabled = self._goca is not None
         adapter = self._goca.adapter if was_enabled else adapter_for(self)
-        index = token_index(adapter.tokenizer(), prompt, classes, extra_entities=["background"] if use_background else [])
+        index = token_index(adapter.tokenizer(), prompt, classes, max_length=adapter.text_max_length,
+                            extra_entities=["background"] if use_background else [])
         timestep = adapter.segment_timestep if timestep is None else timestep
         resolution = resolution or adapter.native_resolution
         state = self._goca_attached() if was_enabled else self.enable_goca()._goca
@@ -305,10 +306,11 @@ class GoCAMixin:
         per_prompt = kwargs.get("num_images_per_prompt", 1) or 1
         indices = []
         tokenizer = state.adapter.tokenizer()
-        for p in prompts:
+        max_length = kwargs.get("max_sequence_length", state.adapter.text_max_length)
+        for p in (state.adapter.prompt_text(p, kwargs) for p in prompts):
             classes = list(goca_classes) if goca_classes is not None else entities_from_prompt(p)
             extra = ["background"] if goca_background and "background" not in classes else []
-            indices += [token_index(tokenizer, p, classes, extra_entities=extra)] * per_prompt
+            indices += [token_index(tokenizer, p, classes, max_length=max_length, extra_entities=extra)] * per_prompt
         request = _Request(
             wants=self._goca_step_filter(goca_masks), indices=indices, method=goca_method,
             background="background" if goca_background else None, background_offset=goca_background_offset,

@@ -1,7 +1,7 @@
 """Ready GoCA pipelines, and `from_pipe` for any supported pipeline."""
 from __future__ import annotations
 
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from .mixin import GoCAMixin
 from .models.base import adapter_for
@@ -15,7 +15,18 @@ class GoCAStableDiffusionXLPipeline(GoCAMixin, StableDiffusionXLPipeline):
     """`StableDiffusionXLPipeline` with GoCA."""
 
 
-_READY = {StableDiffusionPipeline: GoCAStableDiffusionPipeline, StableDiffusionXLPipeline: GoCAStableDiffusionXLPipeline}
+class GoCAPixArtAlphaPipeline(GoCAMixin, PixArtAlphaPipeline):
+    """`PixArtAlphaPipeline` with GoCA (masks during generation through the denoiser hooks: no step callback needed)."""
+
+
+class GoCAPixArtSigmaPipeline(GoCAMixin, PixArtSigmaPipeline):
+    """`PixArtSigmaPipeline` with GoCA (masks during generation through the denoiser hooks: no step callback needed)."""
+
+
+_READY = {
+    StableDiffusionPipeline: GoCAStableDiffusionPipeline, StableDiffusionXLPipeline: GoCAStableDiffusionXLPipeline,
+    PixArtAlphaPipeline: GoCAPixArtAlphaPipeline, PixArtSigmaPipeline: GoCAPixArtSigmaPipeline,
+}
 _DERIVED: dict[type, type] = {}
 
 

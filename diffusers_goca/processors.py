@@ -62,9 +62,10 @@ class _Tapping:
 class GoCAAttnProcessor2_0(_Tapping, AttnProcessor2_0):
     """`AttnProcessor2_0` whose output is the parent's, with the GoCA capture on a side path."""
 
-    def __init__(self, capture, layer: str):
+    def __init__(self, capture, layer: str, original: AttnProcessor2_0 | None = None):
         super().__init__()
         self.capture, self.layer = capture, layer
+        self.original = original if original is not None else AttnProcessor2_0()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         return self._run(super().__call__, attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
@@ -78,6 +79,10 @@ class GoCAWrappedProcessor(_Tapping, torch.nn.Module):
         self.inner = inner
         self.capture, self.layer = capture, layer
 
+    @property
+    def original(self):
+        return self.inner
+
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         return self._run(self.inner, attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
 
@@ -89,9 +94,16 @@ class GoCAWrappedProcessor(_Tapping, torch.nn.Module):
 def wrap_processor(original, capture, layer: str):
     """The GoCA processor that stands for `original` on `layer`."""
     if type(original) is AttnProcessor2_0:
-        return GoCAAttnProcessor2_0(capture, layer)
+        return GoCAAttnProcessor2_0(capture, layer, original)
     return GoCAWrappedProcessor(original, capture, layer)
 
 
 def is_goca_processor(proc) -> bool:
     return isinstance(proc, _Tapping)
+
+
+def unwrap_processor(proc):
+    """The processor a GoCA processor stands for (a pipeline made by `from_pipe` shares its modules' processors)."""
+    while is_goca_processor(proc):
+        proc = proc.original
+    return proc

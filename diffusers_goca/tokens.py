@@ -1,7 +1,7 @@
 """Class names → token positions, through the tokenizer's offset mapping (ALGORITHMS §3).
 
-Works for any tokenizer with an offset mapping: CLIP (SD 1.x/2.x, SDXL) here; slow tokenizers are converted to their
-fast form once. Positions are those of the text encoder's input (position 0 = CLIP's `<|startoftext|>`).
+Works for any tokenizer with an offset mapping: CLIP (SD 1.x/2.x, SDXL), T5 (PixArt); slow tokenizers are converted to
+their fast form once. Positions are those of the text encoder's input (position 0 = CLIP's `<|startoftext|>`).
 """
 from __future__ import annotations
 
@@ -90,9 +90,15 @@ def token_index(
     # The encoder keeps max_length tokens; with an end token, the last kept position is replaced by it.
     kept = min(len(ids), max_length - (1 if tokenizer.eos_token_id is not None and len(ids) > max_length else 0))
 
+    words = [m.span() for m in re.finditer(r"\w+|[^\w\s]", prompt)]
+
     def is_content(i: int) -> bool:
         s, e = offsets[i]
-        return ids[i] not in special and e > s and prompt[s:e].strip().lower() not in STOPWORDS
+        if ids[i] in special or not prompt[s:e].strip():  # a lone T5 "▁" covers whitespace only
+            return False
+        # A stopword is a whole word ("a"), not a piece of one (the "a" inside "traffic").
+        word = next((w for w in words if w[0] < e and s < w[1]), (s, e))
+        return prompt[word[0]:word[1]].lower() not in STOPWORDS
 
     names = list(classes) + [e for e in extra_entities if e not in classes]
     claimed: list[tuple[int, int]] = []

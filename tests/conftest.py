@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
 
 from diffusers_goca.clip_bpe import CLIP_VOCAB_SIZE, build_clip_tokenizer
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("GOCA_TEST_THREADS", "2")))
 
 
 @functools.lru_cache(maxsize=None)
@@ -69,6 +70,28 @@ def make_tiny_sd(pipeline_class=None, seed=0):
     return pipe
 
 
+def make_tiny_sd2(pipeline_class=None, seed=0):
+    """SD 2.x layout in miniature: linear projections, per-level head counts, upcast attention (768-v), pad token "!"."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=16,
+        block_out_channels=(16, 32, 32, 32),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=32, attention_head_dim=(2, 4, 4, 4), use_linear_projection=True, upcast_attention=True,
+    ).eval()
+    scheduler = tiny_scheduler()
+    scheduler.register_to_config(prediction_type="v_prediction")
+    pipe = (pipeline_class or StableDiffusionPipeline)(
+        vae=tiny_vae(seed), unet=unet, text_encoder=tiny_clip_text(seed=seed), tokenizer=clip_tokenizer("!"),
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def make_tiny_sdxl(pipeline_class=None, seed=0):
     """SDXL layout in miniature: no attention at the finest level, transformer depth (1, 2), layers_per_block 2."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
@@ -90,6 +113,51 @@ def make_tiny_sdxl(pipeline_class=None, seed=0):
         tokenizer_2=clip_tokenizer("!"),
         scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1),
     )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@functools.lru_cache(maxsize=None)
+def t5_tokenizer(model_max_length: int = 300):
+    """A T5 tokenizer built in memory: a small SentencePiece unigram model, `</s>` appended, no extra ids."""
+    from tokenizers import SentencePieceUnigramTokenizer
+    from tokenizers.processors import TemplateProcessing
+    from transformers import T5TokenizerFast
+
+    words = ("a photo of the traffic light and person background cat dog grass sand water sky wall red yellow purple "
+             "white black circle square triangle on in with car carpet next to another").split()
+    corpus = [" ".join(words[i:] + words[:i]) for i in range(len(words))] * 4
+    sp = SentencePieceUnigramTokenizer()
+    sp.train_from_iterator(corpus, vocab_size=200, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
+                           show_progress=False)
+    sp.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", sp.token_to_id("</s>"))])
+    return T5TokenizerFast(tokenizer_object=sp._tokenizer, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=model_max_length)
+
+
+def tiny_t5(seed=0, d_model=32):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(t5_tokenizer()), d_model=d_model, d_ff=2 * d_model, d_kv=8, num_layers=2, num_heads=4,
+                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return T5EncoderModel(config).eval()
+
+
+def make_tiny_pixart(sigma=True, seed=0, num_layers=4):
+    """PixArt in miniature: patch 2, 3 heads, T5 text with a padding mask."""
+    from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(
+        sample_size=16, num_layers=num_layers, patch_size=2, attention_head_dim=8, num_attention_heads=3,
+        caption_channels=32, in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True,
+        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6,
+    ).eval()
+    cls = PixArtSigmaPipeline if sigma else PixArtAlphaPipeline
+    pipe = cls(tokenizer=t5_tokenizer(), text_encoder=tiny_t5(seed), vae=tiny_vae(seed), transformer=transformer,
+               scheduler=tiny_scheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -6,17 +6,23 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from PIL import Image
 
 import diffusers_goca as goca
-from conftest import make_tiny_sd, make_tiny_sdxl
+from conftest import make_tiny_pixart, make_tiny_sd, make_tiny_sd2, make_tiny_sdxl
 
 PROMPTS = ["a red circle on grass", "a cat and a dog on sand"]
 
 
 def generate(pipe, **kw):
+    if "PixArt" in type(pipe).__name__:
+        kw["use_resolution_binning"] = False  # keep the non-square test size
     return pipe(PROMPTS, num_inference_steps=3, height=32, width=48, output_type="np",
                 generator=torch.Generator().manual_seed(0), **kw).images
 
 
-@pytest.mark.parametrize("make", [make_tiny_sd, make_tiny_sdxl], ids=["sd", "sdxl"])
+FAMILIES = [make_tiny_sd, make_tiny_sd2, make_tiny_sdxl, make_tiny_pixart, lambda: make_tiny_pixart(sigma=False)]
+FAMILY_IDS = ["sd", "sd2", "sdxl", "pixart-sigma", "pixart-alpha"]
+
+
+@pytest.mark.parametrize("make", FAMILIES, ids=FAMILY_IDS)
 def test_images_bit_identical_with_goca(make):
     pipe = make()
     reference = generate(pipe)
@@ -91,8 +97,9 @@ def test_segment_sizes_and_modes(tiny_sd, size, mode, method):
     pipe.disable_goca()
 
 
-def test_segment_is_seeded_and_method_changes_result(tiny_sdxl):
-    pipe = goca.from_pipe(tiny_sdxl)
+@pytest.mark.parametrize("make", FAMILIES[2:4], ids=FAMILY_IDS[2:4])
+def test_segment_is_seeded_and_method_changes_result(make):
+    pipe = goca.from_pipe(make())
     img = Image.fromarray((np.random.RandomState(1).rand(32, 32, 3) * 255).astype(np.uint8))
     a = pipe.segment(img, ["cat", "grass"], seed=3)
     b = pipe.segment(img, ["cat", "grass"], seed=3)
@@ -122,3 +129,52 @@ def test_bad_inputs_raise_and_leave_nothing_patched(tiny_sd):
 
     with pytest.raises(ValueError, match="does not support NotSupported"):
         goca.from_pipe(NotSupported())
+
+
+def test_adapter_layers_follow_the_algorithm(tiny_sd, tiny_sdxl):
+    sd = goca.adapter_for(tiny_sd)
+    assert sd.reference_layer == "up_blocks.2.attentions.1.transformer_blocks.0.attn2"
+    assert sd.refinement_layers == [
+        "up_blocks.3.attentions.0.transformer_blocks.0.attn1", "up_blocks.3.attentions.1.transformer_blocks.0.attn1",
+        "down_blocks.0.attentions.1.transformer_blocks.0.attn1",
+    ]
+    manual_blocks = sorted({n.split(".transformer_blocks")[0] for n in sd.manual_layers})
+    assert manual_blocks == [
+        "down_blocks.2.attentions.0", "down_blocks.2.attentions.1", "mid_block.attentions.0", "up_blocks.1.attentions.0",
+        "up_blocks.1.attentions.1", "up_blocks.1.attentions.2", "up_blocks.2.attentions.0", "up_blocks.2.attentions.1",
+    ]  # SD 1.5's hand-picked set: down_blocks.2, mid, up_blocks.1, up_blocks.2 attentions 0–1
+    assert len(sd.cross_layers) == 16 and sd.map_factor == 1
+    xl = goca.adapter_for(tiny_sdxl)
+    assert xl.reference_layer == "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    assert xl.map_factor == 2 and len(xl.refinement_layers) == 7
+    assert all(xl.layers[n].factor == 2 for n in xl.refinement_layers)
+
+
+def test_cli_segments_with_a_saved_pipeline(tmp_path):
+    from diffusers_goca.cli import main
+
+    make_tiny_sd().save_pretrained(tmp_path / "model")
+    Image.fromarray((np.random.RandomState(0).rand(40, 30, 3) * 255).astype(np.uint8)).save(tmp_path / "in.png")
+    out = tmp_path / "overlay.png"
+    assert main(["segment", str(tmp_path / "in.png"), "--classes", "cat,grass", "--model", str(tmp_path / "model"),
+                 "--out", str(out), "--heatmaps", str(tmp_path / "heat.png"), "--method", "vanilla"]) == 0
+    assert Image.open(out).mode == "RGB" and (tmp_path / "heat.png").exists()
+
+
+def test_from_pipe_of_an_enabled_pipeline_shares_without_double_wrapping(tiny_sd):
+    before = dict(tiny_sd.unet.attn_processors)
+    first = goca.from_pipe(tiny_sd)
+    second = goca.from_pipe(first)
+    procs = second.unet.attn_processors
+    assert all(not isinstance(getattr(p, "inner", None), (goca.GoCAAttnProcessor2_0, goca.GoCAWrappedProcessor))
+               for p in procs.values())
+    second.disable_goca()
+    assert all(tiny_sd.unet.attn_processors[k] is before[k] for k in before)
+
+
+def test_pixart_adapter_scales_reference_and_refinement_with_depth():
+    full = goca.adapter_for(make_tiny_pixart(num_layers=28))
+    assert full.reference_layer == "transformer_blocks.13.attn2"
+    assert full.refinement_layers == [f"transformer_blocks.{i}.attn1" for i in range(10, 18)]
+    assert full.refine_order == 5 and full.text_max_length == 300 and full.map_factor == 2
+    assert goca.adapter_for(make_tiny_pixart(sigma=False)).text_max_length == 120

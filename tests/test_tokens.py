@@ -1,7 +1,7 @@
 """Class names → token positions with the real CLIP tokenizer (built offline from open_clip's BPE file)."""
 import pytest
 
-from conftest import clip_tokenizer
+from conftest import clip_tokenizer, t5_tokenizer
 from diffusers_goca.tokens import entities_from_prompt, segmentation_prompt, token_index
 
 
@@ -51,3 +51,17 @@ def test_entities_and_segmentation_prompt():
     assert entities_from_prompt("grass with a white triangle") == ["grass", "white triangle"]
     assert segmentation_prompt(["cat", "grass"], True) == "cat, grass, background"
     assert segmentation_prompt(["cat", "background"], True) == "cat, background"
+
+
+def test_t5_positions_skip_lone_spaces_and_eos():
+    tok = t5_tokenizer()
+    prompt = "a photo of a traffic light and a person, background"
+    index = token_index(tok, prompt, ["traffic light", "person"], max_length=300, extra_entities=["background"])
+    enc = tok(prompt, return_offsets_mapping=True)
+    for positions, word in [(index.class_tokens[0], "traffic light"), (index.class_tokens[1], "person")]:
+        text = "".join(prompt[enc.offset_mapping[i][0]:enc.offset_mapping[i][1]] for i in positions)
+        assert text.replace(" ", "") == word.replace(" ", "")
+    eos = enc.input_ids.index(tok.eos_token_id)
+    assert eos not in index.content and all(prompt[slice(*enc.offset_mapping[i])].strip() for i in index.content)
+    with pytest.raises(ValueError, match="cut off by the 12-token limit"):
+        token_index(tok, prompt, ["person"], max_length=12)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Elements of one [heads, rows, N] score chunk; 2^25 fp32 = 128 MiB.
-CHUNK_ELEMENTS = 2**25
+# Elements of one [heads, rows, N] score chunk; 2^24 fp32 = 64 MiB (softmax needs a second buffer of that size).
+CHUNK_ELEMENTS = 2**24
 
 
 def grid_nearest_rows(src_hw: tuple[int, int], dst_hw: tuple[int, int], device=None) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """One adapter per model family: which attention modules are cross / self, the reference and refinement layers, the grids."""
 from .base import Adapter, LayerInfo, adapter_for
+from .pixart import PixArtAdapter
 from .unet import UNetAdapter
 
-__all__ = ["Adapter", "LayerInfo", "adapter_for", "UNetAdapter"]
+__all__ = ["Adapter", "LayerInfo", "adapter_for", "PixArtAdapter", "UNetAdapter"]

@@ -82,6 +82,10 @@ class Adapter:
     def tokenizer(self):
         return self.pipe.tokenizer
 
+    def prompt_text(self, prompt: str, call_kwargs: dict) -> str:
+        """The text the pipeline actually tokenizes for `prompt` (token positions are read from it)."""
+        return prompt
+
     def denoiser_latent_hw(self, args, kwargs) -> tuple[int, int]:
         sample = kwargs.get("sample", kwargs.get("hidden_states", args[0] if args else None))
         return tuple(sample.shape[-2:])
@@ -102,5 +106,6 @@ def adapter_for(pipe) -> Adapter:
             return cls(pipe)
     raise ValueError(
         f"GoCA does not support {type(pipe).__name__}: supported are pipelines whose denoiser is a "
-        "UNet2DConditionModel with CLIP text encoders (Stable Diffusion 1.x/2.x, SDXL)"
+        "UNet2DConditionModel with CLIP text encoders (Stable Diffusion 1.x/2.x, SDXL) or a PixArtTransformer2DModel "
+        "(PixArt-α/Σ)"
     )

@@ -184,3 +184,29 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def plot_loss(log_path: str, out_path: str, size: tuple[int, int] = (480, 240)) -> None:
+    """The loss curves of a `training_log.json` as a PNG (PIL only, log-scale y)."""
+    from PIL import Image, ImageDraw
+
+    with open(log_path) as f:
+        log = json.load(f)
+    w, h = size
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    pad = 30
+    curves = [(log["loss"], (200, 30, 30), "unet+text ε-MSE"), (log["vae_loss"], (30, 90, 200), "vae MSE")]
+    values = [v for c, _, _ in curves for _, v in c if v > 0]
+    lo, hi = math.log10(min(values)), math.log10(max(values))
+    for k, (curve, colour, name) in enumerate(curves):
+        if len(curve) < 2:
+            continue
+        last = curve[-1][0]
+        pts = [(pad + (w - 2 * pad) * s / last, h - pad - (h - 2 * pad) * (math.log10(v) - lo) / max(hi - lo, 1e-9))
+               for s, v in curve]
+        draw.line(pts, fill=colour, width=2)
+        draw.text((pad + 5, 5 + 12 * k), f"{name}: {curve[-1][1]:.4f} at step {last}", fill=colour)
+    draw.text((pad, h - pad + 8), f"steps (each curve to its own end); log y from {10**lo:.3g} to {10**hi:.3g}; "
+              f"{log.get('seconds', 0) / 60:.0f} min, seed {log['seed']}", fill="black")
+    img.save(out_path)

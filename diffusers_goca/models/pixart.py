@@ -1,0 +1,86 @@
+"""PixArtTransformer2DModel: PixArt-α and PixArt-Σ.
+
+Each `BasicTransformerBlock` holds attn1 (self) and attn2 (cross, T5 text with the padding mask as an additive bias).
+All layers share one token grid, the latent after 2×2 patching. Reference block 13, refinement blocks 10–17, k = 5
+(of 28 blocks; a model of another depth gets the same relative positions).
+"""
+from __future__ import annotations
+
+import inspect
+import re
+
+import torch
+
+from .base import Adapter, LayerInfo
+
+_NAME = re.compile(r"^transformer_blocks\.(\d+)\.(attn1|attn2)$")
+_REFERENCE, _REFINE, _DEPTH = 13, range(10, 18), 28
+
+
+class PixArtAdapter(Adapter):
+    family = "pixart"
+
+    @classmethod
+    def supports(cls, pipe) -> bool:
+        from diffusers import PixArtTransformer2DModel
+
+        return isinstance(getattr(pipe, "transformer", None), PixArtTransformer2DModel)
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        model = pipe.transformer
+        patch = model.config.patch_size
+        depth = len(model.transformer_blocks)
+        for name, _module in model.named_modules():
+            m = _NAME.match(name)
+            if m:
+                role = "self" if m.group(2) == "attn1" else "cross"
+                self.layers[name] = LayerInfo(name, role, f"transformer_blocks.{m.group(1)}", patch)
+
+        def block(i: int) -> int:  # the same relative depth in a model of another depth
+            return min(depth - 1, round(i * depth / _DEPTH))
+
+        self.map_factor = patch
+        self.reference_layer = f"transformer_blocks.{block(_REFERENCE)}.attn2"
+        self.refinement_layers = list(dict.fromkeys(f"transformer_blocks.{block(i)}.attn1" for i in _REFINE))
+        self.refine_order = 5
+        self.native_resolution = model.config.sample_size * pipe.vae_scale_factor
+        # PixArt-α encodes 120 T5 tokens, PixArt-Σ 300: the default of the pipeline's `max_sequence_length`.
+        self.text_max_length = _call_default(type(pipe), "max_sequence_length", 120)
+
+    @property
+    def denoiser(self):
+        return self.pipe.transformer
+
+    def prompt_text(self, prompt: str, call_kwargs: dict) -> str:
+        # The pipeline cleans captions (when bs4 / ftfy are installed) before tokenizing: index the text it encodes.
+        return self.pipe._text_preprocessing(prompt, clean_caption=call_kwargs.get("clean_caption", True))[0]
+
+    def segment_forward(self, latents, prompt, timestep, generator):
+        pipe, model = self.pipe, self.pipe.transformer
+        from diffusers import DDPMScheduler
+
+        noising = DDPMScheduler.from_config(pipe.scheduler.config)
+        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+        t = torch.tensor([timestep], device=latents.device)
+        noisy = noising.add_noise(latents, noise, t)
+        embeds, mask, _, _ = pipe.encode_prompt(
+            prompt, do_classifier_free_guidance=False, device=latents.device, clean_caption=False,
+            max_sequence_length=self.text_max_length,
+        )
+        added = {"resolution": None, "aspect_ratio": None}
+        if model.use_additional_conditions:
+            h, w = latents.shape[-2] * pipe.vae_scale_factor, latents.shape[-1] * pipe.vae_scale_factor
+            added = {"resolution": torch.tensor([[h, w]], device=latents.device, dtype=embeds.dtype),
+                     "aspect_ratio": torch.tensor([[h / w]], device=latents.device, dtype=embeds.dtype)}
+        model(noisy.to(model.dtype), encoder_hidden_states=embeds, encoder_attention_mask=mask, timestep=t,
+              added_cond_kwargs=added, return_dict=False)
+
+
+def _call_default(pipeline_class: type, name: str, fallback):
+    """The default of `name` in the pipeline's own `__call__` (the first class in the MRO that declares it)."""
+    for cls in pipeline_class.__mro__:
+        call = cls.__dict__.get("__call__")
+        if call is not None and name in inspect.signature(call).parameters:
+            return inspect.signature(call).parameters[name].default
+    return fallback
