@@ -1,8 +1,10 @@
 """The capture: what one denoiser forward leaves behind for the GoCA formulas, and nothing more (ARCHITECTURE, memory).
 
-Per cross layer: the head-aggregated image→text maps C_l [R, N_l, T] (auto-weighted and head-mean); for the reference
-layer its `to_q` output F [R, N_ref, C]; per self layer its queries and keys [R, N_l, C] in the model dtype, reduced after
-the forward in row chunks (no [heads, N, N] tensor is ever formed). R = the batch rows segmented (the conditional half).
+Per cross (or joint) layer: the head-aggregated image→text maps C_l [R, N_l, T] (auto-weighted and head-mean); for the
+reference layer its feature F [R, N_ref, C]; per self (or joint) layer its image queries and keys [R, N_l, C] in the
+model dtype, plus for joint layers each query's log-normaliser over all keys [R, heads, N_l]. Everything that needs
+[N, N] scores is reduced after the forward in row chunks (no [heads, N, N] tensor is ever formed).
+R = the batch rows segmented (the conditional half of a CFG batch).
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .functional.aggregation import aggregate_heads, head_weights
+from .functional.joint import joint_text_attention
 
 
 @dataclass
@@ -20,6 +23,7 @@ class SelfQK:
     heads: int
     scale: float
     grid: tuple[int, int]
+    lse: torch.Tensor | None = None  # [R, heads, N] for joint attention: normaliser over image and text keys
 
 
 @dataclass
@@ -28,17 +32,18 @@ class StepCapture:
 
     latent_hw: tuple[int, int]
     rows: list[int]
+    text_len: int | None = None
     cross: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # layer → {"auto", "average"}: [R, N, T]
     grids: dict[str, tuple[int, int]] = field(default_factory=dict)
     selfs: dict[str, SelfQK] = field(default_factory=dict)
     reference: torch.Tensor | None = None  # [R, N_ref, C]
     reference_grid: tuple[int, int] | None = None
-    degenerate_pixels: int = 0  # pixels where ‖out(p)‖ ≈ 0, whose head weights fell back to 1/H
+    degenerate_pixels: int = 0  # pixels where the (text) output ≈ 0, whose head weights fell back to 1/H
 
     def nbytes(self) -> int:
         """Bytes held by the capture (the accounting that bounds its memory)."""
         tensors = [t for maps in self.cross.values() for t in maps.values()]
-        tensors += [t for s in self.selfs.values() for t in (s.query, s.key)]
+        tensors += [t for s in self.selfs.values() for t in (s.query, s.key, s.lse) if t is not None]
         tensors += [self.reference] if self.reference is not None else []
         return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -59,14 +64,14 @@ class Capture:
     def wants(self, layer: str) -> bool:
         return self.step is not None and layer in self.adapter.layers
 
-    def start(self, latent_hw: tuple[int, int], rows: list[int]) -> None:
-        self.step = StepCapture(tuple(latent_hw), list(rows))
+    def start(self, latent_hw: tuple[int, int], rows: list[int], text_len: int | None = None) -> None:
+        self.step = StepCapture(tuple(latent_hw), list(rows), text_len)
 
     def stop(self) -> StepCapture | None:
         step, self.step = self.step, None
         return step
 
-    def record(self, layer: str, attn, tap, attention_mask) -> None:
+    def record(self, layer: str, attn, tap, attention_mask, output, call_kwargs: dict) -> None:
         info = self.adapter.layers[layer]
         if tap.query is None or tap.key is None:
             raise RuntimeError(
@@ -75,15 +80,17 @@ class Capture:
             )
         step = self.step
         rows = torch.tensor(step.rows, device=tap.query.device)
-        q, k = tap.query.index_select(0, rows), tap.key.index_select(0, rows)
-        grid = self.adapter.grid(layer, q.shape[1], step.latent_hw)
-        step.grids[layer] = grid
-        if info.role == "self":
-            step.selfs[layer] = SelfQK(q.detach(), k.detach(), attn.heads, attn.scale, grid)
+        if info.role == "joint":
+            self._record_joint(layer, attn, tap, output, call_kwargs, rows)
         else:
-            self._record_cross(layer, attn, tap, q, k, rows, attention_mask)
-            if layer == self.adapter.reference_layer:
-                step.reference, step.reference_grid = q.detach(), grid
+            q, k = tap.query.index_select(0, rows), tap.key.index_select(0, rows)
+            grid = step.grids[layer] = self.adapter.grid(layer, q.shape[1], step.latent_hw)
+            if info.role == "self":
+                step.selfs[layer] = SelfQK(q.detach(), k.detach(), attn.heads, attn.scale, grid)
+            else:
+                self._record_cross(layer, attn, tap, q, k, rows, attention_mask)
+                if layer == self.adapter.reference_layer:
+                    step.reference, step.reference_grid = q.detach(), grid
         self.peak_bytes = max(self.peak_bytes, step.nbytes())
 
     def _record_cross(self, layer, attn, tap, q, k, rows, attention_mask) -> None:
@@ -109,3 +116,22 @@ class Capture:
         else:
             maps["auto"] = maps["average"]
         self.step.cross[layer] = maps
+
+    def _record_joint(self, layer, attn, tap, output, call_kwargs, rows) -> None:
+        step, adapter = self.step, self.adapter
+        q, k, k_txt, v_txt = (t.index_select(0, rows) for t in adapter.joint_inputs(layer, attn, tap, call_kwargs, step))
+        grid = step.grids[layer] = adapter.grid(layer, q.shape[1], step.latent_hw)
+        heads, scale = attn.heads, adapter.attention_scale(attn)
+        weight = adapter.output_weight(layer, attn)
+        lses, avgs, autos = [], [], []
+        for i in range(len(rows)):
+            lse, maps, bad = joint_text_attention(q[i], k[i], k_txt[i], v_txt[i], heads, scale, weight, self.head_weighting)
+            lses.append(lse)
+            avgs.append(maps["average"])
+            autos.append(maps["auto"])
+            step.degenerate_pixels += bad
+        step.cross[layer] = {"average": torch.stack(avgs), "auto": torch.stack(autos)}
+        step.selfs[layer] = SelfQK(q.detach(), k.detach(), heads, scale, grid, torch.stack(lses))
+        if layer == adapter.reference_layer:
+            step.reference = adapter.reference_feature(layer, tap, output, step).index_select(0, rows).detach()
+            step.reference_grid = grid

@@ -15,7 +15,7 @@ from .functional.maps import gaussian_blur, minmax, per_pixel_rescale, propagate
 from .functional.self_attention import frobenius_with_reference, head_mean_self_attention
 from .tokens import TokenIndex
 
-METHODS = ("goca", "vanilla", "manual", "diffsegmenter")
+METHODS = ("goca", "vanilla", "manual", "diffsegmenter", "seg4diff")
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,8 @@ def _entities(index: TokenIndex, background: str | None) -> list[list[int]]:
 def refinement_matrix(step: StepCapture, row: int, layers: list[str], map_hw: tuple[int, int]) -> torch.Tensor:
     """S: mean over `layers` of head-mean self-attention resized to the map grid, [N_map, N_map] fp32."""
     mats = [
-        head_mean_self_attention(s.query[row], s.key[row], s.heads, s.scale, s.grid, map_hw)
+        head_mean_self_attention(s.query[row], s.key[row], s.heads, s.scale, s.grid, map_hw,
+                                 None if s.lse is None else s.lse[row])
         for s in (step.selfs[n] for n in layers)
     ]
     return torch.stack(mats).mean(0)
@@ -70,7 +71,7 @@ def layer_weights(step: StepCapture, row: int, adapter, layers: list[str], renor
         s = step.selfs[adapter.self_of(name)]
         raw.append(frobenius_with_reference(
             s.query[row], s.key[row], s.heads, s.scale, s.grid, step.reference[row], step.reference_grid,
-            renormalize_rows=renormalize_rows,
+            renormalize_rows=renormalize_rows, lse=None if s.lse is None else s.lse[row],
         ))
     return normalize_layer_weights(torch.stack(raw))
 
@@ -125,9 +126,33 @@ def diffsegmenter_scores(
         _DIFFSEG_WEIGHTS.get(rel, 0.0) * minmax(token_class_maps(torch.stack(ms).mean(0), entities))
         for rel, ms in by_level.items()
     )
-    finest_selfs = [n for n, i in adapter.layers.items() if i.role == "self" and i.factor == adapter.map_factor]
+    finest_selfs = [n for n in adapter.self_layers if adapter.layers[n].factor == adapter.map_factor]
     s = refinement_matrix(step, row, finest_selfs, map_hw)
     return _split_background(minmax(propagate(s, scores, 1)), background)
+
+
+def seg4diff_scores(
+    step: StepCapture, row: int, index: TokenIndex, adapter, background: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Seg4Diff (SD3): one block's image→text attention (joint softmax), head mean, mean over each class's tokens."""
+    maps = step.cross[adapter.seg4diff_layer]["average"][row].float()
+    grid, map_hw = step.grids[adapter.seg4diff_layer], adapter.map_grid(step.latent_hw)
+    scores = resize_maps(token_class_maps(maps, _entities(index, background)), grid, map_hw)
+    return _split_background(scores, background)
+
+
+def available_methods(adapter) -> list[str]:
+    """The methods this model family can run: `manual` needs a hand-picked layer set, `seg4diff` its block."""
+    return [m for m in METHODS
+            if (m != "manual" or adapter.manual_layers) and (m != "seg4diff" or getattr(adapter, "seg4diff_layer", None))]
+
+
+def check_method(adapter, method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in available_methods(adapter):
+        raise ValueError(f"method {method!r} is not defined for {adapter.family} models; "
+                         f"available: {', '.join(available_methods(adapter))}")
 
 
 def _split_background(scores: torch.Tensor, background: str | None):
@@ -138,11 +163,10 @@ def _split_background(scores: torch.Tensor, background: str | None):
 
 def method_scores(step, row, index, adapter, method: str, background: str | None = None, **options):
     """Dispatch on the method name; `options` override GoCAOptions fields for goca / vanilla / manual."""
-    if method == "diffsegmenter":
+    check_method(adapter, method)
+    if method in ("diffsegmenter", "seg4diff"):
         if options:
-            raise ValueError(f"diffsegmenter takes no GoCA options, got {sorted(options)}")
-        return diffsegmenter_scores(step, row, index, adapter, background)
-    opts = options_for(method, **options)
-    if opts.layers == "manual" and not adapter.manual_layers:
-        raise ValueError(f"method 'manual' needs the hand-picked layer set, which {adapter.family} does not define")
-    return goca_scores(step, row, index, adapter, opts, background)
+            raise ValueError(f"{method} takes no GoCA options, got {sorted(options)}")
+        fn = diffsegmenter_scores if method == "diffsegmenter" else seg4diff_scores
+        return fn(step, row, index, adapter, background)
+    return goca_scores(step, row, index, adapter, options_for(method, **options), background)

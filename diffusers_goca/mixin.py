@@ -11,11 +11,11 @@ from PIL import Image
 
 from .capture import Capture, StepCapture
 from .functional.maps import scores_to_labels
-from .methods import METHODS, method_scores
+from .methods import METHODS, check_method, method_scores
 from .models.base import adapter_for
 from .processors import is_goca_processor, unwrap_processor, wrap_processor
 from .result import GoCASegmentation
-from .tokens import entities_from_prompt, segmentation_prompt, token_index
+from .tokens import entities_from_prompt, segmentation_prompt
 
 
 @dataclass
@@ -38,7 +38,8 @@ class _Request:
     background_offset: float
     options: dict
     out_hw: tuple[int, int] | None = None  # None: the generated image's size
-    step: int = 0
+    forwards_per_step: int = 1
+    forward: int = 0  # denoiser calls so far in this request
     timestep: object = None
     callback: Callable | None = None
     keep_capture: bool = False  # segment(): keep the raw capture, so several methods can read it
@@ -149,7 +150,7 @@ class GoCAMixin:
     def _goca_pre_forward(self, module, args, kwargs):
         state = self._goca
         req = state.request if state else None
-        if req is None or not req.wants(req.step):
+        if req is None or req.forward % req.forwards_per_step or not req.wants(req.forward // req.forwards_per_step):
             return None
         batch = state.adapter.denoiser_batch(args, kwargs)
         n = len(req.indices)
@@ -159,7 +160,8 @@ class GoCAMixin:
             rows = list(range(n))
         else:
             raise RuntimeError(f"GoCA expected a denoiser batch of {n} or {2 * n} images, got {batch}")
-        state.capture.start(state.adapter.denoiser_latent_hw(args, kwargs), rows)
+        adapter = state.adapter
+        state.capture.start(adapter.denoiser_latent_hw(args, kwargs), rows, adapter.denoiser_text_len(args, kwargs))
         req.timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         return None
 
@@ -169,16 +171,17 @@ class GoCAMixin:
         if req is None:
             return None
         step = state.capture.stop()
+        index = req.forward // req.forwards_per_step
+        req.forward += 1
         if step is not None and req.keep_capture:
             req.captured.append(step)
         elif step is not None:
             results = self._goca_results(state, req, step, req.method)
             t = req.timestep
-            masks = GoCAStepMasks(req.step, float(t.flatten()[0]) if torch.is_tensor(t) else float(t or 0), results)
+            masks = GoCAStepMasks(index, float(t.flatten()[0]) if torch.is_tensor(t) else float(t or 0), results)
             req.delivered.append(masks)
             if req.callback is not None:
-                req.callback(self, req.step, masks.timestep, masks)
-        req.step += 1
+                req.callback(self, index, masks.timestep, masks)
         return None
 
     def _goca_results(self, state: _GoCAState, req: _Request, step: StepCapture, method: str) -> list[GoCASegmentation]:
@@ -229,9 +232,10 @@ class GoCAMixin:
         prompt = segmentation_prompt(classes, use_background)
         was_enabled = self._goca is not None
         adapter = self._goca.adapter if was_enabled else adapter_for(self)
-        index = token_index(adapter.tokenizer(), prompt, classes, max_length=adapter.text_max_length,
-                            extra_entities=["background"] if use_background else [])
-        timestep = adapter.segment_timestep if timestep is None else timestep
+        for m in methods:
+            check_method(adapter, m)
+        index = adapter.token_index(prompt, classes, extra_entities=["background"] if use_background else [])
+        timestep = adapter.segment_timestep if timestep is None else timestep  # None: the family's own rule
         resolution = resolution or adapter.native_resolution
         state = self._goca_attached() if was_enabled else self.enable_goca()._goca
         request = _Request(
@@ -296,25 +300,24 @@ class GoCAMixin:
         """
         if not goca_masks:
             return super().__call__(*args, **kwargs)
-        if goca_method not in METHODS:
-            raise ValueError(f"goca_method must be one of {METHODS}, got {goca_method!r}")
         state = self._goca_attached() if self._goca is not None else self.enable_goca()._goca
+        check_method(state.adapter, goca_method)
         prompt = kwargs.get("prompt", args[0] if args else None)
         if prompt is None:
             raise ValueError("masks during generation need the prompt text (prompt_embeds alone cannot be segmented)")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         per_prompt = kwargs.get("num_images_per_prompt", 1) or 1
         indices = []
-        tokenizer = state.adapter.tokenizer()
-        max_length = kwargs.get("max_sequence_length", state.adapter.text_max_length)
-        for p in (state.adapter.prompt_text(p, kwargs) for p in prompts):
+        adapter = state.adapter
+        max_length = kwargs.get("max_sequence_length", adapter.text_max_length)
+        for p in (adapter.prompt_text(p, kwargs) for p in prompts):
             classes = list(goca_classes) if goca_classes is not None else entities_from_prompt(p)
             extra = ["background"] if goca_background and "background" not in classes else []
-            indices += [token_index(tokenizer, p, classes, max_length=max_length, extra_entities=extra)] * per_prompt
+            indices += [adapter.token_index(p, classes, extra, max_length)] * per_prompt
         request = _Request(
             wants=self._goca_step_filter(goca_masks), indices=indices, method=goca_method,
             background="background" if goca_background else None, background_offset=goca_background_offset,
-            options=dict(goca_options or {}), callback=goca_callback,
+            options=dict(goca_options or {}), callback=goca_callback, forwards_per_step=adapter.forwards_per_step(kwargs),
         )
         self.goca_masks = request.delivered
         state.request = request

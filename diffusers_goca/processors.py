@@ -1,22 +1,33 @@
 """Drop-in attention processors that return exactly what the processor they stand for returns.
 
-The output path is the parent's own code (`AttnProcessor2_0.__call__`, or the wrapped custom processor's); the maps are
-read on a side path: forward hooks on `to_q` / `to_k` and a pre-hook on `to_out[0]` see the projections the output path
-computes anyway, and hand them to the capture. When the capture does not want the layer, no hook is set at all.
+The output path is the parent's own code (`AttnProcessor2_0`, `JointAttnProcessor2_0`, `FluxAttnProcessor`, or the
+wrapped custom processor); the maps are read on a side path: forward hooks on the projections (`to_q`, `to_k`, `to_v`,
+and `add_*_proj` for joint attention) and a pre-hook on `to_out[0]` see the tensors the output path computes anyway, and
+hand them to the capture. When the capture does not want the layer, no hook is set at all.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
 
 import torch
-from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.attention_processor import AttnProcessor2_0, JointAttnProcessor2_0
+
+try:  # diffusers ≥ 0.35
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+except ImportError:  # pragma: no cover
+    FluxAttnProcessor = None
+
+_PROJECTIONS = {"to_q": "query", "to_k": "key", "to_v": "value",
+                "add_q_proj": "added_query", "add_k_proj": "added_key", "add_v_proj": "added_value"}
 
 
 class ProjectionTap:
-    """The first output of `to_q`, `to_k`, `to_v` and the first input of `to_out[0]` in one attention call."""
+    """The first output of each projection and the first input of `to_out[0]` in one attention call."""
 
     def __init__(self):
-        self.query = self.key = self.value = self.head_out = None
+        for attr in _PROJECTIONS.values():
+            setattr(self, attr, None)
+        self.head_out = None
 
     @contextmanager
     def listen(self, attn):
@@ -30,12 +41,10 @@ class ProjectionTap:
             if self.head_out is None:
                 self.head_out = inputs[0]
 
-        handles = [
-            attn.to_q.register_forward_hook(keep("query")),
-            attn.to_k.register_forward_hook(keep("key")),
-            attn.to_v.register_forward_hook(keep("value")),
-            attn.to_out[0].register_forward_pre_hook(keep_head_out),
-        ]
+        handles = [getattr(attn, name).register_forward_hook(keep(attr))
+                   for name, attr in _PROJECTIONS.items() if isinstance(getattr(attn, name, None), torch.nn.Module)]
+        if isinstance(getattr(attn, "to_out", None), torch.nn.ModuleList):
+            handles.append(attn.to_out[0].register_forward_pre_hook(keep_head_out))
         try:
             yield self
         finally:
@@ -55,7 +64,7 @@ class _Tapping:
         tap = ProjectionTap()
         with tap.listen(attn):
             out = output_path(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
-        self.capture.record(self.layer, attn, tap, attention_mask)
+        self.capture.record(self.layer, attn, tap, attention_mask, out, kwargs)
         return out
 
 
@@ -69,6 +78,36 @@ class GoCAAttnProcessor2_0(_Tapping, AttnProcessor2_0):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         return self._run(super().__call__, attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+
+
+class GoCAJointAttnProcessor2_0(_Tapping, JointAttnProcessor2_0):
+    """`JointAttnProcessor2_0` (SD3) whose output is the parent's, with the GoCA capture on a side path."""
+
+    def __init__(self, capture, layer: str, original: JointAttnProcessor2_0 | None = None):
+        super().__init__()
+        self.capture, self.layer = capture, layer
+        self.original = original if original is not None else JointAttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        return self._run(super().__call__, attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+
+
+if FluxAttnProcessor is not None:
+
+    class GoCAFluxAttnProcessor(_Tapping, FluxAttnProcessor):
+        """`FluxAttnProcessor` whose output is the parent's (the same `dispatch_attention_fn` call, with the original's
+        attention backend and parallel config), with the GoCA capture on a side path."""
+
+        def __init__(self, capture, layer: str, original: FluxAttnProcessor | None = None):
+            super().__init__()
+            self.capture, self.layer = capture, layer
+            self.original = original if original is not None else FluxAttnProcessor()
+            self._attention_backend = self.original._attention_backend
+            self._parallel_config = self.original._parallel_config
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+            return self._run(super().__call__, attn, hidden_states, encoder_hidden_states, attention_mask,
+                             image_rotary_emb=image_rotary_emb)
 
 
 class GoCAWrappedProcessor(_Tapping, torch.nn.Module):
@@ -91,10 +130,17 @@ class GoCAWrappedProcessor(_Tapping, torch.nn.Module):
         return self.forward(*args, **kwargs)
 
 
+_DROP_IN = {AttnProcessor2_0: GoCAAttnProcessor2_0, JointAttnProcessor2_0: GoCAJointAttnProcessor2_0}
+if FluxAttnProcessor is not None:
+    _DROP_IN[FluxAttnProcessor] = GoCAFluxAttnProcessor
+
+
 def wrap_processor(original, capture, layer: str):
-    """The GoCA processor that stands for `original` on `layer`."""
-    if type(original) is AttnProcessor2_0:
-        return GoCAAttnProcessor2_0(capture, layer, original)
+    """The GoCA processor that stands for `original` on `layer`: a drop-in subclass for diffusers' default processors,
+    a wrapper for anything else."""
+    drop_in = _DROP_IN.get(type(original))
+    if drop_in is not None:
+        return drop_in(capture, layer, original)
     return GoCAWrappedProcessor(original, capture, layer)
 
 

@@ -152,3 +152,19 @@ def segmentation_prompt(classes: Sequence[str], background: bool) -> str:
     """The prompt used to segment an existing image: class names joined with ", " (official form), plus "background"."""
     names = list(classes) + (["background"] if background and "background" not in classes else [])
     return ", ".join(names)
+
+
+def concat_token_indices(parts: Sequence[TokenIndex], lengths: Sequence[int]) -> TokenIndex:
+    """One index over text sequences laid end to end (SD3: 77 CLIP tokens, then the T5 tokens).
+
+    parts[i] indexes sequence i, which occupies `lengths[i]` key positions; a class's tokens are those of every part.
+    """
+    offsets = [sum(lengths[:i]) for i in range(len(parts))]
+    first = parts[0]
+
+    def shifted(get) -> list[int]:
+        return [o + p for part, o in zip(parts, offsets) for p in get(part)]
+
+    classes = [shifted(lambda part, k=k: part.class_tokens[k]) for k in range(len(first.classes))]
+    extra = {e: shifted(lambda part, e=e: part.extra_entities.get(e, [])) for e in first.extra_entities}
+    return TokenIndex(first.prompt, list(first.classes), classes, shifted(lambda part: part.content), sum(lengths), extra)

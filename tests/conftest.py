@@ -162,6 +162,28 @@ def make_tiny_pixart(sigma=True, seed=0, num_layers=4):
     return pipe
 
 
+def make_tiny_sd3(seed=0, num_layers=2, qk_norm=None, dual_attention_layers=()):
+    """SD3 in miniature: joint attention, CLIP-L + CLIP-G + T5 text, FlowMatch scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, num_layers=num_layers, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=32, joint_attention_dim=64, pooled_projection_dim=64, out_channels=4, qk_norm=qk_norm,
+        dual_attention_layers=dual_attention_layers,
+    ).eval()
+    vae = tiny_vae(seed)
+    vae.register_to_config(shift_factor=0.0609, scaling_factor=1.5305)  # SD3's VAE has a shift
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+        text_encoder=tiny_clip_text(with_projection=True, seed=seed), tokenizer=clip_tokenizer(),
+        text_encoder_2=tiny_clip_text(with_projection=True, seed=seed + 1), tokenizer_2=clip_tokenizer("!"),
+        text_encoder_3=tiny_t5(seed, d_model=64), tokenizer_3=t5_tokenizer(256),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @pytest.fixture(scope="session")
 def tiny_sd():
     return make_tiny_sd()

@@ -174,3 +174,35 @@ def test_labels_with_background_offset():
     assert labels.tolist() == [[2, 0]]  # background 0.6 beats 0.5 at pixel 0; class 0 (0.9) wins at pixel 1
     labels, _ = scores_to_labels(scores, (1, 2), (1, 2), bg, background_offset=-0.3)
     assert labels.tolist() == [[1, 0]]
+
+
+@pytest.mark.parametrize("mode", ["auto", "average"])
+def test_joint_text_attention_matches_the_full_softmax(mode, monkeypatch):
+    import diffusers_goca.functional.self_attention as sa
+    from diffusers_goca.functional.joint import joint_text_attention
+
+    monkeypatch.setattr(sa, "CHUNK_ELEMENTS", 64)  # several query chunks
+    heads, d, n, t, D = 3, 4, 10, 6, 7
+    q, k_img, v_img = torch.randn(n, heads * d), torch.randn(n, heads * d), torch.randn(n, heads * d)
+    k_txt, v_txt = torch.randn(t, heads * d), torch.randn(t, heads * d)
+    w_out = torch.randn(D, heads * d)
+    scale = d ** -0.5
+    lse, maps, _ = joint_text_attention(q, k_img, k_txt, v_txt, heads, scale, w_out, mode)
+    keys = torch.cat([k_img, k_txt])
+    probs = torch.stack([(q[:, h * d:(h + 1) * d] @ keys[:, h * d:(h + 1) * d].T * scale).softmax(-1) for h in range(heads)])
+    a_txt = probs[:, :, n:]  # [heads, N, T] under the joint softmax
+    assert torch.allclose(maps["average"], a_txt.mean(0), atol=1e-6)
+    full = torch.stack([torch.cat([q[:, h * d:(h + 1) * d] @ keys[:, h * d:(h + 1) * d].T * scale], -1).logsumexp(-1)
+                        for h in range(heads)])
+    assert torch.allclose(lse, full, atol=1e-5)
+    if mode == "auto":
+        o = [a_txt[h] @ v_txt[:, h * d:(h + 1) * d] @ w_out[:, h * d:(h + 1) * d].T for h in range(heads)]  # o_h^text
+        total = sum(o)
+        dots = torch.stack([(oh * total).sum(-1) for oh in o])
+        w = dots / dots.sum(0)
+        assert torch.allclose(maps["auto"], torch.einsum("hnt,hn->nt", a_txt, w), atol=1e-5)
+    # The image→image slice of the same softmax, from q, k and lse alone.
+    from diffusers_goca.functional.self_attention import self_attention_rows
+
+    rows = torch.arange(n)
+    assert torch.allclose(self_attention_rows(q, k_img, rows, heads, scale, lse), probs[:, :, :n].mean(0), atol=1e-6)

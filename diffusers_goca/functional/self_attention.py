@@ -20,41 +20,43 @@ def grid_nearest_rows(src_hw: tuple[int, int], dst_hw: tuple[int, int], device=N
 
 
 def self_attention_rows(
-    q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, heads: int, scale: float, key_bias: torch.Tensor | None = None
+    q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, heads: int, scale: float, lse: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Head-mean attention probabilities of the query rows `rows`.
 
     q: [N, heads·d], k: [M, heads·d] (one image, before the head split), rows: LongTensor [R].
-    key_bias: optional additive bias over keys [M] (masked keys = -inf).
+    lse: [heads, N], the log-normaliser of each query over all keys of a joint attention (text keys included); then
+    the rows are the image→image slice of the joint softmax, not renormalised. None: softmax over `k`.
     Returns [R, M] in fp32: mean over heads of softmax(q_h k_hᵀ · scale).
     """
     d = q.shape[-1] // heads
     qh = q[rows].float().view(len(rows), heads, d).transpose(0, 1)  # [heads, R, d]
     kh = k.float().view(-1, heads, d).transpose(0, 1)  # [heads, M, d]
-    scores = torch.baddbmm(
-        torch.zeros((), dtype=torch.float32, device=q.device) if key_bias is None else key_bias.float().expand(heads, 1, -1),
-        qh, kh.transpose(1, 2), alpha=scale,
-    )
-    return scores.softmax(-1).mean(0)
+    scores = qh @ kh.transpose(1, 2) * scale
+    if lse is None:
+        return scores.softmax(-1).mean(0)
+    return (scores - lse[:, rows, None].float()).exp().mean(0)
 
 
-def _row_chunks(n_rows: int, heads: int, n_keys: int):
+def row_chunks(n_rows: int, heads: int, n_keys: int):
+    """(start, end) of query-row chunks whose [heads, rows, n_keys] scores hold at most CHUNK_ELEMENTS."""
     step = max(1, CHUNK_ELEMENTS // max(1, heads * n_keys))
     for start in range(0, n_rows, step):
         yield start, min(n_rows, start + step)
 
 
 def head_mean_self_attention(
-    q: torch.Tensor, k: torch.Tensor, heads: int, scale: float, src_hw: tuple[int, int], dst_hw: tuple[int, int]
+    q: torch.Tensor, k: torch.Tensor, heads: int, scale: float, src_hw: tuple[int, int], dst_hw: tuple[int, int],
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Head-mean self-attention resized to the `dst` grid: queries nearest, keys bilinear, rows not renormalised.
 
-    q, k: [N_src, heads·d] of one image with N_src = src_h·src_w. Returns [N_dst, N_dst] fp32.
+    q, k: [N_src, heads·d] of one image with N_src = src_h·src_w; lse: see `self_attention_rows`. Returns [N_dst, N_dst] fp32.
     """
     rows = grid_nearest_rows(src_hw, dst_hw, q.device)
     out = torch.empty(len(rows), dst_hw[0] * dst_hw[1], dtype=torch.float32, device=q.device)
-    for a, b in _row_chunks(len(rows), heads, k.shape[0]):
-        out[a:b] = resize_keys(self_attention_rows(q, k, rows[a:b], heads, scale), src_hw, dst_hw)
+    for a, b in row_chunks(len(rows), heads, k.shape[0]):
+        out[a:b] = resize_keys(self_attention_rows(q, k, rows[a:b], heads, scale, lse), src_hw, dst_hw)
     return out
 
 
@@ -68,7 +70,7 @@ def resize_keys(rows: torch.Tensor, src_hw: tuple[int, int], dst_hw: tuple[int, 
 
 def frobenius_with_reference(
     q: torch.Tensor, k: torch.Tensor, heads: int, scale: float, src_hw: tuple[int, int],
-    reference: torch.Tensor, ref_hw: tuple[int, int], renormalize_rows: bool = False,
+    reference: torch.Tensor, ref_hw: tuple[int, int], renormalize_rows: bool = False, lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """w_l before normalisation (ALGORITHMS §2): Σ_ij A_p[i, j] · S̃_l[i, j], computed in row chunks.
 
@@ -79,8 +81,8 @@ def frobenius_with_reference(
     rows = grid_nearest_rows(src_hw, ref_hw, q.device)
     f = reference.float()
     total = torch.zeros((), dtype=torch.float32, device=q.device)
-    for a, b in _row_chunks(len(rows), max(heads, 1), max(k.shape[0], f.shape[0])):
-        s_rows = resize_keys(self_attention_rows(q, k, rows[a:b], heads, scale), src_hw, ref_hw)
+    for a, b in row_chunks(len(rows), max(heads, 1), max(k.shape[0], f.shape[0])):
+        s_rows = resize_keys(self_attention_rows(q, k, rows[a:b], heads, scale, lse), src_hw, ref_hw)
         if renormalize_rows:
             s_rows = s_rows / s_rows.sum(-1, keepdim=True)
         total += (pseudo_rows(f, a, b) * s_rows).sum()

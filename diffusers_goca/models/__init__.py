@@ -1,6 +1,7 @@
 """One adapter per model family: which attention modules are cross / self, the reference and refinement layers, the grids."""
 from .base import Adapter, LayerInfo, adapter_for
 from .pixart import PixArtAdapter
+from .sd3 import SD3Adapter
 from .unet import UNetAdapter
 
-__all__ = ["Adapter", "LayerInfo", "adapter_for", "PixArtAdapter", "UNetAdapter"]
+__all__ = ["Adapter", "LayerInfo", "adapter_for", "PixArtAdapter", "SD3Adapter", "UNetAdapter"]

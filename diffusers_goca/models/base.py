@@ -18,7 +18,7 @@ class LayerInfo:
     """
 
     name: str
-    role: str
+    role: str  # "cross", "self" or "joint" (one softmax over image and text keys: both at once)
     block: str
     factor: int
 
@@ -28,7 +28,7 @@ class Adapter:
 
     family: str = "?"
     text_max_length: int = 77
-    segment_timestep: int = 100  # ALGORITHMS §5: t = 100 of 1000 for SD / SDXL / PixArt
+    segment_timestep: int | None = 100  # ALGORITHMS §5: t = 100 of 1000 for SD / SDXL / PixArt; None: the family's rule
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -56,11 +56,17 @@ class Adapter:
 
     @property
     def cross_layers(self) -> list[str]:
-        return [n for n, i in self.layers.items() if i.role == "cross"]
+        return [n for n, i in self.layers.items() if i.role in ("cross", "joint")]
+
+    @property
+    def self_layers(self) -> list[str]:
+        return [n for n, i in self.layers.items() if i.role in ("self", "joint")]
 
     def self_of(self, cross_layer: str) -> str:
         """The self-attention layer of the same transformer block as `cross_layer`."""
         block = self.layers[cross_layer].block
+        if self.layers[cross_layer].role == "joint":
+            return cross_layer
         for name, info in self.layers.items():
             if info.role == "self" and info.block == block:
                 return name
@@ -77,6 +83,37 @@ class Adapter:
     def map_grid(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
         f = self.map_factor
         return -(-latent_hw[0] // f), -(-latent_hw[1] // f)
+
+    # -- joint attention (SD3, Flux) ----------------------------------------------------------------------------------
+    def joint_inputs(self, layer: str, attn, tap, call_kwargs: dict, step) -> tuple[torch.Tensor, ...]:
+        """(image queries, image keys, text keys, text values), each [B, n, heads·d] after the model's norms / RoPE."""
+        raise NotImplementedError(f"{self.family} has no joint attention")
+
+    def output_weight(self, layer: str, attn) -> torch.Tensor | None:
+        """The projection applied to the attention output of `layer` ([D, heads·d]), for the head weights."""
+        return attn.to_out[0].weight
+
+    def attention_scale(self, attn) -> float:
+        return attn.scale
+
+    def reference_feature(self, layer: str, tap, output, step) -> torch.Tensor:
+        """F [B, N_ref, C] of the reference layer: its `to_q` output unless the family says otherwise."""
+        return tap.query
+
+    def denoiser_text_len(self, args, kwargs) -> int | None:
+        ehs = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        return None if ehs is None else int(ehs.shape[1])
+
+    def forwards_per_step(self, call_kwargs: dict) -> int:
+        """Denoiser calls per denoising step; the first is the one segmented (Flux's true CFG adds an uncond call)."""
+        return 1
+
+    def token_index(self, prompt: str, classes, extra_entities=(), max_length: int | None = None):
+        """Where each class sits in the text tokens the denoiser attends to."""
+        from ..tokens import token_index
+
+        return token_index(self.tokenizer(), prompt, classes, max_length=max_length or self.text_max_length,
+                           extra_entities=extra_entities)
 
     # -- pipeline specifics -------------------------------------------------------------------------------------------
     def tokenizer(self):
@@ -99,6 +136,11 @@ class Adapter:
         raise NotImplementedError
 
 
+def relative_block(i: int, depth: int, of: int) -> int:
+    """Block `i` of a model `of` blocks deep, at the same relative depth in a model `depth` blocks deep."""
+    return min(depth - 1, round(i * depth / of))
+
+
 def adapter_for(pipe) -> Adapter:
     """The adapter of the first family that supports `pipe`; ValueError naming the pipeline otherwise."""
     for cls in _ADAPTERS:
@@ -106,6 +148,6 @@ def adapter_for(pipe) -> Adapter:
             return cls(pipe)
     raise ValueError(
         f"GoCA does not support {type(pipe).__name__}: supported are pipelines whose denoiser is a "
-        "UNet2DConditionModel with CLIP text encoders (Stable Diffusion 1.x/2.x, SDXL) or a PixArtTransformer2DModel "
-        "(PixArt-α/Σ)"
+        "UNet2DConditionModel with CLIP text encoders (Stable Diffusion 1.x/2.x, SDXL), a PixArtTransformer2DModel "
+        "(PixArt-α/Σ), an SD3Transformer2DModel (SD3/3.5) or a FluxTransformer2DModel (Flux.1)"
     )

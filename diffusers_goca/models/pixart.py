@@ -11,7 +11,7 @@ import re
 
 import torch
 
-from .base import Adapter, LayerInfo
+from .base import Adapter, LayerInfo, relative_block
 
 _NAME = re.compile(r"^transformer_blocks\.(\d+)\.(attn1|attn2)$")
 _REFERENCE, _REFINE, _DEPTH = 13, range(10, 18), 28
@@ -37,12 +37,9 @@ class PixArtAdapter(Adapter):
                 role = "self" if m.group(2) == "attn1" else "cross"
                 self.layers[name] = LayerInfo(name, role, f"transformer_blocks.{m.group(1)}", patch)
 
-        def block(i: int) -> int:  # the same relative depth in a model of another depth
-            return min(depth - 1, round(i * depth / _DEPTH))
-
         self.map_factor = patch
-        self.reference_layer = f"transformer_blocks.{block(_REFERENCE)}.attn2"
-        self.refinement_layers = list(dict.fromkeys(f"transformer_blocks.{block(i)}.attn1" for i in _REFINE))
+        self.reference_layer = f"transformer_blocks.{relative_block(_REFERENCE, depth, _DEPTH)}.attn2"
+        self.refinement_layers = list(dict.fromkeys(f"transformer_blocks.{relative_block(i, depth, _DEPTH)}.attn1" for i in _REFINE))
         self.refine_order = 5
         self.native_resolution = model.config.sample_size * pipe.vae_scale_factor
         # PixArt-α encodes 120 T5 tokens, PixArt-Σ 300: the default of the pipeline's `max_sequence_length`.

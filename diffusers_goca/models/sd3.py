@@ -1,0 +1,86 @@
+"""SD3Transformer2DModel: Stable Diffusion 3 / 3.5.
+
+Every `JointTransformerBlock` has one joint attention `attn` (`JointAttnProcessor2_0`): image tokens first, then
+77 CLIP + 256 T5 text tokens, one softmax, no mask. SD 3.5's extra image-only `attn2` is left untouched.
+Reference and refinement blocks: ALGORITHMS names none for SD3, so the PixArt rule at the same relative depth
+(reference 13/28 of the depth, refinement 10–17 of 28), k = 2. Seg4Diff reads block 9.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .base import Adapter, LayerInfo, relative_block
+
+_NAME = re.compile(r"^transformer_blocks\.(\d+)\.attn$")
+_REFERENCE, _REFINE, _DEPTH, _SEG4DIFF = 13, range(10, 18), 28, 9
+_CLIP_TOKENS = 77
+
+
+def split_heads_norm(x: torch.Tensor, heads: int, norm) -> torch.Tensor:
+    """Apply a per-head norm (RMSNorm over the head dim, or None) to [B, n, heads·d] and return the same layout."""
+    if norm is None:
+        return x
+    b, n, hd = x.shape
+    return norm(x.view(b, n, heads, hd // heads)).reshape(b, n, hd)
+
+
+class SD3Adapter(Adapter):
+    family = "sd3"
+    segment_timestep = None
+    segment_steps, segment_from_end = 28, 8  # Seg4Diff: FlowMatch, 28 steps, the 8th timestep from the end
+
+    @classmethod
+    def supports(cls, pipe) -> bool:
+        from diffusers import SD3Transformer2DModel
+
+        return isinstance(getattr(pipe, "transformer", None), SD3Transformer2DModel)
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        model = pipe.transformer
+        depth = len(model.transformer_blocks)
+        for name, _module in model.named_modules():
+            m = _NAME.match(name)
+            if m:
+                self.layers[name] = LayerInfo(name, "joint", f"transformer_blocks.{m.group(1)}", model.config.patch_size)
+        self.map_factor = model.config.patch_size
+        self.reference_layer = f"transformer_blocks.{relative_block(_REFERENCE, depth, _DEPTH)}.attn"
+        self.refinement_layers = list(dict.fromkeys(
+            f"transformer_blocks.{relative_block(i, depth, _DEPTH)}.attn" for i in _REFINE))
+        self.refine_order = 2
+        self.seg4diff_layer = f"transformer_blocks.{min(_SEG4DIFF, depth - 1)}.attn"
+        self.native_resolution = model.config.sample_size * pipe.vae_scale_factor
+        self.t5_length = 256
+
+    @property
+    def denoiser(self):
+        return self.pipe.transformer
+
+    def token_index(self, prompt, classes, extra_entities=(), max_length=None):
+        from ..tokens import concat_token_indices, token_index
+
+        t5_length = max_length or self.t5_length
+        clip = token_index(self.pipe.tokenizer, prompt, classes, max_length=_CLIP_TOKENS, extra_entities=extra_entities)
+        if getattr(self.pipe, "tokenizer_3", None) is None:  # no T5: its part of the sequence is zeros
+            return concat_token_indices([clip], [_CLIP_TOKENS + t5_length])
+        t5 = token_index(self.pipe.tokenizer_3, prompt, classes, max_length=t5_length, extra_entities=extra_entities)
+        return concat_token_indices([clip, t5], [_CLIP_TOKENS, t5_length])
+
+    def joint_inputs(self, layer, attn, tap, call_kwargs, step):
+        h = attn.heads
+        return (split_heads_norm(tap.query, h, attn.norm_q), split_heads_norm(tap.key, h, attn.norm_k),
+                split_heads_norm(tap.added_key, h, attn.norm_added_k), tap.added_value)
+
+    def segment_forward(self, latents, prompt, timestep, generator):
+        pipe, model = self.pipe, self.pipe.transformer
+        sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        sched.set_timesteps(self.segment_steps, device=latents.device)
+        t = sched.timesteps[-self.segment_from_end] if timestep is None else torch.tensor(float(timestep))
+        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+        noisy = sched.scale_noise(latents, t.reshape(1).to(latents.device), noise)
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt, None, None, device=latents.device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+        model(hidden_states=noisy.to(model.dtype), timestep=t.reshape(1).to(latents.device), encoder_hidden_states=embeds,
+              pooled_projections=pooled, return_dict=False)
