@@ -17,7 +17,7 @@ import torch
 
 from diffusers_goca.clip_bpe import build_clip_tokenizer
 from diffusers_goca.methods import method_scores
-from diffusers_goca.mixin import GoCAMixin, _Request
+from diffusers_goca.mixin import GoCAMixin
 from diffusers_goca.tokens import segmentation_prompt, token_index
 
 CONFIGS = {
@@ -108,14 +108,7 @@ def main(argv=None):
     idle_t, _ = timed(forward, args.device, args.repeats)
 
     def capture_forward():
-        req = _Request(wants=lambda i: True, indices=[index], method="goca", background="background",
-                       background_offset=0.0, options={}, keep_capture=True)
-        state.request = req
-        try:
-            forward()
-        finally:
-            state.request = None
-        return req.captured[0]
+        return host.capture_forward(forward)
 
     capture_forward()
     cap_t, step = timed(capture_forward, args.device, args.repeats)

@@ -9,8 +9,8 @@ from .methods import METHODS, GoCAOptions
 from .mixin import GoCAMixin, GoCAStepMasks
 from .models import Adapter, LayerInfo, UNetAdapter, adapter_for
 from .pipelines import (
-    GoCAPixArtAlphaPipeline, GoCAPixArtSigmaPipeline, GoCAStableDiffusionPipeline, GoCAStableDiffusionXLPipeline, from_pipe,
-    goca_class,
+    GoCAFluxPipeline, GoCAPixArtAlphaPipeline, GoCAPixArtSigmaPipeline, GoCAStableDiffusion3Pipeline,
+    GoCAStableDiffusionPipeline, GoCAStableDiffusionXLPipeline, from_pipe, goca_class,
 )
 from .processors import GoCAAttnProcessor2_0, GoCAWrappedProcessor
 from .result import GoCASegmentation
@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adapter", "Capture", "GoCAAttnProcessor2_0", "GoCAMixin", "GoCAOptions", "GoCASegmentation",
-    "GoCAPixArtAlphaPipeline", "GoCAPixArtSigmaPipeline", "GoCAStableDiffusionPipeline", "GoCAStableDiffusionXLPipeline", "GoCAStepMasks", "GoCAWrappedProcessor", "LayerInfo",
+    "GoCAFluxPipeline", "GoCAStableDiffusion3Pipeline", "GoCAPixArtAlphaPipeline", "GoCAPixArtSigmaPipeline", "GoCAStableDiffusionPipeline", "GoCAStableDiffusionXLPipeline", "GoCAStepMasks", "GoCAWrappedProcessor", "LayerInfo",
     "METHODS", "StepCapture", "TokenIndex", "UNetAdapter", "adapter_for", "entities_from_prompt", "from_pipe", "goca_class",
     "token_index",
 ]

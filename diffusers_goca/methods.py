@@ -54,12 +54,12 @@ def _entities(index: TokenIndex, background: str | None) -> list[list[int]]:
 
 def refinement_matrix(step: StepCapture, row: int, layers: list[str], map_hw: tuple[int, int]) -> torch.Tensor:
     """S: mean over `layers` of head-mean self-attention resized to the map grid, [N_map, N_map] fp32."""
-    mats = [
-        head_mean_self_attention(s.query[row], s.key[row], s.heads, s.scale, s.grid, map_hw,
-                                 None if s.lse is None else s.lse[row])
-        for s in (step.selfs[n] for n in layers)
-    ]
-    return torch.stack(mats).mean(0)
+    total = None
+    for s in (step.selfs[n] for n in layers):  # a running sum: one [N_map, N_map] matrix at a time
+        m = head_mean_self_attention(s.query[row], s.key[row], s.heads, s.scale, s.grid, map_hw,
+                                     None if s.lse is None else s.lse[row])
+        total = m if total is None else total.add_(m)
+    return total / len(layers)
 
 
 def layer_weights(step: StepCapture, row: int, adapter, layers: list[str], renormalize_rows: bool) -> torch.Tensor:

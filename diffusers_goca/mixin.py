@@ -29,20 +29,20 @@ class GoCAStepMasks:
 
 @dataclass
 class _Request:
-    """What the denoiser hooks should capture and segment during one pipeline call or one `segment`."""
+    """What the denoiser hooks should capture (and, during generation, segment) in one pipeline call or one forward."""
 
     wants: Callable[[int], bool]
-    indices: list  # TokenIndex per segmented image
-    method: str
-    background: str | None
-    background_offset: float
-    options: dict
-    out_hw: tuple[int, int] | None = None  # None: the generated image's size
+    n_images: int  # images segmented per forward: the last n rows of the batch (the conditional half under CFG)
+    indices: list = field(default_factory=list)  # TokenIndex per segmented image (generation)
+    method: str = "goca"
+    background: str | None = None
+    background_offset: float = 0.0
+    options: dict = field(default_factory=dict)
     forwards_per_step: int = 1
     forward: int = 0  # denoiser calls so far in this request
     timestep: object = None
     callback: Callable | None = None
-    keep_capture: bool = False  # segment(): keep the raw capture, so several methods can read it
+    keep_capture: bool = False  # keep the raw capture instead of segmenting (segment(), capture_forward())
     captured: list[StepCapture] = field(default_factory=list)
     delivered: list[GoCAStepMasks] = field(default_factory=list)
 
@@ -153,7 +153,7 @@ class GoCAMixin:
         if req is None or req.forward % req.forwards_per_step or not req.wants(req.forward // req.forwards_per_step):
             return None
         batch = state.adapter.denoiser_batch(args, kwargs)
-        n = len(req.indices)
+        n = req.n_images
         if batch == 2 * n:
             rows = list(range(n, 2 * n))  # [uncond, cond]: segment the conditional half
         elif batch == n:
@@ -176,7 +176,8 @@ class GoCAMixin:
         if step is not None and req.keep_capture:
             req.captured.append(step)
         elif step is not None:
-            results = self._goca_results(state, req, step, req.method)
+            results = self._goca_results(state.adapter, step, req.indices, req.method, req.background,
+                                         req.background_offset, req.options)
             t = req.timestep
             masks = GoCAStepMasks(index, float(t.flatten()[0]) if torch.is_tensor(t) else float(t or 0), results)
             req.delivered.append(masks)
@@ -184,18 +185,40 @@ class GoCAMixin:
                 req.callback(self, index, masks.timestep, masks)
         return None
 
-    def _goca_results(self, state: _GoCAState, req: _Request, step: StepCapture, method: str) -> list[GoCASegmentation]:
-        adapter = state.adapter
+    def _goca_results(self, adapter, step: StepCapture, indices, method: str, background: str | None,
+                      background_offset: float, options: dict, out_hw=None) -> list[GoCASegmentation]:
+        """One segmentation per captured row; labels at `out_hw` (default: the generated image's size)."""
         map_hw = adapter.map_grid(step.latent_hw)
-        out_hw = req.out_hw or tuple(s * getattr(self, "vae_scale_factor", 8) for s in step.latent_hw)
+        out_hw = out_hw or adapter.image_hw(step.latent_hw)
         results = []
-        for row, index in enumerate(req.indices):
-            bg = req.background if req.background in index.extra_entities else None
-            scores, bg_scores = method_scores(step, row, index, adapter, method, bg, **req.options)
-            labels, up = scores_to_labels(scores, map_hw, out_hw, bg_scores, req.background_offset)
+        for row, index in enumerate(indices):
+            bg = background if background in index.extra_entities else None
+            scores, bg_scores = method_scores(step, row, index, adapter, method, bg, **options)
+            labels, up = scores_to_labels(scores, map_hw, out_hw, bg_scores, background_offset)
             classes = list(index.classes) + (["background"] if bg else [])
             results.append(GoCASegmentation(labels.cpu(), up.cpu(), classes))
         return results
+
+    def capture_forward(self, run: Callable[[], object], n_images: int = 1) -> StepCapture:
+        """Run `run()`, which calls the denoiser once, with the capture on; return what it captured.
+
+        The last `n_images` rows of the denoiser batch are captured. GoCA is enabled for the call if it was not, and
+        left as it was afterwards, also on error. `segment` and the benchmarks are built on this.
+        """
+        was_enabled = self._goca is not None
+        state = self._goca_attached() if was_enabled else self.enable_goca()._goca
+        request = _Request(wants=lambda i: True, n_images=n_images, keep_capture=True)
+        try:
+            state.request = request
+            run()
+        finally:
+            state.request = None
+            state.capture.stop()
+            if not was_enabled:
+                self.disable_goca()
+        if not request.captured:
+            raise RuntimeError("the denoiser did not run: GoCA captured nothing")
+        return request.captured[0]
 
     # -- segmentation of an existing image ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -230,37 +253,23 @@ class GoCAMixin:
         classes = list(classes)
         use_background = background and "background" not in classes
         prompt = segmentation_prompt(classes, use_background)
-        was_enabled = self._goca is not None
-        adapter = self._goca.adapter if was_enabled else adapter_for(self)
+        adapter = self._goca.adapter if self._goca is not None else adapter_for(self)
         for m in methods:
             check_method(adapter, m)
         index = adapter.token_index(prompt, classes, extra_entities=["background"] if use_background else [])
         timestep = adapter.segment_timestep if timestep is None else timestep  # None: the family's own rule
         resolution = resolution or adapter.native_resolution
-        state = self._goca_attached() if was_enabled else self.enable_goca()._goca
-        request = _Request(
-            wants=lambda i: True, indices=[index], method=methods[0], background="background" if use_background else None,
-            background_offset=background_offset, options=options, out_hw=(rgb.height, rgb.width), keep_capture=True,
-        )
-        try:
-            latents = self._goca_encode(rgb, resolution)
-            generator = torch.Generator(device="cpu").manual_seed(seed)
-            state.request = request
-            adapter.segment_forward(latents, prompt, timestep, generator)
-        finally:
-            state.request = None
-            state.capture.stop()
-            if not was_enabled:
-                self.disable_goca()
-        if not request.captured:
-            raise RuntimeError("the denoiser forward ran but GoCA captured nothing")
+        latents = self._goca_encode(rgb, resolution, adapter)
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        step = self.capture_forward(lambda: adapter.segment_forward(latents, prompt, timestep, generator))
         results = {}
         for m in methods:
-            results[m] = self._goca_results(state, request, request.captured[0], m)[0]
+            results[m] = self._goca_results(adapter, step, [index], m, "background" if use_background else None,
+                                            background_offset, options, (rgb.height, rgb.width))[0]
             results[m].image = rgb
         return results[method] if isinstance(method, str) else results
 
-    def _goca_encode(self, rgb: Image.Image, resolution: int) -> torch.Tensor:
+    def _goca_encode(self, rgb: Image.Image, resolution: int, adapter) -> torch.Tensor:
         vae = self.vae
         pixels = self.image_processor.preprocess(rgb, height=resolution, width=resolution)
         upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
@@ -273,10 +282,7 @@ class GoCAMixin:
             if upcast:
                 vae.to(torch.float16)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return ((latents - shift) * vae.config.scaling_factor).to(self._goca_denoiser_dtype())
-
-    def _goca_denoiser_dtype(self):
-        return next(self._goca.adapter.denoiser.parameters()).dtype if self._goca else torch.float32
+        return ((latents - shift) * vae.config.scaling_factor).to(adapter.denoiser.dtype)
 
     # -- masks during generation --------------------------------------------------------------------------------------
     def __call__(
@@ -315,7 +321,7 @@ class GoCAMixin:
             extra = ["background"] if goca_background and "background" not in classes else []
             indices += [adapter.token_index(p, classes, extra, max_length)] * per_prompt
         request = _Request(
-            wants=self._goca_step_filter(goca_masks), indices=indices, method=goca_method,
+            wants=self._goca_step_filter(goca_masks), n_images=len(indices), indices=indices, method=goca_method,
             background="background" if goca_background else None, background_offset=goca_background_offset,
             options=dict(goca_options or {}), callback=goca_callback, forwards_per_step=adapter.forwards_per_step(kwargs),
         )

@@ -1,7 +1,10 @@
 """Ready GoCA pipelines, and `from_pipe` for any supported pipeline."""
 from __future__ import annotations
 
-from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    FluxPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 
 from .mixin import GoCAMixin
 from .models.base import adapter_for
@@ -23,9 +26,18 @@ class GoCAPixArtSigmaPipeline(GoCAMixin, PixArtSigmaPipeline):
     """`PixArtSigmaPipeline` with GoCA (masks during generation through the denoiser hooks: no step callback needed)."""
 
 
+class GoCAStableDiffusion3Pipeline(GoCAMixin, StableDiffusion3Pipeline):
+    """`StableDiffusion3Pipeline` (SD3 / 3.5) with GoCA."""
+
+
+class GoCAFluxPipeline(GoCAMixin, FluxPipeline):
+    """`FluxPipeline` (Flux.1 dev / schnell) with GoCA."""
+
+
 _READY = {
     StableDiffusionPipeline: GoCAStableDiffusionPipeline, StableDiffusionXLPipeline: GoCAStableDiffusionXLPipeline,
     PixArtAlphaPipeline: GoCAPixArtAlphaPipeline, PixArtSigmaPipeline: GoCAPixArtSigmaPipeline,
+    StableDiffusion3Pipeline: GoCAStableDiffusion3Pipeline, FluxPipeline: GoCAFluxPipeline,
 }
 _DERIVED: dict[type, type] = {}
 

@@ -184,6 +184,26 @@ def make_tiny_sd3(seed=0, num_layers=2, qk_norm=None, dual_attention_layers=()):
     return pipe
 
 
+def make_tiny_flux(seed=0, num_layers=2, num_single_layers=2, guidance_embeds=False):
+    """Flux in miniature: double- and single-stream blocks, RoPE, packed latents, CLIP pooled + T5 text."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=num_layers, num_single_layers=num_single_layers, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
+        guidance_embeds=guidance_embeds,
+    ).eval()
+    vae = tiny_vae(seed)
+    vae.register_to_config(shift_factor=0.1159, scaling_factor=0.3611)  # Flux's VAE has a shift
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=tiny_clip_text(seed=seed),
+        tokenizer=clip_tokenizer(), text_encoder_2=tiny_t5(seed), tokenizer_2=t5_tokenizer(512), transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @pytest.fixture(scope="session")
 def tiny_sd():
     return make_tiny_sd()

@@ -6,7 +6,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from PIL import Image
 
 import diffusers_goca as goca
-from conftest import make_tiny_pixart, make_tiny_sd, make_tiny_sd2, make_tiny_sdxl
+from conftest import make_tiny_flux, make_tiny_pixart, make_tiny_sd, make_tiny_sd2, make_tiny_sd3, make_tiny_sdxl
 
 PROMPTS = ["a red circle on grass", "a cat and a dog on sand"]
 
@@ -14,12 +14,16 @@ PROMPTS = ["a red circle on grass", "a cat and a dog on sand"]
 def generate(pipe, **kw):
     if "PixArt" in type(pipe).__name__:
         kw["use_resolution_binning"] = False  # keep the non-square test size
+    if "3" in type(pipe).__name__ or "Flux" in type(pipe).__name__:
+        kw["max_sequence_length"] = 32
     return pipe(PROMPTS, num_inference_steps=3, height=32, width=48, output_type="np",
                 generator=torch.Generator().manual_seed(0), **kw).images
 
 
-FAMILIES = [make_tiny_sd, make_tiny_sd2, make_tiny_sdxl, make_tiny_pixart, lambda: make_tiny_pixart(sigma=False)]
-FAMILY_IDS = ["sd", "sd2", "sdxl", "pixart-sigma", "pixart-alpha"]
+FAMILIES = [make_tiny_sd, make_tiny_sd2, make_tiny_sdxl, make_tiny_pixart, lambda: make_tiny_pixart(sigma=False),
+            make_tiny_sd3, lambda: make_tiny_sd3(num_layers=3, qk_norm="rms_norm", dual_attention_layers=(0,)),
+            make_tiny_flux, lambda: make_tiny_flux(guidance_embeds=True)]
+FAMILY_IDS = ["sd", "sd2", "sdxl", "pixart-sigma", "pixart-alpha", "sd3", "sd35", "flux-schnell", "flux-dev"]
 
 
 @pytest.mark.parametrize("make", FAMILIES, ids=FAMILY_IDS)
@@ -82,7 +86,7 @@ def test_steps_without_masks_capture_nothing(tiny_sd):
 
 
 @pytest.mark.parametrize("size,mode", [((37, 53), "RGB"), ((64, 33), "RGBA"), ((29, 41), "L")])
-@pytest.mark.parametrize("method", goca.METHODS)
+@pytest.mark.parametrize("method", ["goca", "vanilla", "manual", "diffsegmenter"])
 def test_segment_sizes_and_modes(tiny_sd, size, mode, method):
     pipe = goca.from_pipe(tiny_sd)
     rng = np.random.RandomState(0)
@@ -97,13 +101,14 @@ def test_segment_sizes_and_modes(tiny_sd, size, mode, method):
     pipe.disable_goca()
 
 
-@pytest.mark.parametrize("make", FAMILIES[2:4], ids=FAMILY_IDS[2:4])
+@pytest.mark.parametrize("make", FAMILIES[2:], ids=FAMILY_IDS[2:])
 def test_segment_is_seeded_and_method_changes_result(make):
     pipe = goca.from_pipe(make())
-    img = Image.fromarray((np.random.RandomState(1).rand(32, 32, 3) * 255).astype(np.uint8))
-    a = pipe.segment(img, ["cat", "grass"], seed=3)
-    b = pipe.segment(img, ["cat", "grass"], seed=3)
-    v = pipe.segment(img, ["cat", "grass"], seed=3, method="vanilla")
+    img = Image.fromarray((np.random.RandomState(1).rand(30, 41, 3) * 255).astype(np.uint8))
+    a = pipe.segment(img, ["cat", "grass"], seed=3, resolution=64)
+    b = pipe.segment(img, ["cat", "grass"], seed=3, resolution=64)
+    v = pipe.segment(img, ["cat", "grass"], seed=3, method="vanilla", resolution=64)
+    assert a.labels.shape == (30, 41) and a.classes == ["cat", "grass", "background"]
     assert torch.equal(a.scores, b.scores)
     assert not torch.equal(a.scores, v.scores)
     pipe.disable_goca()
@@ -121,6 +126,8 @@ def test_bad_inputs_raise_and_leave_nothing_patched(tiny_sd):
         pipe.segment({"not": "an image"}, ["cat"])
     with pytest.raises(ValueError, match="method"):
         pipe.segment(img, ["cat"], method="nope")
+    with pytest.raises(ValueError, match="'seg4diff' is not defined for unet"):
+        pipe.segment(img, ["cat"], method="seg4diff")
     assert all(pipe.unet.attn_processors[k] is before[k] for k in before)
     assert not pipe.goca_enabled
 
@@ -178,3 +185,14 @@ def test_pixart_adapter_scales_reference_and_refinement_with_depth():
     assert full.refinement_layers == [f"transformer_blocks.{i}.attn1" for i in range(10, 18)]
     assert full.refine_order == 5 and full.text_max_length == 300 and full.map_factor == 2
     assert goca.adapter_for(make_tiny_pixart(sigma=False)).text_max_length == 120
+
+
+def test_flux_true_cfg_segments_the_conditional_call_once_per_step():
+    pipe = goca.from_pipe(make_tiny_flux())
+    kw = dict(num_inference_steps=3, height=32, width=32, output_type="np", max_sequence_length=32)
+    reference = pipe(["a cat on grass"], negative_prompt=["blurry"], true_cfg_scale=2.0,
+                     generator=torch.Generator().manual_seed(0), **kw).images
+    images = pipe(["a cat on grass"], negative_prompt=["blurry"], true_cfg_scale=2.0,
+                  generator=torch.Generator().manual_seed(0), goca_masks=True, **kw).images
+    assert np.array_equal(images, reference)
+    assert [m.step for m in pipe.goca_masks] == [0, 1, 2]

@@ -80,6 +80,10 @@ class Adapter:
             raise RuntimeError(f"{layer}: {n_tokens} tokens do not match a {h}×{w} grid (latent {latent_hw}, factor {f})")
         return h, w
 
+    def image_hw(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
+        """Pixel size of a generated image whose denoiser input has spatial size `latent_hw`."""
+        return tuple(s * self.pipe.vae_scale_factor for s in latent_hw)
+
     def map_grid(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
         f = self.map_factor
         return -(-latent_hw[0] // f), -(-latent_hw[1] // f)

@@ -1,0 +1,131 @@
+"""FluxTransformer2DModel: Flux.1 [dev] / [schnell].
+
+`FluxAttention` modules with `FluxAttnProcessor` (through `dispatch_attention_fn`): text first, RoPE on the whole
+sequence, one softmax. 19 double-stream blocks (text projected by `add_*_proj`) and 38 single-stream blocks (text and
+image concatenated before the call, `encoder_hidden_states=None`: the text length comes from the denoiser pre-hook).
+Single blocks have no `to_out`: their attention output goes through the block's `proj_out` (its first `dim` columns).
+Reference: image tokens of the attention output of single block 27; refinement: double blocks 12 and 18, k = 2
+(same relative depths in a model of another depth). Latents are packed 2×2: the token grid comes from `img_ids`.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+
+from .base import Adapter, LayerInfo, relative_block
+
+_NAME = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.attn$")
+_REFERENCE_SINGLE, _SINGLE_DEPTH = 27, 38
+_REFINE_DOUBLE, _DOUBLE_DEPTH = (12, 18), 19
+
+
+class FluxAdapter(Adapter):
+    family = "flux"
+    segment_timestep = None
+    segment_steps, segment_strength, segment_guidance = 28, 0.15, 3.5  # official: img2img strength 0.15, default shift
+
+    @classmethod
+    def supports(cls, pipe) -> bool:
+        from diffusers import FluxTransformer2DModel
+
+        return isinstance(getattr(pipe, "transformer", None), FluxTransformer2DModel)
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        from .pixart import _call_default
+
+        model = pipe.transformer
+        for name, _module in model.named_modules():
+            m = _NAME.match(name)
+            if m:
+                self.layers[name] = LayerInfo(name, "joint", f"{m.group(1)}.{m.group(2)}", 1)
+        n_double, n_single = len(model.transformer_blocks), len(model.single_transformer_blocks)
+        if n_single:
+            self.reference_layer = f"single_transformer_blocks.{relative_block(_REFERENCE_SINGLE, n_single, _SINGLE_DEPTH)}.attn"
+        else:
+            self.reference_layer = f"transformer_blocks.{n_double - 1}.attn"
+        self.refinement_layers = list(dict.fromkeys(
+            f"transformer_blocks.{relative_block(i, n_double, _DOUBLE_DEPTH)}.attn" for i in _REFINE_DOUBLE))
+        self.refine_order = 2
+        self.native_resolution = pipe.default_sample_size * pipe.vae_scale_factor
+        self.text_max_length = _call_default(type(pipe), "max_sequence_length", 512)
+
+    @property
+    def denoiser(self):
+        return self.pipe.transformer
+
+    def tokenizer(self):
+        return self.pipe.tokenizer_2  # the transformer attends to the T5 tokens; CLIP gives only the pooled vector
+
+    def denoiser_latent_hw(self, args, kwargs):
+        ids = kwargs["img_ids"]
+        ids = ids[0] if ids.ndim == 3 else ids
+        return int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+
+    def image_hw(self, latent_hw):
+        return tuple(s * self.pipe.vae_scale_factor * 2 for s in latent_hw)
+
+    def forwards_per_step(self, call_kwargs):
+        negative = call_kwargs.get("negative_prompt") is not None or (
+            call_kwargs.get("negative_prompt_embeds") is not None
+            and call_kwargs.get("negative_pooled_prompt_embeds") is not None)
+        return 2 if call_kwargs.get("true_cfg_scale", 1.0) > 1 and negative else 1  # cond, then uncond
+
+    def attention_scale(self, attn):
+        return attn.head_dim**-0.5
+
+    def joint_inputs(self, layer, attn, tap, call_kwargs, step):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        def split(x):
+            return x.unflatten(-1, (-1, attn.head_dim))
+
+        q, k, v = attn.norm_q(split(tap.query)), attn.norm_k(split(tap.key)), split(tap.value)
+        if tap.added_key is not None:  # double stream: the text is projected apart and goes first
+            q = torch.cat([attn.norm_added_q(split(tap.added_query)), q], 1)
+            k = torch.cat([attn.norm_added_k(split(tap.added_key)), k], 1)
+            v = torch.cat([split(tap.added_value), v], 1)
+        rope = call_kwargs.get("image_rotary_emb")
+        if rope is not None:
+            q, k = apply_rotary_emb(q, rope, sequence_dim=1), apply_rotary_emb(k, rope, sequence_dim=1)
+        t = step.text_len
+        return q[:, t:].flatten(2), k[:, t:].flatten(2), k[:, :t].flatten(2), v[:, :t].flatten(2)
+
+    def output_weight(self, layer, attn):
+        if isinstance(getattr(attn, "to_out", None), torch.nn.ModuleList):
+            return attn.to_out[0].weight
+        block = self.pipe.transformer.get_submodule(layer.rsplit(".", 1)[0])
+        return block.proj_out.weight[:, : attn.inner_dim]
+
+    def reference_feature(self, layer, tap, output, step):
+        out = output[0] if isinstance(output, tuple) else output
+        return out[:, step.text_len:] if out.shape[1] > step.text_len and tap.added_key is None else out
+
+    def segment_forward(self, latents, prompt, timestep, generator):
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        pipe, model = self.pipe, self.pipe.transformer
+        b, c, h, w = latents.shape
+        device = latents.device
+        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(device)
+        packed, noise = (pipe._pack_latents(x, b, c, h, w) for x in (latents, noise))
+        img_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, device, latents.dtype)
+        embeds, pooled, text_ids = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device,
+                                                      num_images_per_prompt=1, max_sequence_length=self.text_max_length)
+        sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        steps = self.segment_steps
+        cfg = sched.config
+        mu = calculate_shift(packed.shape[1], cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu, device=device)
+        if timestep is None:  # as FluxImg2ImgPipeline.get_timesteps at the official strength
+            t = sched.timesteps[int(max(steps - min(steps * self.segment_strength, steps), 0))]
+        else:
+            t = torch.tensor(float(timestep), device=device)
+        noisy = sched.scale_noise(packed, t.reshape(1), noise)
+        guidance = torch.full([b], self.segment_guidance, device=device) if model.config.guidance_embeds else None
+        model(hidden_states=noisy.to(model.dtype), timestep=t.reshape(1).expand(b) / 1000, guidance=guidance,
+              pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=img_ids,
+              return_dict=False)

@@ -1,0 +1,161 @@
+"""The real model configs (public layer counts, widths, heads) with random weights.
+
+Full depth on the meta device: the adapters find the layers ALGORITHMS.md names. Full width at reduced depth: the
+captured maps have the right shapes at the real head counts. And the chunked reductions never form a [heads, N, N]
+tensor, checked on every tensor any op creates during a capture step.
+"""
+import types
+
+import pytest
+import torch
+from accelerate import init_empty_weights
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import diffusers_goca as goca
+from conftest import clip_tokenizer, make_tiny_sd3
+from diffusers_goca.mixin import GoCAMixin
+
+SD15 = dict(sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8)
+SDXL = dict(sample_size=128, layers_per_block=2, block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20), use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, cross_attention_dim=2048)
+PIXART_SIGMA = dict(sample_size=128, num_layers=28, patch_size=2, attention_head_dim=72, num_attention_heads=16,
+                    caption_channels=4096, in_channels=4, out_channels=8, cross_attention_dim=1152, attention_bias=True,
+                    activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+                    norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=2, use_additional_conditions=False)
+SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                  num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+                  out_channels=16, pos_embed_max_size=192)
+FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))
+
+
+class Host(GoCAMixin):
+    """Just the parts of a pipeline the adapters read."""
+
+    def __init__(self, **parts):
+        self.__dict__.update(parts)
+
+
+def unet_host(config):
+    from diffusers import UNet2DConditionModel
+
+    return Host(unet=UNet2DConditionModel(**config), tokenizer=clip_tokenizer(), vae_scale_factor=8)
+
+
+def transformer_host(cls_name, config):
+    import diffusers
+
+    return Host(transformer=getattr(diffusers, cls_name)(**config), vae_scale_factor=8, default_sample_size=128)
+
+
+def test_full_depth_layers():
+    with init_empty_weights():
+        sd = goca.adapter_for(unet_host(SD15))
+        xl = goca.adapter_for(unet_host(SDXL))
+        pixart = goca.adapter_for(transformer_host("PixArtTransformer2DModel", PIXART_SIGMA))
+        sd3 = goca.adapter_for(transformer_host("SD3Transformer2DModel", SD3_MEDIUM))
+        flux = goca.adapter_for(transformer_host("FluxTransformer2DModel", FLUX_DEV))
+    assert len(sd.cross_layers) == 16 and sd.native_resolution == 512
+    assert sd.reference_layer == "up_blocks.2.attentions.1.transformer_blocks.0.attn2"
+    assert sorted(n.split(".transformer_blocks")[0] for n in sd.refinement_layers) == [
+        "down_blocks.0.attentions.1", "up_blocks.3.attentions.0", "up_blocks.3.attentions.1"]
+    assert len(xl.cross_layers) == 70 and xl.native_resolution == 1024 and xl.map_factor == 2
+    assert xl.reference_layer == "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    assert xl.refinement_layers == [
+        f"up_blocks.1.attentions.{a}.transformer_blocks.{b}.attn1" for a, b in ((0, 0), (0, 1), (1, 0), (1, 1), (2, 0))
+    ] + [f"down_blocks.1.attentions.0.transformer_blocks.{b}.attn1" for b in (0, 1)]
+    assert pixart.reference_layer == "transformer_blocks.13.attn2" and pixart.refine_order == 5
+    assert pixart.refinement_layers == [f"transformer_blocks.{i}.attn1" for i in range(10, 18)]
+    assert len(pixart.cross_layers) == 28 and pixart.native_resolution == 1024
+    assert len(sd3.cross_layers) == 24 and sd3.seg4diff_layer == "transformer_blocks.9.attn"
+    assert sd3.reference_layer == "transformer_blocks.11.attn"
+    assert len(flux.cross_layers) == 57 and flux.native_resolution == 1024
+    assert flux.reference_layer == "single_transformer_blocks.27.attn"
+    assert flux.refinement_layers == ["transformer_blocks.12.attn", "transformer_blocks.18.attn"]
+
+
+def _shapes(step, layer, adapter):
+    return tuple(step.cross[layer]["auto"].shape), step.selfs[adapter.self_of(layer)].heads
+
+
+@pytest.mark.parametrize("family", ["pixart", "sd3", "flux"])
+def test_full_width_shapes_at_real_head_counts(family):
+    torch.manual_seed(0)
+    h, w, t = 6, 10, 12  # a non-square token grid
+    if family == "pixart":
+        host = transformer_host("PixArtTransformer2DModel", {**PIXART_SIGMA, "num_layers": 1})
+        model = host.transformer.eval()
+        run = lambda: model(torch.randn(1, 4, 2 * h, 2 * w), encoder_hidden_states=torch.randn(1, t, 4096),
+                            timestep=torch.tensor([100]), added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+        layer, heads, width = "transformer_blocks.0.attn2", 16, 1152
+    elif family == "sd3":
+        host = transformer_host("SD3Transformer2DModel", {**SD3_MEDIUM, "num_layers": 1})
+        model = host.transformer.eval()
+        run = lambda: model(torch.randn(1, 16, 2 * h, 2 * w), encoder_hidden_states=torch.randn(1, t, 4096),
+                            pooled_projections=torch.randn(1, 2048), timestep=torch.tensor([500.0]))
+        layer, heads, width = "transformer_blocks.0.attn", 24, 1536
+    else:
+        host = transformer_host("FluxTransformer2DModel", {**FLUX_DEV, "num_layers": 1, "num_single_layers": 1})
+        model = host.transformer.eval()
+        ids = torch.zeros(h, w, 3)
+        ids[..., 1], ids[..., 2] = torch.arange(h)[:, None], torch.arange(w)[None, :]
+        run = lambda: model(torch.randn(1, h * w, 64), encoder_hidden_states=torch.randn(1, t, 4096),
+                            pooled_projections=torch.randn(1, 768), timestep=torch.tensor([0.5]),
+                            guidance=torch.tensor([3.5]), txt_ids=torch.zeros(t, 3), img_ids=ids.reshape(-1, 3))
+        layer, heads, width = "single_transformer_blocks.0.attn", 24, 3072
+    with torch.no_grad():
+        step = host.capture_forward(run)
+    assert _shapes(step, layer, goca.adapter_for(host)) == ((1, h * w, t), heads)
+    assert step.grids[layer] == (h, w)
+    assert step.reference.shape == (1, h * w, width)
+    if family != "pixart":
+        assert step.selfs[layer].lse.shape == (1, heads, h * w)
+    else:
+        assert step.selfs["transformer_blocks.0.attn1"].lse is None
+    assert all(v.shape[-1] == t for maps in step.cross.values() for v in maps.values())
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op creates."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_no_heads_by_n_by_n_tensor(monkeypatch):
+    import diffusers_goca.functional.self_attention as sa
+    from diffusers_goca.methods import method_scores
+
+    pipe = goca.from_pipe(make_tiny_sd3(num_layers=2))
+    heads, n = 4, 24 * 24  # patch 2 over a 48×48 latent
+    monkeypatch.setattr(sa, "CHUNK_ELEMENTS", heads * n * n // 16)
+    index = pipe._goca.adapter.token_index("cat, grass", ["cat", "grass"], max_length=32)
+    model = pipe.transformer
+    run = lambda: model(torch.randn(1, 4, 48, 48), encoder_hidden_states=torch.randn(1, 77 + 32, 64),
+                        pooled_projections=torch.randn(1, 64), timestep=torch.tensor([500.0]))
+    with torch.no_grad(), LargestTensor() as plain:
+        run()
+    with torch.no_grad(), LargestTensor() as captured:
+        step = pipe.capture_forward(run)
+        for method in ("goca", "vanilla", "diffsegmenter", "seg4diff"):
+            method_scores(step, 0, index, pipe._goca.adapter, method)
+    assert captured.largest < heads * n * n // 2, (captured.largest, heads * n * n)
+    assert captured.largest <= max(plain.largest, n * n)  # at most the head-mean S at the map grid
+    # What it holds is the memory plan's formula, O(N·(C + T)), not O(N²): per joint layer two fp32 maps [N, T], the
+    # queries and keys [N, C] and the log-normalisers [heads, N]; plus the reference feature [N, C].
+    layers, t, c = 2, 77 + 32, 32
+    assert step.nbytes() == layers * (2 * n * t * 4 + 2 * n * c * 4 + heads * n * 4) + n * c * 4
