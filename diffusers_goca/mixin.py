@@ -13,7 +13,7 @@ from .capture import Capture, StepCapture
 from .functional.maps import scores_to_labels
 from .methods import METHODS, check_method, method_scores
 from .models.base import adapter_for
-from .processors import is_goca_processor, unwrap_processor, wrap_processor
+from .processors import unwrap_processor, wrap_processor
 from .result import GoCASegmentation
 from .tokens import entities_from_prompt, segmentation_prompt
 
@@ -138,11 +138,13 @@ class GoCAMixin:
         return self._goca is not None
 
     def _goca_attached(self) -> _GoCAState:
-        """The state, re-attaching when something replaced the processors since `enable_goca`."""
+        """The state, re-attaching when something replaced the processors since `enable_goca` (attention slicing,
+        IP-Adapter loading, or another pipeline sharing the denoiser through `from_pipe`)."""
         if self._goca is None:
             raise RuntimeError("GoCA is not enabled: call pipe.enable_goca() first")
         procs = self._goca.adapter.denoiser.attn_processors
-        if not all(is_goca_processor(procs[f"{n}.processor"]) for n in self._goca.adapter.layers):
+        capture = self._goca.capture
+        if not all(getattr(procs[f"{n}.processor"], "capture", None) is capture for n in self._goca.adapter.layers):
             self.enable_goca(self._goca.capture.head_weighting)
         return self._goca
 

@@ -175,8 +175,20 @@ def test_from_pipe_of_an_enabled_pipeline_shares_without_double_wrapping(tiny_sd
     procs = second.unet.attn_processors
     assert all(not isinstance(getattr(p, "inner", None), (goca.GoCAAttnProcessor2_0, goca.GoCAWrappedProcessor))
                for p in procs.values())
+    img = Image.new("RGB", (24, 24), "green")
+    assert first.segment(img, ["cat"]).labels.shape == (24, 24)  # re-attaches its own capture
     second.disable_goca()
+    first.disable_goca()
     assert all(tiny_sd.unet.attn_processors[k] is before[k] for k in before)
+
+
+def test_reattaches_after_attention_slicing(tiny_sd):
+    pipe = goca.from_pipe(tiny_sd)
+    pipe.enable_attention_slicing()  # replaces every processor
+    result = pipe.segment(Image.new("RGB", (24, 24), "green"), ["cat"])
+    assert result.labels.shape == (24, 24)
+    pipe.disable_goca()
+    pipe.disable_attention_slicing()
 
 
 def test_pixart_adapter_scales_reference_and_refinement_with_depth():
