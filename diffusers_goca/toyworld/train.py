@@ -1,6 +1,7 @@
 """Train the toy text-to-image model on CPU: a small VAE first, then a UNet and a CLIP text encoder jointly.
 
-    python -m diffusers_goca.toyworld.train --out toy_runs/sd --steps 5000
+    python -m diffusers_goca.toyworld.train --out toy_runs/sd --steps 6000
+    python -m diffusers_goca.toyworld.train --arch sd3 --vae-from toy_runs/sd --out toy_runs/sd3 --steps 3000
 
 The result is a stock `StableDiffusionPipeline` folder (`save_pretrained`), rewritten every `--save-every` steps with
 `training_log.json` (seed, wall time, loss curve) beside it, so an interrupted run still leaves a usable model.
@@ -95,22 +96,90 @@ def encode_latents(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
     return torch.cat([vae.encode(images[i : i + batch]).latent_dist.mean for i in range(0, len(images), batch)])
 
 
-def save_pipeline(out: str, vae, unet, text_encoder, tokenizer, save_dtype: torch.dtype) -> None:
-    from diffusers import StableDiffusionPipeline
+class SDRecipe:
+    """A `StableDiffusionPipeline`: UNet + CLIP text encoder trained jointly, DDPM ε-prediction."""
 
-    pipe = StableDiffusionPipeline(
-        vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=build_scheduler(),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.to(save_dtype).save_pretrained(out)
-    pipe.to(torch.float32)
+    def __init__(self, vae, tokenizer):
+        self.vae, self.tokenizer = vae, tokenizer
+        self.unet, self.text_encoder = build_unet(), build_text_encoder()
+        self.alphas = build_scheduler().alphas_cumprod
+
+    @property
+    def modules(self):
+        return [self.unet, self.text_encoder]
+
+    def loss(self, x0: torch.Tensor, captions: list[str], g: torch.Generator) -> torch.Tensor:
+        ids = self.tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        t = torch.randint(0, 1000, (len(x0),), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        a = self.alphas[t].view(-1, 1, 1, 1)
+        cond = self.text_encoder(ids).last_hidden_state
+        return F.mse_loss(self.unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=cond).sample, noise)
+
+    def pipeline(self):
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(
+            vae=self.vae, unet=self.unet, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+            scheduler=build_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+
+
+class SD3Recipe:
+    """A `StableDiffusion3Pipeline` in miniature (joint attention, two CLIP encoders, no T5), rectified flow.
+
+    The text goes through the pipeline's own `encode_prompt`, so training sees exactly the layout inference sees.
+    """
+
+    def __init__(self, vae, tokenizer):
+        from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+        from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+        def clip(hidden):
+            return CLIPTextModelWithProjection(CLIPTextConfig(
+                vocab_size=CLIP_VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=77, projection_dim=hidden,
+                bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+
+        self.transformer = SD3Transformer2DModel(
+            sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=6, attention_head_dim=16,
+            num_attention_heads=4, joint_attention_dim=96, caption_projection_dim=64, pooled_projection_dim=96,
+            pos_embed_max_size=16,
+        )
+        self.text_encoder, self.text_encoder_2 = clip(64), clip(32)
+        self._pipe = StableDiffusion3Pipeline(
+            transformer=self.transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae,
+            text_encoder=self.text_encoder, tokenizer=tokenizer, text_encoder_2=self.text_encoder_2,
+            tokenizer_2=build_clip_tokenizer(pad_token="!"), text_encoder_3=None, tokenizer_3=None,
+        )
+
+    @property
+    def modules(self):
+        return [self.transformer, self.text_encoder, self.text_encoder_2]
+
+    def loss(self, x0, captions, g):
+        embeds, _, pooled, _ = self._pipe.encode_prompt(captions, None, None, device=x0.device,
+                                                        do_classifier_free_guidance=False, max_sequence_length=256)
+        sigma = torch.sigmoid(torch.randn(len(x0), generator=g)).view(-1, 1, 1, 1)  # logit-normal, as SD3
+        noise = torch.randn(x0.shape, generator=g)
+        pred = self.transformer((1 - sigma) * x0 + sigma * noise, encoder_hidden_states=embeds, pooled_projections=pooled,
+                                timestep=sigma.flatten() * 1000).sample
+        return F.mse_loss(pred, noise - x0)
+
+    def pipeline(self):
+        return self._pipe
+
+
+RECIPES = {"sd": SDRecipe, "sd3": SD3Recipe}
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
+    p.add_argument("--arch", choices=sorted(RECIPES), default="sd")
     p.add_argument("--steps", type=int, default=5000)
     p.add_argument("--vae-steps", type=int, default=1000)
+    p.add_argument("--vae-from", default=None, help="a trained toy pipeline folder whose VAE to reuse (no VAE training)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--n-scenes", type=int, default=30000)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -127,39 +196,34 @@ def main(argv=None) -> None:
     log = {"seed": args.seed, "args": vars(args), "vae_loss": [], "loss": [], "torch_threads": torch.get_num_threads()}
 
     images, captions = _scenes_tensor(scene_seeds("train", args.n_scenes))
-    vae = build_vae()
-    train_vae(vae, images, args.vae_steps, args.batch, g, log)
-    latents = encode_latents(vae, images)
-    scaling = 1.0 / latents.std().item()
-    vae.register_to_config(scaling_factor=scaling)
-    latents = latents * scaling
-    log["vae_seconds"] = round(time.time() - start, 1)
-    log["scaling_factor"] = scaling
+    if args.vae_from:
+        from diffusers import AutoencoderKL
 
-    tokenizer = build_clip_tokenizer()
-    ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    empty_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
-    unet, text_encoder = build_unet(), build_text_encoder()
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+        vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae", torch_dtype=torch.float32).eval()
+        latents = encode_latents(vae, images) * vae.config.scaling_factor
+    else:
+        vae = build_vae()
+        train_vae(vae, images, args.vae_steps, args.batch, g, log)
+        latents = encode_latents(vae, images)
+        vae.register_to_config(scaling_factor=1.0 / latents.std().item())
+        latents = latents * vae.config.scaling_factor
+    log["vae_seconds"] = round(time.time() - start, 1)
+    log["scaling_factor"] = vae.config.scaling_factor
+
+    recipe = RECIPES[args.arch](vae, build_clip_tokenizer())
+    params = [q for m in recipe.modules for q in m.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=max(0.05, 3 / args.steps))
-    noise_sched = build_scheduler()
-    alphas = noise_sched.alphas_cumprod
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps,
+                                                pct_start=max(0.05, 3 / args.steps))
     save_dtype = getattr(torch, args.save_dtype)
-    unet.train()
-    text_encoder.train()
     running = None
-    for step in tqdm(range(1, args.steps + 1), desc="unet+text", mininterval=10):
+    for step in tqdm(range(1, args.steps + 1), desc=args.arch, mininterval=10):
+        for m in recipe.modules:
+            m.train()
         idx = torch.randint(len(latents), (args.batch,), generator=g)
-        x0, tok = latents[idx], ids[idx].clone()
         drop = torch.rand(args.batch, generator=g) < 0.1  # caption dropout, so classifier-free guidance works
-        tok[drop] = empty_ids
-        t = torch.randint(0, 1000, (args.batch,), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        a = alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        cond = text_encoder(tok).last_hidden_state
-        loss = F.mse_loss(unet(xt, t, encoder_hidden_states=cond).sample, noise)
+        batch_captions = ["" if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist())]
+        loss = recipe.loss(latents[idx], batch_captions, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -169,21 +233,17 @@ def main(argv=None) -> None:
         if step % 50 == 0:
             log["loss"].append([step, round(running, 5)])
         if step % args.save_every == 0 or step == args.steps:
-            unet.eval()
-            text_encoder.eval()
-            save_pipeline(args.out, vae, unet, text_encoder, tokenizer, save_dtype)
-            unet.train()
-            text_encoder.train()
+            for m in recipe.modules:
+                m.eval()
+            recipe.pipeline().to(save_dtype).save_pretrained(args.out)
+            recipe.pipeline().to(torch.float32)
             log["steps_done"] = step
             log["seconds"] = round(time.time() - start, 1)
             with open(os.path.join(args.out, "training_log.json"), "w") as f:
                 json.dump(log, f, indent=1)
+            plot_loss(os.path.join(args.out, "training_log.json"), os.path.join(args.out, "loss.png"))
     if not math.isfinite(running):
         raise RuntimeError("training diverged")
-
-
-if __name__ == "__main__":
-    main()
 
 
 def plot_loss(log_path: str, out_path: str, size: tuple[int, int] = (480, 240)) -> None:
@@ -198,6 +258,8 @@ def plot_loss(log_path: str, out_path: str, size: tuple[int, int] = (480, 240)) 
     pad = 30
     curves = [(log["loss"], (200, 30, 30), "unet+text ε-MSE"), (log["vae_loss"], (30, 90, 200), "vae MSE")]
     values = [v for c, _, _ in curves for _, v in c if v > 0]
+    if not values:
+        return
     lo, hi = math.log10(min(values)), math.log10(max(values))
     for k, (curve, colour, name) in enumerate(curves):
         if len(curve) < 2:
@@ -210,3 +272,7 @@ def plot_loss(log_path: str, out_path: str, size: tuple[int, int] = (480, 240)) 
     draw.text((pad, h - pad + 8), f"steps (each curve to its own end); log y from {10**lo:.3g} to {10**hi:.3g}; "
               f"{log.get('seconds', 0) / 60:.0f} min, seed {log['seed']}", fill="black")
     img.save(out_path)
+
+
+if __name__ == "__main__":
+    main()
