@@ -10,8 +10,10 @@ from .mixin import GoCAMixin, GoCAStepMasks
 from .models import Adapter, LayerInfo, UNetAdapter, adapter_for
 from .pipelines import (
     GoCAFluxPipeline, GoCAPixArtAlphaPipeline, GoCAPixArtSigmaPipeline, GoCAStableDiffusion3Pipeline,
-    GoCAStableDiffusionPipeline, GoCAStableDiffusionXLPipeline, from_pipe, goca_class,
+    GoCAStableDiffusionPipeline, GoCAStableDiffusionXLPipeline, SCFGGoCAPipeline, SCFGGoCAPixArtSigmaPipeline,
+    SCFGGoCAStableDiffusion3Pipeline, SCFGGoCAXLPipeline, from_pipe, goca_class, scfg_from_pipe,
 )
+from .scfg import SCFGMixin, SCFGStepMaps, save_scfg_maps
 from .processors import GoCAAttnProcessor2_0, GoCAWrappedProcessor
 from .result import GoCASegmentation
 from .tokens import TokenIndex, entities_from_prompt, token_index
@@ -22,5 +24,6 @@ __all__ = [
     "Adapter", "Capture", "GoCAAttnProcessor2_0", "GoCAMixin", "GoCAOptions", "GoCASegmentation",
     "GoCAFluxPipeline", "GoCAStableDiffusion3Pipeline", "GoCAPixArtAlphaPipeline", "GoCAPixArtSigmaPipeline", "GoCAStableDiffusionPipeline", "GoCAStableDiffusionXLPipeline", "GoCAStepMasks", "GoCAWrappedProcessor", "LayerInfo",
     "METHODS", "StepCapture", "TokenIndex", "UNetAdapter", "adapter_for", "entities_from_prompt", "from_pipe", "goca_class",
-    "token_index",
+    "token_index", "SCFGGoCAPipeline", "SCFGGoCAXLPipeline", "SCFGGoCAPixArtSigmaPipeline",
+    "SCFGGoCAStableDiffusion3Pipeline", "SCFGMixin", "SCFGStepMaps", "save_scfg_maps", "scfg_from_pipe",
 ]

@@ -43,6 +43,7 @@ class _Request:
     timestep: object = None
     callback: Callable | None = None
     keep_capture: bool = False  # keep the raw capture instead of segmenting (segment(), capture_forward())
+    transform: Callable | None = None  # (capture, denoiser output) → replacement output (S-CFG)
     captured: list[StepCapture] = field(default_factory=list)
     delivered: list[GoCAStepMasks] = field(default_factory=list)
 
@@ -175,6 +176,8 @@ class GoCAMixin:
         step = state.capture.stop()
         index = req.forward // req.forwards_per_step
         req.forward += 1
+        if step is not None and req.transform is not None:
+            return req.transform(step, output)
         if step is not None and req.keep_capture:
             req.captured.append(step)
         elif step is not None:

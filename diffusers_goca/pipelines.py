@@ -8,6 +8,7 @@ from diffusers import (
 
 from .mixin import GoCAMixin
 from .models.base import adapter_for
+from .scfg import SCFGMixin
 
 
 class GoCAStableDiffusionPipeline(GoCAMixin, StableDiffusionPipeline):
@@ -34,33 +35,64 @@ class GoCAFluxPipeline(GoCAMixin, FluxPipeline):
     """`FluxPipeline` (Flux.1 dev / schnell) with GoCA."""
 
 
+class SCFGGoCAPipeline(SCFGMixin, StableDiffusionPipeline):
+    """SD 1.x / 2.x with S-CFG driven by GoCA masks (`from_pretrained` or `from_pipe`); see `SCFGMixin`."""
+
+
+class SCFGGoCAXLPipeline(SCFGMixin, StableDiffusionXLPipeline):
+    """SDXL with S-CFG driven by GoCA masks; see `SCFGMixin`."""
+
+
+class SCFGGoCAPixArtSigmaPipeline(SCFGMixin, PixArtSigmaPipeline):
+    """PixArt-Σ with S-CFG driven by GoCA masks; see `SCFGMixin`."""
+
+
+class SCFGGoCAStableDiffusion3Pipeline(SCFGMixin, StableDiffusion3Pipeline):
+    """SD3 / 3.5 with S-CFG driven by GoCA masks; see `SCFGMixin`."""
+
+
 _READY = {
     StableDiffusionPipeline: GoCAStableDiffusionPipeline, StableDiffusionXLPipeline: GoCAStableDiffusionXLPipeline,
     PixArtAlphaPipeline: GoCAPixArtAlphaPipeline, PixArtSigmaPipeline: GoCAPixArtSigmaPipeline,
     StableDiffusion3Pipeline: GoCAStableDiffusion3Pipeline, FluxPipeline: GoCAFluxPipeline,
 }
-_DERIVED: dict[type, type] = {}
+_READY_SCFG = {
+    StableDiffusionPipeline: SCFGGoCAPipeline, StableDiffusionXLPipeline: SCFGGoCAXLPipeline,
+    PixArtSigmaPipeline: SCFGGoCAPixArtSigmaPipeline, StableDiffusion3Pipeline: SCFGGoCAStableDiffusion3Pipeline,
+}
+_DERIVED: dict[tuple[type, type], type] = {}
 
 
-def goca_class(pipeline_class: type) -> type:
-    """The GoCA subclass of a pipeline class: a ready one, or one derived once and cached."""
-    if issubclass(pipeline_class, GoCAMixin):
+def _diffusers_base(pipeline_class: type) -> type:
+    return next(c for c in pipeline_class.__mro__ if not issubclass(c, GoCAMixin))
+
+
+def goca_class(pipeline_class: type, mixin: type = GoCAMixin) -> type:
+    """The subclass of a pipeline class with `mixin` (GoCAMixin or SCFGMixin): a ready one, or one derived once."""
+    if issubclass(pipeline_class, mixin):
         return pipeline_class
-    if pipeline_class in _READY:
-        return _READY[pipeline_class]
-    if pipeline_class not in _DERIVED:
-        _DERIVED[pipeline_class] = type(f"GoCA{pipeline_class.__name__}", (GoCAMixin, pipeline_class), {})
-    return _DERIVED[pipeline_class]
+    base = _diffusers_base(pipeline_class)
+    ready = (_READY if mixin is GoCAMixin else _READY_SCFG).get(base)
+    if ready is not None:
+        return ready
+    if (mixin, base) not in _DERIVED:
+        prefix = "GoCA" if mixin is GoCAMixin else "SCFGGoCA"
+        _DERIVED[(mixin, base)] = type(f"{prefix}{base.__name__}", (mixin, base), {})
+    return _DERIVED[(mixin, base)]
 
 
-def from_pipe(pipe, enable: bool = True):
-    """A pipeline of `pipe`'s class plus `GoCAMixin`, sharing `pipe`'s components (no copy, no reload).
-
-    enable: call `enable_goca()` on the result. Raises ValueError for a pipeline GoCA does not support.
+def from_pipe(pipe, enable: bool = True, mixin: type = GoCAMixin):
+    """A pipeline of `pipe`'s class plus `GoCAMixin` (or `SCFGMixin`), sharing `pipe`'s components (no copy, no
+    reload). enable: call `enable_goca()` on the result. Raises ValueError for a pipeline GoCA does not support.
     """
     adapter_for(pipe)  # fails early, before anything is built, for an unsupported pipeline
-    new = goca_class(type(pipe)).from_pipe(pipe)
+    new = goca_class(type(pipe), mixin).from_pipe(pipe)
     new.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
     if enable:
         new.enable_goca()
     return new
+
+
+def scfg_from_pipe(pipe, enable: bool = True):
+    """`pipe` with S-CFG driven by GoCA masks: same components; the call gains `scfg`, `segmentor`, `rate_bounds`."""
+    return from_pipe(pipe, enable, SCFGMixin)

@@ -29,6 +29,8 @@ class TokenIndex:
     content: list[int]
     length: int
     extra_entities: dict[str, list[int]] = field(default_factory=dict)  # entities of the prompt that match no class
+    bos: int | None = None  # position of the start token (CLIP), if any
+    eos: int | None = None  # position of the first end token, if kept
 
     def positions(self, name: str) -> list[int]:
         if name in self.classes:
@@ -69,16 +71,18 @@ def _overlaps(a: tuple[int, int], b: tuple[int, int]) -> bool:
 
 
 def token_index(
-    tokenizer, prompt: str, classes: Sequence[str], max_length: int | None = None, extra_entities: Sequence[str] = ()
+    tokenizer, prompt: str, classes: Sequence[str], max_length: int | None = None, extra_entities: Sequence[str] = (),
+    require_classes: bool = True,
 ) -> TokenIndex:
     """Map each class to its token positions in `prompt`.
 
     A class matches whole words only; longer classes claim their words first, so "light" does not take the tokens of
     "traffic light" when both are classes. A class that appears twice gets the tokens of both occurrences.
-    Raises ValueError for an empty class list, a class absent from the prompt, or one cut off by the token limit.
+    Raises ValueError for an empty class list (unless `require_classes` is False: then only the special and content
+    positions are indexed), a class absent from the prompt, or one cut off by the token limit.
     """
     classes = [c.strip() for c in classes]
-    if not classes:
+    if not classes and require_classes:
         raise ValueError("classes is empty: give at least one class name")
     if any(not c for c in classes):
         raise ValueError(f"class names must be non-empty strings, got {list(classes)!r}")
@@ -128,7 +132,11 @@ def token_index(
     class_tokens = [positions_of(c, True) for c in classes]
     extra = {e: p for e in names[len(classes):] if (p := positions_of(e, False))}
     content = [i for i in range(kept) if is_content(i)]
-    return TokenIndex(prompt, list(classes), class_tokens, content, kept, extra)
+    bos = 0 if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id else None
+    eos = next((i for i in range(kept) if ids[i] == tokenizer.eos_token_id), None)
+    if eos is None and tokenizer.eos_token_id is not None and len(ids) > kept:
+        eos = kept - 1  # truncated: the encoder's last position holds the end token
+    return TokenIndex(prompt, list(classes), class_tokens, content, kept, extra, bos, eos)
 
 
 def entities_from_prompt(prompt: str) -> list[str]:
@@ -167,4 +175,5 @@ def concat_token_indices(parts: Sequence[TokenIndex], lengths: Sequence[int]) ->
 
     classes = [shifted(lambda part, k=k: part.class_tokens[k]) for k in range(len(first.classes))]
     extra = {e: shifted(lambda part, e=e: part.extra_entities.get(e, [])) for e in first.extra_entities}
-    return TokenIndex(first.prompt, list(first.classes), classes, shifted(lambda part: part.content), sum(lengths), extra)
+    return TokenIndex(first.prompt, list(first.classes), classes, shifted(lambda part: part.content), sum(lengths), extra,
+                      first.bos, first.eos)

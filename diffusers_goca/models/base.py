@@ -1,6 +1,7 @@
 """What every family adapter provides, and how a pipeline finds its adapter."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,12 @@ class Adapter:
         return [n for n, i in self.layers.items() if i.role in ("cross", "joint")]
 
     @property
+    def scfg_layers(self) -> list[str]:
+        """The cross layers S-CFG's own segmenter reads: by default those of the refinement blocks."""
+        blocks = {self.layers[n].block for n in self.refinement_layers}
+        return [n for n in self.cross_layers if self.layers[n].block in blocks]
+
+    @property
     def self_layers(self) -> list[str]:
         return [n for n, i in self.layers.items() if i.role in ("self", "joint")]
 
@@ -112,12 +119,12 @@ class Adapter:
         """Denoiser calls per denoising step; the first is the one segmented (Flux's true CFG adds an uncond call)."""
         return 1
 
-    def token_index(self, prompt: str, classes, extra_entities=(), max_length: int | None = None):
+    def token_index(self, prompt: str, classes, extra_entities=(), max_length: int | None = None, require_classes=True):
         """Where each class sits in the text tokens the denoiser attends to."""
         from ..tokens import token_index
 
         return token_index(self.tokenizer(), prompt, classes, max_length=max_length or self.text_max_length,
-                           extra_entities=extra_entities)
+                           extra_entities=extra_entities, require_classes=require_classes)
 
     # -- pipeline specifics -------------------------------------------------------------------------------------------
     def tokenizer(self):
@@ -138,6 +145,15 @@ class Adapter:
     def segment_forward(self, latents: torch.Tensor, prompt: str, timestep: int, generator: torch.Generator) -> None:
         """Noise `latents` (clean, scaled) to `timestep` and run the denoiser once on `prompt`, without CFG."""
         raise NotImplementedError
+
+
+def call_default(pipeline_class: type, name: str, fallback):
+    """The default of `name` in the pipeline's own `__call__` (the first class in the MRO that declares it)."""
+    for cls in pipeline_class.__mro__:
+        call = cls.__dict__.get("__call__")
+        if call is not None and name in inspect.signature(call).parameters:
+            return inspect.signature(call).parameters[name].default
+    return fallback
 
 
 def relative_block(i: int, depth: int, of: int) -> int:

@@ -14,7 +14,7 @@ import re
 import numpy as np
 import torch
 
-from .base import Adapter, LayerInfo, relative_block
+from .base import Adapter, LayerInfo, call_default, relative_block
 
 _NAME = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.attn$")
 _REFERENCE_SINGLE, _SINGLE_DEPTH = 27, 38
@@ -34,8 +34,6 @@ class FluxAdapter(Adapter):
 
     def __init__(self, pipe):
         super().__init__(pipe)
-        from .pixart import _call_default
-
         model = pipe.transformer
         for name, _module in model.named_modules():
             m = _NAME.match(name)
@@ -50,7 +48,7 @@ class FluxAdapter(Adapter):
             f"transformer_blocks.{relative_block(i, n_double, _DOUBLE_DEPTH)}.attn" for i in _REFINE_DOUBLE))
         self.refine_order = 2
         self.native_resolution = pipe.default_sample_size * pipe.vae_scale_factor
-        self.text_max_length = _call_default(type(pipe), "max_sequence_length", 512)
+        self.text_max_length = call_default(type(pipe), "max_sequence_length", 512)
 
     @property
     def denoiser(self):

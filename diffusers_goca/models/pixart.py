@@ -6,12 +6,11 @@ All layers share one token grid, the latent after 2×2 patching. Reference block
 """
 from __future__ import annotations
 
-import inspect
 import re
 
 import torch
 
-from .base import Adapter, LayerInfo, relative_block
+from .base import Adapter, LayerInfo, call_default, relative_block
 
 _NAME = re.compile(r"^transformer_blocks\.(\d+)\.(attn1|attn2)$")
 _REFERENCE, _REFINE, _DEPTH = 13, range(10, 18), 28
@@ -43,7 +42,7 @@ class PixArtAdapter(Adapter):
         self.refine_order = 5
         self.native_resolution = model.config.sample_size * pipe.vae_scale_factor
         # PixArt-α encodes 120 T5 tokens, PixArt-Σ 300: the default of the pipeline's `max_sequence_length`.
-        self.text_max_length = _call_default(type(pipe), "max_sequence_length", 120)
+        self.text_max_length = call_default(type(pipe), "max_sequence_length", 120)
 
     @property
     def denoiser(self):
@@ -72,12 +71,3 @@ class PixArtAdapter(Adapter):
                      "aspect_ratio": torch.tensor([[h / w]], device=latents.device, dtype=embeds.dtype)}
         model(noisy.to(model.dtype), encoder_hidden_states=embeds, encoder_attention_mask=mask, timestep=t,
               added_cond_kwargs=added, return_dict=False)
-
-
-def _call_default(pipeline_class: type, name: str, fallback):
-    """The default of `name` in the pipeline's own `__call__` (the first class in the MRO that declares it)."""
-    for cls in pipeline_class.__mro__:
-        call = cls.__dict__.get("__call__")
-        if call is not None and name in inspect.signature(call).parameters:
-            return inspect.signature(call).parameters[name].default
-    return fallback

@@ -58,14 +58,16 @@ class SD3Adapter(Adapter):
     def denoiser(self):
         return self.pipe.transformer
 
-    def token_index(self, prompt, classes, extra_entities=(), max_length=None):
+    def token_index(self, prompt, classes, extra_entities=(), max_length=None, require_classes=True):
         from ..tokens import concat_token_indices, token_index
 
         t5_length = max_length or self.t5_length
-        clip = token_index(self.pipe.tokenizer, prompt, classes, max_length=_CLIP_TOKENS, extra_entities=extra_entities)
+        clip = token_index(self.pipe.tokenizer, prompt, classes, max_length=_CLIP_TOKENS, extra_entities=extra_entities,
+                           require_classes=require_classes)
         if getattr(self.pipe, "tokenizer_3", None) is None:  # no T5: its part of the sequence is zeros
             return concat_token_indices([clip], [_CLIP_TOKENS + t5_length])
-        t5 = token_index(self.pipe.tokenizer_3, prompt, classes, max_length=t5_length, extra_entities=extra_entities)
+        t5 = token_index(self.pipe.tokenizer_3, prompt, classes, max_length=t5_length, extra_entities=extra_entities,
+                         require_classes=require_classes)
         return concat_token_indices([clip, t5], [_CLIP_TOKENS, t5_length])
 
     def joint_inputs(self, layer, attn, tap, call_kwargs, step):

@@ -60,6 +60,13 @@ class UNetAdapter(Adapter):
     def denoiser(self):
         return self.pipe.unet
 
+    @property
+    def scfg_layers(self) -> list[str]:
+        # S-CFG's own segmenter: the 16×16 and 8×8 layers at SD 1.5's 512 px (two down, the mid, three up); a UNet
+        # without levels that coarse (SDXL) uses its coarsest cross-attention level.
+        coarse = min(4 * self.map_factor, max(self.layers[n].factor for n in self.cross_layers))
+        return [n for n in self.cross_layers if self.layers[n].factor >= coarse]
+
     def _up_cross(self, factor: int) -> list[str]:
         return [n for n in self.cross_layers if n.startswith("up_blocks.") and self.layers[n].factor == factor]
 

@@ -1,0 +1,193 @@
+"""S-CFG with GoCA masks: semantic-aware classifier-free guidance (ALGORITHMS §6).
+
+At every denoising step the denoiser's batch [uncond, cond] is captured; after its forward, region maps are computed
+(GoCA's, or S-CFG's own segmenter) and the conditional prediction is replaced by ε_u + rate·(ε_c − ε_u), so the
+pipeline's own guidance line ε_u + w·(ε_c' − ε_u) becomes ε_u + w·rate·(ε_c − ε_u). Everything else (schedulers,
+negative prompts, `guidance_rescale`, callbacks) is the pipeline's own code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .functional.aggregation import aggregate_layers
+from .functional.maps import gaussian_blur, minmax, per_pixel_rescale, propagate, resize_maps
+from .functional.scfg import guidance_norm, rate_map, scfg_cond
+from .functional.self_attention import head_mean_self_attention
+from .methods import layer_weights, refinement_matrix
+from .mixin import GoCAMixin, _Request
+from .models.base import call_default
+from .result import palette
+
+SEGMENTORS = ("goca", "original")
+
+
+@dataclass
+class SCFGStepMaps:
+    """One step of S-CFG: regions [B, h, w] (ids of the text tokens that own each latent pixel), foreground [B, h, w],
+    rates [B, h, w] (the smoothed per-pixel guidance rate)."""
+
+    step: int
+    regions: torch.Tensor
+    foreground: torch.Tensor
+    rates: torch.Tensor
+
+
+def goca_regions(step, adapter, cond_row: int, uncond_row: int, index) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """GoCA regions: per-token GoCA maps of the conditional prompt (start token + content tokens), argmax; foreground
+    where the unconditional start-token map is < 0.5 (PixArt's T5 has none: the conditional end token's map)."""
+    map_hw = adapter.map_grid(step.latent_hw)
+    layers = adapter.cross_layers
+    grids = [step.grids[n] for n in layers]
+
+    def token_maps(row):
+        weights = layer_weights(step, row, adapter, layers, renormalize_rows=False)
+        return aggregate_layers([step.cross[n]["auto"][row] for n in layers], grids, weights, map_hw)
+
+    cond = token_maps(cond_row)
+    special = index.bos if index.bos is not None else index.eos
+    channels = [[special]] + [[t] for t in index.content]
+    scores = minmax(gaussian_blur(per_pixel_rescale(cond, channels, index.content), map_hw))
+    s = refinement_matrix(step, cond_row, adapter.refinement_layers, map_hw)
+    regions = minmax(propagate(s, scores, 2)).argmax(0)
+    reference = token_maps(uncond_row)[:, 0] if index.bos is not None else cond[:, special]
+    foreground = minmax(gaussian_blur(reference[None], map_hw))[0] < 0.5
+    return regions.view(map_hw), foreground.view(map_hw), len(channels)
+
+
+def original_regions(step, adapter, cond_row: int, uncond_row: int, index, variant: str = "code"):
+    """S-CFG's own segmenter: head-mean cross-attention of its layers, each refined by its own self-attention —
+    (S + 3·S²)/4 · C as coded, or (S + S²)/2 · C ("paper", its text's mean of powers) — 3×3 Gaussian, each token
+    map divided by its spatial mean, layers averaged; argmax over all tokens of the conditional half; foreground
+    where the unconditional half's non-start tokens together beat its start token."""
+    if variant not in ("code", "paper"):
+        raise ValueError(f"variant must be 'code' or 'paper', got {variant!r}")
+    map_hw = adapter.map_grid(step.latent_hw)
+    layers = adapter.scfg_layers
+
+    def maps(row):
+        total = None
+        for name in layers:
+            c, grid = step.cross[name]["average"][row].float(), step.grids[name]
+            sq = step.selfs[adapter.self_of(name)]
+            s = head_mean_self_attention(sq.query[row], sq.key[row], sq.heads, sq.scale, sq.grid, grid,
+                                         None if sq.lse is None else sq.lse[row])
+            sc = s @ c
+            r = (sc + 3 * (s @ sc)) / 4 if variant == "code" else (sc + s @ sc) / 2
+            r = gaussian_blur(r.T, grid, kernel_size=3)
+            r = r / r.mean(-1, keepdim=True).clamp_min(1e-12)
+            r = resize_maps(r, grid, map_hw)
+            total = r if total is None else total + r
+        return total / len(layers)  # [T, N_map]
+
+    cond, uncond = maps(cond_row), maps(uncond_row)
+    regions = cond.argmax(0)
+    foreground = uncond[1:].sum(0) > uncond[0]
+    return regions.view(map_hw), foreground.view(map_hw), cond.shape[0]
+
+
+class SCFGMixin(GoCAMixin):
+    """Adds S-CFG to a GoCA pipeline: the pipeline's call with `scfg=True` (default), `segmentor="goca"` or
+    `"original"`, `scfg_variant` ("code" / "paper", for the original segmenter), `rate_bounds=(0.8, 3.0)` and
+    `max_guidance=15.0`. `guidance_scale` keeps its meaning; at `guidance_scale ≤ 1` it is plain sampling.
+    `scfg_keep_maps=True` keeps every step's regions and rates in `pipe.scfg_maps` (see `save_scfg_maps`)."""
+
+    def __call__(self, *args, scfg: bool = True, segmentor: str = "goca", scfg_variant: str = "code",
+                 rate_bounds: tuple[float, float] = (0.8, 3.0), max_guidance: float = 15.0,
+                 scfg_keep_maps: bool = False, **kwargs):
+        guidance = kwargs.get("guidance_scale", call_default(type(self), "guidance_scale", 7.5))
+        if not scfg or guidance <= 1:
+            return super().__call__(*args, **kwargs)
+        if segmentor not in SEGMENTORS:
+            raise ValueError(f"segmentor must be one of {SEGMENTORS}, got {segmentor!r}")
+        if kwargs.get("goca_masks"):
+            raise ValueError("S-CFG and goca_masks use the same capture: ask for one of them per call")
+        lo, hi = rate_bounds
+        if not 0 < lo <= hi:
+            raise ValueError(f"rate_bounds must satisfy 0 < low <= high, got {rate_bounds}")
+        state = self._goca_attached() if self._goca is not None else self.enable_goca()._goca
+        adapter = state.adapter
+        prompt = kwargs.get("prompt", args[0] if args else None)
+        if prompt is None:
+            raise ValueError("S-CFG needs the prompt text (prompt_embeds alone cannot be segmented)")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        per_prompt = kwargs.get("num_images_per_prompt", 1) or 1
+        max_length = kwargs.get("max_sequence_length", adapter.text_max_length)
+        indices = [adapter.token_index(adapter.prompt_text(p, kwargs), [], max_length=max_length, require_classes=False)
+                   for p in prompts for _ in range(per_prompt)]
+        n = len(indices)
+        self.scfg_maps: list[SCFGStepMaps] = []
+        request = _Request(wants=lambda i: True, n_images=2 * n, forwards_per_step=adapter.forwards_per_step(kwargs))
+
+        def transform(step, output):
+            return self._scfg_step(step, output, indices, request, segmentor, scfg_variant, guidance, lo, hi,
+                                   max_guidance, scfg_keep_maps)
+
+        request.transform = transform
+        state.request = request
+        try:
+            return super(GoCAMixin, self).__call__(*args, **kwargs)
+        finally:
+            state.request = None
+            state.capture.stop()
+
+    def _scfg_step(self, step, output, indices, request, segmentor, variant, guidance, lo, hi, max_guidance, keep):
+        adapter = self._goca.adapter
+        out = output[0] if isinstance(output, tuple) else output.sample
+        n = len(indices)
+        eps_u, eps_c = out[:n], out[n:]
+        channels = self.vae.config.latent_channels  # PixArt predicts [ε, variance]: guide by the ε channels
+        regions, foreground, counts = [], [], []
+        for b, index in enumerate(indices):
+            if segmentor == "goca":
+                r, f, k = goca_regions(step, adapter, n + b, b, index)
+            else:
+                r, f, k = original_regions(step, adapter, n + b, b, index, variant)
+            regions.append(r)
+            foreground.append(f)
+            counts.append(k)
+        latent_hw = out.shape[-2:]
+        regions = F.interpolate(torch.stack(regions)[:, None].float(), size=latent_hw, mode="nearest")[:, 0].long()
+        foreground = F.interpolate(torch.stack(foreground)[:, None].float(), size=latent_hw, mode="nearest")[:, 0] > 0.5
+        norm = guidance_norm(eps_u[:, :channels], eps_c[:, :channels])
+        rate = rate_map(norm, regions.to(norm.device), foreground.to(norm.device), max(counts), guidance, lo, hi,
+                        max_guidance)
+        if keep:
+            index = (request.forward - 1) // request.forwards_per_step
+            self.scfg_maps.append(SCFGStepMaps(index, regions.cpu(), foreground.cpu(), rate[:, 0].cpu()))
+        guided = torch.cat([eps_u, scfg_cond(eps_u, eps_c, rate)])
+        if isinstance(output, tuple):
+            return (guided,) + tuple(output[1:])
+        output.sample = guided
+        return output
+
+
+def save_scfg_maps(maps: Sequence[SCFGStepMaps], path: str, image: int = 0, cell: int = 128, duration_ms: int = 150):
+    """Regions (colours), foreground (white) and rate (dark→bright over [0.8, 3]) of one image, per step: a GIF when
+    `path` ends in .gif, else a grid PNG with one row per step."""
+    frames = []
+    for m in maps:
+        regions = m.regions[image].numpy()
+        colours = palette([str(i) for i in range(int(regions.max()) + 1)])[regions]
+        fg = (m.foreground[image].numpy() * 255).astype(np.uint8)
+        rate = ((m.rates[image].numpy() - 0.8) / 2.2).clip(0, 1)
+        tiles = [Image.fromarray(colours), Image.fromarray(fg).convert("RGB"),
+                 Image.fromarray((np.stack([rate, rate ** 2, 1 - rate], -1) * 255).astype(np.uint8))]
+        row = Image.new("RGB", (3 * cell, cell))
+        for j, t in enumerate(tiles):
+            row.paste(t.resize((cell, cell), Image.NEAREST), (j * cell, 0))
+        frames.append(row)
+    if not frames:
+        raise ValueError("no S-CFG maps to save: call the pipeline with scfg_keep_maps=True")
+    if str(path).endswith(".gif"):
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=duration_ms, loop=0)
+    else:
+        grid = Image.new("RGB", (3 * cell, cell * len(frames)))
+        for i, f in enumerate(frames):
+            grid.paste(f, (0, i * cell))
+        grid.save(path)
