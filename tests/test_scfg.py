@@ -1,0 +1,102 @@
+"""S-CFG: the rate formula against a literal implementation, and the pipelines end to end on tiny models."""
+import numpy as np
+import pytest
+import torch
+
+import diffusers_goca as goca
+from conftest import make_tiny_pixart, make_tiny_sd, make_tiny_sdxl
+from diffusers_goca.functional.scfg import guidance_norm, rate_map, region_rates, scfg_cond
+
+
+def literal_rates(norm, regions, foreground, k, w, lo, hi, cap):
+    """S-CFG by the book, pixel loop by pixel loop."""
+    b, h, wd = norm.shape
+    out = torch.zeros(b, h, wd)
+    for i in range(b):
+        fg = foreground[i] if foreground[i].any() else torch.ones_like(foreground[i])
+        f = norm[i][fg].mean()
+        rate_k = []
+        for r in range(k):
+            inside = regions[i] == r
+            rate_k.append(0.0 if not inside.any() else float(f / norm[i][inside].mean()))
+        for y in range(h):
+            for x in range(wd):
+                out[i, y, x] = min(max(rate_k[regions[i, y, x]], lo), hi)
+                out[i, y, x] = min(out[i, y, x], cap / w)
+    g = torch.tensor([np.exp(-0.5 * (d / 0.5) ** 2) for d in (-1, 0, 1)], dtype=torch.float32)
+    g = g / g.sum()
+    kernel = g[:, None] * g[None, :]
+    padded = torch.nn.functional.pad(out[:, None], (1, 1, 1, 1), mode="reflect")[:, 0]
+    smooth = torch.zeros_like(out)
+    for y in range(h):
+        for x in range(wd):
+            smooth[:, y, x] = (padded[:, y:y + 3, x:x + 3] * kernel).sum((-1, -2))
+    return smooth
+
+
+@pytest.mark.parametrize("w", [3.0, 7.5])  # 7.5: the cap 15 / w = 2 bites below the upper bound 3
+def test_rate_map_matches_literal_with_empty_regions_and_clamps(w):
+    torch.manual_seed(0)
+    eps_u, eps_c = torch.randn(2, 4, 6, 7), torch.randn(2, 4, 6, 7)
+    eps_c[0, :, :2] *= 8  # a region with large guidance norm: its rate clamps at the lower bound
+    norm = guidance_norm(eps_u, eps_c)
+    regions = torch.randint(0, 3, (2, 6, 7))
+    regions[0, :2] = 3
+    regions[1][regions[1] == 1] = 0  # region 1 empty in image 1; region 4 empty everywhere
+    foreground = torch.rand(2, 6, 7) > 0.5
+    foreground[1] = False  # empty foreground: the whole image is the reference
+    got = rate_map(norm, regions, foreground, 5, w, 0.8, 3.0, 15.0)[:, 0]
+    want = literal_rates(norm, regions, foreground, 5, w, 0.8, 3.0, 15.0)
+    assert torch.allclose(got, want, atol=1e-5)
+    rates = region_rates(norm, regions, foreground, 5)
+    assert rates[1, 1] == 0 and (rates[:, 4] == 0).all()
+    assert got.min() >= 0.8 - 1e-6 and got.max() <= min(3.0, 15.0 / w) + 1e-6
+    assert torch.allclose(norm, (eps_c - eps_u).pow(2).sum(1).sqrt())
+
+
+def test_scfg_cond_turns_the_pipeline_line_into_scfg():
+    eps_u, eps_c, rate = torch.randn(1, 4, 3, 3), torch.randn(1, 4, 3, 3), torch.rand(1, 1, 3, 3) + 0.8
+    w = 5.0
+    pipeline_line = eps_u + w * (scfg_cond(eps_u, eps_c, rate) - eps_u)
+    assert torch.allclose(pipeline_line, eps_u + w * rate * (eps_c - eps_u), atol=1e-6)
+
+
+def run(pipe, **kw):
+    if "PixArt" in type(pipe).__name__:
+        kw.setdefault("use_resolution_binning", False)
+    return pipe(["a cat on grass", "a red dog"], num_inference_steps=3, height=32, width=48, output_type="np",
+                negative_prompt=["blurry", "dark"], generator=torch.Generator().manual_seed(0), **kw).images
+
+
+@pytest.mark.parametrize("make", [make_tiny_sd, make_tiny_sdxl, make_tiny_pixart], ids=["sd", "sdxl", "pixart-sigma"])
+def test_scfg_off_is_the_stock_pipeline_and_on_changes_the_image(make, tmp_path):
+    stock = make()
+    reference = run(stock, guidance_scale=5.0)
+    pipe = goca.scfg_from_pipe(stock)
+    assert np.array_equal(run(pipe, guidance_scale=5.0, scfg=False), reference)
+    assert np.array_equal(run(pipe, guidance_scale=1.0), run(stock, guidance_scale=1.0))  # w ≤ 1: plain sampling
+    for segmentor in ("goca", "original"):
+        images = run(pipe, guidance_scale=5.0, segmentor=segmentor, scfg_keep_maps=True)
+        assert images.shape == reference.shape and not np.array_equal(images, reference)
+        assert len(pipe.scfg_maps) == 3 and pipe.scfg_maps[0].rates.shape == (2, 16, 24)
+    goca.save_scfg_maps(pipe.scfg_maps, tmp_path / "maps.gif")
+    goca.save_scfg_maps(pipe.scfg_maps, tmp_path / "maps.png")
+    assert (tmp_path / "maps.gif").stat().st_size > 0 and (tmp_path / "maps.png").stat().st_size > 0
+    pipe.disable_goca()
+
+
+def test_scfg_with_guidance_rescale_other_scheduler_and_callback():
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe = goca.SCFGGoCAPipeline.from_pipe(make_tiny_sd())
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    steps = []
+
+    def on_step(p, i, t, kwargs):
+        steps.append(i)
+        return kwargs
+
+    images = run(pipe, guidance_scale=6.0, guidance_rescale=0.7, callback_on_step_end=on_step, num_images_per_prompt=2)
+    assert images.shape == (4, 32, 48, 3) and steps == [0, 1, 2] and np.isfinite(images).all()
+    with pytest.raises(ValueError, match="segmentor"):
+        run(pipe, guidance_scale=6.0, segmentor="nope")
