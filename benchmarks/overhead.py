@@ -1,8 +1,11 @@
 """Time and peak memory of a denoiser forward with GoCA's capture vs without, and of the segmentation reductions,
-for the real SD 1.5 and SDXL UNet configs with random weights.
+for the real configs (public layer counts, widths, heads) with random weights.
 
     python benchmarks/overhead.py --model sd15 --resolution 512 --device cuda --dtype float16
     python benchmarks/overhead.py --model sdxl --resolution 1024 --device cuda --dtype float16
+    python benchmarks/overhead.py --model pixart-sigma --resolution 1024 --device cuda --dtype float16
+    python benchmarks/overhead.py --model flux-dev --resolution 1024 --device cuda --dtype bfloat16
+    python benchmarks/overhead.py --model sd3-medium --resolution 256 --layers 4     # CPU: reduced depth, full width
 
 Prints ratios measured in the same run: capture forward / plain forward, enabled-but-idle forward / plain forward,
 and the extra peak memory of the capture step (CUDA: allocator peak; CPU: the capture's own byte accounting).
@@ -18,9 +21,9 @@ import torch
 from diffusers_goca.clip_bpe import build_clip_tokenizer
 from diffusers_goca.methods import method_scores
 from diffusers_goca.mixin import GoCAMixin
-from diffusers_goca.tokens import segmentation_prompt, token_index
+from diffusers_goca.tokens import TokenIndex
 
-CONFIGS = {
+UNETS = {
     "sd15": dict(
         sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -34,17 +37,80 @@ CONFIGS = {
         addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, cross_attention_dim=2048,
     ),
 }
+TRANSFORMERS = {
+    "pixart-sigma": ("PixArtTransformer2DModel", "num_layers", dict(
+        sample_size=128, num_layers=28, patch_size=2, attention_head_dim=72, num_attention_heads=16,
+        caption_channels=4096, in_channels=4, out_channels=8, cross_attention_dim=1152, attention_bias=True,
+        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=2, use_additional_conditions=False)),
+    "sd3-medium": ("SD3Transformer2DModel", "num_layers", dict(
+        sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+        joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+        pos_embed_max_size=192)),
+    "flux-dev": ("FluxTransformer2DModel", "num_single_layers", dict(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56))),
+}
+TEXT_TOKENS = {"pixart-sigma": 300, "sd3-medium": 333, "flux-dev": 512}
 
 
-class UNetOnly(GoCAMixin):
-    """Just enough of a pipeline for the UNet adapter: the denoiser and the tokenizer."""
+class Host(GoCAMixin):
+    """Just enough of a pipeline for the adapters: the denoiser, a tokenizer, the VAE factor."""
 
-    def __init__(self, unet, tokenizer):
-        self.unet, self.tokenizer, self.vae_scale_factor = unet, tokenizer, 8
+    def __init__(self, **parts):
+        self.__dict__.update(parts)
+
+
+def build(args, dtype):
+    """(host, forward closure) for the chosen model, random weights, one image at `args.resolution`."""
+    import diffusers
+
+    dev, side = args.device, args.resolution // 8
+    torch.manual_seed(0)
+    if args.model in UNETS:
+        unet = diffusers.UNet2DConditionModel(**UNETS[args.model]).to(dev, dtype).eval()
+        host = Host(unet=unet, tokenizer=build_clip_tokenizer(), vae_scale_factor=8)
+        x = torch.randn(1, 4, side, side, device=dev, dtype=dtype)
+        ehs = torch.randn(1, 77, unet.config.cross_attention_dim, device=dev, dtype=dtype)
+        extra = {}
+        if unet.config.addition_embed_type == "text_time":
+            extra["added_cond_kwargs"] = {"text_embeds": torch.randn(1, 1280, device=dev, dtype=dtype),
+                                          "time_ids": torch.tensor([[args.resolution] * 2 + [0, 0] + [args.resolution] * 2],
+                                                                   device=dev, dtype=dtype)}
+        return host, lambda: unet(x, torch.tensor([100], device=dev), encoder_hidden_states=ehs, return_dict=False, **extra)
+    cls_name, depth_key, config = TRANSFORMERS[args.model]
+    config = dict(config)
+    if args.layers:
+        config[depth_key] = args.layers
+        if args.model == "flux-dev":
+            config["num_layers"] = max(1, args.layers // 2)
+    model = getattr(diffusers, cls_name)(**config).to(dev, dtype).eval()
+    host = Host(transformer=model, vae_scale_factor=8, default_sample_size=128)
+    t = TEXT_TOKENS[args.model]
+    ehs = torch.randn(1, t, 4096, device=dev, dtype=dtype)
+    if args.model == "pixart-sigma":
+        x = torch.randn(1, 4, side, side, device=dev, dtype=dtype)
+        return host, lambda: model(x, encoder_hidden_states=ehs, encoder_attention_mask=torch.ones(1, t, device=dev),
+                                   timestep=torch.tensor([100], device=dev),
+                                   added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
+    if args.model == "sd3-medium":
+        x = torch.randn(1, 16, side, side, device=dev, dtype=dtype)
+        pooled = torch.randn(1, 2048, device=dev, dtype=dtype)
+        return host, lambda: model(x, encoder_hidden_states=ehs, pooled_projections=pooled,
+                                   timestep=torch.tensor([500.0], device=dev), return_dict=False)
+    h = side // 2
+    ids = torch.zeros(h, h, 3, device=dev)
+    ids[..., 1], ids[..., 2] = torch.arange(h, device=dev)[:, None], torch.arange(h, device=dev)[None, :]
+    x = torch.randn(1, h * h, 64, device=dev, dtype=dtype)
+    pooled = torch.randn(1, 768, device=dev, dtype=dtype)
+    return host, lambda: model(x, encoder_hidden_states=ehs, pooled_projections=pooled, timestep=torch.tensor([0.5], device=dev),
+                               guidance=torch.tensor([3.5], device=dev), txt_ids=torch.zeros(t, 3, device=dev),
+                               img_ids=ids.reshape(-1, 3), return_dict=False)
 
 
 def timed(fn, device, repeats):
-    times = []
+    times, out = [], None
     for _ in range(repeats):
         if device == "cuda":
             torch.cuda.synchronize()
@@ -68,47 +134,31 @@ def peak(fn, device):
 
 
 def main(argv=None):
-    from diffusers import UNet2DConditionModel
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=sorted(CONFIGS), default="sd15")
+    p.add_argument("--model", choices=sorted(UNETS) + sorted(TRANSFORMERS), default="sd15")
     p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--layers", type=int, default=None, help="transformers: reduced depth (full width), for CPU runs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float16" if torch.cuda.is_available() else "float32")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
-    dtype = getattr(torch, args.dtype)
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**CONFIGS[args.model]).to(args.device, dtype).eval()
-    tokenizer = build_clip_tokenizer()
-    host = UNetOnly(unet, tokenizer)
-    classes = ["cat", "grass"]
-    prompt = segmentation_prompt(classes, True)
-    index = token_index(tokenizer, prompt, classes, extra_entities=["background"])
-    side = args.resolution // 8
-    x = torch.randn(1, 4, side, side, device=args.device, dtype=dtype)
-    t = torch.tensor([100], device=args.device)
-    ehs = torch.randn(1, 77, unet.config.cross_attention_dim, device=args.device, dtype=dtype)
-    kwargs = {}
-    if unet.config.addition_embed_type == "text_time":
-        kwargs["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(1, 1280, device=args.device, dtype=dtype),
-            "time_ids": torch.tensor([[args.resolution] * 2 + [0, 0] + [args.resolution] * 2], device=args.device, dtype=dtype),
-        }
+    host, run = build(args, getattr(torch, args.dtype))
+    # Classes at token positions 1 and 3, "background" at 5; content tokens 1, 3, 5 (as in "cat, grass, background").
+    index = TokenIndex("cat, grass, background", ["cat", "grass"], [[1], [3]], [1, 3, 5], 7, {"background": [5]}, 0, 6)
 
     def forward():
         with torch.no_grad():
-            return unet(x, t, encoder_hidden_states=ehs, return_dict=False, **kwargs)[0]
+            return run()
 
     forward()  # warm-up
     plain_t, _ = timed(forward, args.device, args.repeats)
     plain_mem, _ = peak(forward, args.device)
     host.enable_goca()
-    state = host._goca
     idle_t, _ = timed(forward, args.device, args.repeats)
 
     def capture_forward():
-        return host.capture_forward(forward)
+        with torch.no_grad():
+            return host.capture_forward(run)
 
     capture_forward()
     cap_t, step = timed(capture_forward, args.device, args.repeats)
@@ -116,13 +166,14 @@ def main(argv=None):
 
     def reduce():
         with torch.no_grad():
-            return method_scores(step, 0, index, state.adapter, "goca", "background")
+            return method_scores(step, 0, index, host._goca.adapter, "goca", "background")
 
     reduce_t, _ = timed(reduce, args.device, args.repeats)
     reduce_mem, _ = peak(reduce, args.device)
     host.disable_goca()
     mib = 2**20
-    print(f"model {args.model} (real config, random weights), {args.resolution} px, {args.device}, {args.dtype}")
+    depth = f", {args.layers} layers" if args.layers else ""
+    print(f"model {args.model} (real config{depth}, random weights), {args.resolution} px, {args.device}, {args.dtype}")
     print(f"  plain denoiser forward          {plain_t * 1e3:9.1f} ms")
     print(f"  enabled, step without masks     {idle_t * 1e3:9.1f} ms   ratio {idle_t / plain_t:.3f}")
     print(f"  forward with capture            {cap_t * 1e3:9.1f} ms   ratio {cap_t / plain_t:.3f}")
