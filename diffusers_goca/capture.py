@@ -25,6 +25,11 @@ class SelfQK:
     grid: tuple[int, int]
     lse: torch.Tensor | None = None  # [R, heads, N] for joint attention: normaliser over image and text keys
 
+    def image(self, row: int) -> dict:
+        """Keyword arguments of the self-attention reductions for one captured image."""
+        return dict(q=self.query[row], k=self.key[row], heads=self.heads, scale=self.scale,
+                    lse=None if self.lse is None else self.lse[row])
+
 
 @dataclass
 class StepCapture:
@@ -33,6 +38,7 @@ class StepCapture:
     latent_hw: tuple[int, int]
     rows: list[int]
     text_len: int | None = None
+    head_weighting: str = "auto"  # how the "auto" maps were weighted over heads
     cross: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # layer → {"auto", "average"}: [R, N, T]
     grids: dict[str, tuple[int, int]] = field(default_factory=dict)
     selfs: dict[str, SelfQK] = field(default_factory=dict)
@@ -65,7 +71,7 @@ class Capture:
         return self.step is not None and layer in self.adapter.layers
 
     def start(self, latent_hw: tuple[int, int], rows: list[int], text_len: int | None = None) -> None:
-        self.step = StepCapture(tuple(latent_hw), list(rows), text_len)
+        self.step = StepCapture(tuple(latent_hw), list(rows), text_len, self.head_weighting)
 
     def stop(self) -> StepCapture | None:
         step, self.step = self.step, None

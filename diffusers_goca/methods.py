@@ -56,8 +56,7 @@ def refinement_matrix(step: StepCapture, row: int, layers: list[str], map_hw: tu
     """S: mean over `layers` of head-mean self-attention resized to the map grid, [N_map, N_map] fp32."""
     total = None
     for s in (step.selfs[n] for n in layers):  # a running sum: one [N_map, N_map] matrix at a time
-        m = head_mean_self_attention(s.query[row], s.key[row], s.heads, s.scale, s.grid, map_hw,
-                                     None if s.lse is None else s.lse[row])
+        m = head_mean_self_attention(src_hw=s.grid, dst_hw=map_hw, **s.image(row))
         total = m if total is None else total.add_(m)
     return total / len(layers)
 
@@ -69,10 +68,8 @@ def layer_weights(step: StepCapture, row: int, adapter, layers: list[str], renor
     raw = []
     for name in layers:
         s = step.selfs[adapter.self_of(name)]
-        raw.append(frobenius_with_reference(
-            s.query[row], s.key[row], s.heads, s.scale, s.grid, step.reference[row], step.reference_grid,
-            renormalize_rows=renormalize_rows, lse=None if s.lse is None else s.lse[row],
-        ))
+        raw.append(frobenius_with_reference(src_hw=s.grid, reference=step.reference[row], ref_hw=step.reference_grid,
+                                            renormalize_rows=renormalize_rows, **s.image(row)))
     return normalize_layer_weights(torch.stack(raw))
 
 
@@ -84,6 +81,9 @@ def goca_scores(
     layers = adapter.cross_layers if options.layers == "all" else adapter.manual_layers
     if options.layers not in ("all", "manual"):
         raise ValueError(f"layers must be 'all' or 'manual', got {options.layers!r}")
+    if options.head_weighting not in ("average", step.head_weighting):
+        raise ValueError(f"head_weighting={options.head_weighting!r} needs a capture made with it: "
+                         f"pipe.enable_goca(head_weighting={options.head_weighting!r}) (this one: {step.head_weighting!r})")
     maps = [step.cross[n]["average" if options.head_weighting == "average" else "auto"][row] for n in layers]
     grids = [step.grids[n] for n in layers]
     if options.layer_weighting == "auto":

@@ -75,8 +75,7 @@ def original_regions(step, adapter, cond_row: int, uncond_row: int, index, varia
         for name in layers:
             c, grid = step.cross[name]["average"][row].float(), step.grids[name]
             sq = step.selfs[adapter.self_of(name)]
-            s = head_mean_self_attention(sq.query[row], sq.key[row], sq.heads, sq.scale, sq.grid, grid,
-                                         None if sq.lse is None else sq.lse[row])
+            s = head_mean_self_attention(src_hw=sq.grid, dst_hw=grid, **sq.image(row))
             sc = s @ c
             r = (sc + 3 * (s @ sc)) / 4 if variant == "code" else (sc + s @ sc) / 2
             r = gaussian_blur(r.T, grid, kernel_size=3)

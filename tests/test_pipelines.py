@@ -208,3 +208,15 @@ def test_flux_true_cfg_segments_the_conditional_call_once_per_step():
                   generator=torch.Generator().manual_seed(0), goca_masks=True, **kw).images
     assert np.array_equal(images, reference)
     assert [m.step for m in pipe.goca_masks] == [0, 1, 2]
+
+
+def test_head_weighting_ablation_needs_its_capture(tiny_sd):
+    img = Image.fromarray((np.random.RandomState(2).rand(32, 32, 3) * 255).astype(np.uint8))
+    pipe = goca.from_pipe(tiny_sd)
+    with pytest.raises(ValueError, match="enable_goca\\(head_weighting='dot-product'\\)"):
+        pipe.segment(img, ["cat"], head_weighting="dot-product")
+    pipe.enable_goca(head_weighting="dot-product")
+    clamped = pipe.segment(img, ["cat"], head_weighting="dot-product")
+    pipe.enable_goca()
+    assert not torch.equal(clamped.scores, pipe.segment(img, ["cat"]).scores)
+    pipe.disable_goca()
