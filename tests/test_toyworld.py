@@ -7,6 +7,9 @@ import diffusers_goca as goca
 from diffusers_goca.toyworld import BACKGROUNDS, CLASS_NAMES, TOY_MODEL_DIR, load_toy_pipeline, make_scene, scene_seeds
 from diffusers_goca.toyworld.evaluate import evaluate_segmentation
 
+# Measured on the shipped model (60 held-out scenes, t = 100, seed 0): goca 0.402, vanilla 0.367, all-background 0.201.
+GOCA_FLOOR = 0.37
+
 
 def test_scenes_are_deterministic_and_splits_disjoint():
     a, b = make_scene(123), make_scene(123)
@@ -31,7 +34,7 @@ def test_loads_with_the_stock_pipeline():
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(TOY_MODEL_DIR, torch_dtype=torch.float32)
-    assert pipe.tokenizer("a red circle").input_ids == [49406, 736, 2682, 49407]
+    assert pipe.tokenizer("a red circle").input_ids == [49406, 320, 736, 7117, 49407]  # the real CLIP ids
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
 
 
@@ -64,4 +67,5 @@ def test_goca_miou_floor_on_held_out_scenes(toy):
     report = evaluate_segmentation(toy, n=60, methods=("goca", "vanilla"), progress=False)
     table = report["miou"]
     assert table["goca"] >= GOCA_FLOOR, table
+    assert table["goca"] > table["vanilla"], table
     assert table["goca"] > table["all-background"] + 0.1, table

@@ -256,7 +256,7 @@ def plot_loss(log_path: str, out_path: str, size: tuple[int, int] = (480, 240)) 
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
     pad = 30
-    curves = [(log["loss"], (200, 30, 30), "unet+text ε-MSE"), (log["vae_loss"], (30, 90, 200), "vae MSE")]
+    curves = [(log["loss"], (200, 30, 30), "denoiser MSE"), (log["vae_loss"], (30, 90, 200), "vae MSE")]
     values = [v for c, _, _ in curves for _, v in c if v > 0]
     if not values:
         return
