@@ -68,46 +68,40 @@ class _Tapping:
         return out
 
 
-class GoCAAttnProcessor2_0(_Tapping, AttnProcessor2_0):
+class _DropIn(_Tapping):
+    """A subclass of one of diffusers' processors: the parent's `__call__` is the output path."""
+
+    def __init__(self, capture, layer: str, original):
+        super().__init__()
+        self.capture, self.layer, self.original = capture, layer, original
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        return self._run(super().__call__, attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+
+
+class GoCAAttnProcessor2_0(_DropIn, AttnProcessor2_0):
     """`AttnProcessor2_0` whose output is the parent's, with the GoCA capture on a side path."""
 
-    def __init__(self, capture, layer: str, original: AttnProcessor2_0 | None = None):
-        super().__init__()
-        self.capture, self.layer = capture, layer
-        self.original = original if original is not None else AttnProcessor2_0()
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        return self._run(super().__call__, attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
-
-
-class GoCAJointAttnProcessor2_0(_Tapping, JointAttnProcessor2_0):
+class GoCAJointAttnProcessor2_0(_DropIn, JointAttnProcessor2_0):
     """`JointAttnProcessor2_0` (SD3) whose output is the parent's, with the GoCA capture on a side path."""
-
-    def __init__(self, capture, layer: str, original: JointAttnProcessor2_0 | None = None):
-        super().__init__()
-        self.capture, self.layer = capture, layer
-        self.original = original if original is not None else JointAttnProcessor2_0()
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        return self._run(super().__call__, attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
 
 
 if FluxAttnProcessor is not None:
 
-    class GoCAFluxAttnProcessor(_Tapping, FluxAttnProcessor):
+    class GoCAFluxAttnProcessor(_DropIn, FluxAttnProcessor):
         """`FluxAttnProcessor` whose output is the parent's (the same `dispatch_attention_fn` call, with the original's
         attention backend and parallel config), with the GoCA capture on a side path."""
 
-        def __init__(self, capture, layer: str, original: FluxAttnProcessor | None = None):
-            super().__init__()
-            self.capture, self.layer = capture, layer
-            self.original = original if original is not None else FluxAttnProcessor()
-            self._attention_backend = self.original._attention_backend
-            self._parallel_config = self.original._parallel_config
+        def __init__(self, capture, layer: str, original):
+            super().__init__(capture, layer, original)
+            self._attention_backend = original._attention_backend
+            self._parallel_config = original._parallel_config
 
         def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-            return self._run(super().__call__, attn, hidden_states, encoder_hidden_states, attention_mask,
-                             image_rotary_emb=image_rotary_emb)
+            # FluxAttention passes image_rotary_emb positionally; name it so the capture can apply the same RoPE.
+            return self._run(FluxAttnProcessor.__call__.__get__(self), attn, hidden_states, encoder_hidden_states,
+                             attention_mask, image_rotary_emb=image_rotary_emb)
 
 
 class GoCAWrappedProcessor(_Tapping, torch.nn.Module):

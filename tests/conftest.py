@@ -49,43 +49,28 @@ def tiny_scheduler():
     )
 
 
-def make_tiny_sd(pipeline_class=None, seed=0):
-    """SD 1.x layout in miniature: four levels, cross-attention in the first three down and last three up blocks."""
+def make_tiny_sd(pipeline_class=None, seed=0, sd2=False):
+    """SD 1.x layout in miniature: four levels, cross-attention in the first three down and last three up blocks.
+
+    sd2: the SD 2.x variant (768-v): linear projections, per-level head counts, upcast attention, v-prediction,
+    the OpenCLIP tokenizer's pad token "!".
+    """
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     torch.manual_seed(seed)
+    variant = dict(attention_head_dim=(2, 4, 4, 4), use_linear_projection=True, upcast_attention=True) if sd2 else dict(
+        attention_head_dim=4)
     unet = UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=16,
         block_out_channels=(16, 32, 32, 32),
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=32, attention_head_dim=4,
-    ).eval()
-    cls = pipeline_class or StableDiffusionPipeline
-    pipe = cls(
-        vae=tiny_vae(seed), unet=unet, text_encoder=tiny_clip_text(seed=seed), tokenizer=clip_tokenizer(),
-        scheduler=tiny_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def make_tiny_sd2(pipeline_class=None, seed=0):
-    """SD 2.x layout in miniature: linear projections, per-level head counts, upcast attention (768-v), pad token "!"."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=16,
-        block_out_channels=(16, 32, 32, 32),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=32, attention_head_dim=(2, 4, 4, 4), use_linear_projection=True, upcast_attention=True,
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=32, **variant,
     ).eval()
     scheduler = tiny_scheduler()
-    scheduler.register_to_config(prediction_type="v_prediction")
+    if sd2:
+        scheduler.register_to_config(prediction_type="v_prediction")
     pipe = (pipeline_class or StableDiffusionPipeline)(
-        vae=tiny_vae(seed), unet=unet, text_encoder=tiny_clip_text(seed=seed), tokenizer=clip_tokenizer("!"),
+        vae=tiny_vae(seed), unet=unet, text_encoder=tiny_clip_text(seed=seed), tokenizer=clip_tokenizer("!" if sd2 else "<|endoftext|>"),
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)

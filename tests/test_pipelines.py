@@ -6,7 +6,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from PIL import Image
 
 import diffusers_goca as goca
-from conftest import make_tiny_flux, make_tiny_pixart, make_tiny_sd, make_tiny_sd2, make_tiny_sd3, make_tiny_sdxl
+from conftest import make_tiny_flux, make_tiny_pixart, make_tiny_sd, make_tiny_sd3, make_tiny_sdxl
 
 PROMPTS = ["a red circle on grass", "a cat and a dog on sand"]
 
@@ -20,7 +20,7 @@ def generate(pipe, **kw):
                 generator=torch.Generator().manual_seed(0), **kw).images
 
 
-FAMILIES = [make_tiny_sd, make_tiny_sd2, make_tiny_sdxl, make_tiny_pixart, lambda: make_tiny_pixart(sigma=False),
+FAMILIES = [make_tiny_sd, lambda: make_tiny_sd(sd2=True), make_tiny_sdxl, make_tiny_pixart, lambda: make_tiny_pixart(sigma=False),
             make_tiny_sd3, lambda: make_tiny_sd3(num_layers=3, qk_norm="rms_norm", dual_attention_layers=(0,)),
             make_tiny_flux, lambda: make_tiny_flux(guidance_embeds=True)]
 FAMILY_IDS = ["sd", "sd2", "sdxl", "pixart-sigma", "pixart-alpha", "sd3", "sd35", "flux-schnell", "flux-dev"]
