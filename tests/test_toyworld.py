@@ -69,3 +69,22 @@ def test_goca_miou_floor_on_held_out_scenes(toy):
     assert table["goca"] >= GOCA_FLOOR, table
     assert table["goca"] > table["vanilla"], table
     assert table["goca"] > table["all-background"] + 0.1, table
+
+
+def test_scfg_runs_on_the_toy_model_with_both_segmenters(toy):
+    pipe = goca.scfg_from_pipe(toy)
+    captions = ["a red circle and a white square on grass", "sky with a yellow triangle"]
+
+    def sample(**kw):
+        return pipe(captions, num_inference_steps=15, guidance_scale=5.0, output_type="np",
+                    generator=torch.Generator().manual_seed(1), **kw).images
+
+    cfg = sample(scfg=False)
+    assert np.array_equal(cfg, toy(captions, num_inference_steps=15, guidance_scale=5.0, output_type="np",
+                                   generator=torch.Generator().manual_seed(1)).images)
+    for segmentor in ("goca", "original"):
+        images = sample(segmentor=segmentor, scfg_keep_maps=True)
+        assert np.isfinite(images).all() and np.abs(images - cfg).mean() > 1e-3, segmentor
+        rates = torch.stack([m.rates for m in pipe.scfg_maps])
+        assert rates.min() >= 0.8 - 1e-5 and rates.max() <= 3.0 + 1e-5 and rates.std() > 0
+    pipe.disable_goca()

@@ -1,8 +1,8 @@
 """The main job on the embedded default: the toy model, offline, on CPU.
 
 1. generates a few scenes from held-out captions with masks at every step, and saves the images, the last-step
-   overlays and the per-step masks; 2. segments held-out scenes and prints the mIoU table of every method;
-3. saves a grid of segmentations (scene, ground truth, each method).
+   overlays and the per-step masks; 2. compares CFG with S-CFG (GoCA masks, and S-CFG's own segmenter);
+3. segments held-out scenes and prints the mIoU table of every method; 4. saves a grid of segmentations.
 """
 from __future__ import annotations
 
@@ -61,6 +61,25 @@ def segmentation_grid(examples, methods, path: str) -> None:
     _titled(rows, ["scene", "ground truth"] + list(methods)).save(path)
 
 
+def scfg_demo(pipe, out: str, n: int = 4, steps: int = 25, guidance: float = 5.0) -> None:
+    """The same held-out captions and seeds with CFG, S-CFG with GoCA masks, and S-CFG with its own segmenter."""
+    from ..pipelines import scfg_from_pipe
+    from ..scfg import save_scfg_maps
+
+    scfg = scfg_from_pipe(pipe)
+    captions = [make_scene(s).caption for s in scene_seeds("test", n, start=20_000)]
+    rows = {}
+    for name, kw in (("CFG", {"scfg": False}), ("S-CFG + GoCA", {"segmentor": "goca", "scfg_keep_maps": True}),
+                     ("S-CFG (own)", {"segmentor": "original"})):
+        images = scfg(captions, num_inference_steps=steps, guidance_scale=guidance,
+                      generator=torch.Generator().manual_seed(0), **kw).images
+        rows[name] = [upscale(img, 4) for img in images]
+        if name == "S-CFG + GoCA":
+            save_scfg_maps(scfg.scfg_maps, os.path.join(out, "scfg_maps.gif"))
+    _titled([list(r) for r in zip(*rows.values())], list(rows)).save(os.path.join(out, "cfg_vs_scfg.png"))
+    scfg.disable_goca()
+
+
 def run_demo(out: str = "outputs/demo", n_eval: int = 100) -> dict:
     os.makedirs(out, exist_ok=True)
     start = time.time()
@@ -68,6 +87,8 @@ def run_demo(out: str = "outputs/demo", n_eval: int = 100) -> dict:
     pipe.enable_goca()
     captions = generation_demo(pipe, out)
     print("generated with masks per step:", *captions, sep="\n  ")
+    scfg_demo(pipe, out)
+    print("CFG vs S-CFG (GoCA masks, S-CFG's own segmenter): cfg_vs_scfg.png, scfg_maps.gif")
     report = evaluate_segmentation(pipe, n=n_eval, methods=METHODS, keep=8)
     segmentation_grid(report["examples"], METHODS, os.path.join(out, "segmentation_grid.png"))
     table = markdown_table(report["miou"], n_eval)
