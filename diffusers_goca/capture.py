@@ -2,7 +2,7 @@
 
 Per cross (or joint) layer: the head-aggregated image→text maps C_l [R, N_l, T] (auto-weighted and head-mean); for the
 reference layer its feature F [R, N_ref, C]; per self (or joint) layer its image queries and keys [R, N_l, C] in the
-model dtype, plus for joint layers each query's log-normaliser over all keys [R, heads, N_l]. Everything that needs
+model dtype, plus for joint layers the share of each query's softmax that falls on image keys [R, heads, N_l]. Everything that needs
 [N, N] scores is reduced after the forward in row chunks (no [heads, N, N] tensor is ever formed).
 R = the batch rows segmented (the conditional half of a CFG batch).
 """
@@ -23,12 +23,12 @@ class SelfQK:
     heads: int
     scale: float
     grid: tuple[int, int]
-    lse: torch.Tensor | None = None  # [R, heads, N] for joint attention: normaliser over image and text keys
+    image_mass: torch.Tensor | None = None  # [R, heads, N] joint attention: share of the softmax on image keys
 
     def image(self, row: int) -> dict:
         """Keyword arguments of the self-attention reductions for one captured image."""
         return dict(q=self.query[row], k=self.key[row], heads=self.heads, scale=self.scale,
-                    lse=None if self.lse is None else self.lse[row])
+                    image_mass=None if self.image_mass is None else self.image_mass[row])
 
 
 @dataclass
@@ -49,7 +49,7 @@ class StepCapture:
     def nbytes(self) -> int:
         """Bytes held by the capture (the accounting that bounds its memory)."""
         tensors = [t for maps in self.cross.values() for t in maps.values()]
-        tensors += [t for s in self.selfs.values() for t in (s.query, s.key, s.lse) if t is not None]
+        tensors += [t for s in self.selfs.values() for t in (s.query, s.key, s.image_mass) if t is not None]
         tensors += [self.reference] if self.reference is not None else []
         return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -129,15 +129,15 @@ class Capture:
         grid = step.grids[layer] = adapter.grid(layer, q.shape[1], step.latent_hw)
         heads, scale = attn.heads, adapter.attention_scale(attn)
         weight = adapter.output_weight(layer, attn)
-        lses, avgs, autos = [], [], []
+        masses, avgs, autos = [], [], []
         for i in range(len(rows)):
-            lse, maps, bad = joint_text_attention(q[i], k[i], k_txt[i], v_txt[i], heads, scale, weight, self.head_weighting)
-            lses.append(lse)
+            mass, maps, bad = joint_text_attention(q[i], k[i], k_txt[i], v_txt[i], heads, scale, weight, self.head_weighting)
+            masses.append(mass)
             avgs.append(maps["average"])
             autos.append(maps["auto"])
             step.degenerate_pixels += bad
         step.cross[layer] = {"average": torch.stack(avgs), "auto": torch.stack(autos)}
-        step.selfs[layer] = SelfQK(q.detach(), k.detach(), heads, scale, grid, torch.stack(lses))
+        step.selfs[layer] = SelfQK(q.detach(), k.detach(), heads, scale, grid, torch.stack(masses))
         if layer == adapter.reference_layer:
             step.reference = adapter.reference_feature(layer, tap, output, step).index_select(0, rows).detach()
             step.reference_grid = grid

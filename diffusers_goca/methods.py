@@ -10,9 +10,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from .capture import StepCapture
-from .functional.aggregation import aggregate_layers, normalize_layer_weights
+from .functional.aggregation import aggregate_layers, normalize_layer_weights, pseudo_self_attention
 from .functional.maps import gaussian_blur, minmax, per_pixel_rescale, propagate, resize_maps, token_class_maps
-from .functional.self_attention import frobenius_with_reference, head_mean_self_attention
+from .functional.self_attention import apply_self_attention, frobenius_with_reference
 from .tokens import TokenIndex
 
 METHODS = ("goca", "vanilla", "manual", "diffsegmenter", "seg4diff")
@@ -52,24 +52,28 @@ def _entities(index: TokenIndex, background: str | None) -> list[list[int]]:
     return index.class_tokens + ([index.positions(background)] if background else [])
 
 
-def refinement_matrix(step: StepCapture, row: int, layers: list[str], map_hw: tuple[int, int]) -> torch.Tensor:
-    """S: mean over `layers` of head-mean self-attention resized to the map grid, [N_map, N_map] fp32."""
-    total = None
-    for s in (step.selfs[n] for n in layers):  # a running sum: one [N_map, N_map] matrix at a time
-        m = head_mean_self_attention(src_hw=s.grid, dst_hw=map_hw, **s.image(row))
-        total = m if total is None else total.add_(m)
-    return total / len(layers)
+def refinement_operator(step: StepCapture, row: int, layers: list[str], map_hw: tuple[int, int]):
+    """x ↦ S·x with S the mean over `layers` of head-mean self-attention resized to the map grid ([N_map, K] → same),
+    through the fused attention kernel: S is never formed."""
+    selfs = [step.selfs[n] for n in layers]
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        return sum(apply_self_attention(src_hw=s.grid, dst_hw=map_hw, x=x, **s.image(row)) for s in selfs) / len(selfs)
+
+    return apply
 
 
 def layer_weights(step: StepCapture, row: int, adapter, layers: list[str], renormalize_rows: bool) -> torch.Tensor:
     """Normalised w_l for `layers` from the pseudo self-attention of the reference feature (ALGORITHMS §2)."""
     if step.reference is None:
         raise RuntimeError(f"the reference layer {adapter.reference_layer} was not captured")
+    reference_attention = pseudo_self_attention(step.reference[row])  # A_p once, [N_ref, N_ref]
     raw = []
     for name in layers:
         s = step.selfs[adapter.self_of(name)]
-        raw.append(frobenius_with_reference(src_hw=s.grid, reference=step.reference[row], ref_hw=step.reference_grid,
-                                            renormalize_rows=renormalize_rows, **s.image(row)))
+        raw.append(frobenius_with_reference(src_hw=s.grid, reference_attention=reference_attention,
+                                            ref_hw=step.reference_grid, renormalize_rows=renormalize_rows,
+                                            **s.image(row)))
     return normalize_layer_weights(torch.stack(raw))
 
 
@@ -102,8 +106,7 @@ def goca_scores(
     scores = minmax(gaussian_blur(scores, map_hw, options.blur_kernel))
     order = adapter.refine_order if options.refine_order is None else options.refine_order
     if order > 0:
-        s = refinement_matrix(step, row, adapter.refinement_layers, map_hw)
-        scores = minmax(propagate(s, scores, order))
+        scores = minmax(propagate(refinement_operator(step, row, adapter.refinement_layers, map_hw), scores, order))
     return _split_background(scores, background)
 
 
@@ -127,7 +130,7 @@ def diffsegmenter_scores(
         for rel, ms in by_level.items()
     )
     finest_selfs = [n for n in adapter.self_layers if adapter.layers[n].factor == adapter.map_factor]
-    s = refinement_matrix(step, row, finest_selfs, map_hw)
+    s = refinement_operator(step, row, finest_selfs, map_hw)
     return _split_background(minmax(propagate(s, scores, 1)), background)
 
 

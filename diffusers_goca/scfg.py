@@ -18,8 +18,7 @@ from PIL import Image
 from .functional.aggregation import aggregate_layers
 from .functional.maps import gaussian_blur, minmax, per_pixel_rescale, propagate, resize_maps
 from .functional.scfg import guidance_norm, rate_map, scfg_cond
-from .functional.self_attention import head_mean_self_attention
-from .methods import layer_weights, refinement_matrix
+from .methods import layer_weights, refinement_operator
 from .mixin import GoCAMixin, _Request
 from .models.base import call_default
 from .result import palette
@@ -53,7 +52,7 @@ def goca_regions(step, adapter, cond_row: int, uncond_row: int, index) -> tuple[
     special = index.bos if index.bos is not None else index.eos
     channels = [[special]] + [[t] for t in index.content]
     scores = minmax(gaussian_blur(per_pixel_rescale(cond, channels, index.content), map_hw))
-    s = refinement_matrix(step, cond_row, adapter.refinement_layers, map_hw)
+    s = refinement_operator(step, cond_row, adapter.refinement_layers, map_hw)
     regions = minmax(propagate(s, scores, 2)).argmax(0)
     reference = token_maps(uncond_row)[:, 0] if index.bos is not None else cond[:, special]
     foreground = minmax(gaussian_blur(reference[None], map_hw))[0] < 0.5
@@ -74,10 +73,9 @@ def original_regions(step, adapter, cond_row: int, uncond_row: int, index, varia
         total = None
         for name in layers:
             c, grid = step.cross[name]["average"][row].float(), step.grids[name]
-            sq = step.selfs[adapter.self_of(name)]
-            s = head_mean_self_attention(src_hw=sq.grid, dst_hw=grid, **sq.image(row))
-            sc = s @ c
-            r = (sc + 3 * (s @ sc)) / 4 if variant == "code" else (sc + s @ sc) / 2
+            s = refinement_operator(step, row, [adapter.self_of(name)], grid)  # the layer's own S, at its grid
+            sc = s(c)
+            r = (sc + 3 * s(sc)) / 4 if variant == "code" else (sc + s(sc)) / 2
             r = gaussian_blur(r.T, grid, kernel_size=3)
             r = r / r.mean(-1, keepdim=True).clamp_min(1e-12)
             r = resize_maps(r, grid, map_hw)

@@ -105,7 +105,7 @@ def test_layer_weight_chunked_equals_dense(renorm, monkeypatch):
     assert torch.allclose(pseudo_self_attention(f), a_p, atol=1e-6)
     want = (a_p * s).sum()
     assert torch.allclose(layer_weight(a_p, s), want)
-    got = frobenius_with_reference(q, k, heads, d ** -0.5, src, f, ref, renormalize_rows=renorm)
+    got = frobenius_with_reference(q, k, heads, d ** -0.5, src, pseudo_self_attention(f), ref, renormalize_rows=renorm)
     assert torch.allclose(got, want, rtol=1e-5)
 
 
@@ -187,14 +187,12 @@ def test_joint_text_attention_matches_the_full_softmax(mode, monkeypatch):
     k_txt, v_txt = torch.randn(t, heads * d), torch.randn(t, heads * d)
     w_out = torch.randn(D, heads * d)
     scale = d ** -0.5
-    lse, maps, _ = joint_text_attention(q, k_img, k_txt, v_txt, heads, scale, w_out, mode)
+    image_mass, maps, _ = joint_text_attention(q, k_img, k_txt, v_txt, heads, scale, w_out, mode)
     keys = torch.cat([k_img, k_txt])
     probs = torch.stack([(q[:, h * d:(h + 1) * d] @ keys[:, h * d:(h + 1) * d].T * scale).softmax(-1) for h in range(heads)])
     a_txt = probs[:, :, n:]  # [heads, N, T] under the joint softmax
     assert torch.allclose(maps["average"], a_txt.mean(0), atol=1e-6)
-    full = torch.stack([torch.cat([q[:, h * d:(h + 1) * d] @ keys[:, h * d:(h + 1) * d].T * scale], -1).logsumexp(-1)
-                        for h in range(heads)])
-    assert torch.allclose(lse, full, atol=1e-5)
+    assert torch.allclose(image_mass, probs[:, :, :n].sum(-1), atol=1e-6)
     if mode == "auto":
         o = [a_txt[h] @ v_txt[:, h * d:(h + 1) * d] @ w_out[:, h * d:(h + 1) * d].T for h in range(heads)]  # o_h^text
         total = sum(o)
@@ -205,4 +203,20 @@ def test_joint_text_attention_matches_the_full_softmax(mode, monkeypatch):
     from diffusers_goca.functional.self_attention import self_attention_rows
 
     rows = torch.arange(n)
-    assert torch.allclose(self_attention_rows(q, k_img, rows, heads, scale, lse), probs[:, :, :n].mean(0), atol=1e-6)
+    assert torch.allclose(self_attention_rows(q, k_img, rows, heads, scale, image_mass), probs[:, :, :n].mean(0),
+                          atol=1e-6)
+
+
+@pytest.mark.parametrize("src,dst", [((4, 6), (8, 12)), ((8, 12), (8, 12)), ((6, 4), (3, 2))])
+@pytest.mark.parametrize("joint", [False, True])
+def test_fused_self_attention_product_equals_the_explicit_matrix(src, dst, joint):
+    from diffusers_goca.functional.self_attention import apply_self_attention
+
+    heads, d = 3, 4
+    n = src[0] * src[1]
+    q, k = torch.randn(n, heads * d), torch.randn(n, heads * d)
+    mass = torch.rand(heads, n) if joint else None
+    x = torch.randn(dst[0] * dst[1], 6)  # wider than the head dim: two value chunks
+    s = head_mean_self_attention(q, k, heads, d ** -0.5, src, dst, mass)
+    got = apply_self_attention(q, k, heads, d ** -0.5, src, dst, x, mass)
+    assert torch.allclose(got, s @ x, atol=1e-5)

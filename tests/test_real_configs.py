@@ -115,9 +115,9 @@ def test_full_width_shapes_at_real_head_counts(family):
     assert step.grids[layer] == (h, w)
     assert step.reference.shape == (1, h * w, width)
     if family != "pixart":
-        assert step.selfs[layer].lse.shape == (1, heads, h * w)
+        assert step.selfs[layer].image_mass.shape == (1, heads, h * w)
     else:
-        assert step.selfs["transformer_blocks.0.attn1"].lse is None
+        assert step.selfs["transformer_blocks.0.attn1"].image_mass is None
     assert all(v.shape[-1] == t for maps in step.cross.values() for v in maps.values())
 
 
@@ -156,6 +156,6 @@ def test_no_heads_by_n_by_n_tensor(monkeypatch):
     assert captured.largest < heads * n * n // 2, (captured.largest, heads * n * n)
     assert captured.largest <= max(plain.largest, n * n)  # at most the head-mean S at the map grid
     # What it holds is the memory plan's formula, O(N·(C + T)), not O(N²): per joint layer two fp32 maps [N, T], the
-    # queries and keys [N, C] and the log-normalisers [heads, N]; plus the reference feature [N, C].
+    # queries and keys [N, C] and the image-key shares [heads, N]; plus the reference feature [N, C].
     layers, t, c = 2, 77 + 32, 32
     assert step.nbytes() == layers * (2 * n * t * 4 + 2 * n * c * 4 + heads * n * 4) + n * c * 4

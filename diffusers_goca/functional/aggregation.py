@@ -47,7 +47,7 @@ def aggregate_heads(probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 def pseudo_self_attention(feature: torch.Tensor) -> torch.Tensor:
-    """A_p = softmax(F Fᵀ / √C) over rows. feature: [N, C] → [N, N] fp32. (Small grids only; see `layer_weight`.)"""
+    """A_p = softmax(F Fᵀ / √C) over rows. feature: [N, C] → [N, N] fp32 (64 MiB for a 64×64 reference grid)."""
     f = feature.float()
     return (f @ f.T / f.shape[-1] ** 0.5).softmax(-1)
 

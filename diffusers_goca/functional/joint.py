@@ -21,7 +21,7 @@ def joint_text_attention(
     out_weight: [D, heads·d], the projection applied to the attention output (for the head weights).
     Head weights (ALGORITHMS §1 extension): the text part of each head's output, o_h^text(p) = Σ_t A_h(p, t) V_h(t) W_hᵀ,
     against Σ_h o_h^text(p).
-    Returns (lse [heads, N]: log of each query's softmax normaliser over all keys,
+    Returns (image_mass [heads, N]: the share of each query's joint softmax that falls on image keys,
              {"average": [N, T], "auto": [N, T]} fp32, number of pixels whose text output was ~0).
     """
     n, hd = q.shape
@@ -29,15 +29,16 @@ def joint_text_attention(
     kt = k_img.float().view(-1, heads, d).transpose(0, 1)  # [heads, N, d]
     kx = k_txt.float().view(-1, heads, d).transpose(0, 1)  # [heads, T, d]
     vx = v_txt.float().view(-1, heads, d).transpose(0, 1)
-    lse = torch.empty(heads, n, dtype=torch.float32, device=q.device)
+    image_mass = torch.empty(heads, n, dtype=torch.float32, device=q.device)
     avg = torch.empty(n, kx.shape[1], dtype=torch.float32, device=q.device)
     auto = torch.empty_like(avg)
     degenerate = 0
     for a, b in row_chunks(n, heads, kt.shape[1] + kx.shape[1]):
         qc = q[a:b].float().view(b - a, heads, d).transpose(0, 1)  # [heads, c, d]
         s_txt = qc @ kx.transpose(1, 2) * scale
-        lse_c = torch.logaddexp((qc @ kt.transpose(1, 2) * scale).logsumexp(-1), s_txt.logsumexp(-1))
-        lse[:, a:b] = lse_c
+        lse_img = (qc @ kt.transpose(1, 2) * scale).logsumexp(-1)
+        lse_c = torch.logaddexp(lse_img, s_txt.logsumexp(-1))
+        image_mass[:, a:b] = (lse_img - lse_c).exp()
         probs = (s_txt - lse_c[..., None]).exp()  # [heads, c, T]
         avg[a:b] = probs.mean(0)
         if out_weight is None or head_weighting == "average":
@@ -47,4 +48,4 @@ def joint_text_attention(
         w, bad = head_weights(text_out, out_weight, heads, head_weighting, return_degenerate=True)
         auto[a:b] = torch.einsum("hct,hc->ct", probs, w[0])
         degenerate += int(bad.sum())
-    return lse, {"average": avg, "auto": auto}, degenerate
+    return image_mass, {"average": avg, "auto": auto}, degenerate

@@ -1,4 +1,9 @@
-"""Self-attention reductions computed from queries and keys in row chunks, so that no [heads, N, N] tensor is formed."""
+"""Self-attention reductions computed from queries and keys, so that no [heads, N, N] tensor is formed.
+
+Two forms: explicit rows in chunks (for the layer weights, which need the elementwise product with A_p), and the
+product S̃·X through `scaled_dot_product_attention` with X as the values (for the refinement S^k·M: the fused kernel
+never materialises the scores at all).
+"""
 from __future__ import annotations
 
 import torch
@@ -20,22 +25,23 @@ def grid_nearest_rows(src_hw: tuple[int, int], dst_hw: tuple[int, int], device=N
 
 
 def self_attention_rows(
-    q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, heads: int, scale: float, lse: torch.Tensor | None = None
+    q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, heads: int, scale: float,
+    image_mass: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Head-mean attention probabilities of the query rows `rows`.
 
     q: [N, heads·d], k: [M, heads·d] (one image, before the head split), rows: LongTensor [R].
-    lse: [heads, N], the log-normaliser of each query over all keys of a joint attention (text keys included); then
-    the rows are the image→image slice of the joint softmax, not renormalised. None: softmax over `k`.
-    Returns [R, M] in fp32: mean over heads of softmax(q_h k_hᵀ · scale).
+    image_mass: [heads, N], for a joint attention the share of each query's softmax that falls on the image keys; the
+    rows are then the image→image slice of the joint softmax, not renormalised. None: softmax over `k`.
+    Returns [R, M] in fp32: mean over heads of softmax(q_h k_hᵀ · scale) (· image_mass).
     """
     d = q.shape[-1] // heads
     qh = q[rows].float().view(len(rows), heads, d).transpose(0, 1)  # [heads, R, d]
     kh = k.float().view(-1, heads, d).transpose(0, 1)  # [heads, M, d]
-    scores = qh @ kh.transpose(1, 2) * scale
-    if lse is None:
-        return scores.softmax(-1).mean(0)
-    return (scores - lse[:, rows, None].float()).exp().mean(0)
+    probs = (qh @ kh.transpose(1, 2) * scale).softmax(-1)
+    if image_mass is not None:
+        probs = probs * image_mass[:, rows, None].float()
+    return probs.mean(0)
 
 
 def row_chunks(n_rows: int, heads: int, n_keys: int):
@@ -47,16 +53,17 @@ def row_chunks(n_rows: int, heads: int, n_keys: int):
 
 def head_mean_self_attention(
     q: torch.Tensor, k: torch.Tensor, heads: int, scale: float, src_hw: tuple[int, int], dst_hw: tuple[int, int],
-    lse: torch.Tensor | None = None,
+    image_mass: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Head-mean self-attention resized to the `dst` grid: queries nearest, keys bilinear, rows not renormalised.
 
-    q, k: [N_src, heads·d] of one image with N_src = src_h·src_w; lse: see `self_attention_rows`. Returns [N_dst, N_dst] fp32.
+    q, k: [N_src, heads·d] of one image with N_src = src_h·src_w. Returns [N_dst, N_dst] fp32 (small grids only:
+    `apply_self_attention` gives S̃·X without forming S̃).
     """
     rows = grid_nearest_rows(src_hw, dst_hw, q.device)
     out = torch.empty(len(rows), dst_hw[0] * dst_hw[1], dtype=torch.float32, device=q.device)
     for a, b in row_chunks(len(rows), heads, k.shape[0]):
-        out[a:b] = resize_keys(self_attention_rows(q, k, rows[a:b], heads, scale, lse), src_hw, dst_hw)
+        out[a:b] = resize_keys(self_attention_rows(q, k, rows[a:b], heads, scale, image_mass), src_hw, dst_hw)
     return out
 
 
@@ -68,27 +75,58 @@ def resize_keys(rows: torch.Tensor, src_hw: tuple[int, int], dst_hw: tuple[int, 
     return F.interpolate(img, size=dst_hw, mode="bilinear", align_corners=False).view(len(rows), -1)
 
 
+def resize_keys_adjoint(x: torch.Tensor, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> torch.Tensor:
+    """Bᵀ·x for the bilinear key resize B (src → dst): [dst_h·dst_w, K] → [src_h·src_w, K], so that
+    resize_keys(S)·x = S·(Bᵀ·x)."""
+    if tuple(src_hw) == tuple(dst_hw):
+        return x
+    with torch.enable_grad():
+        z = torch.zeros(x.shape[1], src_hw[0] * src_hw[1], device=x.device, requires_grad=True)
+        (grad,) = torch.autograd.grad(resize_keys(z, src_hw, dst_hw), z, grad_outputs=x.T.contiguous())
+    return grad.T
+
+
+def apply_self_attention(
+    q: torch.Tensor, k: torch.Tensor, heads: int, scale: float, src_hw: tuple[int, int], dst_hw: tuple[int, int],
+    x: torch.Tensor, image_mass: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """S̃·x with S̃ = `head_mean_self_attention(...)`, through the fused attention kernel (x as the values).
+
+    q, k: [N_src, heads·d]; x: [N_dst, K] → [N_dst, K] fp32.
+    """
+    n, hd = q.shape
+    d = hd // heads
+    xs = resize_keys_adjoint(x.float(), src_hw, dst_hw)  # [N_src, K]
+    qh = q.float().view(1, n, heads, d).transpose(1, 2)
+    kh = k.float().view(1, -1, heads, d).transpose(1, 2)
+    outs = []
+    for c in range(0, xs.shape[1], d):  # values as wide as the head dim keep the fast kernels
+        cols = xs[:, c:c + d]
+        v = F.pad(cols, (0, d - cols.shape[1])).view(1, 1, -1, d).expand(1, heads, -1, d)
+        y = F.scaled_dot_product_attention(qh, kh, v, scale=scale)[0]  # [heads, N_src, d]
+        if image_mass is not None:
+            y = y * image_mass.float()[..., None]
+        outs.append(y.mean(0)[:, : cols.shape[1]])
+    return torch.cat(outs, -1)[grid_nearest_rows(src_hw, dst_hw, q.device)]
+
+
 def frobenius_with_reference(
     q: torch.Tensor, k: torch.Tensor, heads: int, scale: float, src_hw: tuple[int, int],
-    reference: torch.Tensor, ref_hw: tuple[int, int], renormalize_rows: bool = False, lse: torch.Tensor | None = None,
+    reference_attention: torch.Tensor, ref_hw: tuple[int, int], renormalize_rows: bool = False,
+    image_mass: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """w_l before normalisation (ALGORITHMS §2): Σ_ij A_p[i, j] · S̃_l[i, j], computed in row chunks.
 
-    q, k: [N_l, heads·d] of one image's self-attention layer; reference: the dense feature F [N_ref, C].
-    A_p = softmax(F Fᵀ / √C); S̃_l = head-mean self-attention resized to the reference grid (rows renormalised to sum 1
-    after resizing when `renormalize_rows`; the official code does not). Returns a 0-d fp32 tensor.
+    q, k: [N_l, heads·d] of one image's self-attention layer; reference_attention: A_p = softmax(F Fᵀ / √C)
+    [N_ref, N_ref] (`pseudo_self_attention`, computed once for all layers); S̃_l = head-mean self-attention resized to
+    the reference grid (rows renormalised to sum 1 after resizing when `renormalize_rows`; the official code does not).
+    Returns a 0-d fp32 tensor.
     """
     rows = grid_nearest_rows(src_hw, ref_hw, q.device)
-    f = reference.float()
     total = torch.zeros((), dtype=torch.float32, device=q.device)
-    for a, b in row_chunks(len(rows), max(heads, 1), max(k.shape[0], f.shape[0])):
-        s_rows = resize_keys(self_attention_rows(q, k, rows[a:b], heads, scale, lse), src_hw, ref_hw)
+    for a, b in row_chunks(len(rows), max(heads, 1), max(k.shape[0], reference_attention.shape[0])):
+        s_rows = resize_keys(self_attention_rows(q, k, rows[a:b], heads, scale, image_mass), src_hw, ref_hw)
         if renormalize_rows:
             s_rows = s_rows / s_rows.sum(-1, keepdim=True)
-        total += (pseudo_rows(f, a, b) * s_rows).sum()
+        total += (reference_attention[a:b] * s_rows).sum()
     return total
-
-
-def pseudo_rows(f: torch.Tensor, a: int, b: int) -> torch.Tensor:
-    """Rows a..b of the pseudo self-attention softmax(F Fᵀ / √C): [b-a, N_ref] fp32."""
-    return (f[a:b] @ f.T / f.shape[-1] ** 0.5).softmax(-1)
