@@ -62,11 +62,13 @@ def test_aggregate_heads_literal():
     assert torch.allclose(aggregate_heads(probs, w), want, atol=1e-6)
 
 
-def literal_resized_self_attention(q, k, heads, scale, src, dst):
-    """S̃ by the book: full per-head softmax, head mean, queries nearest, keys bilinear (F.interpolate)."""
+def literal_resized_self_attention(q, k, heads, scale, src, dst, mass=None):
+    """S̃ by the book: full per-head softmax (times each query's image-key share for joint attention), head mean,
+    queries nearest, keys bilinear (F.interpolate)."""
     n, hd = q.shape
     d = hd // heads
-    s = torch.stack([((q[:, h * d:(h + 1) * d] @ k[:, h * d:(h + 1) * d].T) * scale).softmax(-1) for h in range(heads)]).mean(0)
+    s = torch.stack([((q[:, h * d:(h + 1) * d] @ k[:, h * d:(h + 1) * d].T) * scale).softmax(-1)
+                     * (1 if mass is None else mass[h][:, None]) for h in range(heads)]).mean(0)
     s4 = s.view(*src, *src)  # [hq, wq, hk, wk]
     s4 = F.interpolate(s4.reshape(-1, 1, *src), size=dst, mode="bilinear", align_corners=False).view(*src, *dst)
     s4 = s4.permute(2, 3, 0, 1).reshape(-1, 1, *src)
@@ -91,21 +93,26 @@ def test_nearest_rows_match_interpolate():
 
 
 @pytest.mark.parametrize("renorm", [False, True])
-def test_layer_weight_chunked_equals_dense(renorm, monkeypatch):
+@pytest.mark.parametrize("joint", [False, True])
+@pytest.mark.parametrize("src", [(4, 3), (8, 6), (16, 12)])
+def test_layer_weight_chunked_equals_dense(renorm, joint, src, monkeypatch):
     import diffusers_goca.functional.self_attention as sa
 
     monkeypatch.setattr(sa, "CHUNK_ELEMENTS", 50)  # force many chunks
-    heads, d, src, ref = 2, 4, (4, 3), (8, 6)
-    q, k = torch.randn(12, heads * d), torch.randn(12, heads * d)
+    heads, d, ref = 2, 4, (8, 6)
+    n = src[0] * src[1]
+    q, k = torch.randn(n, heads * d), torch.randn(n, heads * d)
+    mass = torch.rand(heads, n) if joint else None
     f = torch.randn(48, 10)
-    s = literal_resized_self_attention(q, k, heads, d ** -0.5, src, ref)
+    s = literal_resized_self_attention(q, k, heads, d ** -0.5, src, ref, mass)
     if renorm:
         s = s / s.sum(-1, keepdim=True)
     a_p = torch.stack([(f[i] @ f.T / math.sqrt(10)).softmax(-1) for i in range(48)])
     assert torch.allclose(pseudo_self_attention(f), a_p, atol=1e-6)
     want = (a_p * s).sum()
     assert torch.allclose(layer_weight(a_p, s), want)
-    got = frobenius_with_reference(q, k, heads, d ** -0.5, src, pseudo_self_attention(f), ref, renormalize_rows=renorm)
+    got = frobenius_with_reference(q, k, heads, d ** -0.5, src, pseudo_self_attention(f), ref, renormalize_rows=renorm,
+                                   image_mass=mass)
     assert torch.allclose(got, want, rtol=1e-5)
 
 

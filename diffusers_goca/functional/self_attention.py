@@ -120,13 +120,30 @@ def frobenius_with_reference(
     q, k: [N_l, heads·d] of one image's self-attention layer; reference_attention: A_p = softmax(F Fᵀ / √C)
     [N_ref, N_ref] (`pseudo_self_attention`, computed once for all layers); S̃_l = head-mean self-attention resized to
     the reference grid (rows renormalised to sum 1 after resizing when `renormalize_rows`; the official code does not).
+    The key resize is moved onto A_p (Σ_j A_p[i, j] (S Bᵀ)[i, j] = Σ_k S[i, k] (A_p B)[i, k]), and each head's
+    softmax enters only through Σ_k e^{s_ik}·P_ik / Σ_k e^{s_ik}: no normalised or resized copy of the scores exists.
     Returns a 0-d fp32 tensor.
     """
     rows = grid_nearest_rows(src_hw, ref_hw, q.device)
+    d = q.shape[-1] // heads
+    kh = k.float().view(-1, heads, d).transpose(0, 1)  # [heads, N_l, d]
+    weights = resize_keys_adjoint(reference_attention.T, src_hw, ref_hw).T  # A_p B: [N_ref, N_l]
+    if renormalize_rows:  # the row sums of S̃ are S·(Bᵀ1)
+        col_mass = resize_keys_adjoint(torch.ones(ref_hw[0] * ref_hw[1], 1, device=q.device), src_hw, ref_hw)[:, 0]
     total = torch.zeros((), dtype=torch.float32, device=q.device)
-    for a, b in row_chunks(len(rows), max(heads, 1), max(k.shape[0], reference_attention.shape[0])):
-        s_rows = resize_keys(self_attention_rows(q, k, rows[a:b], heads, scale, image_mass), src_hw, ref_hw)
+    for a, b in row_chunks(len(rows), heads, kh.shape[1]):
+        qh = (q[rows[a:b]].float() * scale).view(b - a, heads, d).transpose(0, 1)
+        e = qh @ kh.transpose(1, 2)  # [heads, c, N_l]
+        e.sub_(e.amax(-1, keepdim=True)).exp_()
+        per_query = e.transpose(0, 1)  # [c, heads, N_l]
+        share = (per_query @ weights[a:b, :, None])[..., 0] / e.sum(-1).T  # Σ_k softmax_hik · (A_p B)_ik: [c, heads]
+        if image_mass is not None:
+            share = share * image_mass[:, rows[a:b]].T.float()
         if renormalize_rows:
-            s_rows = s_rows / s_rows.sum(-1, keepdim=True)
-        total += (reference_attention[a:b] * s_rows).sum()
+            mass = (per_query @ col_mass[:, None])[..., 0] / e.sum(-1).T
+            if image_mass is not None:
+                mass = mass * image_mass[:, rows[a:b]].T.float()
+            total += (share.mean(1) / mass.mean(1)).sum()
+        else:
+            total += share.mean(1).sum()
     return total
