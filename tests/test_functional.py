@@ -190,7 +190,7 @@ def test_joint_text_attention_matches_the_full_softmax(mode, monkeypatch):
 
     monkeypatch.setattr(sa, "CHUNK_ELEMENTS", 64)  # several query chunks
     heads, d, n, t, D = 3, 4, 10, 6, 7
-    q, k_img, v_img = torch.randn(n, heads * d), torch.randn(n, heads * d), torch.randn(n, heads * d)
+    q, k_img = torch.randn(n, heads * d), torch.randn(n, heads * d)
     k_txt, v_txt = torch.randn(t, heads * d), torch.randn(t, heads * d)
     w_out = torch.randn(D, heads * d)
     scale = d ** -0.5

@@ -4,7 +4,6 @@ Full depth on the meta device: the adapters find the layers ALGORITHMS.md names.
 captured maps have the right shapes at the real head counts. And the chunked reductions never form a [heads, N, N]
 tensor, checked on every tensor any op creates during a capture step.
 """
-import types
 
 import pytest
 import torch
