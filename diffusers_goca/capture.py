@@ -61,7 +61,6 @@ class Capture:
         self.adapter = adapter
         self.head_weighting = head_weighting
         self.step: StepCapture | None = None
-        self.peak_bytes = 0
 
     @property
     def active(self) -> bool:
@@ -97,7 +96,6 @@ class Capture:
                 self._record_cross(layer, attn, tap, q, k, rows, attention_mask)
                 if layer == self.adapter.reference_layer:
                     step.reference, step.reference_grid = q.detach(), grid
-        self.peak_bytes = max(self.peak_bytes, step.nbytes())
 
     def _record_cross(self, layer, attn, tap, q, k, rows, attention_mask) -> None:
         heads = attn.heads

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -11,7 +12,7 @@ from PIL import Image
 
 from .capture import Capture, StepCapture
 from .functional.maps import scores_to_labels
-from .methods import METHODS, check_method, method_scores
+from .methods import check_method, method_scores
 from .models.base import adapter_for
 from .processors import unwrap_processor, wrap_processor
 from .result import GoCASegmentation
@@ -204,6 +205,27 @@ class GoCAMixin:
             results.append(GoCASegmentation(labels.cpu(), up.cpu(), classes))
         return results
 
+    @contextmanager
+    def _goca_request(self, state: _GoCAState, request: _Request):
+        """Hand `request` to the denoiser hooks for the duration of the block; the capture is off afterwards."""
+        state.request = request
+        try:
+            yield request
+        finally:
+            state.request = None
+            state.capture.stop()
+
+    def _goca_prompt_indices(self, adapter, args, kwargs, what: str, index_for) -> list:
+        """One TokenIndex per generated image (prompts × num_images_per_prompt), read from the text the pipeline
+        encodes. index_for(text, max_length) builds one."""
+        prompt = kwargs.get("prompt", args[0] if args else None)
+        if prompt is None:
+            raise ValueError(f"{what} needs the prompt text (prompt_embeds alone cannot be segmented)")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        per_prompt = kwargs.get("num_images_per_prompt", 1) or 1
+        max_length = kwargs.get("max_sequence_length", adapter.text_max_length)
+        return [index_for(adapter.prompt_text(p, kwargs), max_length) for p in prompts for _ in range(per_prompt)]
+
     def capture_forward(self, run: Callable[[], object], n_images: int = 1) -> StepCapture:
         """Run `run()`, which calls the denoiser once, with the capture on; return what it captured.
 
@@ -214,11 +236,9 @@ class GoCAMixin:
         state = self._goca_attached() if was_enabled else self.enable_goca()._goca
         request = _Request(wants=lambda i: True, n_images=n_images, keep_capture=True)
         try:
-            state.request = request
-            run()
+            with self._goca_request(state, request):
+                run()
         finally:
-            state.request = None
-            state.capture.stop()
             if not was_enabled:
                 self.disable_goca()
         if not request.captured:
@@ -249,9 +269,6 @@ class GoCAMixin:
         method → result, all read from the same single forward.
         """
         methods = [method] if isinstance(method, str) else list(method)
-        for m in methods:
-            if m not in METHODS:
-                raise ValueError(f"method must be one of {METHODS}, got {m!r}")
         if isinstance(classes, str):
             classes = [c.strip() for c in classes.split(",") if c.strip()]
         rgb = _as_rgb(image)
@@ -313,30 +330,22 @@ class GoCAMixin:
             return super().__call__(*args, **kwargs)
         state = self._goca_attached() if self._goca is not None else self.enable_goca()._goca
         check_method(state.adapter, goca_method)
-        prompt = kwargs.get("prompt", args[0] if args else None)
-        if prompt is None:
-            raise ValueError("masks during generation need the prompt text (prompt_embeds alone cannot be segmented)")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        per_prompt = kwargs.get("num_images_per_prompt", 1) or 1
-        indices = []
         adapter = state.adapter
-        max_length = kwargs.get("max_sequence_length", adapter.text_max_length)
-        for p in (adapter.prompt_text(p, kwargs) for p in prompts):
-            classes = list(goca_classes) if goca_classes is not None else entities_from_prompt(p)
+
+        def index_for(text, max_length):
+            classes = list(goca_classes) if goca_classes is not None else entities_from_prompt(text)
             extra = ["background"] if goca_background and "background" not in classes else []
-            indices += [adapter.token_index(p, classes, extra, max_length)] * per_prompt
+            return adapter.token_index(text, classes, extra, max_length)
+
+        indices = self._goca_prompt_indices(adapter, args, kwargs, "masks during generation", index_for)
         request = _Request(
             wants=self._goca_step_filter(goca_masks), n_images=len(indices), indices=indices, method=goca_method,
             background="background" if goca_background else None, background_offset=goca_background_offset,
             options=dict(goca_options or {}), callback=goca_callback, forwards_per_step=adapter.forwards_per_step(kwargs),
         )
         self.goca_masks = request.delivered
-        state.request = request
-        try:
+        with self._goca_request(state, request):
             return super().__call__(*args, **kwargs)
-        finally:
-            state.request = None
-            state.capture.stop()
 
     def _goca_step_filter(self, goca_masks) -> Callable[[int], bool]:
         if goca_masks is True or goca_masks == "all":

@@ -109,14 +109,9 @@ class SCFGMixin(GoCAMixin):
             raise ValueError(f"rate_bounds must satisfy 0 < low <= high, got {rate_bounds}")
         state = self._goca_attached() if self._goca is not None else self.enable_goca()._goca
         adapter = state.adapter
-        prompt = kwargs.get("prompt", args[0] if args else None)
-        if prompt is None:
-            raise ValueError("S-CFG needs the prompt text (prompt_embeds alone cannot be segmented)")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        per_prompt = kwargs.get("num_images_per_prompt", 1) or 1
-        max_length = kwargs.get("max_sequence_length", adapter.text_max_length)
-        indices = [adapter.token_index(adapter.prompt_text(p, kwargs), [], max_length=max_length, require_classes=False)
-                   for p in prompts for _ in range(per_prompt)]
+        indices = self._goca_prompt_indices(
+            adapter, args, kwargs, "S-CFG",
+            lambda text, max_length: adapter.token_index(text, [], max_length=max_length, require_classes=False))
         n = len(indices)
         self.scfg_maps: list[SCFGStepMaps] = []
         request = _Request(wants=lambda i: True, n_images=2 * n, forwards_per_step=adapter.forwards_per_step(kwargs))
@@ -126,12 +121,8 @@ class SCFGMixin(GoCAMixin):
                                    max_guidance, scfg_keep_maps)
 
         request.transform = transform
-        state.request = request
-        try:
+        with self._goca_request(state, request):
             return super(GoCAMixin, self).__call__(*args, **kwargs)
-        finally:
-            state.request = None
-            state.capture.stop()
 
     def _scfg_step(self, step, output, indices, request, segmentor, variant, guidance, lo, hi, max_guidance, keep):
         adapter = self._goca.adapter

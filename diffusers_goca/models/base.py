@@ -142,6 +142,15 @@ class Adapter:
         sample = kwargs.get("sample", kwargs.get("hidden_states", args[0] if args else None))
         return sample.shape[0]
 
+    def ddpm_noised(self, latents: torch.Tensor, timestep: int, generator: torch.Generator):
+        """(x_t, t) for DDPM-family models: seeded noise at `timestep` with the pipeline scheduler's betas."""
+        from diffusers import DDPMScheduler
+
+        noising = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+        t = torch.tensor([timestep], device=latents.device)
+        return noising.add_noise(latents, noise, t), t
+
     def segment_forward(self, latents: torch.Tensor, prompt: str, timestep: int, generator: torch.Generator) -> None:
         """Noise `latents` (clean, scaled) to `timestep` and run the denoiser once on `prompt`, without CFG."""
         raise NotImplementedError

@@ -54,12 +54,7 @@ class PixArtAdapter(Adapter):
 
     def segment_forward(self, latents, prompt, timestep, generator):
         pipe, model = self.pipe, self.pipe.transformer
-        from diffusers import DDPMScheduler
-
-        noising = DDPMScheduler.from_config(pipe.scheduler.config)
-        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
-        t = torch.tensor([timestep], device=latents.device)
-        noisy = noising.add_noise(latents, noise, t)
+        noisy, t = self.ddpm_noised(latents, timestep, generator)
         embeds, mask, _, _ = pipe.encode_prompt(
             prompt, do_classifier_free_guidance=False, device=latents.device, clean_caption=False,
             max_sequence_length=self.text_max_length,

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import re
 
-import torch
-
 from .base import Adapter, LayerInfo
 
 _NAME = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.(attn1|attn2)$|"
@@ -109,12 +107,7 @@ class UNetAdapter(Adapter):
     # -- segmentation of an existing image (ALGORITHMS §5) --------------------------------------------------------------
     def segment_forward(self, latents, prompt, timestep, generator):
         pipe, unet = self.pipe, self.pipe.unet
-        from diffusers import DDPMScheduler
-
-        noising = DDPMScheduler.from_config(pipe.scheduler.config)
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        t = torch.tensor([timestep], device=latents.device)
-        noisy = noising.add_noise(latents, noise, t)
+        noisy, t = self.ddpm_noised(latents, timestep, generator)
         kwargs = {}
         if self.is_sdxl:
             embeds, _, pooled, _ = pipe.encode_prompt(
