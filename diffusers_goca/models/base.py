@@ -46,14 +46,20 @@ class Adapter:
         super().__init_subclass__(**kwargs)
         _ADAPTERS.append(cls)
 
+    # The denoiser this family reads: the pipeline attribute and the diffusers class name.
+    denoiser_attr: str = "transformer"
+    denoiser_class: str = ""
+
     @classmethod
     def supports(cls, pipe) -> bool:
-        raise NotImplementedError
+        import diffusers
+
+        return isinstance(getattr(pipe, cls.denoiser_attr, None), getattr(diffusers, cls.denoiser_class))
 
     # -- tables -------------------------------------------------------------------------------------------------------
     @property
     def denoiser(self) -> torch.nn.Module:
-        raise NotImplementedError
+        return getattr(self.pipe, self.denoiser_attr)
 
     @property
     def cross_layers(self) -> list[str]:

@@ -23,14 +23,9 @@ _REFINE_DOUBLE, _DOUBLE_DEPTH = (12, 18), 19
 
 class FluxAdapter(Adapter):
     family = "flux"
+    denoiser_class = "FluxTransformer2DModel"
     segment_timestep = None
     segment_steps, segment_strength, segment_guidance = 28, 0.15, 3.5  # official: img2img strength 0.15, default shift
-
-    @classmethod
-    def supports(cls, pipe) -> bool:
-        from diffusers import FluxTransformer2DModel
-
-        return isinstance(getattr(pipe, "transformer", None), FluxTransformer2DModel)
 
     def __init__(self, pipe):
         super().__init__(pipe)
@@ -49,10 +44,6 @@ class FluxAdapter(Adapter):
         self.refine_order = 2
         self.native_resolution = pipe.default_sample_size * pipe.vae_scale_factor
         self.text_max_length = call_default(type(pipe), "max_sequence_length", 512)
-
-    @property
-    def denoiser(self):
-        return self.pipe.transformer
 
     def tokenizer(self):
         return self.pipe.tokenizer_2  # the transformer attends to the T5 tokens; CLIP gives only the pooled vector

@@ -18,12 +18,7 @@ _REFERENCE, _REFINE, _DEPTH = 13, range(10, 18), 28
 
 class PixArtAdapter(Adapter):
     family = "pixart"
-
-    @classmethod
-    def supports(cls, pipe) -> bool:
-        from diffusers import PixArtTransformer2DModel
-
-        return isinstance(getattr(pipe, "transformer", None), PixArtTransformer2DModel)
+    denoiser_class = "PixArtTransformer2DModel"
 
     def __init__(self, pipe):
         super().__init__(pipe)
@@ -43,10 +38,6 @@ class PixArtAdapter(Adapter):
         self.native_resolution = model.config.sample_size * pipe.vae_scale_factor
         # PixArt-α encodes 120 T5 tokens, PixArt-Σ 300: the default of the pipeline's `max_sequence_length`.
         self.text_max_length = call_default(type(pipe), "max_sequence_length", 120)
-
-    @property
-    def denoiser(self):
-        return self.pipe.transformer
 
     def prompt_text(self, prompt: str, call_kwargs: dict) -> str:
         # The pipeline cleans captions (when bs4 / ftfy are installed) before tokenizing: index the text it encodes.

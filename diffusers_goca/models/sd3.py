@@ -28,14 +28,9 @@ def split_heads_norm(x: torch.Tensor, heads: int, norm) -> torch.Tensor:
 
 class SD3Adapter(Adapter):
     family = "sd3"
+    denoiser_class = "SD3Transformer2DModel"
     segment_timestep = None
     segment_steps, segment_from_end = 28, 8  # Seg4Diff: FlowMatch, 28 steps, the 8th timestep from the end
-
-    @classmethod
-    def supports(cls, pipe) -> bool:
-        from diffusers import SD3Transformer2DModel
-
-        return isinstance(getattr(pipe, "transformer", None), SD3Transformer2DModel)
 
     def __init__(self, pipe):
         super().__init__(pipe)
@@ -53,10 +48,6 @@ class SD3Adapter(Adapter):
         self.seg4diff_layer = f"transformer_blocks.{min(_SEG4DIFF, depth - 1)}.attn"
         self.native_resolution = model.config.sample_size * pipe.vae_scale_factor
         self.t5_length = 256
-
-    @property
-    def denoiser(self):
-        return self.pipe.transformer
 
     def token_index(self, prompt, classes, extra_entities=(), max_length=None, require_classes=True):
         from ..tokens import concat_token_indices, token_index

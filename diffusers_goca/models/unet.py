@@ -19,12 +19,12 @@ def _attn(path: str, attention: int, block: int, which: str) -> str:
 
 class UNetAdapter(Adapter):
     family = "unet"
+    denoiser_class = "UNet2DConditionModel"
+    denoiser_attr = "unet"
 
     @classmethod
     def supports(cls, pipe) -> bool:
-        from diffusers import UNet2DConditionModel
-
-        return isinstance(getattr(pipe, "unet", None), UNet2DConditionModel) and getattr(pipe, "tokenizer", None) is not None
+        return super().supports(pipe) and getattr(pipe, "tokenizer", None) is not None
 
     def __init__(self, pipe):
         super().__init__(pipe)
@@ -53,10 +53,6 @@ class UNetAdapter(Adapter):
         self.refinement_layers = self._refinement_layers()
         self.manual_layers = self._manual_layers()
         self.refine_order = 2
-
-    @property
-    def denoiser(self):
-        return self.pipe.unet
 
     @property
     def scfg_layers(self) -> list[str]:
