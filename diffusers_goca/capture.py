@@ -1,10 +1,16 @@
 """The capture: what one denoiser forward leaves behind for the GoCA formulas, and nothing more (ARCHITECTURE, memory).
 
-Per cross (or joint) layer: the head-aggregated image→text maps C_l [R, N_l, T] (auto-weighted and head-mean); for the
-reference layer its feature F [R, N_ref, C]; per self (or joint) layer its image queries and keys [R, N_l, C] in the
-model dtype, plus for joint layers the share of each query's softmax that falls on image keys [R, heads, N_l]. Everything that needs
-[N, N] scores is reduced after the forward in row chunks (no [heads, N, N] tensor is ever formed).
+Per cross (or joint) layer: the head-aggregated image→text maps C_l [R, N_l, T'] (auto-weighted and head-mean) over
+the T' token positions the request reads (all T when it does not say); for the reference layer its feature
+F [R, N_ref, C]; per self (or joint) layer its image queries and keys [R, N_l, C] in the model dtype, plus for joint
+layers the share of each query's softmax that falls on image keys [R, heads, N_l]. Everything that needs [N, N] scores
+is reduced after the forward in row chunks (no [heads, N, N] tensor is ever formed).
 R = the batch rows segmented (the conditional half of a CFG batch).
+
+Offload: once the queries and keys held on an accelerator would pass `offload_above` bytes, further layers' are
+copied to host memory as they arrive (asynchronously, in stream order) and brought back one layer at a time when
+reduced. That keeps the accelerator-side capture bounded when the reference layer comes late (Flux: single block 27
+of 38, after 46 of the 57 attention layers).
 """
 from __future__ import annotations
 
@@ -24,11 +30,18 @@ class SelfQK:
     scale: float
     grid: tuple[int, int]
     image_mass: torch.Tensor | None = None  # [R, heads, N] joint attention: share of the softmax on image keys
+    device: torch.device | None = None  # where reductions run, when the tensors were offloaded to the host
 
     def image(self, row: int) -> dict:
-        """Keyword arguments of the self-attention reductions for one captured image."""
-        return dict(q=self.query[row], k=self.key[row], heads=self.heads, scale=self.scale,
-                    image_mass=None if self.image_mass is None else self.image_mass[row])
+        """Keyword arguments of the self-attention reductions for one captured image (on the compute device)."""
+        def back(t):
+            return t if self.device is None else t.to(self.device, non_blocking=True)
+
+        return dict(q=back(self.query[row]), k=back(self.key[row]), heads=self.heads, scale=self.scale,
+                    image_mass=None if self.image_mass is None else back(self.image_mass[row]))
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.query, self.key, self.image_mass) if t is not None]
 
 
 @dataclass
@@ -39,27 +52,34 @@ class StepCapture:
     rows: list[int]
     text_len: int | None = None
     head_weighting: str = "auto"  # how the "auto" maps were weighted over heads
-    cross: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # layer → {"auto", "average"}: [R, N, T]
+    columns: list[int] | None = None  # token positions kept in the maps (None: all)
+    cross: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # layer → {"auto", "average"}: [R, N, T']
     grids: dict[str, tuple[int, int]] = field(default_factory=dict)
     selfs: dict[str, SelfQK] = field(default_factory=dict)
     reference: torch.Tensor | None = None  # [R, N_ref, C]
     reference_grid: tuple[int, int] | None = None
     degenerate_pixels: int = 0  # pixels where the (text) output ≈ 0, whose head weights fell back to 1/H
 
-    def nbytes(self) -> int:
-        """Bytes held by the capture (the accounting that bounds its memory)."""
+    def nbytes(self, device: str | None = None) -> int:
+        """Bytes held by the capture (the accounting that bounds its memory), optionally only those on `device`'s
+        type ("cuda", "cpu")."""
         tensors = [t for maps in self.cross.values() for t in maps.values()]
-        tensors += [t for s in self.selfs.values() for t in (s.query, s.key, s.image_mass) if t is not None]
+        tensors += [t for s in self.selfs.values() for t in s.tensors()]
         tensors += [self.reference] if self.reference is not None else []
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in tensors if device is None or t.device.type == device)
+
+    def index(self, index):
+        """A TokenIndex over this capture's maps (positions → kept columns)."""
+        return index if self.columns is None else index.on_columns(self.columns)
 
 
 class Capture:
     """Receives projections from the GoCA processors while active; `start` / `stop` bracket one denoiser forward."""
 
-    def __init__(self, adapter, head_weighting: str = "auto"):
+    def __init__(self, adapter, head_weighting: str = "auto", offload_above: int | None = 512 * 2**20):
         self.adapter = adapter
         self.head_weighting = head_weighting
+        self.offload_above = offload_above  # None: never offload
         self.step: StepCapture | None = None
 
     @property
@@ -69,8 +89,27 @@ class Capture:
     def wants(self, layer: str) -> bool:
         return self.step is not None and layer in self.adapter.layers
 
-    def start(self, latent_hw: tuple[int, int], rows: list[int], text_len: int | None = None) -> None:
-        self.step = StepCapture(tuple(latent_hw), list(rows), text_len, self.head_weighting)
+    def start(self, latent_hw: tuple[int, int], rows: list[int], text_len: int | None = None,
+              columns: list[int] | None = None) -> None:
+        self.step = StepCapture(tuple(latent_hw), list(rows), text_len, self.head_weighting,
+                                None if columns is None else sorted(set(columns)))
+
+    def _keep_self(self, layer: str, qk: SelfQK) -> None:
+        """Store a self layer's inputs, on the host when the accelerator-side ones would pass the budget."""
+        step = self.step
+        size = sum(t.numel() * t.element_size() for t in qk.tensors())
+        device = qk.query.device
+        resident = sum(t.numel() * t.element_size() for s in step.selfs.values() if s.device is None for t in s.tensors())
+        if device.type != "cpu" and self.offload_above is not None and resident + size > self.offload_above:
+            qk.query, qk.key = qk.query.to("cpu", non_blocking=True), qk.key.to("cpu", non_blocking=True)
+            if qk.image_mass is not None:
+                qk.image_mass = qk.image_mass.to("cpu", non_blocking=True)
+            qk.device = device
+        step.selfs[layer] = qk
+
+    def _columns(self, device) -> torch.Tensor | None:
+        cols = self.step.columns
+        return None if cols is None else torch.tensor(cols, device=device)
 
     def stop(self) -> StepCapture | None:
         step, self.step = self.step, None
@@ -91,7 +130,7 @@ class Capture:
             q, k = tap.query.index_select(0, rows), tap.key.index_select(0, rows)
             grid = step.grids[layer] = self.adapter.grid(layer, q.shape[1], step.latent_hw)
             if info.role == "self":
-                step.selfs[layer] = SelfQK(q.detach(), k.detach(), attn.heads, attn.scale, grid)
+                self._keep_self(layer, SelfQK(q.detach(), k.detach(), attn.heads, attn.scale, grid))
             else:
                 self._record_cross(layer, attn, tap, q, k, rows, attention_mask)
                 if layer == self.adapter.reference_layer:
@@ -109,6 +148,9 @@ class Capture:
             mask = mask.view(tap.query.shape[0], heads, -1, mask.shape[-1]).index_select(0, rows)
             scores = scores + mask.float()
         probs = scores.softmax(-1)
+        columns = self._columns(probs.device)
+        if columns is not None:
+            probs = probs.index_select(-1, columns)
         maps = {"average": probs.mean(1)}
         if tap.head_out is not None:
             weight = attn.to_out[0].weight
@@ -128,14 +170,16 @@ class Capture:
         heads, scale = attn.heads, adapter.attention_scale(attn)
         weight = adapter.output_weight(layer, attn)
         masses, avgs, autos = [], [], []
+        columns = self._columns(q.device)
         for i in range(len(rows)):
-            mass, maps, bad = joint_text_attention(q[i], k[i], k_txt[i], v_txt[i], heads, scale, weight, self.head_weighting)
+            mass, maps, bad = joint_text_attention(q[i], k[i], k_txt[i], v_txt[i], heads, scale, weight,
+                                                   self.head_weighting, columns)
             masses.append(mass)
             avgs.append(maps["average"])
             autos.append(maps["auto"])
             step.degenerate_pixels += bad
         step.cross[layer] = {"average": torch.stack(avgs), "auto": torch.stack(autos)}
-        step.selfs[layer] = SelfQK(q.detach(), k.detach(), heads, scale, grid, torch.stack(masses))
+        self._keep_self(layer, SelfQK(q.detach(), k.detach(), heads, scale, grid, torch.stack(masses)))
         if layer == adapter.reference_layer:
             step.reference = adapter.reference_feature(layer, tap, output, step).index_select(0, rows).detach()
             step.reference_grid = grid

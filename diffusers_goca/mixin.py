@@ -28,6 +28,11 @@ class GoCAStepMasks:
     results: list[GoCASegmentation]
 
 
+def needed_columns(indices) -> list[int]:
+    """The text positions any of `indices` reads (the maps of other tokens are not kept)."""
+    return sorted({p for index in indices for p in index.needed()})
+
+
 @dataclass
 class _Request:
     """What the denoiser hooks should capture (and, during generation, segment) in one pipeline call or one forward."""
@@ -44,6 +49,7 @@ class _Request:
     timestep: object = None
     callback: Callable | None = None
     keep_capture: bool = False  # keep the raw capture instead of segmenting (segment(), capture_forward())
+    columns: list[int] | None = None  # text positions whose maps are kept (None: all)
     transform: Callable | None = None  # (capture, denoiser output) → replacement output (S-CFG)
     captured: list[StepCapture] = field(default_factory=list)
     delivered: list[GoCAStepMasks] = field(default_factory=list)
@@ -165,7 +171,8 @@ class GoCAMixin:
         else:
             raise RuntimeError(f"GoCA expected a denoiser batch of {n} or {2 * n} images, got {batch}")
         adapter = state.adapter
-        state.capture.start(adapter.denoiser_latent_hw(args, kwargs), rows, adapter.denoiser_text_len(args, kwargs))
+        state.capture.start(adapter.denoiser_latent_hw(args, kwargs), rows, adapter.denoiser_text_len(args, kwargs),
+                            req.columns)
         req.timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         return None
 
@@ -199,7 +206,7 @@ class GoCAMixin:
         results = []
         for row, index in enumerate(indices):
             bg = background if background in index.extra_entities else None
-            scores, bg_scores = method_scores(step, row, index, adapter, method, bg, **options)
+            scores, bg_scores = method_scores(step, row, step.index(index), adapter, method, bg, **options)
             labels, up = scores_to_labels(scores, map_hw, out_hw, bg_scores, background_offset)
             classes = list(index.classes) + (["background"] if bg else [])
             results.append(GoCASegmentation(labels.cpu(), up.cpu(), classes))
@@ -226,15 +233,18 @@ class GoCAMixin:
         max_length = kwargs.get("max_sequence_length", adapter.text_max_length)
         return [index_for(adapter.prompt_text(p, kwargs), max_length) for p in prompts for _ in range(per_prompt)]
 
-    def capture_forward(self, run: Callable[[], object], n_images: int = 1) -> StepCapture:
+    def capture_forward(self, run: Callable[[], object], n_images: int = 1, columns: Sequence[int] | None = None
+                        ) -> StepCapture:
         """Run `run()`, which calls the denoiser once, with the capture on; return what it captured.
 
-        The last `n_images` rows of the denoiser batch are captured. GoCA is enabled for the call if it was not, and
+        The last `n_images` rows of the denoiser batch are captured; `columns`: the text positions whose maps are kept
+        (default all; `TokenIndex.needed()` is what the methods read). GoCA is enabled for the call if it was not, and
         left as it was afterwards, also on error. `segment` and the benchmarks are built on this.
         """
         was_enabled = self._goca is not None
         state = self._goca_attached() if was_enabled else self.enable_goca()._goca
-        request = _Request(wants=lambda i: True, n_images=n_images, keep_capture=True)
+        request = _Request(wants=lambda i: True, n_images=n_images, keep_capture=True,
+                           columns=None if columns is None else list(columns))
         try:
             with self._goca_request(state, request):
                 run()
@@ -283,7 +293,8 @@ class GoCAMixin:
         resolution = resolution or adapter.native_resolution
         latents = self._goca_encode(rgb, resolution, adapter)
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        step = self.capture_forward(lambda: adapter.segment_forward(latents, prompt, timestep, generator))
+        step = self.capture_forward(lambda: adapter.segment_forward(latents, prompt, timestep, generator),
+                                    columns=index.needed())
         results = {}
         for m in methods:
             results[m] = self._goca_results(adapter, step, [index], m, "background" if use_background else None,
@@ -342,6 +353,7 @@ class GoCAMixin:
             wants=self._goca_step_filter(goca_masks), n_images=len(indices), indices=indices, method=goca_method,
             background="background" if goca_background else None, background_offset=goca_background_offset,
             options=dict(goca_options or {}), callback=goca_callback, forwards_per_step=adapter.forwards_per_step(kwargs),
+            columns=needed_columns(indices),
         )
         self.goca_masks = request.delivered
         with self._goca_request(state, request):

@@ -114,6 +114,7 @@ class SCFGMixin(GoCAMixin):
             lambda text, max_length: adapter.token_index(text, [], max_length=max_length, require_classes=False))
         n = len(indices)
         self.scfg_maps: list[SCFGStepMaps] = []
+        # All token columns are kept: S-CFG's foreground reads the start token's share of every token's attention.
         request = _Request(wants=lambda i: True, n_images=2 * n, forwards_per_step=adapter.forwards_per_step(kwargs))
 
         def transform(step, output):

@@ -37,6 +37,26 @@ class TokenIndex:
             return self.class_tokens[self.classes.index(name)]
         return self.extra_entities[name]
 
+    def needed(self) -> list[int]:
+        """Positions the segmentation methods read: the content tokens (classes and entities among them), plus the
+        start and end tokens (S-CFG's foreground)."""
+        named = [p for ps in self.class_tokens for p in ps] + [p for ps in self.extra_entities.values() for p in ps]
+        special = [p for p in (self.bos, self.eos) if p is not None]
+        return sorted(set(self.content) | set(named) | set(special))
+
+    def on_columns(self, columns: Sequence[int]) -> "TokenIndex":
+        """This index over maps that keep only the token positions `columns` (in that order)."""
+        where = {p: i for i, p in enumerate(columns)}
+        missing = sorted(set(self.needed()) - set(where))
+        if missing:
+            raise ValueError(f"token positions {missing} of {self.prompt!r} were not captured")
+        return TokenIndex(
+            self.prompt, list(self.classes), [[where[p] for p in ps] for ps in self.class_tokens],
+            [where[p] for p in self.content], len(columns),
+            {name: [where[p] for p in ps] for name, ps in self.extra_entities.items()},
+            None if self.bos is None else where[self.bos], None if self.eos is None else where[self.eos],
+        )
+
 
 def _fast_backend(tokenizer):
     """A `tokenizers.Tokenizer` that gives offsets, for fast and slow transformers tokenizers alike."""

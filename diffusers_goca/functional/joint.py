@@ -1,51 +1,69 @@
 """Joint attention (SD3, Flux): image queries attend to image and text keys in one softmax.
 
-The image→text probabilities need the softmax over all keys: computed per query chunk through the log-sum-exp, so the
-image→image scores of one chunk are the largest tensor formed.
+Under the joint softmax, A(p, t) = softmax_text(p, t) · m_text(p), where softmax_text is the softmax over the text keys
+alone (T ≤ 512 columns, cheap) and m_text(p) is the share of query p's softmax that falls on text keys. m_text is one
+fused attention call whose values are the text indicator, so the image→image scores are never formed.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .aggregation import head_weights
 from .self_attention import row_chunks
 
 
+def text_share(q: torch.Tensor, k_img: torch.Tensor, k_txt: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    """m_text [heads, N]: each image query's joint-softmax probability on the text keys (fp32).
+
+    q, k_img: [N, heads·d]; k_txt: [T, heads·d]. Runs in fp32 on CPU and in the input dtype on accelerators (the fused
+    kernels accumulate in fp32).
+    """
+    n, hd = q.shape
+    d = hd // heads
+    dtype = torch.float32 if q.device.type == "cpu" else q.dtype
+    keys = torch.cat([k_img, k_txt]).to(dtype).view(1, -1, heads, d).transpose(1, 2)  # [1, heads, N+T, d]
+    # The indicator is repeated over d channels so the value has the query's head dim (what fused kernels expect);
+    # 4-D, contiguous inputs select the fused kernels (else SDPA falls back to the explicit [heads, N, N+T] softmax).
+    indicator = torch.zeros(keys.shape[2], 1, dtype=dtype, device=q.device)
+    indicator[k_img.shape[0]:] = 1
+    values = indicator.expand(-1, d).reshape(1, 1, -1, d).expand(1, heads, -1, d).contiguous()
+    queries = q.to(dtype).view(1, n, heads, d).transpose(1, 2)
+    return F.scaled_dot_product_attention(queries, keys, values, scale=scale)[0, ..., 0].float().clamp(0, 1)
+
+
 def joint_text_attention(
     q: torch.Tensor, k_img: torch.Tensor, k_txt: torch.Tensor, v_txt: torch.Tensor, heads: int, scale: float,
-    out_weight: torch.Tensor | None = None, head_weighting: str = "auto",
+    out_weight: torch.Tensor | None = None, head_weighting: str = "auto", columns: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
     """Image→text attention of one image under the joint softmax, aggregated over heads.
 
     q, k_img: [N, heads·d] image queries / keys; k_txt, v_txt: [T, heads·d] text keys / values (after norms and RoPE).
     out_weight: [D, heads·d], the projection applied to the attention output (for the head weights).
     Head weights (ALGORITHMS §1 extension): the text part of each head's output, o_h^text(p) = Σ_t A_h(p, t) V_h(t) W_hᵀ,
-    against Σ_h o_h^text(p).
+    against Σ_h o_h^text(p). columns: text positions to keep in the maps (default all T).
     Returns (image_mass [heads, N]: the share of each query's joint softmax that falls on image keys,
-             {"average": [N, T], "auto": [N, T]} fp32, number of pixels whose text output was ~0).
+             {"average": [N, T'], "auto": [N, T']} fp32, number of pixels whose text output was ~0).
     """
     n, hd = q.shape
     d = hd // heads
-    kt = k_img.float().view(-1, heads, d).transpose(0, 1)  # [heads, N, d]
+    m_text = text_share(q, k_img, k_txt, heads, scale)  # [heads, N]
     kx = k_txt.float().view(-1, heads, d).transpose(0, 1)  # [heads, T, d]
     vx = v_txt.float().view(-1, heads, d).transpose(0, 1)
-    image_mass = torch.empty(heads, n, dtype=torch.float32, device=q.device)
-    avg = torch.empty(n, kx.shape[1], dtype=torch.float32, device=q.device)
+    width = kx.shape[1] if columns is None else len(columns)
+    avg = torch.empty(n, width, dtype=torch.float32, device=q.device)
     auto = torch.empty_like(avg)
     degenerate = 0
-    for a, b in row_chunks(n, heads, kt.shape[1] + kx.shape[1]):
+    for a, b in row_chunks(n, heads, kx.shape[1]):
         qc = q[a:b].float().view(b - a, heads, d).transpose(0, 1)  # [heads, c, d]
-        s_txt = qc @ kx.transpose(1, 2) * scale
-        lse_img = (qc @ kt.transpose(1, 2) * scale).logsumexp(-1)
-        lse_c = torch.logaddexp(lse_img, s_txt.logsumexp(-1))
-        image_mass[:, a:b] = (lse_img - lse_c).exp()
-        probs = (s_txt - lse_c[..., None]).exp()  # [heads, c, T]
-        avg[a:b] = probs.mean(0)
+        probs = (qc @ kx.transpose(1, 2) * scale).softmax(-1) * m_text[:, a:b, None]  # [heads, c, T], joint softmax
+        kept = probs if columns is None else probs[..., columns]
+        avg[a:b] = kept.mean(0)
         if out_weight is None or head_weighting == "average":
             auto[a:b] = avg[a:b]
             continue
         text_out = (probs @ vx).transpose(0, 1).reshape(1, b - a, hd)  # [1, c, heads·d]
         w, bad = head_weights(text_out, out_weight, heads, head_weighting, return_degenerate=True)
-        auto[a:b] = torch.einsum("hct,hc->ct", probs, w[0])
+        auto[a:b] = torch.einsum("hct,hc->ct", kept, w[0])
         degenerate += int(bad.sum())
-    return image_mass, {"average": avg, "auto": auto}, degenerate
+    return 1 - m_text, {"average": avg, "auto": auto}, degenerate
