@@ -18,42 +18,12 @@ import time
 
 import torch
 
+from real_configs import TEXT_TOKENS, TRANSFORMERS, UNETS
+
 from diffusers_goca.clip_bpe import build_clip_tokenizer
 from diffusers_goca.methods import method_scores
 from diffusers_goca.mixin import GoCAMixin
 from diffusers_goca.tokens import TokenIndex
-
-UNETS = {
-    "sd15": dict(
-        sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8,
-    ),
-    "sdxl": dict(
-        sample_size=128, layers_per_block=2, block_out_channels=(320, 640, 1280),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
-        attention_head_dim=(5, 10, 20), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, cross_attention_dim=2048,
-    ),
-}
-TRANSFORMERS = {
-    "pixart-sigma": ("PixArtTransformer2DModel", "num_layers", dict(
-        sample_size=128, num_layers=28, patch_size=2, attention_head_dim=72, num_attention_heads=16,
-        caption_channels=4096, in_channels=4, out_channels=8, cross_attention_dim=1152, attention_bias=True,
-        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
-        norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=2, use_additional_conditions=False)),
-    "sd3-medium": ("SD3Transformer2DModel", "num_layers", dict(
-        sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
-        joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
-        pos_embed_max_size=192)),
-    "flux-dev": ("FluxTransformer2DModel", "num_single_layers", dict(
-        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-        axes_dims_rope=(16, 56, 56))),
-}
-TEXT_TOKENS = {"pixart-sigma": 300, "sd3-medium": 333, "flux-dev": 512}
-
 
 class Host(GoCAMixin):
     """Just enough of a pipeline for the adapters: the denoiser, a tokenizer, the VAE factor."""
@@ -158,7 +128,7 @@ def main(argv=None):
 
     def capture_forward():
         with torch.no_grad():
-            return host.capture_forward(run)
+            return host.capture_forward(run, columns=index.needed())  # the columns segment() keeps
 
     capture_forward()
     cap_t, step = timed(capture_forward, args.device, args.repeats)
@@ -180,6 +150,9 @@ def main(argv=None):
     print(f"  GoCA reductions after forward   {reduce_t * 1e3:9.1f} ms   ratio {reduce_t / plain_t:.3f}")
     print(f"  capture + reductions (segment)  {(cap_t + reduce_t) * 1e3:9.1f} ms   ratio {(cap_t + reduce_t) / plain_t:.3f}")
     print(f"  capture held (own accounting)   {step.nbytes() / mib:9.1f} MiB")
+    if args.device != "cpu":
+        print(f"    on {args.device} / offloaded to host {step.nbytes(torch.device(args.device).type) / mib:9.1f} / "
+              f"{step.nbytes('cpu') / mib:.1f} MiB")
     if plain_mem is not None:
         print(f"  peak memory, plain forward      {plain_mem / mib:9.1f} MiB")
         print(f"  peak memory, capture forward    {cap_mem / mib:9.1f} MiB   extra {(cap_mem - plain_mem) / mib:.1f} MiB")

@@ -76,7 +76,7 @@ class StepCapture:
 class Capture:
     """Receives projections from the GoCA processors while active; `start` / `stop` bracket one denoiser forward."""
 
-    def __init__(self, adapter, head_weighting: str = "auto", offload_above: int | None = 512 * 2**20):
+    def __init__(self, adapter, head_weighting: str = "auto", offload_above: int | None = 256 * 2**20):
         self.adapter = adapter
         self.head_weighting = head_weighting
         self.offload_above = offload_above  # None: never offload
@@ -183,3 +183,43 @@ class Capture:
         if layer == adapter.reference_layer:
             step.reference = adapter.reference_feature(layer, tap, output, step).index_select(0, rows).detach()
             step.reference_grid = grid
+
+
+def memory_plan(adapter, latent_hw: tuple[int, int], n_columns: int, text_len: int, dtype_bytes: int = 2,
+                rows: int = 1, offload_above: int | None = 256 * 2**20, accelerator: bool = True) -> dict[str, int]:
+    """What one capture step holds, by the same rules as `Capture`, in bytes: `held` on the denoiser's device,
+    `offloaded` to the host, and the largest `transient` working set (in the forward or in the reductions after it).
+    Works on a meta-device model, so the plan of a 12B model costs nothing.
+
+    n_columns: token columns kept (`len(TokenIndex.needed())`); text_len: the text keys each cross / joint layer sees;
+    dtype_bytes: the model dtype's size.
+    """
+    from .functional.self_attention import CHUNK_ELEMENTS
+
+    chunk = 3 * CHUNK_ELEMENTS * 4  # fp32 scores of one row chunk, their exponentials and a product
+    held = offloaded = resident_qk = largest_qk = n_ref = 0
+    forward_transient = 0
+    for name, info in adapter.layers.items():
+        attn = adapter.denoiser.get_submodule(name)
+        h, w = -(-latent_hw[0] // info.factor), -(-latent_hw[1] // info.factor)
+        n, inner, heads = h * w, attn.to_q.out_features, attn.heads
+        if info.role == "cross":  # softmax over the text keys for all heads at once, fp32
+            held += rows * 2 * n * n_columns * 4
+            forward_transient = max(forward_transient, 3 * rows * heads * n * text_len * 4)
+        if info.role == "joint":  # the keys and the text-indicator values of the fused call, plus row chunks
+            held += rows * 2 * n * n_columns * 4
+            forward_transient = max(forward_transient, 2 * (n + text_len) * inner * dtype_bytes + chunk)
+        if info.role in ("self", "joint"):
+            qk = rows * 2 * n * inner * dtype_bytes
+            held += rows * heads * n * 4 if info.role == "joint" else 0
+            largest_qk = max(largest_qk, qk)
+            if accelerator and offload_above is not None and resident_qk + qk > offload_above:
+                offloaded += qk
+            else:
+                held, resident_qk = held + qk, resident_qk + qk
+        if name == adapter.reference_layer:
+            held += rows * n * inner * dtype_bytes
+            n_ref = n
+    # After the forward: A_p (fp32), the row-chunk buffers, one offloaded layer brought back.
+    after = n_ref * n_ref * 4 + chunk + (largest_qk // rows if offloaded else 0)
+    return {"held": held, "offloaded": offloaded, "transient": max(forward_transient, after)}

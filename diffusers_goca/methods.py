@@ -165,8 +165,11 @@ def _split_background(scores: torch.Tensor, background: str | None):
 
 
 def method_scores(step, row, index, adapter, method: str, background: str | None = None, **options):
-    """Dispatch on the method name; `options` override GoCAOptions fields for goca / vanilla / manual."""
+    """Dispatch on the method name; `options` override GoCAOptions fields for goca / vanilla / manual.
+
+    index: the prompt's TokenIndex (token positions); it is mapped onto the columns the capture kept."""
     check_method(adapter, method)
+    index = step.index(index)
     if method in ("diffsegmenter", "seg4diff"):
         if options:
             raise ValueError(f"{method} takes no GoCA options, got {sorted(options)}")

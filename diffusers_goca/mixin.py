@@ -206,7 +206,7 @@ class GoCAMixin:
         results = []
         for row, index in enumerate(indices):
             bg = background if background in index.extra_entities else None
-            scores, bg_scores = method_scores(step, row, step.index(index), adapter, method, bg, **options)
+            scores, bg_scores = method_scores(step, row, index, adapter, method, bg, **options)
             labels, up = scores_to_labels(scores, map_hw, out_hw, bg_scores, background_offset)
             classes = list(index.classes) + (["background"] if bg else [])
             results.append(GoCASegmentation(labels.cpu(), up.cpu(), classes))

@@ -253,7 +253,7 @@ def test_maps_of_only_the_needed_tokens_are_the_full_maps_columns(make):
     # amplify the rounding on a random model's near-constant maps, so it is compared on the toy model below.
     for method in [m for m in available_methods(adapter) if m != "goca"]:
         a, a_bg = method_scores(full, 0, index, adapter, method, "background")
-        b, b_bg = method_scores(kept, 0, kept.index(index), adapter, method, "background")
+        b, b_bg = method_scores(kept, 0, index, adapter, method, "background")
         assert torch.equal(a, b) and torch.equal(a_bg, b_bg), method
     pipe.disable_goca()
 
@@ -265,5 +265,5 @@ def test_goca_scores_of_the_needed_tokens_equal_the_full_capture_on_the_toy_mode
     pipe = goca.from_pipe(load_toy_pipeline())
     index, full, kept = _full_and_needed_captures(pipe, ["red circle", "grass"])
     a, a_bg = method_scores(full, 0, index, pipe._goca.adapter, "goca", "background")
-    b, b_bg = method_scores(kept, 0, kept.index(index), pipe._goca.adapter, "goca", "background")
+    b, b_bg = method_scores(kept, 0, index, pipe._goca.adapter, "goca", "background")
     assert torch.allclose(a, b, atol=1e-4) and torch.allclose(a_bg, b_bg, atol=1e-4)

@@ -11,28 +11,9 @@ from accelerate import init_empty_weights
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import diffusers_goca as goca
+from benchmarks.real_configs import FLUX_DEV, PIXART_SIGMA, SD3_MEDIUM, SD15, SDXL
 from conftest import clip_tokenizer, make_tiny_sd3
 from diffusers_goca.mixin import GoCAMixin
-
-SD15 = dict(sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8)
-SDXL = dict(sample_size=128, layers_per_block=2, block_out_channels=(320, 640, 1280),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
-            attention_head_dim=(5, 10, 20), use_linear_projection=True, addition_embed_type="text_time",
-            addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, cross_attention_dim=2048)
-PIXART_SIGMA = dict(sample_size=128, num_layers=28, patch_size=2, attention_head_dim=72, num_attention_heads=16,
-                    caption_channels=4096, in_channels=4, out_channels=8, cross_attention_dim=1152, attention_bias=True,
-                    activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
-                    norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=2, use_additional_conditions=False)
-SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
-                  num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-                  out_channels=16, pos_embed_max_size=192)
-FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-                axes_dims_rope=(16, 56, 56))
-
 
 class Host(GoCAMixin):
     """Just the parts of a pipeline the adapters read."""
@@ -158,3 +139,42 @@ def test_no_heads_by_n_by_n_tensor(monkeypatch):
     # queries and keys [N, C] and the image-key shares [heads, N]; plus the reference feature [N, C].
     layers, t, c = 2, 77 + 32, 32
     assert step.nbytes() == layers * (2 * n * t * 4 + 2 * n * c * 4 + heads * n * 4) + n * c * 4
+
+
+@pytest.mark.parametrize("family", ["sd", "pixart", "sd3", "flux"])
+def test_memory_plan_is_the_capture_accounting(family):
+    """`memory_plan` (what the README's table comes from) equals what a capture step actually holds."""
+    from conftest import make_tiny_flux, make_tiny_pixart, make_tiny_sd
+    from diffusers_goca.capture import memory_plan
+    from diffusers_goca.tokens import segmentation_prompt
+
+    make = {"sd": make_tiny_sd, "pixart": make_tiny_pixart, "sd3": make_tiny_sd3, "flux": make_tiny_flux}[family]
+    pipe = goca.from_pipe(make())
+    adapter = pipe._goca.adapter
+    classes = ["cat", "grass"]
+    prompt = segmentation_prompt(classes, True)
+    index = adapter.token_index(prompt, classes, extra_entities=["background"])
+    latents = torch.randn(1, pipe.vae.config.latent_channels, 8, 12)
+    step = pipe.capture_forward(lambda: adapter.segment_forward(latents, prompt, adapter.segment_timestep,
+                                                                torch.Generator().manual_seed(0)),
+                                columns=index.needed())
+    plan = memory_plan(adapter, step.latent_hw, len(index.needed()), step.text_len or 0, dtype_bytes=4,
+                       accelerator=False)
+    assert plan["offloaded"] == 0 and plan["held"] == step.nbytes() > 0
+    pipe.disable_goca()
+
+
+def test_memory_plan_at_1024_px_meets_the_bounds():
+    """Full-depth PixArt-Σ and Flux.1-dev on the meta device, bf16, 1024 px, 16 token columns: the accelerator-side
+    capture plus its largest transient stays within 1 GiB and 1.5 GiB (issue #3); Flux offloads most q/k."""
+    from diffusers_goca.capture import memory_plan
+
+    with init_empty_weights():
+        pixart = goca.adapter_for(transformer_host("PixArtTransformer2DModel", PIXART_SIGMA))
+        flux = goca.adapter_for(transformer_host("FluxTransformer2DModel", FLUX_DEV))
+    p = memory_plan(pixart, (128, 128), 16, 300)
+    f = memory_plan(flux, (64, 64), 16, 512)
+    assert p["held"] + p["transient"] <= 2**30
+    assert f["held"] + f["transient"] <= 1.5 * 2**30 and f["offloaded"] > 2 * 2**30
+    unbounded = memory_plan(flux, (64, 64), 16, 512, offload_above=None)
+    assert unbounded["held"] > 2.5 * 2**30  # what offloading saves
