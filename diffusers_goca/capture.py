@@ -220,6 +220,7 @@ def memory_plan(adapter, latent_hw: tuple[int, int], n_columns: int, text_len: i
         if name == adapter.reference_layer:
             held += rows * n * inner * dtype_bytes
             n_ref = n
-    # After the forward: A_p (fp32), the row-chunk buffers, one offloaded layer brought back.
-    after = n_ref * n_ref * 4 + chunk + (largest_qk // rows if offloaded else 0)
+    # After the forward: A_p and the refinement's S (fp32, at most both), the row-chunk buffers, one offloaded layer.
+    map_h, map_w = adapter.map_grid(latent_hw)
+    after = n_ref * n_ref * 4 + (map_h * map_w) ** 2 * 4 + chunk + (largest_qk // rows if offloaded else 0)
     return {"held": held, "offloaded": offloaded, "transient": max(forward_transient, after)}

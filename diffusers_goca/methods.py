@@ -12,7 +12,7 @@ import torch
 from .capture import StepCapture
 from .functional.aggregation import aggregate_layers, normalize_layer_weights, pseudo_self_attention
 from .functional.maps import gaussian_blur, minmax, per_pixel_rescale, propagate, resize_maps, token_class_maps
-from .functional.self_attention import apply_self_attention, frobenius_with_reference
+from .functional.self_attention import apply_self_attention, frobenius_with_reference, head_mean_self_attention
 from .tokens import TokenIndex
 
 METHODS = ("goca", "vanilla", "manual", "diffsegmenter", "seg4diff")
@@ -52,10 +52,20 @@ def _entities(index: TokenIndex, background: str | None) -> list[list[int]]:
     return index.class_tokens + ([index.positions(background)] if background else [])
 
 
-def refinement_operator(step: StepCapture, row: int, layers: list[str], map_hw: tuple[int, int]):
-    """x ↦ S·x with S the mean over `layers` of head-mean self-attention resized to the map grid ([N_map, K] → same),
-    through the fused attention kernel: S is never formed."""
+# From this many products on, S is formed once (one pass over each layer's scores, [N_map, N_map] fp32) instead of
+# running every layer's fused attention at every product (`order` passes).
+EXPLICIT_S_FROM_ORDER = 3
+
+
+def refinement_operator(step: StepCapture, row: int, layers: list[str], map_hw: tuple[int, int], order: int = 1):
+    """x ↦ S·x with S the mean over `layers` of head-mean self-attention resized to the map grid ([N_map, K] → same).
+
+    For few products (SD's k = 2) through the fused attention kernel with x as the values, S never formed; for
+    `order` ≥ EXPLICIT_S_FROM_ORDER (PixArt's k = 5) S is formed once, at the map grid."""
     selfs = [step.selfs[n] for n in layers]
+    if order >= EXPLICIT_S_FROM_ORDER:
+        s = sum(head_mean_self_attention(src_hw=q.grid, dst_hw=map_hw, **q.image(row)) for q in selfs) / len(selfs)
+        return s
 
     def apply(x: torch.Tensor) -> torch.Tensor:
         return sum(apply_self_attention(src_hw=s.grid, dst_hw=map_hw, x=x, **s.image(row)) for s in selfs) / len(selfs)
@@ -106,7 +116,8 @@ def goca_scores(
     scores = minmax(gaussian_blur(scores, map_hw, options.blur_kernel))
     order = adapter.refine_order if options.refine_order is None else options.refine_order
     if order > 0:
-        scores = minmax(propagate(refinement_operator(step, row, adapter.refinement_layers, map_hw), scores, order))
+        s = refinement_operator(step, row, adapter.refinement_layers, map_hw, order)
+        scores = minmax(propagate(s, scores, order))
     return _split_background(scores, background)
 
 
