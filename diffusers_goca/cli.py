@@ -1,4 +1,5 @@
-"""Command line: `goca segment IMAGE --classes cat,grass --model ID_OR_PATH --out overlay.png`, `goca demo`."""
+"""Command line: `goca segment IMAGE --classes cat,grass --model ID_OR_PATH --out overlay.png`, `goca demo`,
+`goca bench-seg --dataset voc --root DIR --model ID_OR_PATH` (the segmentation benchmark)."""
 from __future__ import annotations
 
 import argparse
@@ -72,6 +73,13 @@ def main(argv=None) -> int:
     d = sub.add_parser("demo", help="the toy-world demo: generation with masks, held-out mIoU table, pictures")
     d.add_argument("--out", default="outputs/demo")
     d.add_argument("--n-eval", type=int, default=100)
+    sub.add_parser("bench-seg", add_help=False,
+                   help="segmentation mIoU benchmark (same options as benchmarks/segmentation.py; bench-seg --help)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench-seg"]:
+        from .bench.segmentation import main as bench_main
+
+        return bench_main(argv[1:])
     args = p.parse_args(argv)
     if args.command == "segment":
         return _segment(args)

@@ -15,7 +15,7 @@ from .functional.maps import gaussian_blur, minmax, per_pixel_rescale, propagate
 from .functional.self_attention import apply_self_attention, frobenius_with_reference, head_mean_self_attention
 from .tokens import TokenIndex
 
-METHODS = ("goca", "vanilla", "manual", "diffsegmenter", "seg4diff")
+METHODS = ("goca", "vanilla", "manual", "diffsegmenter", "iseg", "seg4diff")
 
 
 @dataclass(frozen=True)
@@ -156,9 +156,12 @@ def seg4diff_scores(
 
 
 def available_methods(adapter) -> list[str]:
-    """The methods this model family can run: `manual` needs a hand-picked layer set, `seg4diff` its block."""
+    """The methods this model family can run: `manual` needs a hand-picked layer set, `seg4diff` its block, `iseg`
+    cross-attention at coarser levels than the map grid (UNets)."""
+    coarser = {adapter.layers[n].factor // adapter.map_factor for n in adapter.cross_layers}
     return [m for m in METHODS
-            if (m != "manual" or adapter.manual_layers) and (m != "seg4diff" or getattr(adapter, "seg4diff_layer", None))]
+            if (m != "manual" or adapter.manual_layers) and (m != "seg4diff" or getattr(adapter, "seg4diff_layer", None))
+            and (m != "iseg" or coarser & set(ISEG_LEVEL_WEIGHTS))]
 
 
 def check_method(adapter, method: str) -> None:
@@ -175,15 +178,60 @@ def _split_background(scores: torch.Tensor, background: str | None):
     return scores, None
 
 
+# iSeg (ALGORITHMS §7): cross maps of two levels, relative to the finest map grid, and their weights; the class-token
+# embedding scale of its own forward; the entropy reduction of the finest self-attention and its iterations (VOC).
+ISEG_LEVEL_WEIGHTS = {4: 0.7, 2: 0.3}
+ISEG_EMBEDDING_SCALE = 1.6
+ISEG_ENTROPY_LAMBDA = 0.015
+ISEG_ITERATIONS = 8
+
+
+def entropy_reduced(attention: torch.Tensor, lam: float = ISEG_ENTROPY_LAMBDA) -> torch.Tensor:
+    """iSeg's entropy-reduced self-attention: each key column divided by its max, A + λ·log10(e·A) on non-zero
+    entries, clamped ≥ 0, rows renormalised. attention: [N, N] → [N, N]."""
+    a = attention / attention.amax(0, keepdim=True).clamp_min(1e-12)
+    a = torch.where(a > 0, a + lam * torch.log10(torch.e * a.clamp_min(1e-30)), torch.zeros_like(a)).clamp_min(0)
+    return a / a.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def iseg_scores(
+    step: StepCapture, row: int, index: TokenIndex, adapter, background: str | None = None,
+    iterations: int = ISEG_ITERATIONS, lam: float = ISEG_ENTROPY_LAMBDA,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """iSeg on a capture made with the class tokens' embeddings scaled (`segment` runs that forward): level-weighted
+    head/layer-mean cross maps, then M ← Â·M `iterations` times with Â the entropy-reduced mean self-attention of
+    the last finest-grid self layer, each time shifted to min 0 and normalised to sum 1. Scores are divided by their
+    global max (the argmax over classes is iSeg's)."""
+    map_hw = adapter.map_grid(step.latent_hw)
+    entities = _entities(index, background)
+    levels: dict[int, list[torch.Tensor]] = {}
+    for name in adapter.cross_layers:
+        rel = adapter.layers[name].factor // adapter.map_factor
+        if rel in ISEG_LEVEL_WEIGHTS:
+            levels.setdefault(rel, []).append(resize_maps(step.cross[name]["average"][row].float().T, step.grids[name], map_hw))
+    if not levels:
+        raise ValueError(f"iseg needs cross-attention at {sorted(ISEG_LEVEL_WEIGHTS)}× the finest map grid")
+    token_maps = sum(ISEG_LEVEL_WEIGHTS[rel] * torch.stack(ms).mean(0) for rel, ms in levels.items()).T  # [N, T']
+    x = token_class_maps(token_maps, entities)  # [K, N]
+    last = [n for n in adapter.self_layers if adapter.layers[n].factor == adapter.map_factor][-1]
+    q = step.selfs[last]
+    a = entropy_reduced(head_mean_self_attention(src_hw=q.grid, dst_hw=map_hw, **q.image(row)), lam)
+    for _ in range(iterations):
+        x = (a @ x.T).T
+        x = x - x.amin(-1, keepdim=True)
+        x = x / x.sum(-1, keepdim=True).clamp_min(1e-12)
+    return _split_background(minmax(x), background)
+
+
 def method_scores(step, row, index, adapter, method: str, background: str | None = None, **options):
     """Dispatch on the method name; `options` override GoCAOptions fields for goca / vanilla / manual.
 
     index: the prompt's TokenIndex (token positions); it is mapped onto the columns the capture kept."""
     check_method(adapter, method)
     index = step.index(index)
-    if method in ("diffsegmenter", "seg4diff"):
+    if method in ("diffsegmenter", "seg4diff", "iseg"):
         if options:
             raise ValueError(f"{method} takes no GoCA options, got {sorted(options)}")
-        fn = diffsegmenter_scores if method == "diffsegmenter" else seg4diff_scores
+        fn = {"diffsegmenter": diffsegmenter_scores, "seg4diff": seg4diff_scores, "iseg": iseg_scores}[method]
         return fn(step, row, index, adapter, background)
     return goca_scores(step, row, index, adapter, options_for(method, **options), background)

@@ -28,6 +28,24 @@ class GoCAStepMasks:
     results: list[GoCASegmentation]
 
 
+@contextmanager
+def _scaled_text_tokens(denoiser: torch.nn.Module, positions: list[int], scale: float):
+    """While active, the denoiser sees `encoder_hidden_states` with the tokens at `positions` multiplied by `scale`."""
+    def hook(module, args, kwargs):
+        ehs = kwargs.get("encoder_hidden_states")
+        if ehs is None:
+            return None
+        scaled = ehs.clone()
+        scaled[:, positions] *= scale
+        return args, {**kwargs, "encoder_hidden_states": scaled}
+
+    handle = denoiser.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def needed_columns(indices) -> list[int]:
     """The text positions any of `indices` reads (the maps of other tokens are not kept)."""
     return sorted({p for index in indices for p in index.needed()})
@@ -292,11 +310,25 @@ class GoCAMixin:
         timestep = adapter.segment_timestep if timestep is None else timestep  # None: the family's own rule
         resolution = resolution or adapter.native_resolution
         latents = self._goca_encode(rgb, resolution, adapter)
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        step = self.capture_forward(lambda: adapter.segment_forward(latents, prompt, timestep, generator),
-                                    columns=index.needed())
+        def capture(scale_classes: float | None = None) -> StepCapture:
+            forward = lambda: adapter.segment_forward(latents, prompt, timestep, torch.Generator().manual_seed(seed))
+            if scale_classes is None:
+                return self.capture_forward(forward, columns=index.needed())
+            positions = sorted({p for ps in index.class_tokens for p in ps})
+            with _scaled_text_tokens(adapter.denoiser, positions, scale_classes):
+                return self.capture_forward(forward, columns=index.needed())
+
+        # iSeg reads a forward whose class-token embeddings are scaled; every other method shares one plain forward.
+        steps = {}
+        if any(m != "iseg" for m in methods):
+            steps["plain"] = capture()
+        if "iseg" in methods:
+            from .methods import ISEG_EMBEDDING_SCALE
+
+            steps["iseg"] = capture(ISEG_EMBEDDING_SCALE)
         results = {}
         for m in methods:
+            step = steps["iseg" if m == "iseg" else "plain"]
             results[m] = self._goca_results(adapter, step, [index], m, "background" if use_background else None,
                                             background_offset, options, (rgb.height, rgb.width))[0]
             results[m].image = rgb

@@ -227,3 +227,23 @@ def test_fused_self_attention_product_equals_the_explicit_matrix(src, dst, joint
     s = head_mean_self_attention(q, k, heads, d ** -0.5, src, dst, mass)
     got = apply_self_attention(q, k, heads, d ** -0.5, src, dst, x, mass)
     assert torch.allclose(got, s @ x, atol=1e-5)
+
+
+def test_entropy_reduced_self_attention_matches_a_literal_loop():
+    import math
+
+    from diffusers_goca.methods import entropy_reduced
+
+    torch.manual_seed(0)
+    a = torch.rand(5, 5).softmax(-1)
+    a[1, 3] = 0.0  # a zero entry stays zero
+    lam = 0.015
+    expected = torch.zeros(5, 5)
+    col_max = [max(float(a[i, j]) for i in range(5)) for j in range(5)]
+    for i in range(5):
+        for j in range(5):
+            v = float(a[i, j]) / col_max[j]
+            expected[i, j] = max(0.0, v + lam * math.log10(math.e * v)) if v > 0 else 0.0
+        expected[i] /= expected[i].sum()
+    assert torch.allclose(entropy_reduced(a, lam), expected, atol=1e-6)
+    assert entropy_reduced(a, lam)[1, 3] == 0

@@ -267,3 +267,34 @@ def test_goca_scores_of_the_needed_tokens_equal_the_full_capture_on_the_toy_mode
     a, a_bg = method_scores(full, 0, index, pipe._goca.adapter, "goca", "background")
     b, b_bg = method_scores(kept, 0, index, pipe._goca.adapter, "goca", "background")
     assert torch.allclose(a, b, atol=1e-4) and torch.allclose(a_bg, b_bg, atol=1e-4)
+
+
+def test_iseg_runs_its_own_forward_with_scaled_class_embeddings(tiny_sd):
+    from diffusers_goca.methods import ISEG_EMBEDDING_SCALE, available_methods
+
+    pipe = goca.from_pipe(tiny_sd)
+    assert "iseg" in available_methods(pipe._goca.adapter)
+    seen = []  # the text the first cross-attention layer sees, per forward
+    attn2 = pipe.unet.get_submodule(pipe._goca.adapter.cross_layers[0])
+    handle = attn2.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["encoder_hidden_states"].clone()), with_kwargs=True)
+    img = Image.fromarray((np.random.RandomState(2).rand(24, 20, 3) * 255).astype(np.uint8))
+    try:
+        out = pipe.segment(img, ["cat", "grass"], method=["goca", "iseg"], resolution=64)
+    finally:
+        handle.remove()
+    plain, scaled = seen  # one forward for goca, one for iseg
+    index = pipe._goca.adapter.token_index("cat, grass, background", ["cat", "grass"], extra_entities=["background"])
+    classes = sorted(p for ps in index.class_tokens for p in ps)
+    others = [i for i in range(plain.shape[1]) if i not in classes]
+    assert torch.allclose(scaled[:, classes], ISEG_EMBEDDING_SCALE * plain[:, classes])
+    assert torch.equal(scaled[:, others], plain[:, others])
+    r = out["iseg"]
+    assert r.labels.shape == (24, 20) and r.classes == ["cat", "grass", "background"]
+    assert 0 <= r.scores.min() and r.scores.max() <= 1 + 1e-6
+    assert not torch.equal(r.scores, out["goca"].scores)
+    pipe.disable_goca()
+    for make in (make_tiny_pixart, make_tiny_sd3):  # one grid only: not available, with a clear error
+        other = goca.from_pipe(make())
+        with pytest.raises(ValueError, match="iseg"):
+            other.segment(img, ["cat"], method="iseg", resolution=64)
