@@ -23,8 +23,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=7", "sentencepiece", "torchmetrics"],
-        "bench": ["clean-fid", "torchmetrics", "matplotlib"],
+        "test": ["pytest>=7", "sentencepiece", "torchmetrics", "scipy"],
+        "bench": ["clean-fid", "torchmetrics", "matplotlib", "scipy"],
     },
     entry_points={"console_scripts": ["goca=diffusers_goca.cli:main"]},
 )
