@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .generation import ClipScorer, clean_fid_extractor, fid_from_folders
-from .runlog import ResultLog, Shard, wait_for_everyone
+from .runlog import ResultLog, Shard, wait_for_everyone, write_table
 
 CONFIGS = {"cfg": {"scfg": False}, "scfg": {"scfg": True, "segmentor": "original"},
            "goca-scfg": {"scfg": True, "segmentor": "goca"}}
@@ -78,16 +78,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _device(args, shard: Shard) -> str:
-    if args.device:
-        return args.device
-    if torch.cuda.is_available():
-        import os
-
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', shard.index)) % torch.cuda.device_count()}"
-    return "cpu"
-
-
 def load_pipeline(args, device: str):
     from diffusers import DiffusionPipeline
 
@@ -126,7 +116,7 @@ def run(args: argparse.Namespace, pipe=None, clip: ClipScorer | None = None, ext
     if unknown:
         raise SystemExit(f"unknown configs {unknown}; known: {', '.join(CONFIGS)}")
     scales = [float(s) for s in args.scales.split(",")]
-    device = _device(args, shard)
+    device = shard.device(args.device)
     if pipe is None:
         pipe = load_pipeline(args, device)
     if clip is None and not args.no_clip:
@@ -169,7 +159,7 @@ def summarize(args, log: ResultLog, keys, configs, scales, extractor, progress) 
     records = {k: r for k, r in log.records().items() if k in set(keys)}
     out = Path(args.out)
     if not args.no_fid and args.fid_ref and extractor is None:
-        extractor = clean_fid_extractor(_device(args, Shard()), args.inception)
+        extractor = clean_fid_extractor(Shard().device(args.device), args.inception)
     rows = []
     for w in scales:
         for c in configs:
@@ -192,11 +182,7 @@ def summarize(args, log: ResultLog, keys, configs, scales, extractor, progress) 
     text = "\n".join(lines) + "\n"
     summary = {"settings": json.loads((out / "settings.json").read_text()), "rows": rows,
                "done": len(records), "of": len(keys)}
-    (out / "table.json").write_text(json.dumps(summary, indent=2))
-    (out / "table.md").write_text(text)
-    if len(records) < len(keys):
-        text += f"\n{len(keys) - len(records)} of {len(keys)} images are not done yet (other shards still running?)\n"
-    print(text)
+    write_table(out, summary, text, len(records), len(keys))
     return summary
 
 

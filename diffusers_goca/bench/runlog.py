@@ -52,6 +52,16 @@ class Shard:
     def select(self, items: Sequence[T]) -> list[T]:
         return [item for position, item in enumerate(items) if position % self.count == self.index]
 
+    def device(self, requested: str | None = None) -> str:
+        """Where this process runs: `requested`, else its own GPU (accelerate's LOCAL_RANK), else the CPU."""
+        if requested:
+            return requested
+        import torch
+
+        if torch.cuda.is_available():
+            return f"cuda:{int(os.environ.get('LOCAL_RANK', self.index)) % torch.cuda.device_count()}"
+        return "cpu"
+
 
 class ResultLog:
     """A folder of JSONL result files plus the run's settings (`settings.json`).
@@ -122,6 +132,16 @@ def _read_jsonl(path: Path) -> Iterator[dict]:
                 continue
             if isinstance(record, dict) and "key" in record:
                 yield record
+
+
+def write_table(folder: str | os.PathLike, summary: dict, markdown: str, done: int, total: int) -> None:
+    """`table.json` and `table.md` in the run folder, and the Markdown on stdout (with what is still missing)."""
+    folder = Path(folder)
+    (folder / "table.json").write_text(json.dumps(summary, indent=2))
+    (folder / "table.md").write_text(markdown)
+    if done < total:
+        markdown += f"\n{total - done} of {total} items are not done yet (other shards still running?)\n"
+    print(markdown)
 
 
 def wait_for_everyone() -> None:

@@ -12,7 +12,6 @@ separate machines sharing the output folder) gives the same table as one process
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Sequence
@@ -23,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..functional.metrics import miou
 from ..tokens import segmentation_prompt
-from .runlog import ResultLog, Shard, wait_for_everyone
+from .runlog import ResultLog, Shard, wait_for_everyone, write_table
 
 PROTOCOLS = ("official", "standard")
 
@@ -335,23 +334,14 @@ def run(args: argparse.Namespace, pipe=None, clip_filter=None, progress: bool = 
     summary = {"settings": settings, "images": len(records), "of": len(keys), "table": table,
                "paper_model": paper_key if paper else None, "paper": paper}
     text = markdown(table, args.dataset, len(records), paper, len(offsets) > 1)
-    (out / "table.json").write_text(json.dumps(summary, indent=2))
-    (out / "table.md").write_text(text)
-    if len(records) < len(keys):
-        text += f"\n{len(keys) - len(records)} of {len(keys)} images are not done yet (other shards still running?)\n"
-    print(text)
+    write_table(out, summary, text, len(records), len(keys))
     return summary
 
 
 def _load(args, shard: Shard):
     from ..cli import DTYPES, load_pipeline
 
-    device = args.device
-    if device is None:
-        if torch.cuda.is_available():
-            device = f"cuda:{int(__import__('os').environ.get('LOCAL_RANK', shard.index)) % torch.cuda.device_count()}"
-        else:
-            device = "cpu"
+    device = shard.device(args.device)
     dtype = DTYPES[args.dtype] if device.startswith("cuda") else torch.float32
     return load_pipeline(None if args.toy or not args.model else args.model, device, dtype)
 
