@@ -88,3 +88,16 @@ def test_scfg_runs_on_the_toy_model_with_both_segmenters(toy):
         rates = torch.stack([m.rates for m in pipe.scfg_maps])
         assert rates.min() >= 0.8 - 1e-5 and rates.max() <= 3.0 + 1e-5 and rates.std() > 0
     pipe.disable_goca()
+
+
+def test_examples_run_on_the_toy_model(tmp_path):
+    """The two example scripts, with their defaults (the toy model), write what they say."""
+    import runpy
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples"
+    segment = runpy.run_path(str(root / "segment_image.py"))["main"]
+    results = segment(["--out", str(tmp_path / "seg")])
+    assert {"goca", "vanilla", "iseg"} <= set(results) and (tmp_path / "seg" / "goca.png").exists()
+    generate = runpy.run_path(str(root / "generate_with_masks.py"))["main"]
+    cfg, scfg = generate(["--steps", "4", "--out", str(tmp_path / "gen")])
+    assert cfg.size == scfg.size and (tmp_path / "gen" / "scfg_maps.gif").exists()
