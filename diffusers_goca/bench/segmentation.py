@@ -122,10 +122,11 @@ class ClipClassFilter:
 
     @classmethod
     def load(cls, classes, top_k: int, model_name: str = "ViT-B-32", pretrained: str = "openai", device="cpu"):
-        import open_clip
+        """The model as the CLIP score loads it (an open_clip tag, or a local checkpoint offline)."""
+        from .generation import ClipScorer
 
-        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, device=device)
-        return cls(model, preprocess, open_clip.get_tokenizer(model_name), classes, top_k, device)
+        clip = ClipScorer.load(model_name, pretrained, device)
+        return cls(clip.model, clip.preprocess, clip.tokenizer, classes, top_k, device)
 
     @torch.no_grad()
     def __call__(self, image) -> list[str]:
