@@ -236,7 +236,7 @@ def markdown(table: dict, dataset: str, n: int, paper: dict | None, sweep: bool)
             if sweep:
                 line += f" {row['oracle_miou']:.1f} at {row['oracle_offset']:g} |"
             if protocol == "official" and paper:
-                value = paper.get(m, {}).get(dataset)
+                value = paper.get(m, {}).get("context" if dataset.startswith("context") else dataset)
                 line += f" {value:.1f} |" if value is not None else " – |"
             lines.append(line)
         lines.append("")
