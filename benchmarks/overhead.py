@@ -79,17 +79,34 @@ def build(args, dtype):
                                img_ids=ids.reshape(-1, 3), return_dict=False)
 
 
-def timed(fn, device, repeats):
-    times, out = [], None
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_rounds(host, run, index, device, rounds):
+    """Median times of the plain forward (GoCA disabled), the enabled-but-idle forward, the capture forward and the
+    reductions, measured in interleaved rounds so that drift in the machine's speed hits all four alike."""
+    times = {"plain": [], "idle": [], "capture": [], "reduce": []}
+    step = None
+
+    def clock(name, fn):
+        sync(device)
         t = time.perf_counter()
         out = fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
+        sync(device)
+        times[name].append(time.perf_counter() - t)
+        return out
+
+    with torch.no_grad():
+        for _ in range(rounds):
+            host.disable_goca()
+            clock("plain", run)
+            host.enable_goca()
+            clock("idle", run)
+            step = clock("capture", lambda: host.capture_forward(run, columns=index.needed()))  # the columns segment() keeps
+            clock("reduce", lambda: method_scores(step, 0, index, host._goca.adapter, "goca", "background"))
+    return {name: statistics.median(ts) for name, ts in times.items()}, step
 
 
 def peak(fn, device):
@@ -110,36 +127,24 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=None, help="transformers: reduced depth (full width), for CPU runs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float16" if torch.cuda.is_available() else "float32")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds (the median is reported)")
     args = p.parse_args(argv)
     host, run = build(args, getattr(torch, args.dtype))
     # Classes at token positions 1 and 3, "background" at 5; content tokens 1, 3, 5 (as in "cat, grass, background").
     index = TokenIndex("cat, grass, background", ["cat", "grass"], [[1], [3]], [1, 3, 5], 7, {"background": [5]}, 0, 6)
 
-    def forward():
-        with torch.no_grad():
-            return run()
-
-    forward()  # warm-up
-    plain_t, _ = timed(forward, args.device, args.repeats)
-    plain_mem, _ = peak(forward, args.device)
-    host.enable_goca()
-    idle_t, _ = timed(forward, args.device, args.repeats)
-
-    def capture_forward():
-        with torch.no_grad():
-            return host.capture_forward(run, columns=index.needed())  # the columns segment() keeps
-
-    capture_forward()
-    cap_t, step = timed(capture_forward, args.device, args.repeats)
-    cap_mem, step = peak(capture_forward, args.device)
-
-    def reduce():
-        with torch.no_grad():
-            return method_scores(step, 0, index, host._goca.adapter, "goca", "background")
-
-    reduce_t, _ = timed(reduce, args.device, args.repeats)
-    reduce_mem, _ = peak(reduce, args.device)
+    with torch.no_grad():  # warm-up: one of each
+        run()
+        host.enable_goca()
+        method_scores(host.capture_forward(run, columns=index.needed()), 0, index, host._goca.adapter, "goca", "background")
+    t, step = timed_rounds(host, run, index, args.device, args.repeats)
+    plain_t, idle_t, cap_t, reduce_t = t["plain"], t["idle"], t["capture"], t["reduce"]
+    host.disable_goca()
+    with torch.no_grad():
+        plain_mem, _ = peak(run, args.device)
+        host.enable_goca()
+        cap_mem, step = peak(lambda: host.capture_forward(run, columns=index.needed()), args.device)
+        reduce_mem, _ = peak(lambda: method_scores(step, 0, index, host._goca.adapter, "goca", "background"), args.device)
     host.disable_goca()
     mib = 2**20
     depth = f", {args.layers} layers" if args.layers else ""

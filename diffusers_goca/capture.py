@@ -140,9 +140,9 @@ class Capture:
         heads = attn.heads
         r, n, inner = q.shape
         d = inner // heads
-        qh = q.float().view(r, n, heads, d).transpose(1, 2)
-        kh = k.float().view(r, k.shape[1], heads, d).transpose(1, 2)
-        scores = qh @ kh.transpose(-1, -2) * attn.scale  # [R, heads, N, T]
+        qh = q.float().view(r, n, heads, d).transpose(1, 2).contiguous()  # contiguous heads: a plain batched matmul
+        kh = k.float().view(r, k.shape[1], heads, d).permute(0, 2, 3, 1).contiguous()  # [R, heads, d, T]
+        scores = qh @ kh * attn.scale  # [R, heads, N, T]
         if attention_mask is not None:
             mask = attn.prepare_attention_mask(attention_mask, k.shape[1], tap.query.shape[0])
             mask = mask.view(tap.query.shape[0], heads, -1, mask.shape[-1]).index_select(0, rows)
@@ -153,10 +153,11 @@ class Capture:
             probs = probs.index_select(-1, columns)
         maps = {"average": probs.mean(1)}
         if tap.head_out is not None:
-            weight = attn.to_out[0].weight
-            w, degenerate = head_weights(
-                tap.head_out.index_select(0, rows), weight, heads, self.head_weighting, return_degenerate=True
-            )
+            projection = attn.to_out[0]
+            out = tap.projected.index_select(0, rows)  # the forward's own projection of head_out, bias removed
+            out = out if projection.bias is None else out - projection.bias
+            w, degenerate = head_weights(tap.head_out.index_select(0, rows), projection.weight, heads,
+                                         self.head_weighting, return_degenerate=True, out=out)
             self.step.degenerate_pixels += int(degenerate.sum())
             maps["auto"] = aggregate_heads(probs, w)
         else:

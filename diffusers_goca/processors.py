@@ -22,12 +22,13 @@ _PROJECTIONS = {"to_q": "query", "to_k": "key", "to_v": "value",
 
 
 class ProjectionTap:
-    """The first output of each projection and the first input of `to_out[0]` in one attention call."""
+    """The first output of each projection, and the first input and output of `to_out[0]`, in one attention call."""
 
     def __init__(self):
         for attr in _PROJECTIONS.values():
             setattr(self, attr, None)
-        self.head_out = None
+        self.head_out = None  # the attention output before `to_out[0]`: [B, N, heads·d]
+        self.projected = None  # what `to_out[0]` made of it: [B, N, D]
 
     @contextmanager
     def listen(self, attn):
@@ -41,10 +42,15 @@ class ProjectionTap:
             if self.head_out is None:
                 self.head_out = inputs[0]
 
+        def keep_projected(_module, _inputs, output):
+            if self.projected is None:
+                self.projected = output
+
         handles = [getattr(attn, name).register_forward_hook(keep(attr))
                    for name, attr in _PROJECTIONS.items() if isinstance(getattr(attn, name, None), torch.nn.Module)]
         if isinstance(getattr(attn, "to_out", None), torch.nn.ModuleList):
             handles.append(attn.to_out[0].register_forward_pre_hook(keep_head_out))
+            handles.append(attn.to_out[0].register_forward_hook(keep_projected))
         try:
             yield self
         finally:

@@ -37,6 +37,8 @@ def test_head_weights_match_literal_and_can_be_negative():
     assert torch.allclose(got.double(), want, atol=1e-4, rtol=1e-4)
     assert torch.allclose(got.sum(1), torch.ones(2, 10), atol=1e-5)
     assert (got < 0).any(), "random heads must give some negative weights: no clamp"
+    bias = torch.randn(D)  # the capture passes the forward's own to_out output less its bias
+    assert torch.allclose(head_weights(x, w, heads, out=F.linear(x, w, bias) - bias), got, atol=1e-4, rtol=1e-4)
     clamped = head_weights(x, w, heads, mode="dot-product")
     dots = torch.stack([((x[..., h * d:(h + 1) * d] @ w[:, h * d:(h + 1) * d].T) * (x @ w.T)).sum(-1) for h in range(heads)], 1)
     lit = dots.clamp_min(0) / dots.clamp_min(0).sum(1, keepdim=True)

@@ -298,3 +298,57 @@ def test_iseg_runs_its_own_forward_with_scaled_class_embeddings(tiny_sd):
         other = goca.from_pipe(make())
         with pytest.raises(ValueError, match="iseg"):
             other.segment(img, ["cat"], method="iseg", resolution=64)
+
+
+def literal_cross_maps(attn, hidden_states, context, bias):
+    """Head-weighted and head-mean image→text maps of one cross-attention call, by the book (ALGORITHMS §1), from the
+    layer's inputs: per head softmax(q kᵀ·scale + bias), o_h = (A_h V_h) W_hᵀ, w_h = ⟨o_h, Σ o⟩ / Σ_h' ⟨o_h', Σ o⟩."""
+    q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+    heads, w_out = attn.heads, attn.to_out[0].weight
+    d = q.shape[-1] // heads
+    probs, outs = [], []
+    for h in range(heads):
+        cols = slice(h * d, (h + 1) * d)
+        a = (q[..., cols] @ k[..., cols].transpose(-1, -2) * attn.scale + bias).softmax(-1)
+        probs.append(a)
+        outs.append(a @ v[..., cols] @ w_out[:, cols].T)
+    total = sum(outs)
+    dots = torch.stack([(o * total).sum(-1) for o in outs], 1)  # [B, heads, N]
+    probs = torch.stack(probs, 1)  # [B, heads, N, T]
+    return (probs * (dots / dots.sum(1, keepdim=True))[..., None]).sum(1), probs.mean(1)
+
+
+@pytest.mark.parametrize("family", ["sd", "pixart"])
+def test_captured_cross_maps_are_the_formula_on_the_layers_inputs(family):
+    """The capture reads the forward's own projections (q, k, the attention output and its `to_out` projection): its
+    maps equal the formula recomputed from each layer's inputs, padding mask included."""
+    pipe = goca.from_pipe(make_tiny_sd() if family == "sd" else make_tiny_pixart())
+    model = pipe.unet if family == "sd" else pipe.transformer
+    torch.manual_seed(0)
+    text = torch.randn(2, 12, 32 if family == "sd" else model.config.caption_channels)
+    keep = torch.ones(2, 12)
+    keep[1, 7:] = 0  # padding of the second prompt, masked in PixArt's cross-attention
+    if family == "sd":
+        run = lambda: model(torch.randn(2, 4, 8, 12), torch.tensor([100]), encoder_hidden_states=text)
+    else:
+        run = lambda: model(torch.randn(2, 4, 8, 12), encoder_hidden_states=text, encoder_attention_mask=keep,
+                            timestep=torch.tensor([100, 100]), added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    inputs = {}
+
+    def record(name):
+        def hook(module, args, kwargs):
+            inputs.setdefault(name, (args[0] if args else kwargs["hidden_states"], kwargs["encoder_hidden_states"]))
+        return hook
+
+    cross = pipe._goca.adapter.cross_layers
+    handles = [model.get_submodule(n).register_forward_pre_hook(record(n), with_kwargs=True) for n in cross]
+    with torch.no_grad():
+        step = pipe.capture_forward(run, n_images=2)
+        for h in handles:
+            h.remove()
+        for name in cross:
+            bias = 0.0 if family == "sd" else ((1 - keep) * -10000.0)[:, None, :]
+            auto, mean = literal_cross_maps(model.get_submodule(name), *inputs[name], bias)
+            assert torch.allclose(step.cross[name]["auto"], auto, atol=1e-5), name
+            assert torch.allclose(step.cross[name]["average"], mean, atol=1e-6), name
+    pipe.disable_goca()

@@ -1,15 +1,16 @@
 """Self-attention reductions computed from queries and keys, so that no [heads, N, N] tensor is formed.
 
-Two forms: explicit rows in chunks (for the layer weights, which need the elementwise product with A_p), and the
-product S̃·X through `scaled_dot_product_attention` with X as the values (for the refinement S^k·M: the fused kernel
-never materialises the scores at all).
+The fused attention kernel (`scaled_dot_product_attention`) does the work wherever the reduction is an attention with
+other values: the refinement product S̃·X (X as the values) and the layer weights' Frobenius product (an additive
+log-weight bias on a second copy of the keys). Explicit score rows, in chunks, only form the head-mean S at the map
+grid when many products are wanted.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-# Elements of one [heads, rows, N] score chunk; 2^24 fp32 = 64 MiB (softmax needs a second buffer of that size).
+# Elements of one [heads, rows, N] score chunk (or [rows, 2·N] bias chunk); 2^24 fp32 = 64 MiB.
 CHUNK_ELEMENTS = 2**24
 
 
@@ -115,35 +116,42 @@ def frobenius_with_reference(
     reference_attention: torch.Tensor, ref_hw: tuple[int, int], renormalize_rows: bool = False,
     image_mass: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """w_l before normalisation (ALGORITHMS §2): Σ_ij A_p[i, j] · S̃_l[i, j], computed in row chunks.
+    """w_l before normalisation (ALGORITHMS §2): Σ_ij A_p[i, j] · S̃_l[i, j], through the fused attention kernel.
 
     q, k: [N_l, heads·d] of one image's self-attention layer; reference_attention: A_p = softmax(F Fᵀ / √C)
     [N_ref, N_ref] (`pseudo_self_attention`, computed once for all layers); S̃_l = head-mean self-attention resized to
     the reference grid (rows renormalised to sum 1 after resizing when `renormalize_rows`; the official code does not).
-    The key resize is moved onto A_p (Σ_j A_p[i, j] (S Bᵀ)[i, j] = Σ_k S[i, k] (A_p B)[i, k]), and each head's
-    softmax enters only through Σ_k e^{s_ik}·P_ik / Σ_k e^{s_ik}: no normalised or resized copy of the scores exists.
-    Returns a 0-d fp32 tensor.
+    image_mass: [heads, N_l], for joint attention (the image→image slice of the joint softmax).
+
+    The key resize moves onto A_p (Σ_j A_p[i, j] (S Bᵀ)[i, j] = Σ_k S[i, k] (A_p B)[i, k] =: R_i). Each query then
+    attends to its keys twice: once with log(A_p B)[i, k] added to the scores, once plain. The values mark the first
+    copy, so the output is Σ_k e^{s_ik}(A_p B)_ik / (Σ_k e^{s_ik}(A_p B)_ik + Σ_k e^{s_ik}) = R_i / (1 + R_i), from
+    which R_i follows. No score matrix exists outside the kernel; the bias is one [rows, 2·N_l] chunk shared by
+    all heads. fp32 on CPU, the input dtype on accelerators (fused kernels accumulate in fp32). Returns a 0-d fp32 tensor.
     """
     rows = grid_nearest_rows(src_hw, ref_hw, q.device)
-    d = q.shape[-1] // heads
-    kh = k.float().view(-1, heads, d).transpose(0, 1)  # [heads, N_l, d]
-    weights = resize_keys_adjoint(reference_attention.T, src_hw, ref_hw).T  # A_p B: [N_ref, N_l]
-    if renormalize_rows:  # the row sums of S̃ are S·(Bᵀ1)
-        col_mass = resize_keys_adjoint(torch.ones(ref_hw[0] * ref_hw[1], 1, device=q.device), src_hw, ref_hw)[:, 0]
+    n, hd = k.shape
+    d = hd // heads
+    dtype = torch.float32 if q.device.type == "cpu" else q.dtype
+    log_weights = resize_keys_adjoint(reference_attention.T, src_hw, ref_hw).T.clamp_min(1e-30).log()  # [N_ref, N_l]
+    kh = k.to(dtype).view(1, n, heads, d).transpose(1, 2)
+    keys = torch.cat([kh, kh], 2)  # [1, heads, 2·N_l, d]
+    values = torch.zeros(2 * n, d, dtype=dtype, device=q.device)
+    values[:n, 0] = 1  # marks the biased copy
+    if renormalize_rows:  # the row sums of S̃ are S·(Bᵀ1): a plain value column
+        ones = torch.ones(ref_hw[0] * ref_hw[1], 1, device=q.device)
+        values[n:, 1] = resize_keys_adjoint(ones, src_hw, ref_hw)[:, 0].to(dtype)
+    values = values.expand(1, heads, -1, -1).contiguous()  # fused kernels want contiguous 4-D inputs
     total = torch.zeros((), dtype=torch.float32, device=q.device)
-    for a, b in row_chunks(len(rows), heads, kh.shape[1]):
-        qh = (q[rows[a:b]].float() * scale).view(b - a, heads, d).transpose(0, 1)
-        e = qh @ kh.transpose(1, 2)  # [heads, c, N_l]
-        e.sub_(e.amax(-1, keepdim=True)).exp_()
-        per_query = e.transpose(0, 1)  # [c, heads, N_l]
-        share = (per_query @ weights[a:b, :, None])[..., 0] / e.sum(-1).T  # Σ_k softmax_hik · (A_p B)_ik: [c, heads]
-        if image_mass is not None:
-            share = share * image_mass[:, rows[a:b]].T.float()
+    for a, b in row_chunks(len(rows), 1, 2 * n):
+        bias = torch.cat([log_weights[a:b], torch.zeros(b - a, n, device=q.device)], 1).to(dtype)
+        qh = q[rows[a:b]].to(dtype).view(1, b - a, heads, d).transpose(1, 2).contiguous()
+        out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=bias[None, None], scale=scale)[0].float()
+        plain_part = 1 - out[..., 0]  # Σ_k e^{s_ik} over the normaliser of both copies: [heads, c]
+        share = out[..., 0] / plain_part  # R_i per head
+        mass = image_mass[:, rows[a:b]].float() if image_mass is not None else 1
         if renormalize_rows:
-            mass = (per_query @ col_mass[:, None])[..., 0] / e.sum(-1).T
-            if image_mass is not None:
-                mass = mass * image_mass[:, rows[a:b]].T.float()
-            total += (share.mean(1) / mass.mean(1)).sum()
+            total += ((share * mass).mean(0) / ((out[..., 1] / plain_part) * mass).mean(0)).sum()
         else:
-            total += share.mean(1).sum()
+            total += (share * mass).mean(0).sum()
     return total
