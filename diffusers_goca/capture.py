@@ -146,7 +146,7 @@ class Capture:
         if attention_mask is not None:
             mask = attn.prepare_attention_mask(attention_mask, k.shape[1], tap.query.shape[0])
             mask = mask.view(tap.query.shape[0], heads, -1, mask.shape[-1]).index_select(0, rows)
-            scores = scores + mask.float()
+            scores += mask.float()
         probs = scores.softmax(-1)
         columns = self._columns(probs.device)
         if columns is not None:
@@ -198,7 +198,7 @@ def memory_plan(adapter, latent_hw: tuple[int, int], n_columns: int, text_len: i
     from .functional.self_attention import CHUNK_ELEMENTS
 
     chunk = 3 * CHUNK_ELEMENTS * 4  # fp32 scores of one row chunk, their exponentials and a product
-    held = offloaded = resident_qk = largest_qk = n_ref = 0
+    held = offloaded = resident_qk = largest_qk = n_ref = largest_self = 0
     forward_transient = 0
     for name, info in adapter.layers.items():
         attn = adapter.denoiser.get_submodule(name)
@@ -212,6 +212,7 @@ def memory_plan(adapter, latent_hw: tuple[int, int], n_columns: int, text_len: i
             forward_transient = max(forward_transient, 2 * (n + text_len) * inner * dtype_bytes + chunk)
         if info.role in ("self", "joint"):
             qk = rows * 2 * n * inner * dtype_bytes
+            largest_self = max(largest_self, n)
             held += rows * heads * n * 4 if info.role == "joint" else 0
             largest_qk = max(largest_qk, qk)
             if accelerator and offload_above is not None and resident_qk + qk > offload_above:
@@ -221,7 +222,12 @@ def memory_plan(adapter, latent_hw: tuple[int, int], n_columns: int, text_len: i
         if name == adapter.reference_layer:
             held += rows * n * inner * dtype_bytes
             n_ref = n
-    # After the forward: A_p and the refinement's S (fp32, at most both), the row-chunk buffers, one offloaded layer.
+    # After the forward, the layer weights: A_p, log(A_p B) and its resize, one [rows, 2N] bias chunk (fp32 and the
+    # model dtype), the doubled keys and their values; then the refinement: S at the map grid and explicit row chunks.
+    # Plus one offloaded layer brought back.
     map_h, map_w = adapter.map_grid(latent_hw)
-    after = n_ref * n_ref * 4 + (map_h * map_w) ** 2 * 4 + chunk + (largest_qk // rows if offloaded else 0)
+    layer_weights = (n_ref * n_ref * 4 + 2 * n_ref * largest_self * 4 + CHUNK_ELEMENTS * (4 + dtype_bytes)
+                     + 2 * largest_qk // rows)
+    refinement = (map_h * map_w) ** 2 * 4 + chunk
+    after = max(layer_weights, refinement) + (largest_qk // rows if offloaded else 0)
     return {"held": held, "offloaded": offloaded, "transient": max(forward_transient, after)}

@@ -48,15 +48,15 @@ def joint_text_attention(
     n, hd = q.shape
     d = hd // heads
     m_text = text_share(q, k_img, k_txt, heads, scale)  # [heads, N]
-    kx = k_txt.float().view(-1, heads, d).transpose(0, 1)  # [heads, T, d]
-    vx = v_txt.float().view(-1, heads, d).transpose(0, 1)
-    width = kx.shape[1] if columns is None else len(columns)
+    kx = k_txt.float().view(-1, heads, d).permute(1, 2, 0).contiguous()  # [heads, d, T]
+    vx = v_txt.float().view(-1, heads, d).transpose(0, 1).contiguous()  # [heads, T, d]
+    width = kx.shape[2] if columns is None else len(columns)
     avg = torch.empty(n, width, dtype=torch.float32, device=q.device)
     auto = torch.empty_like(avg)
     degenerate = 0
-    for a, b in row_chunks(n, heads, kx.shape[1]):
-        qc = q[a:b].float().view(b - a, heads, d).transpose(0, 1)  # [heads, c, d]
-        probs = (qc @ kx.transpose(1, 2) * scale).softmax(-1) * m_text[:, a:b, None]  # [heads, c, T], joint softmax
+    for a, b in row_chunks(n, heads, kx.shape[2]):
+        qc = q[a:b].float().view(b - a, heads, d).transpose(0, 1).contiguous()  # [heads, c, d]
+        probs = (qc @ kx * scale).softmax(-1).mul_(m_text[:, a:b, None])  # [heads, c, T], joint softmax
         kept = probs if columns is None else probs[..., columns]
         avg[a:b] = kept.mean(0)
         if out_weight is None or head_weighting == "average":
