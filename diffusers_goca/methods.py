@@ -12,7 +12,8 @@ import torch
 from .capture import StepCapture
 from .functional.aggregation import aggregate_layers, normalize_layer_weights, pseudo_self_attention
 from .functional.maps import gaussian_blur, minmax, per_pixel_rescale, propagate, resize_maps, token_class_maps
-from .functional.self_attention import apply_self_attention, frobenius_with_reference, head_mean_self_attention
+from .functional.self_attention import (apply_self_attention, frobenius_with_reference, head_mean_self_attention,
+                                       reference_weights)
 from .tokens import TokenIndex
 
 METHODS = ("goca", "vanilla", "manual", "diffsegmenter", "iseg", "seg4diff")
@@ -78,12 +79,15 @@ def layer_weights(step: StepCapture, row: int, adapter, layers: list[str], renor
     if step.reference is None:
         raise RuntimeError(f"the reference layer {adapter.reference_layer} was not captured")
     reference_attention = pseudo_self_attention(step.reference[row])  # A_p once, [N_ref, N_ref]
+    per_grid = {}  # what A_p gives the layers of one grid, prepared once
     raw = []
     for name in layers:
         s = step.selfs[adapter.self_of(name)]
+        if s.grid not in per_grid:
+            per_grid[s.grid] = reference_weights(reference_attention, s.grid, step.reference_grid)
         raw.append(frobenius_with_reference(src_hw=s.grid, reference_attention=reference_attention,
                                             ref_hw=step.reference_grid, renormalize_rows=renormalize_rows,
-                                            **s.image(row)))
+                                            weights=per_grid[s.grid], **s.image(row)))
     return normalize_layer_weights(torch.stack(raw))
 
 

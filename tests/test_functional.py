@@ -249,3 +249,22 @@ def test_entropy_reduced_self_attention_matches_a_literal_loop():
         expected[i] /= expected[i].sum()
     assert torch.allclose(entropy_reduced(a, lam), expected, atol=1e-6)
     assert entropy_reduced(a, lam)[1, 3] == 0
+
+
+def test_fused_reductions_in_bfloat16_stay_close_to_fp32():
+    """Accelerators run the fused calls in the model dtype: the marker-value readouts (R / (1 + R), the text share)
+    keep their precision in bf16."""
+    from diffusers_goca.functional.joint import text_share
+
+    torch.manual_seed(0)
+    heads, d, src, ref = 4, 16, (8, 8), (8, 8)
+    n = src[0] * src[1]
+    q, k = torch.randn(n, heads * d), torch.randn(n, heads * d)
+    a_p = pseudo_self_attention(torch.randn(n, 32))
+    exact = frobenius_with_reference(q, k, heads, d ** -0.5, src, a_p, ref)
+    half = frobenius_with_reference(q.bfloat16(), k.bfloat16(), heads, d ** -0.5, src, a_p, ref, dtype=torch.bfloat16)
+    assert half.dtype == torch.float32 and abs(half / exact - 1) < 0.005, (float(half), float(exact))
+    k_txt = torch.randn(12, heads * d)
+    share = text_share(q, k, k_txt, heads, d ** -0.5)
+    share_half = text_share(q.bfloat16(), k.bfloat16(), k_txt.bfloat16(), heads, d ** -0.5, dtype=torch.bfloat16)
+    assert (share_half - share).abs().max() < 0.02

@@ -14,6 +14,14 @@ import torch.nn.functional as F
 CHUNK_ELEMENTS = 2**24
 
 
+def fused_dtype(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype of the fused attention calls on `t`'s device: `dtype` if given, else fp32 on CPU (where half-precision
+    kernels are slow) and `t`'s own dtype on accelerators (the fused kernels accumulate in fp32)."""
+    if dtype is not None:
+        return dtype
+    return torch.float32 if t.device.type == "cpu" else t.dtype
+
+
 def grid_nearest_rows(src_hw: tuple[int, int], dst_hw: tuple[int, int], device=None) -> torch.Tensor:
     """Index of the `src` grid cell that nearest-neighbour resizing puts at each `dst` cell: LongTensor [dst_h·dst_w].
 
@@ -111,10 +119,25 @@ def apply_self_attention(
     return torch.cat(outs, -1)[grid_nearest_rows(src_hw, dst_hw, q.device)]
 
 
+def reference_weights(reference_attention: torch.Tensor, src_hw: tuple[int, int], ref_hw: tuple[int, int]):
+    """What the layer weights of every layer on the `src` grid read from A_p: (queries, log_weights).
+
+    queries: LongTensor, the layer's query rows the reference grid reads (nearest resize), each once, sorted;
+    log_weights: [len(queries), N_src] fp32, log(A_p B) with B the bilinear key resize, the rows of reference cells
+    that read the same query summed (the Frobenius product is linear in them).
+    """
+    rows = grid_nearest_rows(src_hw, ref_hw, reference_attention.device)
+    queries, group = torch.unique(rows, return_inverse=True)  # `rows` itself when no query repeats
+    weights = resize_keys_adjoint(reference_attention.T, src_hw, ref_hw).T  # A_p B: [N_ref, N_src]
+    if len(queries) < len(rows):
+        weights = torch.zeros(len(queries), weights.shape[1], device=weights.device).index_add_(0, group, weights)
+    return queries, weights.clamp_min(1e-30).log_()
+
+
 def frobenius_with_reference(
     q: torch.Tensor, k: torch.Tensor, heads: int, scale: float, src_hw: tuple[int, int],
     reference_attention: torch.Tensor, ref_hw: tuple[int, int], renormalize_rows: bool = False,
-    image_mass: torch.Tensor | None = None,
+    image_mass: torch.Tensor | None = None, dtype: torch.dtype | None = None, weights=None,
 ) -> torch.Tensor:
     """w_l before normalisation (ALGORITHMS §2): Σ_ij A_p[i, j] · S̃_l[i, j], through the fused attention kernel.
 
@@ -122,26 +145,23 @@ def frobenius_with_reference(
     [N_ref, N_ref] (`pseudo_self_attention`, computed once for all layers); S̃_l = head-mean self-attention resized to
     the reference grid (rows renormalised to sum 1 after resizing when `renormalize_rows`; the official code does not).
     image_mass: [heads, N_l], for joint attention (the image→image slice of the joint softmax).
+    weights: `reference_weights(reference_attention, src_hw, ref_hw)`, when the caller shares it between the layers
+    of one grid.
 
     The key resize moves onto A_p (Σ_j A_p[i, j] (S Bᵀ)[i, j] = Σ_k S[i, k] (A_p B)[i, k] =: R_i). Each query then
     attends to its keys twice: once with log(A_p B)[i, k] added to the scores, once plain. The values mark the first
     copy, so the output is Σ_k e^{s_ik}(A_p B)_ik / (Σ_k e^{s_ik}(A_p B)_ik + Σ_k e^{s_ik}) = R_i / (1 + R_i), from
     which R_i follows. No score matrix exists outside the kernel; the bias is one [rows, 2·N_l] chunk shared by
-    all heads. fp32 on CPU, the input dtype on accelerators (fused kernels accumulate in fp32). Returns a 0-d fp32 tensor.
+    all heads. The kernel runs in `fused_dtype(q, dtype)`. Returns a 0-d fp32 tensor.
 
     A layer coarser than the reference grid sends each of its queries to several reference rows (nearest resize).
     R is linear in the weight row and the row mass depends only on the query, so those rows' weights are summed and
     each query attends once (SDXL's 32×32 layers against the 64×64 reference: 4× fewer queries).
     """
-    rows = grid_nearest_rows(src_hw, ref_hw, q.device)
-    queries, group = torch.unique(rows, return_inverse=True)  # sorted; `rows` itself when no query repeats
+    queries, log_weights = weights or reference_weights(reference_attention, src_hw, ref_hw)
     n, hd = k.shape
     d = hd // heads
-    dtype = torch.float32 if q.device.type == "cpu" else q.dtype
-    weights = resize_keys_adjoint(reference_attention.T, src_hw, ref_hw).T  # A_p B: [N_ref, N_l]
-    if len(queries) < len(rows):
-        weights = torch.zeros(len(queries), n, device=q.device).index_add_(0, group, weights)
-    log_weights = weights.clamp_min(1e-30).log_()  # [queries, N_l]
+    dtype = fused_dtype(q, dtype)
     kh = k.to(dtype).view(1, n, heads, d).transpose(1, 2)
     keys = torch.cat([kh, kh], 2)  # [1, heads, 2·N_l, d]
     values = torch.zeros(2 * n, d, dtype=dtype, device=q.device)
