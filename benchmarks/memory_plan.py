@@ -1,4 +1,5 @@
-"""The capture's memory plan at full size, from the real configs on the meta device (no weights, no GPU needed).
+"""The capture's memory plan and the segmentation's arithmetic at full size, from the real configs on the meta device
+(no weights, no GPU needed).
 
     python benchmarks/memory_plan.py                  # every family at its native resolution
     python benchmarks/memory_plan.py --columns 40     # a longer class list
@@ -7,27 +8,29 @@ For one segmented image in the model dtype: what the capture holds on the accele
 memory, its largest transient working set, and what storing every attention map (the official code) would take.
 `diffusers_goca.capture.memory_plan` follows the same rules as the capture; a test checks it equals the capture's own
 byte accounting on small models.
+
+Second table: the FLOPs of one `goca` segmentation beyond the forward (capture, layer weights, refinement), counted
+by the rules the code follows, against the forward's own FLOPs (`torch.utils.flop_counter` on the meta device). Where
+a GPU is compute-bound, this ratio is the overhead to expect; memory-bound kernels and launch costs come on top.
 """
 from __future__ import annotations
 
 import argparse
 
 import diffusers
+import torch
 from accelerate import init_empty_weights
+from overhead import Host, build
 from real_configs import TEXT_TOKENS, TRANSFORMERS, UNETS
+from torch.utils.flop_counter import FlopCounterMode
 
 from diffusers_goca.capture import memory_plan
 from diffusers_goca.clip_bpe import build_clip_tokenizer
-from diffusers_goca.mixin import GoCAMixin
+from diffusers_goca.methods import EXPLICIT_S_FROM_ORDER
 from diffusers_goca.models import adapter_for
 
 NATIVE = {"sd15": 512, "sdxl": 1024, "pixart-sigma": 1024, "sd3-medium": 1024, "flux-dev": 1024}
 BOUNDS = {"pixart-sigma": 1.0, "flux-dev": 1.5}  # GiB, held + transient (issue #3)
-
-
-class Host(GoCAMixin):
-    def __init__(self, **parts):
-        self.__dict__.update(parts)
 
 
 def host_for(name: str):
@@ -48,6 +51,46 @@ def store_everything(adapter, latent_hw, text_len: int, dtype_bytes: int) -> int
         keys = {"cross": text_len, "self": n, "joint": n + text_len}[info.role]
         total += attn.heads * n * keys * dtype_bytes
     return total
+
+
+def extra_flops(adapter, latent_hw, text_len: int) -> dict[str, int]:
+    """FLOPs (2 per multiply-add) of one `goca` segmentation beyond the forward, by the code's rules: the capture (text
+    scores, head weights; for joint layers the text-share call and both head-weight products), the layer weights (one
+    fused call per cross layer over twice its keys, each distinct query once), A_p, and the refinement (k fused
+    products per layer, or one explicit pass of QKᵀ when S is formed)."""
+    def grid(name):
+        f = adapter.layers[name].factor
+        return -(-latent_hw[0] // f) * -(-latent_hw[1] // f)
+
+    def inner(name):
+        return adapter.denoiser.get_submodule(name).to_q.out_features
+
+    n_ref = grid(adapter.reference_layer)
+    map_h, map_w = adapter.map_grid(latent_hw)
+    capture = weights = 0
+    for name in adapter.cross_layers:
+        n, c = grid(name), inner(name)
+        width = adapter.output_weight(name, adapter.denoiser.get_submodule(name)).shape[0]
+        if adapter.layers[name].role == "joint":
+            capture += 4 * n * (n + text_len) * c + 4 * n * text_len * c + 4 * n * width * c
+        else:
+            capture += 2 * n * text_len * c + 2 * n * width * c
+        own = adapter.self_of(name)
+        weights += 4 * min(grid(own), n_ref) * 2 * grid(own) * inner(own)
+    weights += 2 * n_ref * n_ref * inner(adapter.reference_layer)
+    order = adapter.refine_order
+    refinement = sum(2 * map_h * map_w * grid(n) * inner(n) if order >= EXPLICIT_S_FROM_ORDER
+                     else order * 4 * grid(n) * grid(n) * inner(n) for n in adapter.refinement_layers)
+    return {"capture": capture, "layer weights": weights, "refinement": refinement}
+
+
+def forward_flops(name: str, px: int) -> int:
+    """The denoiser forward's FLOPs for one image, counted on the meta device."""
+    args = argparse.Namespace(model=name, resolution=px, layers=None, device="meta")
+    _, run = build(args, torch.bfloat16)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        run()
+    return counter.get_total_flops()
 
 
 def main(argv=None):
@@ -73,6 +116,17 @@ def main(argv=None):
         print(f"| {name} | {px} | {plan['held'] / mib:.0f} MiB | {plan['offloaded'] / mib:.0f} MiB "
               f"| {plan['transient'] / mib:.0f} MiB | {(plan['held'] + plan['transient']) / gib:.2f} GiB | {bound} "
               f"| {everything / gib:.1f} GiB |")
+    print()
+    print("| model | px | forward | capture | layer weights | refinement | extra / forward |")
+    print("|---|---|---|---|---|---|---|")
+    for name in NATIVE:
+        adapter = adapter_for(host_for(name))
+        px = args.resolution or NATIVE[name]
+        latent = px // 8
+        latent_hw = (latent // 2, latent // 2) if name == "flux-dev" else (latent, latent)
+        extra, forward = extra_flops(adapter, latent_hw, TEXT_TOKENS[name]), forward_flops(name, px)
+        parts = " | ".join(f"{v / 1e12:.2f} TFLOP" for v in extra.values())
+        print(f"| {name} | {px} | {forward / 1e12:.2f} TFLOP | {parts} | {sum(extra.values()) / forward:.2f}× |")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ def build(args, dtype):
     dev, side = args.device, args.resolution // 8
     torch.manual_seed(0)
     if args.model in UNETS:
-        unet = diffusers.UNet2DConditionModel(**UNETS[args.model]).to(dev, dtype).eval()
+        with torch.device(dev):  # "meta": no weights at all (the FLOP count of benchmarks/memory_plan.py)
+            unet = diffusers.UNet2DConditionModel(**UNETS[args.model]).to(dev, dtype).eval()
         host = Host(unet=unet, tokenizer=build_clip_tokenizer(), vae_scale_factor=8)
         x = torch.randn(1, 4, side, side, device=dev, dtype=dtype)
         ehs = torch.randn(1, 77, unet.config.cross_attention_dim, device=dev, dtype=dtype)
@@ -55,7 +56,8 @@ def build(args, dtype):
         config[depth_key] = args.layers
         if args.model == "flux-dev":
             config["num_layers"] = max(1, args.layers // 2)
-    model = getattr(diffusers, cls_name)(**config).to(dev, dtype).eval()
+    with torch.device(dev):
+        model = getattr(diffusers, cls_name)(**config).to(dev, dtype).eval()
     host = Host(transformer=model, vae_scale_factor=8, default_sample_size=128)
     t = TEXT_TOKENS[args.model]
     ehs = torch.randn(1, t, 4096, device=dev, dtype=dtype)
