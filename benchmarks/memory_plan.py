@@ -93,6 +93,16 @@ def forward_flops(name: str, px: int) -> int:
     return counter.get_total_flops()
 
 
+def families(resolution: int | None):
+    """(name, adapter, px, latent_hw) of every family, at `resolution` or its native one."""
+    for name in NATIVE:
+        px = resolution or NATIVE[name]
+        latent = px // 8
+        # Flux packs 2×2 latent patches before the transformer; its adapter's grid is in packed tokens.
+        latent_hw = (latent // 2, latent // 2) if name == "flux-dev" else (latent, latent)
+        yield name, adapter_for(host_for(name)), px, latent_hw
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--columns", type=int, default=16, help="token columns kept (content + special tokens)")
@@ -103,12 +113,7 @@ def main(argv=None):
     print("| model | px | held on the accelerator | offloaded to host | transient | held + transient | bound "
           "| store every map (official) |")
     print("|---|---|---|---|---|---|---|---|")
-    for name in NATIVE:
-        adapter = adapter_for(host_for(name))
-        px = args.resolution or NATIVE[name]
-        latent = px // 8
-        # Flux packs 2×2 latent patches before the transformer; its adapter's grid is in packed tokens.
-        latent_hw = (latent // 2, latent // 2) if name == "flux-dev" else (latent, latent)
+    for name, adapter, px, latent_hw in families(args.resolution):
         plan = memory_plan(adapter, latent_hw, args.columns, TEXT_TOKENS[name],
                            offload_above=int(args.offload_above_mib * mib))
         everything = store_everything(adapter, latent_hw, TEXT_TOKENS[name], 2)
@@ -119,11 +124,7 @@ def main(argv=None):
     print()
     print("| model | px | forward | capture | layer weights | refinement | extra / forward |")
     print("|---|---|---|---|---|---|---|")
-    for name in NATIVE:
-        adapter = adapter_for(host_for(name))
-        px = args.resolution or NATIVE[name]
-        latent = px // 8
-        latent_hw = (latent // 2, latent // 2) if name == "flux-dev" else (latent, latent)
+    for name, adapter, px, latent_hw in families(args.resolution):
         extra, forward = extra_flops(adapter, latent_hw, TEXT_TOKENS[name]), forward_flops(name, px)
         parts = " | ".join(f"{v / 1e12:.2f} TFLOP" for v in extra.values())
         print(f"| {name} | {px} | {forward / 1e12:.2f} TFLOP | {parts} | {sum(extra.values()) / forward:.2f}× |")
