@@ -11,20 +11,26 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-def load_pipeline(model: str | None, device: str, dtype: torch.dtype):
-    """A GoCA pipeline from a hub id or a local folder (`DiffusionPipeline.from_pretrained`); None = the toy model."""
+def pretrained(path: str, dtype: torch.dtype):
+    """`DiffusionPipeline.from_pretrained(path)` with no safety checker, and with the components the saved pipeline
+    lists as absent ([null, null] in model_index.json, e.g. SD3 saved without T5) passed as None, which diffusers
+    otherwise refuses for required components."""
     from diffusers import DiffusionPipeline
 
+    absent = {name: None for name, entry in DiffusionPipeline.load_config(path).items() if entry == [None, None]}
+    kwargs = {**absent, "torch_dtype": dtype}
+    try:
+        return DiffusionPipeline.from_pretrained(path, **{"safety_checker": None, **kwargs})
+    except TypeError:  # a pipeline without a safety_checker argument
+        return DiffusionPipeline.from_pretrained(path, **kwargs)
+
+
+def load_pipeline(model: str | None, device: str, dtype: torch.dtype):
+    """A GoCA pipeline from a hub id or a local folder (`DiffusionPipeline.from_pretrained`); None = the toy model."""
     from .pipelines import from_pipe
     from .toyworld import TOY_MODEL_DIR
 
-    path = model or TOY_MODEL_DIR
-    kwargs = {"torch_dtype": dtype}
-    try:
-        pipe = DiffusionPipeline.from_pretrained(path, safety_checker=None, **kwargs)
-    except TypeError:
-        pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
-    pipe = from_pipe(pipe.to(device))
+    pipe = from_pipe(pretrained(model or TOY_MODEL_DIR, dtype).to(device))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -352,3 +352,22 @@ def test_captured_cross_maps_are_the_formula_on_the_layers_inputs(family):
             assert torch.allclose(step.cross[name]["auto"], auto, atol=1e-5), name
             assert torch.allclose(step.cross[name]["average"], mean, atol=1e-6), name
     pipe.disable_goca()
+
+
+def test_cli_loader_takes_a_saved_sd3_without_t5(tmp_path):
+    """SD3 saved without T5 lists text_encoder_3 / tokenizer_3 as [null, null]; the loader of the CLI and the
+    benchmarks passes them as None (plain `from_pretrained` refuses), and GoCA segments with CLIP tokens only."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from diffusers_goca.cli import load_pipeline
+
+    full = make_tiny_sd3()
+    parts = {**full.components, "text_encoder_3": None, "tokenizer_3": None}
+    StableDiffusion3Pipeline(**parts).save_pretrained(tmp_path / "sd3")
+    with pytest.raises(ValueError, match="text_encoder_3"):
+        StableDiffusion3Pipeline.from_pretrained(tmp_path / "sd3")
+    pipe = load_pipeline(str(tmp_path / "sd3"), "cpu", torch.float32)
+    assert isinstance(pipe, goca.GoCAStableDiffusion3Pipeline) and pipe.text_encoder_3 is None
+    image = Image.fromarray(np.full((32, 32, 3), 128, dtype=np.uint8))
+    result = pipe.segment(image, ["cat", "grass"], seed=0)
+    assert result.labels.shape == (32, 32)

@@ -79,16 +79,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_pipeline(args, device: str):
-    from diffusers import DiffusionPipeline
-
-    from ..cli import DTYPES
+    from ..cli import DTYPES, pretrained
     from ..pipelines import scfg_from_pipe
     from ..toyworld import TOY_MODEL_DIR
 
     dtype = DTYPES[args.dtype] if device.startswith("cuda") else torch.float32
-    path = TOY_MODEL_DIR if args.toy else args.model
-    pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
-    pipe = scfg_from_pipe(pipe.to(device))
+    pipe = scfg_from_pipe(pretrained(TOY_MODEL_DIR if args.toy else args.model, dtype).to(device))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
