@@ -252,8 +252,8 @@ def test_entropy_reduced_self_attention_matches_a_literal_loop():
 
 
 def test_fused_reductions_in_bfloat16_stay_close_to_fp32():
-    """Accelerators run the fused calls in the model dtype: the marker-value readouts (R / (1 + R), the text share)
-    keep their precision in bf16."""
+    """Accelerators run the side path's large products in the model dtype: the marker-value readouts (R / (1 + R),
+    the text share) and the head weights keep their precision in bf16."""
     from diffusers_goca.functional.joint import text_share
 
     torch.manual_seed(0)
@@ -264,6 +264,9 @@ def test_fused_reductions_in_bfloat16_stay_close_to_fp32():
     exact = frobenius_with_reference(q, k, heads, d ** -0.5, src, a_p, ref)
     half = frobenius_with_reference(q.bfloat16(), k.bfloat16(), heads, d ** -0.5, src, a_p, ref, dtype=torch.bfloat16)
     assert half.dtype == torch.float32 and abs(half / exact - 1) < 0.005, (float(half), float(exact))
+    x, w = torch.randn(2, 10, heads * d), torch.randn(24, heads * d)
+    weights, weights_half = head_weights(x, w, heads), head_weights(x.bfloat16(), w.bfloat16(), heads, dtype=torch.bfloat16)
+    assert weights_half.dtype == torch.float32 and (weights_half - weights).abs().max() < 0.01
     k_txt = torch.randn(12, heads * d)
     share = text_share(q, k, k_txt, heads, d ** -0.5)
     share_half = text_share(q.bfloat16(), k.bfloat16(), k_txt.bfloat16(), heads, d ** -0.5, dtype=torch.bfloat16)

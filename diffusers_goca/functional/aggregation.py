@@ -6,13 +6,14 @@ from typing import Sequence
 import torch
 
 from .maps import resize_maps
+from .self_attention import compute_dtype
 
 HEAD_WEIGHTINGS = ("auto", "average", "dot-product")
 
 
 def head_weights(
     head_out: torch.Tensor, out_weight: torch.Tensor, heads: int, mode: str = "auto", eps: float = 1e-8,
-    return_degenerate: bool = False, out: torch.Tensor | None = None,
+    return_degenerate: bool = False, out: torch.Tensor | None = None, dtype: torch.dtype | None = None,
 ):
     """Per-pixel head weights w_h(p) = ⟨o_h(p), out(p)⟩ / Σ_h' ⟨o_h'(p), out(p)⟩, with o_h(p) = head_out_h(p) · W_hᵀ.
 
@@ -20,7 +21,8 @@ def head_weights(
     out_weight: [D, heads·d], the weight of `to_out[0]` (its bias is excluded, as in the formula).
     mode: "auto" (official "dot-product w/o clamp": may be negative), "average" (1/H), "dot-product" (clamp ≥ 0, renormalise).
     out: [B, N, D], head_out · out_weightᵀ when the caller has it (the forward's own `to_out[0]` output less its bias),
-    which saves one of the two [N, heads·d, D] products.
+    which saves one of the two [N, heads·d, D] products. The products run in `compute_dtype(head_out, dtype)`, the
+    per-head sums and the division in fp32.
     Returns [B, heads, N] fp32 summing to 1 over heads; where Σ_h ⟨o_h, out⟩ = ‖out(p)‖² < eps the weights fall back to 1/H
     (with `return_degenerate`, also the bool mask [B, N] of those pixels).
     """
@@ -30,11 +32,13 @@ def head_weights(
     if mode == "average":
         uniform = torch.full((b, heads, n), 1.0 / heads, device=head_out.device)
         return (uniform, torch.zeros(b, n, dtype=torch.bool, device=head_out.device)) if return_degenerate else uniform
-    x = head_out.float()
-    w = out_weight.float()
-    out = x @ w.T if out is None else out.float()  # [B, N, D]
+    dtype = compute_dtype(head_out, dtype)
+    x = head_out.to(dtype)
+    w = out_weight.to(dtype)
+    out = x @ w.T if out is None else out.to(dtype)  # [B, N, D]
     # ⟨o_h, out⟩ = Σ_{j ∈ head h} x_j · (out · W)_j: one matmul back instead of H per-head projections.
-    dots = (x * (out @ w)).view(b, n, heads, hd // heads).sum(-1).transpose(1, 2)  # [B, heads, N]
+    back = (out @ w).float()
+    dots = (x.float() * back).view(b, n, heads, hd // heads).sum(-1).transpose(1, 2)  # [B, heads, N]
     if mode == "dot-product":
         dots = dots.clamp_min(0)
     total = dots.sum(1, keepdim=True)

@@ -10,18 +10,18 @@ import torch
 import torch.nn.functional as F
 
 from .aggregation import head_weights
-from .self_attention import fused_dtype, row_chunks
+from .self_attention import compute_dtype, row_chunks
 
 
 def text_share(q: torch.Tensor, k_img: torch.Tensor, k_txt: torch.Tensor, heads: int, scale: float,
                dtype: torch.dtype | None = None) -> torch.Tensor:
     """m_text [heads, N]: each image query's joint-softmax probability on the text keys (fp32).
 
-    q, k_img: [N, heads·d]; k_txt: [T, heads·d]. The fused call runs in `fused_dtype(q, dtype)`.
+    q, k_img: [N, heads·d]; k_txt: [T, heads·d]. The fused call runs in `compute_dtype(q, dtype)`.
     """
     n, hd = q.shape
     d = hd // heads
-    dtype = fused_dtype(q, dtype)
+    dtype = compute_dtype(q, dtype)
     keys = torch.cat([k_img, k_txt]).to(dtype).view(1, -1, heads, d).transpose(1, 2)  # [1, heads, N+T, d]
     # The indicator is repeated over d channels so the value has the query's head dim (what fused kernels expect);
     # 4-D, contiguous inputs select the fused kernels (else SDPA falls back to the explicit [heads, N, N+T] softmax).

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 CHUNK_ELEMENTS = 2**24
 
 
-def fused_dtype(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.dtype:
-    """The dtype of the fused attention calls on `t`'s device: `dtype` if given, else fp32 on CPU (where half-precision
-    kernels are slow) and `t`'s own dtype on accelerators (the fused kernels accumulate in fp32)."""
+def compute_dtype(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype of the side path's large products on `t`'s device (fused attention calls, head-weight projections):
+    `dtype` if given, else fp32 on CPU (where half-precision kernels are slow) and `t`'s own dtype on accelerators
+    (their kernels accumulate in fp32; an fp32 matmul there runs at a fraction of the half-precision rate)."""
     if dtype is not None:
         return dtype
     return torch.float32 if t.device.type == "cpu" else t.dtype
@@ -152,7 +153,7 @@ def frobenius_with_reference(
     attends to its keys twice: once with log(A_p B)[i, k] added to the scores, once plain. The values mark the first
     copy, so the output is Σ_k e^{s_ik}(A_p B)_ik / (Σ_k e^{s_ik}(A_p B)_ik + Σ_k e^{s_ik}) = R_i / (1 + R_i), from
     which R_i follows. No score matrix exists outside the kernel; the bias is one [rows, 2·N_l] chunk shared by
-    all heads. The kernel runs in `fused_dtype(q, dtype)`. Returns a 0-d fp32 tensor.
+    all heads. The kernel runs in `compute_dtype(q, dtype)`. Returns a 0-d fp32 tensor.
 
     A layer coarser than the reference grid sends each of its queries to several reference rows (nearest resize).
     R is linear in the weight row and the row mass depends only on the query, so those rows' weights are summed and
@@ -161,7 +162,7 @@ def frobenius_with_reference(
     queries, log_weights = weights or reference_weights(reference_attention, src_hw, ref_hw)
     n, hd = k.shape
     d = hd // heads
-    dtype = fused_dtype(q, dtype)
+    dtype = compute_dtype(q, dtype)
     kh = k.to(dtype).view(1, n, heads, d).transpose(1, 2)
     keys = torch.cat([kh, kh], 2)  # [1, heads, 2·N_l, d]
     values = torch.zeros(2 * n, d, dtype=dtype, device=q.device)
