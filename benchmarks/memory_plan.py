@@ -9,7 +9,8 @@ memory, its largest transient working set, and what storing every attention map 
 `diffusers_goca.capture.memory_plan` follows the same rules as the capture; a test checks it equals the capture's own
 byte accounting on small models.
 
-Second table: the FLOPs of one `goca` segmentation beyond the forward (capture, layer weights, refinement), counted
+Second table: the FLOPs of one `goca` segmentation beyond the forward (capture: text maps, head weights, text
+share; then layer weights, refinement), counted
 by the rules the code follows, against the forward's own FLOPs (`torch.utils.flop_counter` on the meta device). Where
 a GPU is compute-bound, this ratio is the overhead to expect; memory-bound kernels and launch costs come on top.
 """
@@ -54,9 +55,10 @@ def store_everything(adapter, latent_hw, text_len: int, dtype_bytes: int) -> int
 
 
 def extra_flops(adapter, latent_hw, text_len: int) -> dict[str, int]:
-    """FLOPs (2 per multiply-add) of one `goca` segmentation beyond the forward, by the code's rules: the capture (text
-    scores, head weights; for joint layers the text-share call and both head-weight products), the layer weights (one
-    fused call per cross layer over twice its keys, each distinct query once), A_p, and the refinement (k fused
+    """FLOPs (2 per multiply-add) of one `goca` segmentation beyond the forward, by the code's rules: in the capture,
+    the text scores and text outputs, the head-weight projections (one product where the forward's own `to_out`
+    output serves, two for joint layers) and, for joint layers, the text-share call; after it, the layer weights (one
+    fused call per cross layer over twice its keys, each distinct query once, plus A_p) and the refinement (k fused
     products per layer, or one explicit pass of QKᵀ when S is formed)."""
     def grid(name):
         f = adapter.layers[name].factor
@@ -67,21 +69,21 @@ def extra_flops(adapter, latent_hw, text_len: int) -> dict[str, int]:
 
     n_ref = grid(adapter.reference_layer)
     map_h, map_w = adapter.map_grid(latent_hw)
-    capture = weights = 0
+    flops = dict.fromkeys(("text maps", "head weights", "text share", "layer weights", "refinement"), 0)
     for name in adapter.cross_layers:
         n, c = grid(name), inner(name)
         width = adapter.output_weight(name, adapter.denoiser.get_submodule(name)).shape[0]
-        if adapter.layers[name].role == "joint":
-            capture += 4 * n * (n + text_len) * c + 4 * n * text_len * c + 4 * n * width * c
-        else:
-            capture += 2 * n * text_len * c + 2 * n * width * c
+        joint = adapter.layers[name].role == "joint"
+        flops["text maps"] += (4 if joint else 2) * n * text_len * c
+        flops["head weights"] += (4 if joint else 2) * n * width * c
+        flops["text share"] += 4 * n * (n + text_len) * c if joint else 0
         own = adapter.self_of(name)
-        weights += 4 * min(grid(own), n_ref) * 2 * grid(own) * inner(own)
-    weights += 2 * n_ref * n_ref * inner(adapter.reference_layer)
+        flops["layer weights"] += 4 * min(grid(own), n_ref) * 2 * grid(own) * inner(own)
+    flops["layer weights"] += 2 * n_ref * n_ref * inner(adapter.reference_layer)
     order = adapter.refine_order
-    refinement = sum(2 * map_h * map_w * grid(n) * inner(n) if order >= EXPLICIT_S_FROM_ORDER
-                     else order * 4 * grid(n) * grid(n) * inner(n) for n in adapter.refinement_layers)
-    return {"capture": capture, "layer weights": weights, "refinement": refinement}
+    flops["refinement"] = sum(2 * map_h * map_w * grid(n) * inner(n) if order >= EXPLICIT_S_FROM_ORDER
+                              else order * 4 * grid(n) * grid(n) * inner(n) for n in adapter.refinement_layers)
+    return flops
 
 
 def forward_flops(name: str, px: int) -> int:
@@ -122,8 +124,8 @@ def main(argv=None):
               f"| {plan['transient'] / mib:.0f} MiB | {(plan['held'] + plan['transient']) / gib:.2f} GiB | {bound} "
               f"| {everything / gib:.1f} GiB |")
     print()
-    print("| model | px | forward | capture | layer weights | refinement | extra / forward |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | px | forward | text maps | head weights | text share | layer weights | refinement | extra / forward |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, adapter, px, latent_hw in families(args.resolution):
         extra, forward = extra_flops(adapter, latent_hw, TEXT_TOKENS[name]), forward_flops(name, px)
         parts = " | ".join(f"{v / 1e12:.2f} TFLOP" for v in extra.values())

@@ -129,7 +129,7 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=None, help="transformers: reduced depth (full width), for CPU runs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float16" if torch.cuda.is_available() else "float32")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds (the median is reported)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds (the median is reported)")
     args = p.parse_args(argv)
     host, run = build(args, getattr(torch, args.dtype))
     # Classes at token positions 1 and 3, "background" at 5; content tokens 1, 3, 5 (as in "cat, grass, background").

@@ -87,7 +87,7 @@ def layer_weights(step: StepCapture, row: int, adapter, layers: list[str], renor
             per_grid[s.grid] = reference_weights(reference_attention, s.grid, step.reference_grid)
         raw.append(frobenius_with_reference(src_hw=s.grid, reference_attention=reference_attention,
                                             ref_hw=step.reference_grid, renormalize_rows=renormalize_rows,
-                                            weights=per_grid[s.grid], **s.image(row)))
+                                            prepared=per_grid[s.grid], **s.image(row)))
     return normalize_layer_weights(torch.stack(raw))
 
 

@@ -138,7 +138,7 @@ def reference_weights(reference_attention: torch.Tensor, src_hw: tuple[int, int]
 def frobenius_with_reference(
     q: torch.Tensor, k: torch.Tensor, heads: int, scale: float, src_hw: tuple[int, int],
     reference_attention: torch.Tensor, ref_hw: tuple[int, int], renormalize_rows: bool = False,
-    image_mass: torch.Tensor | None = None, dtype: torch.dtype | None = None, weights=None,
+    image_mass: torch.Tensor | None = None, dtype: torch.dtype | None = None, prepared=None,
 ) -> torch.Tensor:
     """w_l before normalisation (ALGORITHMS §2): Σ_ij A_p[i, j] · S̃_l[i, j], through the fused attention kernel.
 
@@ -146,7 +146,7 @@ def frobenius_with_reference(
     [N_ref, N_ref] (`pseudo_self_attention`, computed once for all layers); S̃_l = head-mean self-attention resized to
     the reference grid (rows renormalised to sum 1 after resizing when `renormalize_rows`; the official code does not).
     image_mass: [heads, N_l], for joint attention (the image→image slice of the joint softmax).
-    weights: `reference_weights(reference_attention, src_hw, ref_hw)`, when the caller shares it between the layers
+    prepared: `reference_weights(reference_attention, src_hw, ref_hw)`, when the caller shares it between the layers
     of one grid.
 
     The key resize moves onto A_p (Σ_j A_p[i, j] (S Bᵀ)[i, j] = Σ_k S[i, k] (A_p B)[i, k] =: R_i). Each query then
@@ -159,7 +159,7 @@ def frobenius_with_reference(
     R is linear in the weight row and the row mass depends only on the query, so those rows' weights are summed and
     each query attends once (SDXL's 32×32 layers against the 64×64 reference: 4× fewer queries).
     """
-    queries, log_weights = weights or reference_weights(reference_attention, src_hw, ref_hw)
+    queries, log_weights = prepared or reference_weights(reference_attention, src_hw, ref_hw)
     n, hd = k.shape
     d = hd // heads
     dtype = compute_dtype(q, dtype)
