@@ -57,8 +57,9 @@ def store_everything(adapter, latent_hw, text_len: int, dtype_bytes: int) -> int
 def extra_flops(adapter, latent_hw, text_len: int) -> dict[str, int]:
     """FLOPs (2 per multiply-add) of one `goca` segmentation beyond the forward, by the code's rules: in the capture,
     the text scores and text outputs, the head-weight projections (one product where the forward's own `to_out`
-    output serves, two for joint layers) and, for joint layers, the text-share call; after it, the layer weights (one
-    fused call per cross layer over twice its keys, each distinct query once, plus A_p) and the refinement (k fused
+    output serves, two for joint layers) and, for joint layers off the reference grid, the text-share call; after it,
+    the layer weights (one fused call per cross layer over twice its keys, plus the text keys of a joint layer, each
+    distinct query once, plus A_p) and the refinement (k fused
     products per layer, or one explicit pass of QKᵀ when S is formed)."""
     def grid(name):
         f = adapter.layers[name].factor
@@ -74,11 +75,13 @@ def extra_flops(adapter, latent_hw, text_len: int) -> dict[str, int]:
         n, c = grid(name), inner(name)
         width = adapter.output_weight(name, adapter.denoiser.get_submodule(name)).shape[0]
         joint = adapter.layers[name].role == "joint"
+        # A joint layer on the reference grid gets its text shares from its layer-weight call (text keys included).
+        merged = joint and grid(name) == n_ref
         flops["text maps"] += (4 if joint else 2) * n * text_len * c
         flops["head weights"] += (4 if joint else 2) * n * width * c
-        flops["text share"] += 4 * n * (n + text_len) * c if joint else 0
+        flops["text share"] += 4 * n * (n + text_len) * c if joint and not merged else 0
         own = adapter.self_of(name)
-        flops["layer weights"] += 4 * min(grid(own), n_ref) * 2 * grid(own) * inner(own)
+        flops["layer weights"] += 4 * min(grid(own), n_ref) * (2 * grid(own) + (text_len if merged else 0)) * inner(own)
     flops["layer weights"] += 2 * n_ref * n_ref * inner(adapter.reference_layer)
     order = adapter.refine_order
     flops["refinement"] = sum(2 * map_h * map_w * grid(n) * inner(n) if order >= EXPLICIT_S_FROM_ORDER

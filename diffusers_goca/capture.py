@@ -45,6 +45,16 @@ class SelfQK:
 
 
 @dataclass
+class JointText:
+    """A joint layer's text keys and values [R, T, C], held from its attention call to the end of the forward, where
+    one fused call per image gives both its layer weight and each query's text share."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+    out_weight: torch.Tensor | None
+
+
+@dataclass
 class StepCapture:
     """Everything captured in one denoiser forward, for rows `rows` of its batch."""
 
@@ -59,6 +69,8 @@ class StepCapture:
     reference: torch.Tensor | None = None  # [R, N_ref, C]
     reference_grid: tuple[int, int] | None = None
     degenerate_pixels: int = 0  # pixels where the (text) output ≈ 0, whose head weights fell back to 1/H
+    layer_weight_terms: dict[str, torch.Tensor] = field(default_factory=dict)  # joint layer → [R] w_l before normalising
+    pending: dict[str, JointText] = field(default_factory=dict)  # joint layers finished at the end of the forward
 
     def nbytes(self, device: str | None = None) -> int:
         """Bytes held by the capture (the accounting that bounds its memory), optionally only those on `device`'s
@@ -66,6 +78,7 @@ class StepCapture:
         tensors = [t for maps in self.cross.values() for t in maps.values()]
         tensors += [t for s in self.selfs.values() for t in s.tensors()]
         tensors += [self.reference] if self.reference is not None else []
+        tensors += [t for text in self.pending.values() for t in (text.key, text.value)]
         return sum(t.numel() * t.element_size() for t in tensors if device is None or t.device.type == device)
 
     def index(self, index):
@@ -107,13 +120,20 @@ class Capture:
             qk.device = device
         step.selfs[layer] = qk
 
-    def _columns(self, device) -> torch.Tensor | None:
-        cols = self.step.columns
+    def _columns(self, device, step: StepCapture | None = None) -> torch.Tensor | None:
+        cols = (step or self.step).columns
         return None if cols is None else torch.tensor(cols, device=device)
 
     def stop(self) -> StepCapture | None:
+        """End of the denoiser forward: finish the joint layers held for it and hand the capture over."""
         step, self.step = self.step, None
+        if step is not None and step.pending:
+            self._finish_joint(step)
         return step
+
+    def abandon(self) -> None:
+        """Drop the capture of a forward that did not complete."""
+        self.step = None
 
     def record(self, layer: str, attn, tap, attention_mask, output, call_kwargs: dict) -> None:
         info = self.adapter.layers[layer]
@@ -166,24 +186,68 @@ class Capture:
 
     def _record_joint(self, layer, attn, tap, output, call_kwargs, rows) -> None:
         step, adapter = self.step, self.adapter
-        q, k, k_txt, v_txt = (t.index_select(0, rows) for t in adapter.joint_inputs(layer, attn, tap, call_kwargs, step))
+        q, k, k_txt, v_txt = (t.index_select(0, rows).detach()
+                              for t in adapter.joint_inputs(layer, attn, tap, call_kwargs, step))
         grid = step.grids[layer] = adapter.grid(layer, q.shape[1], step.latent_hw)
         heads, scale = attn.heads, adapter.attention_scale(attn)
         weight = adapter.output_weight(layer, attn)
+        if layer == adapter.reference_layer:
+            step.reference = adapter.reference_feature(layer, tap, output, step).index_select(0, rows).detach()
+            step.reference_grid = grid
+        if adapter.layers[layer].factor == adapter.layers[adapter.reference_layer].factor:
+            # On the reference grid the layer-weight call reads every query: it gives the text shares as well.
+            step.pending[layer] = JointText(k_txt, v_txt, weight)
+            self._keep_self(layer, SelfQK(q, k, heads, scale, grid))
+            return
+        self._joint_maps(step, layer, SelfQK(q, k, heads, scale, grid), JointText(k_txt, v_txt, weight))
+
+    def _joint_maps(self, step: StepCapture, layer: str, qk: SelfQK, text: JointText, text_shares=None) -> None:
+        """A joint layer's maps and image shares, from the text shares when known (else one fused call per image)."""
         masses, avgs, autos = [], [], []
-        columns = self._columns(q.device)
-        for i in range(len(rows)):
-            mass, maps, bad = joint_text_attention(q[i], k[i], k_txt[i], v_txt[i], heads, scale, weight,
-                                                   self.head_weighting, columns)
+        for row in range(len(step.rows)):
+            inputs = qk.image(row)
+            mass, maps, bad = joint_text_attention(
+                inputs["q"], inputs["k"], text.key[row], text.value[row], qk.heads, qk.scale, text.out_weight,
+                self.head_weighting, self._columns(inputs["q"].device, step),
+                None if text_shares is None else text_shares[row])
             masses.append(mass)
             avgs.append(maps["average"])
             autos.append(maps["auto"])
             step.degenerate_pixels += bad
         step.cross[layer] = {"average": torch.stack(avgs), "auto": torch.stack(autos)}
-        self._keep_self(layer, SelfQK(q.detach(), k.detach(), heads, scale, grid, torch.stack(masses)))
-        if layer == adapter.reference_layer:
-            step.reference = adapter.reference_feature(layer, tap, output, step).index_select(0, rows).detach()
-            step.reference_grid = grid
+        qk.image_mass = torch.stack(masses).to(qk.query.device, non_blocking=True)
+        if layer not in step.selfs:
+            self._keep_self(layer, qk)
+
+    def _finish_joint(self, step: StepCapture) -> None:
+        """Per image, one fused call per held joint layer gives its layer weight (before normalising) and its queries'
+        text shares; the maps follow from those (`joint_frobenius_with_reference`)."""
+        from .functional.aggregation import pseudo_self_attention
+        from .functional.self_attention import joint_frobenius_with_reference, reference_weights
+
+        shares = {layer: [] for layer in step.pending}
+        terms = {layer: [] for layer in step.pending}
+        for row in range(len(step.rows)):
+            if step.reference is None:
+                break
+            reference_attention = pseudo_self_attention(step.reference[row])
+            per_grid = {}
+            for layer, text in step.pending.items():
+                qk = step.selfs[layer]
+                inputs = qk.image(row)
+                if qk.grid not in per_grid:
+                    per_grid[qk.grid] = reference_weights(reference_attention, qk.grid, step.reference_grid)
+                term, share = joint_frobenius_with_reference(
+                    inputs["q"], inputs["k"], text.key[row], qk.heads, qk.scale, qk.grid, reference_attention,
+                    step.reference_grid, prepared=per_grid[qk.grid])
+                terms[layer].append(term)
+                shares[layer].append(share)
+        for layer, text in step.pending.items():
+            known = shares[layer] if len(shares[layer]) == len(step.rows) else None
+            self._joint_maps(step, layer, step.selfs[layer], text, known)
+            if known is not None:
+                step.layer_weight_terms[layer] = torch.stack(terms[layer])
+        step.pending.clear()
 
 
 def memory_plan(adapter, latent_hw: tuple[int, int], n_columns: int, text_len: int, dtype_bytes: int = 2,
@@ -198,7 +262,7 @@ def memory_plan(adapter, latent_hw: tuple[int, int], n_columns: int, text_len: i
     from .functional.self_attention import CHUNK_ELEMENTS
 
     chunk = 3 * CHUNK_ELEMENTS * 4  # fp32 scores of one row chunk, their exponentials and a product
-    held = offloaded = resident_qk = largest_qk = n_ref = largest_self = 0
+    held = offloaded = resident_qk = largest_qk = n_ref = largest_self = pending = 0
     forward_transient = 0
     for name, info in adapter.layers.items():
         attn = adapter.denoiser.get_submodule(name)
@@ -210,6 +274,8 @@ def memory_plan(adapter, latent_hw: tuple[int, int], n_columns: int, text_len: i
         if info.role == "joint":  # the keys and the text-indicator values of the fused call, plus row chunks
             held += rows * 2 * n * n_columns * 4
             forward_transient = max(forward_transient, 2 * (n + text_len) * inner * dtype_bytes + chunk)
+            if info.factor == adapter.layers[adapter.reference_layer].factor:  # text keys, values held to the end
+                pending += rows * 2 * text_len * inner * dtype_bytes
         if info.role in ("self", "joint"):
             qk = rows * 2 * n * inner * dtype_bytes
             largest_self = max(largest_self, n)
@@ -224,10 +290,10 @@ def memory_plan(adapter, latent_hw: tuple[int, int], n_columns: int, text_len: i
             n_ref = n
     # After the forward, the layer weights: A_p, log(A_p B) and its resize, one [rows, 2N] bias chunk (fp32 and the
     # model dtype), the doubled keys and their values; then the refinement: S at the map grid and explicit row chunks.
-    # Plus one offloaded layer brought back.
+    # Plus one offloaded layer brought back, and the joint layers' text keys and values held to the end of the forward.
     map_h, map_w = adapter.map_grid(latent_hw)
     layer_weights = (n_ref * n_ref * 4 + 2 * n_ref * largest_self * 4 + CHUNK_ELEMENTS * (4 + dtype_bytes)
                      + 2 * largest_qk // rows)
     refinement = (map_h * map_w) ** 2 * 4 + chunk
     after = max(layer_weights, refinement) + (largest_qk // rows if offloaded else 0)
-    return {"held": held, "offloaded": offloaded, "transient": max(forward_transient, after)}
+    return {"held": held, "offloaded": offloaded, "transient": max(forward_transient, after) + pending}

@@ -82,6 +82,9 @@ def layer_weights(step: StepCapture, row: int, adapter, layers: list[str], renor
     per_grid = {}  # what A_p gives the layers of one grid, prepared once
     raw = []
     for name in layers:
+        if name in step.layer_weight_terms and not renormalize_rows:  # taken at the end of the forward
+            raw.append(step.layer_weight_terms[name][row])
+            continue
         s = step.selfs[adapter.self_of(name)]
         if s.grid not in per_grid:
             per_grid[s.grid] = reference_weights(reference_attention, s.grid, step.reference_grid)

@@ -238,7 +238,7 @@ class GoCAMixin:
             yield request
         finally:
             state.request = None
-            state.capture.stop()
+            state.capture.abandon()
 
     def _goca_prompt_indices(self, adapter, args, kwargs, what: str, index_for) -> list:
         """One TokenIndex per generated image (prompts × num_images_per_prompt), read from the text the pipeline

@@ -271,3 +271,27 @@ def test_fused_reductions_in_bfloat16_stay_close_to_fp32():
     share = text_share(q, k, k_txt, heads, d ** -0.5)
     share_half = text_share(q.bfloat16(), k.bfloat16(), k_txt.bfloat16(), heads, d ** -0.5, dtype=torch.bfloat16)
     assert (share_half - share).abs().max() < 0.02
+
+
+@pytest.mark.parametrize("renorm", [False, True])
+@pytest.mark.parametrize("src", [(4, 3), (8, 6)])
+def test_joint_layer_weight_call_also_gives_the_text_share(renorm, src, monkeypatch):
+    """With the text keys in the same fused call, the layer weight is the one taken with the joint softmax's image
+    share, and the text share comes out of it too."""
+    import diffusers_goca.functional.self_attention as sa
+    from diffusers_goca.functional.joint import text_share
+    from diffusers_goca.functional.self_attention import joint_frobenius_with_reference
+
+    monkeypatch.setattr(sa, "CHUNK_ELEMENTS", 300)  # several query chunks
+    torch.manual_seed(1)
+    heads, d, ref = 2, 4, (8, 6)
+    n = src[0] * src[1]
+    q, k, k_txt = torch.randn(n, heads * d), torch.randn(n, heads * d), torch.randn(7, heads * d)
+    a_p = pseudo_self_attention(torch.randn(48, 10))
+    share = text_share(q, k, k_txt, heads, d ** -0.5)
+    want = frobenius_with_reference(q, k, heads, d ** -0.5, src, a_p, ref, renormalize_rows=renorm, image_mass=1 - share)
+    got, m_text = joint_frobenius_with_reference(q, k, k_txt, heads, d ** -0.5, src, a_p, ref, renormalize_rows=renorm)
+    assert torch.allclose(got, want, rtol=1e-5) and torch.allclose(m_text, share, atol=1e-6)
+    with pytest.raises(ValueError, match="finer"):
+        q16, k16 = torch.randn(192, heads * d), torch.randn(192, heads * d)
+        joint_frobenius_with_reference(q16, k16, k_txt, heads, d ** -0.5, (16, 12), a_p, ref)

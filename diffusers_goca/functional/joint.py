@@ -35,19 +35,21 @@ def text_share(q: torch.Tensor, k_img: torch.Tensor, k_txt: torch.Tensor, heads:
 def joint_text_attention(
     q: torch.Tensor, k_img: torch.Tensor, k_txt: torch.Tensor, v_txt: torch.Tensor, heads: int, scale: float,
     out_weight: torch.Tensor | None = None, head_weighting: str = "auto", columns: torch.Tensor | None = None,
+    m_text: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
     """Image→text attention of one image under the joint softmax, aggregated over heads.
 
     q, k_img: [N, heads·d] image queries / keys; k_txt, v_txt: [T, heads·d] text keys / values (after norms and RoPE).
     out_weight: [D, heads·d], the projection applied to the attention output (for the head weights).
     Head weights (ALGORITHMS §1 extension): the text part of each head's output, o_h^text(p) = Σ_t A_h(p, t) V_h(t) W_hᵀ,
-    against Σ_h o_h^text(p). columns: text positions to keep in the maps (default all T).
+    against Σ_h o_h^text(p). columns: text positions to keep in the maps (default all T). m_text: each query's text
+    share [heads, N] when already known (`joint_frobenius_with_reference` gives it), else one fused call here.
     Returns (image_mass [heads, N]: the share of each query's joint softmax that falls on image keys,
              {"average": [N, T'], "auto": [N, T']} fp32, number of pixels whose text output was ~0).
     """
     n, hd = q.shape
     d = hd // heads
-    m_text = text_share(q, k_img, k_txt, heads, scale)  # [heads, N]
+    m_text = text_share(q, k_img, k_txt, heads, scale) if m_text is None else m_text.float()  # [heads, N]
     kx = k_txt.float().view(-1, heads, d).permute(1, 2, 0).contiguous()  # [heads, d, T]
     vx = v_txt.float().view(-1, heads, d).transpose(0, 1).contiguous()  # [heads, T, d]
     width = kx.shape[2] if columns is None else len(columns)

@@ -159,28 +159,61 @@ def frobenius_with_reference(
     R is linear in the weight row and the row mass depends only on the query, so those rows' weights are summed and
     each query attends once (SDXL's 32×32 layers against the 64×64 reference: 4× fewer queries).
     """
+    return _frobenius(q, k, heads, scale, src_hw, reference_attention, ref_hw, renormalize_rows, image_mass, dtype,
+                      prepared)[0]
+
+
+def joint_frobenius_with_reference(
+    q: torch.Tensor, k: torch.Tensor, k_txt: torch.Tensor, heads: int, scale: float, src_hw: tuple[int, int],
+    reference_attention: torch.Tensor, ref_hw: tuple[int, int], renormalize_rows: bool = False,
+    dtype: torch.dtype | None = None, prepared=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`frobenius_with_reference` of a joint attention layer, whose image queries also attend to the text keys k_txt
+    [T, heads·d], in the same fused call: the text keys join the plain copy, so the softmax is the joint one (no
+    image_mass needed), and a third marker column gives each query's text share m_text (`joint.text_share`).
+
+    Returns (w_l before normalisation, 0-d fp32; m_text [heads, N_l] fp32). Every query must be read: the layer's
+    grid is not finer than the reference grid."""
+    total, m_text = _frobenius(q, k, heads, scale, src_hw, reference_attention, ref_hw, renormalize_rows, None, dtype,
+                               prepared, k_txt)
+    if m_text.shape[1] != q.shape[0]:
+        raise ValueError(f"a {src_hw} layer finer than the {ref_hw} reference grid: not every query's text share is read")
+    return total, m_text
+
+
+def _frobenius(q, k, heads, scale, src_hw, reference_attention, ref_hw, renormalize_rows, image_mass, dtype, prepared,
+               k_txt=None):
+    """The fused call of the layer weights: keys [biased copy; plain copy (; text keys)], marker value columns
+    0 (biased copy), 1 (the plain copy's row mass, for renormalised rows) and 2 (text keys). Returns (total, the
+    text share [heads, queries] or None)."""
     queries, log_weights = prepared or reference_weights(reference_attention, src_hw, ref_hw)
     n, hd = k.shape
     d = hd // heads
+    t = 0 if k_txt is None else k_txt.shape[0]
     dtype = compute_dtype(q, dtype)
     kh = k.to(dtype).view(1, n, heads, d).transpose(1, 2)
-    keys = torch.cat([kh, kh], 2)  # [1, heads, 2·N_l, d]
-    values = torch.zeros(2 * n, d, dtype=dtype, device=q.device)
+    keys = [kh, kh] + ([] if k_txt is None else [k_txt.to(dtype).view(1, t, heads, d).transpose(1, 2)])
+    keys = torch.cat(keys, 2)  # [1, heads, 2·N_l + T, d]
+    values = torch.zeros(2 * n + t, d, dtype=dtype, device=q.device)
     values[:n, 0] = 1  # marks the biased copy
+    values[2 * n:, 2] = 1  # marks the text keys
     if renormalize_rows:  # the row sums of S̃ are S·(Bᵀ1): a plain value column
         ones = torch.ones(ref_hw[0] * ref_hw[1], 1, device=q.device)
-        values[n:, 1] = resize_keys_adjoint(ones, src_hw, ref_hw)[:, 0].to(dtype)
+        values[n:2 * n, 1] = resize_keys_adjoint(ones, src_hw, ref_hw)[:, 0].to(dtype)
     values = values.expand(1, heads, -1, -1).contiguous()  # fused kernels want contiguous 4-D inputs
     total = torch.zeros((), dtype=torch.float32, device=q.device)
-    for a, b in row_chunks(len(queries), 1, 2 * n):
-        bias = torch.cat([log_weights[a:b], torch.zeros(b - a, n, device=q.device)], 1).to(dtype)
+    text = torch.empty(heads, len(queries), device=q.device) if t else None
+    for a, b in row_chunks(len(queries), 1, 2 * n + t):
+        bias = torch.cat([log_weights[a:b], torch.zeros(b - a, n + t, device=q.device)], 1).to(dtype)
         qh = q[queries[a:b]].to(dtype).view(1, b - a, heads, d).transpose(1, 2).contiguous()
         out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=bias[None, None], scale=scale)[0].float()
-        plain_part = 1 - out[..., 0]  # the plain copy's share of the normaliser, 1 / (1 + R): [heads, c]
+        plain_part = 1 - out[..., 0]  # the unbiased keys' share of the normaliser, 1 / (1 + R): [heads, c]
         share = out[..., 0] / plain_part  # R per head and query
         mass = image_mass[:, queries[a:b]].float() if image_mass is not None else 1
         if renormalize_rows:
             total += ((share * mass).mean(0) / ((out[..., 1] / plain_part) * mass).mean(0)).sum()
         else:
             total += (share * mass).mean(0).sum()
-    return total
+        if t:
+            text[:, a:b] = (out[..., 2] / plain_part).clamp(0, 1)
+    return total, text
