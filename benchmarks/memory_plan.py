@@ -76,7 +76,7 @@ def extra_flops(adapter, latent_hw, text_len: int) -> dict[str, int]:
         width = adapter.output_weight(name, adapter.denoiser.get_submodule(name)).shape[0]
         joint = adapter.layers[name].role == "joint"
         # A joint layer on the reference grid gets its text shares from its layer-weight call (text keys included).
-        merged = joint and grid(name) == n_ref
+        merged = joint and adapter.on_reference_grid(name)
         flops["text maps"] += (4 if joint else 2) * n * text_len * c
         flops["head weights"] += (4 if joint else 2) * n * width * c
         flops["text share"] += 4 * n * (n + text_len) * c if joint and not merged else 0

@@ -54,6 +54,31 @@ class JointText:
     out_weight: torch.Tensor | None
 
 
+class Reference:
+    """One image's pseudo self-attention A_p and, per layer grid, what the layer weights read from it
+    (`reference_weights`), each made on first use."""
+
+    def __init__(self, feature: torch.Tensor, grid: tuple[int, int]):
+        self.feature, self.grid = feature, grid
+        self._attention = None
+        self._on_grid = {}
+
+    @property
+    def attention(self) -> torch.Tensor:
+        from .functional.aggregation import pseudo_self_attention
+
+        if self._attention is None:
+            self._attention = pseudo_self_attention(self.feature)  # [N_ref, N_ref]
+        return self._attention
+
+    def on(self, grid: tuple[int, int]):
+        from .functional.self_attention import reference_weights
+
+        if grid not in self._on_grid:
+            self._on_grid[grid] = reference_weights(self.attention, grid, self.grid)
+        return self._on_grid[grid]
+
+
 @dataclass
 class StepCapture:
     """Everything captured in one denoiser forward, for rows `rows` of its batch."""
@@ -80,6 +105,9 @@ class StepCapture:
         tensors += [self.reference] if self.reference is not None else []
         tensors += [t for text in self.pending.values() for t in (text.key, text.value)]
         return sum(t.numel() * t.element_size() for t in tensors if device is None or t.device.type == device)
+
+    def reference_of(self, row: int) -> Reference:
+        return Reference(self.reference[row], self.reference_grid)
 
     def index(self, index):
         """A TokenIndex over this capture's maps (positions → kept columns)."""
@@ -194,7 +222,7 @@ class Capture:
         if layer == adapter.reference_layer:
             step.reference = adapter.reference_feature(layer, tap, output, step).index_select(0, rows).detach()
             step.reference_grid = grid
-        if adapter.layers[layer].factor == adapter.layers[adapter.reference_layer].factor:
+        if adapter.on_reference_grid(layer):
             # On the reference grid the layer-weight call reads every query: it gives the text shares as well.
             step.pending[layer] = JointText(k_txt, v_txt, weight)
             self._keep_self(layer, SelfQK(q, k, heads, scale, grid))
@@ -221,29 +249,24 @@ class Capture:
 
     def _finish_joint(self, step: StepCapture) -> None:
         """Per image, one fused call per held joint layer gives its layer weight (before normalising) and its queries'
-        text shares; the maps follow from those (`joint_frobenius_with_reference`)."""
-        from .functional.aggregation import pseudo_self_attention
-        from .functional.self_attention import joint_frobenius_with_reference, reference_weights
+        text shares; the maps follow from those (`joint_frobenius_with_reference`). Without the reference feature,
+        the maps take the text shares from their own call."""
+        from .functional.self_attention import joint_frobenius_with_reference
 
         shares = {layer: [] for layer in step.pending}
         terms = {layer: [] for layer in step.pending}
-        for row in range(len(step.rows)):
-            if step.reference is None:
-                break
-            reference_attention = pseudo_self_attention(step.reference[row])
-            per_grid = {}
+        for row in range(len(step.rows) if step.reference is not None else 0):
+            reference = step.reference_of(row)
             for layer, text in step.pending.items():
                 qk = step.selfs[layer]
                 inputs = qk.image(row)
-                if qk.grid not in per_grid:
-                    per_grid[qk.grid] = reference_weights(reference_attention, qk.grid, step.reference_grid)
                 term, share = joint_frobenius_with_reference(
-                    inputs["q"], inputs["k"], text.key[row], qk.heads, qk.scale, qk.grid, reference_attention,
-                    step.reference_grid, prepared=per_grid[qk.grid])
+                    inputs["q"], inputs["k"], text.key[row], qk.heads, qk.scale, qk.grid, reference.attention,
+                    reference.grid, prepared=reference.on(qk.grid))
                 terms[layer].append(term)
                 shares[layer].append(share)
         for layer, text in step.pending.items():
-            known = shares[layer] if len(shares[layer]) == len(step.rows) else None
+            known = shares[layer] or None
             self._joint_maps(step, layer, step.selfs[layer], text, known)
             if known is not None:
                 step.layer_weight_terms[layer] = torch.stack(terms[layer])
@@ -274,7 +297,7 @@ def memory_plan(adapter, latent_hw: tuple[int, int], n_columns: int, text_len: i
         if info.role == "joint":  # the keys and the text-indicator values of the fused call, plus row chunks
             held += rows * 2 * n * n_columns * 4
             forward_transient = max(forward_transient, 2 * (n + text_len) * inner * dtype_bytes + chunk)
-            if info.factor == adapter.layers[adapter.reference_layer].factor:  # text keys, values held to the end
+            if adapter.on_reference_grid(name):  # its text keys and values are held to the end of the forward
                 pending += rows * 2 * text_len * inner * dtype_bytes
         if info.role in ("self", "joint"):
             qk = rows * 2 * n * inner * dtype_bytes

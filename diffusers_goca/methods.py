@@ -10,10 +10,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from .capture import StepCapture
-from .functional.aggregation import aggregate_layers, normalize_layer_weights, pseudo_self_attention
+from .functional.aggregation import aggregate_layers, normalize_layer_weights
 from .functional.maps import gaussian_blur, minmax, per_pixel_rescale, propagate, resize_maps, token_class_maps
-from .functional.self_attention import (apply_self_attention, frobenius_with_reference, head_mean_self_attention,
-                                       reference_weights)
+from .functional.self_attention import apply_self_attention, frobenius_with_reference, head_mean_self_attention
 from .tokens import TokenIndex
 
 METHODS = ("goca", "vanilla", "manual", "diffsegmenter", "iseg", "seg4diff")
@@ -78,19 +77,16 @@ def layer_weights(step: StepCapture, row: int, adapter, layers: list[str], renor
     """Normalised w_l for `layers` from the pseudo self-attention of the reference feature (ALGORITHMS §2)."""
     if step.reference is None:
         raise RuntimeError(f"the reference layer {adapter.reference_layer} was not captured")
-    reference_attention = pseudo_self_attention(step.reference[row])  # A_p once, [N_ref, N_ref]
-    per_grid = {}  # what A_p gives the layers of one grid, prepared once
+    reference = step.reference_of(row)  # A_p and its per-grid weights, made once and only if a layer needs them
     raw = []
     for name in layers:
         if name in step.layer_weight_terms and not renormalize_rows:  # taken at the end of the forward
             raw.append(step.layer_weight_terms[name][row])
             continue
         s = step.selfs[adapter.self_of(name)]
-        if s.grid not in per_grid:
-            per_grid[s.grid] = reference_weights(reference_attention, s.grid, step.reference_grid)
-        raw.append(frobenius_with_reference(src_hw=s.grid, reference_attention=reference_attention,
-                                            ref_hw=step.reference_grid, renormalize_rows=renormalize_rows,
-                                            prepared=per_grid[s.grid], **s.image(row)))
+        raw.append(frobenius_with_reference(src_hw=s.grid, reference_attention=reference.attention,
+                                            ref_hw=reference.grid, renormalize_rows=renormalize_rows,
+                                            prepared=reference.on(s.grid), **s.image(row)))
     return normalize_layer_weights(torch.stack(raw))
 
 

@@ -85,6 +85,10 @@ class Adapter:
                 return name
         raise KeyError(f"no self-attention layer in the block of {cross_layer}")
 
+    def on_reference_grid(self, layer: str) -> bool:
+        """Whether `layer`'s token grid is the reference layer's (then its layer-weight call reads every query)."""
+        return self.layers[layer].factor == self.layers[self.reference_layer].factor
+
     def grid(self, layer: str, n_tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
         """Token grid (h, w) of `layer` for a latent of size `latent_hw`, from the latent shape, never from sqrt(N)."""
         f = self.layers[layer].factor
