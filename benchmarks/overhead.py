@@ -130,8 +130,15 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float16" if torch.cuda.is_available() else "float32")
     p.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds (the median is reported)")
+    p.add_argument("--offload-above-mib", type=float, default=256,
+                   help="enable_goca's offload_above_mib; a negative value: never offload")
+    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                   help="also print the ROWS operators that take the most time in one capture + reductions")
     args = p.parse_args(argv)
     host, run = build(args, getattr(torch, args.dtype))
+    offload = None if args.offload_above_mib < 0 else args.offload_above_mib
+    enable = host.enable_goca
+    host.enable_goca = lambda: enable(offload_above_mib=offload)
     # Classes at token positions 1 and 3, "background" at 5; content tokens 1, 3, 5 (as in "cat, grass, background").
     index = TokenIndex("cat, grass, background", ["cat", "grass"], [[1], [3]], [1, 3, 5], 7, {"background": [5]}, 0, 6)
 
@@ -150,7 +157,8 @@ def main(argv=None):
     host.disable_goca()
     mib = 2**20
     depth = f", {args.layers} layers" if args.layers else ""
-    print(f"model {args.model} (real config{depth}, random weights), {args.resolution} px, {args.device}, {args.dtype}")
+    print(f"model {args.model} (real config{depth}, random weights), {args.resolution} px, {args.device}, {args.dtype}, "
+          f"offload above {'never' if offload is None else f'{offload:g} MiB'}")
     print(f"  plain denoiser forward          {plain_t * 1e3:9.1f} ms")
     print(f"  enabled, step without masks     {idle_t * 1e3:9.1f} ms   ratio {idle_t / plain_t:.3f}")
     print(f"  forward with capture            {cap_t * 1e3:9.1f} ms   ratio {cap_t / plain_t:.3f}")
@@ -164,6 +172,23 @@ def main(argv=None):
         print(f"  peak memory, plain forward      {plain_mem / mib:9.1f} MiB")
         print(f"  peak memory, capture forward    {cap_mem / mib:9.1f} MiB   extra {(cap_mem - plain_mem) / mib:.1f} MiB")
         print(f"  peak memory, reductions         {reduce_mem / mib:9.1f} MiB (on top of the held capture)")
+    if args.profile:
+        print_profile(host, run, index, args.device, args.profile)
+
+
+def print_profile(host, run, index, device, rows):
+    """The operators of one segmentation (capture forward + reductions), by their own time on the device."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    host.enable_goca()
+    with torch.no_grad(), profile(activities=activities) as prof:
+        step = host.capture_forward(run, columns=index.needed())
+        method_scores(step, 0, index, host._goca.adapter, "goca", "background")
+        sync(device)
+    host.disable_goca()
+    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
 
 
 if __name__ == "__main__":

@@ -14,12 +14,14 @@ of 38, after 46 of the 57 attention layers).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from .functional.aggregation import aggregate_heads, head_weights
 from .functional.joint import joint_text_attention
+from .functional.self_attention import compute_dtype, logits
 
 
 @dataclass
@@ -122,6 +124,7 @@ class Capture:
         self.head_weighting = head_weighting
         self.offload_above = offload_above  # None: never offload
         self.step: StepCapture | None = None
+        self._stream = None  # CUDA stream of the offload copies
 
     @property
     def active(self) -> bool:
@@ -142,11 +145,34 @@ class Capture:
         device = qk.query.device
         resident = sum(t.numel() * t.element_size() for s in step.selfs.values() if s.device is None for t in s.tensors())
         if device.type != "cpu" and self.offload_above is not None and resident + size > self.offload_above:
-            qk.query, qk.key = qk.query.to("cpu", non_blocking=True), qk.key.to("cpu", non_blocking=True)
-            if qk.image_mass is not None:
-                qk.image_mass = qk.image_mass.to("cpu", non_blocking=True)
+            with self._copy_stream(device) as moved:
+                qk.query, qk.key = moved(qk.query), moved(qk.key)
+                if qk.image_mass is not None:
+                    qk.image_mass = moved(qk.image_mass)
             qk.device = device
         step.selfs[layer] = qk
+
+    @contextmanager
+    def _copy_stream(self, device: torch.device):
+        """Yields `moved(t)`: t copied to (pinned) host memory. On CUDA the copies run on a side stream, so that they
+        overlap the forward's own kernels instead of waiting in line with them; `stop` joins that stream."""
+        if device.type != "cuda":
+            yield lambda t: t.to("cpu", non_blocking=True)
+            return
+        if self._stream is None or self._stream.device != device:
+            self._stream = torch.cuda.Stream(device)
+        self._stream.wait_stream(torch.cuda.current_stream(device))  # the tensors are complete
+
+        def moved(t):
+            t.record_stream(self._stream)  # its memory is not reused before the copy has read it
+            return t.to("cpu", non_blocking=True)
+
+        with torch.cuda.stream(self._stream):
+            yield moved
+
+    def _join_copies(self) -> None:
+        if self._stream is not None:
+            torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
 
     def _columns(self, device, step: StepCapture | None = None) -> torch.Tensor | None:
         cols = (step or self.step).columns
@@ -155,6 +181,7 @@ class Capture:
     def stop(self) -> StepCapture | None:
         """End of the denoiser forward: finish the joint layers held for it and hand the capture over."""
         step, self.step = self.step, None
+        self._join_copies()
         if step is not None and step.pending:
             self._finish_joint(step)
         return step
@@ -162,6 +189,7 @@ class Capture:
     def abandon(self) -> None:
         """Drop the capture of a forward that did not complete."""
         self.step = None
+        self._join_copies()
 
     def record(self, layer: str, attn, tap, attention_mask, output, call_kwargs: dict) -> None:
         info = self.adapter.layers[layer]
@@ -188,9 +216,10 @@ class Capture:
         heads = attn.heads
         r, n, inner = q.shape
         d = inner // heads
-        qh = q.float().view(r, n, heads, d).transpose(1, 2).contiguous()  # contiguous heads: a plain batched matmul
-        kh = k.float().view(r, k.shape[1], heads, d).permute(0, 2, 3, 1).contiguous()  # [R, heads, d, T]
-        scores = qh @ kh * attn.scale  # [R, heads, N, T]
+        t = k.shape[1]
+        qh = q.view(r, n, heads, d).transpose(1, 2).reshape(r * heads, n, d)
+        kh = k.view(r, t, heads, d).permute(0, 2, 3, 1).reshape(r * heads, d, t)
+        scores = (logits(qh, kh, compute_dtype(q)) * attn.scale).view(r, heads, n, t)  # [R, heads, N, T]
         if attention_mask is not None:
             mask = attn.prepare_attention_mask(attention_mask, k.shape[1], tap.query.shape[0])
             mask = mask.view(tap.query.shape[0], heads, -1, mask.shape[-1]).index_select(0, rows)

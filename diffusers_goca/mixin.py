@@ -122,13 +122,21 @@ class GoCAMixin:
     _goca: _GoCAState | None = None
 
     # -- attach / detach ----------------------------------------------------------------------------------------------
-    def enable_goca(self, head_weighting: str = "auto") -> "GoCAMixin":
+    def enable_goca(self, head_weighting: str = "auto", offload_above_mib: float | None = 256) -> "GoCAMixin":
         """Install the capture processors and the denoiser hooks. Images are unchanged; steps that ask for no mask
-        cost nothing extra. Calling it again re-attaches (e.g. after `load_ip_adapter` replaced the processors)."""
+        cost nothing extra. Calling it again re-attaches (e.g. after `load_ip_adapter` replaced the processors).
+
+        offload_above_mib: once the queries and keys a capture holds on the accelerator would pass this many MiB,
+        further layers' go to host memory until the reductions (what bounds the extra memory at 1024 px; see the
+        README's memory table). None keeps everything on the accelerator: faster where memory allows (Flux at
+        1024 px then holds about 2.7 GiB more).
+        """
+        if offload_above_mib is not None and offload_above_mib < 0:
+            raise ValueError(f"offload_above_mib must be None or ≥ 0, got {offload_above_mib}")
         if self._goca is not None:
             self.disable_goca()
         adapter = adapter_for(self)
-        capture = Capture(adapter, head_weighting)
+        capture = Capture(adapter, head_weighting, None if offload_above_mib is None else int(offload_above_mib * 2**20))
         denoiser = adapter.denoiser
         originals = {key: unwrap_processor(proc) for key, proc in denoiser.attn_processors.items()}
         wrapped = {}
@@ -171,7 +179,7 @@ class GoCAMixin:
         procs = self._goca.adapter.denoiser.attn_processors
         capture = self._goca.capture
         if not all(getattr(procs[f"{n}.processor"], "capture", None) is capture for n in self._goca.adapter.layers):
-            self.enable_goca(self._goca.capture.head_weighting)
+            self.enable_goca(capture.head_weighting, None if capture.offload_above is None else capture.offload_above / 2**20)
         return self._goca
 
     # -- hooks --------------------------------------------------------------------------------------------------------

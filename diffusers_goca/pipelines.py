@@ -1,6 +1,8 @@
 """Ready GoCA pipelines, and `from_pipe` for any supported pipeline."""
 from __future__ import annotations
 
+import inspect
+
 from diffusers import (
     FluxPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline,
     StableDiffusionXLPipeline,
@@ -86,10 +88,27 @@ def from_pipe(pipe, enable: bool = True, mixin: type = GoCAMixin):
     reload). enable: call `enable_goca()` on the result. Raises ValueError for a pipeline GoCA does not support.
     """
     adapter_for(pipe)  # fails early, before anything is built, for an unsupported pipeline
-    new = goca_class(type(pipe), mixin).from_pipe(pipe)
+    new = _sharing_components(goca_class(type(pipe), mixin), pipe)
     new.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
     if enable:
         new.enable_goca()
+    return new
+
+
+def _sharing_components(cls: type, pipe):
+    """An instance of `cls` built on `pipe`'s own component objects and constructor settings, nothing cast or moved.
+
+    Not `DiffusionPipeline.from_pipe`: since diffusers 0.36 it casts every (shared) component to float32 unless given
+    a single dtype, which would double a half-precision pipeline's memory and change its images, and which no single
+    dtype avoids for a pipeline whose components differ in dtype (an fp32 VAE beside an fp16 UNet).
+    """
+    params = inspect.signature(cls.__init__).parameters
+    components = pipe.components
+    kwargs = {name: components[name] for name in params if name in components}
+    kwargs.update({name: pipe.config[name] for name in params if name not in kwargs and name in pipe.config})
+    new = cls(**kwargs)
+    if "_name_or_path" in pipe.config:
+        new.register_to_config(_name_or_path=pipe.config["_name_or_path"])
     return new
 
 

@@ -273,6 +273,35 @@ def test_fused_reductions_in_bfloat16_stay_close_to_fp32():
     assert (share_half - share).abs().max() < 0.02
 
 
+def test_maps_and_refinement_in_bfloat16_keep_fp32_logits():
+    """The text maps, the joint maps with their head weights, A_p and the refinement run their products in the model
+    dtype on accelerators, with the logits kept in fp32: their results stay close to the fp32 ones."""
+    from diffusers_goca.functional.joint import joint_text_attention
+    from diffusers_goca.functional.self_attention import apply_self_attention, logits
+
+    torch.manual_seed(0)
+    heads, d, hw = 4, 16, (8, 8)
+    n = hw[0] * hw[1]
+    q, k, k_txt, v_txt = (3 * torch.randn(m, heads * d) for m in (n, n, 12, 12))
+    a, b = q.view(n, heads, d).transpose(0, 1), k_txt.view(12, heads, d).permute(1, 2, 0)
+    half = logits(a, b, torch.bfloat16)
+    assert half.dtype == torch.float32 and torch.equal(half, a.bfloat16().float() @ b.bfloat16().float())
+    bf = {name: t.bfloat16() for name, t in dict(q=q, k=k, k_txt=k_txt, v_txt=v_txt).items()}
+    w = torch.randn(24, heads * d)
+    mass, maps, _ = joint_text_attention(q, k, k_txt, v_txt, heads, d ** -0.5, w)
+    mass_half, maps_half, _ = joint_text_attention(bf["q"], bf["k"], bf["k_txt"], bf["v_txt"], heads, d ** -0.5,
+                                                   w.bfloat16(), dtype=torch.bfloat16)
+    assert (mass_half - mass).abs().max() < 0.02
+    for key in ("average", "auto"):
+        assert maps_half[key].dtype == torch.float32 and (maps_half[key] - maps[key]).abs().max() < 0.02
+    x = torch.rand(n, 3)
+    refined = apply_self_attention(q, k, heads, d ** -0.5, hw, hw, x)
+    refined_half = apply_self_attention(bf["q"], bf["k"], heads, d ** -0.5, hw, hw, x, dtype=torch.bfloat16)
+    assert (refined_half - refined).abs().max() < 0.02
+    f = torch.randn(n, 32)
+    assert (pseudo_self_attention(f.bfloat16(), torch.bfloat16) - pseudo_self_attention(f)).abs().max() < 0.02
+
+
 @pytest.mark.parametrize("renorm", [False, True])
 @pytest.mark.parametrize("src", [(4, 3), (8, 6)])
 def test_joint_layer_weight_call_also_gives_the_text_share(renorm, src, monkeypatch):

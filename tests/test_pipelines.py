@@ -182,6 +182,22 @@ def test_from_pipe_of_an_enabled_pipeline_shares_without_double_wrapping(tiny_sd
     assert all(tiny_sd.unet.attn_processors[k] is before[k] for k in before)
 
 
+@pytest.mark.parametrize("make", [make_tiny_sd, make_tiny_flux], ids=["sd", "flux"])
+def test_from_pipe_casts_nothing_in_a_half_precision_pipeline(make):
+    pipe = make().to(torch.bfloat16)
+    reference = generate(pipe)
+    gp = goca.from_pipe(pipe)
+    assert all(p.dtype == torch.bfloat16 for m in pipe.components.values() if isinstance(m, torch.nn.Module)
+               for p in m.parameters())
+    assert all(gp.components[k] is v for k, v in pipe.components.items())
+    assert dict(gp.config) == dict(pipe.config)
+    assert np.array_equal(generate(gp, goca_masks=True), reference)
+    gp.disable_goca()
+    pipe.vae.float()  # components of different dtypes stay as they are
+    goca.from_pipe(pipe, enable=False)
+    assert pipe.vae.dtype == torch.float32 and pipe.text_encoder.dtype == torch.bfloat16
+
+
 def test_reattaches_after_attention_slicing(tiny_sd):
     pipe = goca.from_pipe(tiny_sd)
     pipe.enable_attention_slicing()  # replaces every processor

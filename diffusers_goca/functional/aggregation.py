@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 
 from .maps import resize_maps
-from .self_attention import compute_dtype
+from .self_attention import compute_dtype, logits
 
 HEAD_WEIGHTINGS = ("auto", "average", "dot-product")
 
@@ -52,10 +52,11 @@ def aggregate_heads(probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bhnt,bhn->bnt", probs.float(), weights.float())
 
 
-def pseudo_self_attention(feature: torch.Tensor) -> torch.Tensor:
-    """A_p = softmax(F Fᵀ / √C) over rows. feature: [N, C] → [N, N] fp32 (64 MiB for a 64×64 reference grid)."""
-    f = feature.float()
-    return (f @ f.T / f.shape[-1] ** 0.5).softmax(-1)
+def pseudo_self_attention(feature: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A_p = softmax(F Fᵀ / √C) over rows. feature: [N, C] → [N, N] fp32 (64 MiB for a 64×64 reference grid); the
+    product in `compute_dtype(feature, dtype)`, the logits and the softmax in fp32."""
+    f = feature[None]
+    return (logits(f, f.transpose(1, 2), compute_dtype(feature, dtype))[0] / feature.shape[-1] ** 0.5).softmax(-1)
 
 
 def layer_weight(pseudo: torch.Tensor, self_attn: torch.Tensor) -> torch.Tensor:

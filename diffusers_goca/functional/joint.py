@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .aggregation import head_weights
-from .self_attention import compute_dtype, row_chunks
+from .self_attention import compute_dtype, logits, row_chunks
 
 
 def text_share(q: torch.Tensor, k_img: torch.Tensor, k_txt: torch.Tensor, heads: int, scale: float,
@@ -35,7 +35,7 @@ def text_share(q: torch.Tensor, k_img: torch.Tensor, k_txt: torch.Tensor, heads:
 def joint_text_attention(
     q: torch.Tensor, k_img: torch.Tensor, k_txt: torch.Tensor, v_txt: torch.Tensor, heads: int, scale: float,
     out_weight: torch.Tensor | None = None, head_weighting: str = "auto", columns: torch.Tensor | None = None,
-    m_text: torch.Tensor | None = None,
+    m_text: torch.Tensor | None = None, dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
     """Image→text attention of one image under the joint softmax, aggregated over heads.
 
@@ -44,28 +44,30 @@ def joint_text_attention(
     Head weights (ALGORITHMS §1 extension): the text part of each head's output, o_h^text(p) = Σ_t A_h(p, t) V_h(t) W_hᵀ,
     against Σ_h o_h^text(p). columns: text positions to keep in the maps (default all T). m_text: each query's text
     share [heads, N] when already known (`joint_frobenius_with_reference` gives it), else one fused call here.
+    The products run in `compute_dtype(q, dtype)` with fp32 results; softmaxes and sums in fp32.
     Returns (image_mass [heads, N]: the share of each query's joint softmax that falls on image keys,
              {"average": [N, T'], "auto": [N, T']} fp32, number of pixels whose text output was ~0).
     """
     n, hd = q.shape
     d = hd // heads
-    m_text = text_share(q, k_img, k_txt, heads, scale) if m_text is None else m_text.float()  # [heads, N]
-    kx = k_txt.float().view(-1, heads, d).permute(1, 2, 0).contiguous()  # [heads, d, T]
-    vx = v_txt.float().view(-1, heads, d).transpose(0, 1).contiguous()  # [heads, T, d]
+    dtype = compute_dtype(q, dtype)
+    m_text = text_share(q, k_img, k_txt, heads, scale, dtype) if m_text is None else m_text.float()  # [heads, N]
+    kx = k_txt.to(dtype).view(-1, heads, d).permute(1, 2, 0).contiguous()  # [heads, d, T]
+    vx = v_txt.to(dtype).view(-1, heads, d).transpose(0, 1).contiguous()  # [heads, T, d]
     width = kx.shape[2] if columns is None else len(columns)
     avg = torch.empty(n, width, dtype=torch.float32, device=q.device)
     auto = torch.empty_like(avg)
     degenerate = 0
     for a, b in row_chunks(n, heads, kx.shape[2]):
-        qc = q[a:b].float().view(b - a, heads, d).transpose(0, 1).contiguous()  # [heads, c, d]
-        probs = (qc @ kx * scale).softmax(-1).mul_(m_text[:, a:b, None])  # [heads, c, T], joint softmax
+        qc = q[a:b].view(b - a, heads, d).transpose(0, 1).contiguous()  # [heads, c, d]
+        probs = (logits(qc, kx, dtype) * scale).softmax(-1).mul_(m_text[:, a:b, None])  # [heads, c, T], joint softmax
         kept = probs if columns is None else probs[..., columns]
         avg[a:b] = kept.mean(0)
         if out_weight is None or head_weighting == "average":
             auto[a:b] = avg[a:b]
             continue
-        text_out = (probs @ vx).transpose(0, 1).reshape(1, b - a, hd)  # [1, c, heads·d]
-        w, bad = head_weights(text_out, out_weight, heads, head_weighting, return_degenerate=True)
+        text_out = logits(probs, vx, dtype).transpose(0, 1).reshape(1, b - a, hd)  # [1, c, heads·d]
+        w, bad = head_weights(text_out, out_weight, heads, head_weighting, return_degenerate=True, dtype=dtype)
         auto[a:b] = torch.einsum("hct,hc->ct", kept, w[0])
         degenerate += int(bad.sum())
     return 1 - m_text, {"average": avg, "auto": auto}, degenerate

@@ -23,6 +23,21 @@ def compute_dtype(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.dt
     return torch.float32 if t.device.type == "cpu" else t.dtype
 
 
+def logits(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b for 3-D operands [B, n, d] @ [B, d, m], the operands in `dtype` and the result in fp32: attention
+    logits of half-precision operands kept at fp32, as fused attention kernels keep them (a half-precision result
+    would round a logit of 10 by up to 0.04, i.e. its probability by 4 %)."""
+    if dtype == torch.float32:
+        return torch.bmm(a.float(), b.float())
+    a, b = a.to(dtype), b.to(dtype)
+    if a.device.type == "cuda":
+        try:
+            return torch.bmm(a, b, out_dtype=torch.float32)
+        except TypeError:  # torch < 2.8 has no out_dtype
+            pass
+    return torch.bmm(a.float(), b.float())  # the same numbers where no half-precision kernel with fp32 output exists
+
+
 def grid_nearest_rows(src_hw: tuple[int, int], dst_hw: tuple[int, int], device=None) -> torch.Tensor:
     """Index of the `src` grid cell that nearest-neighbour resizing puts at each `dst` cell: LongTensor [dst_h·dst_w].
 
@@ -36,19 +51,20 @@ def grid_nearest_rows(src_hw: tuple[int, int], dst_hw: tuple[int, int], device=N
 
 def self_attention_rows(
     q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, heads: int, scale: float,
-    image_mass: torch.Tensor | None = None,
+    image_mass: torch.Tensor | None = None, dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Head-mean attention probabilities of the query rows `rows`.
 
     q: [N, heads·d], k: [M, heads·d] (one image, before the head split), rows: LongTensor [R].
     image_mass: [heads, N], for a joint attention the share of each query's softmax that falls on the image keys; the
     rows are then the image→image slice of the joint softmax, not renormalised. None: softmax over `k`.
-    Returns [R, M] in fp32: mean over heads of softmax(q_h k_hᵀ · scale) (· image_mass).
+    Returns [R, M] in fp32: mean over heads of softmax(q_h k_hᵀ · scale) (· image_mass); the logits in fp32 from
+    operands in `compute_dtype(q, dtype)`.
     """
     d = q.shape[-1] // heads
-    qh = q[rows].float().view(len(rows), heads, d).transpose(0, 1)  # [heads, R, d]
-    kh = k.float().view(-1, heads, d).transpose(0, 1)  # [heads, M, d]
-    probs = (qh @ kh.transpose(1, 2) * scale).softmax(-1)
+    qh = q[rows].view(len(rows), heads, d).transpose(0, 1)  # [heads, R, d]
+    kh = k.view(-1, heads, d).permute(1, 2, 0)  # [heads, d, M]
+    probs = (logits(qh, kh, compute_dtype(q, dtype)) * scale).softmax(-1)
     if image_mass is not None:
         probs = probs * image_mass[:, rows, None].float()
     return probs.mean(0)
@@ -98,22 +114,23 @@ def resize_keys_adjoint(x: torch.Tensor, src_hw: tuple[int, int], dst_hw: tuple[
 
 def apply_self_attention(
     q: torch.Tensor, k: torch.Tensor, heads: int, scale: float, src_hw: tuple[int, int], dst_hw: tuple[int, int],
-    x: torch.Tensor, image_mass: torch.Tensor | None = None,
+    x: torch.Tensor, image_mass: torch.Tensor | None = None, dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """S̃·x with S̃ = `head_mean_self_attention(...)`, through the fused attention kernel (x as the values).
 
-    q, k: [N_src, heads·d]; x: [N_dst, K] → [N_dst, K] fp32.
+    q, k: [N_src, heads·d]; x: [N_dst, K] → [N_dst, K] fp32. The kernel runs in `compute_dtype(q, dtype)`.
     """
     n, hd = q.shape
     d = hd // heads
+    dtype = compute_dtype(q, dtype)
     xs = resize_keys_adjoint(x.float(), src_hw, dst_hw)  # [N_src, K]
-    qh = q.float().view(1, n, heads, d).transpose(1, 2)
-    kh = k.float().view(1, -1, heads, d).transpose(1, 2)
+    qh = q.to(dtype).view(1, n, heads, d).transpose(1, 2)
+    kh = k.to(dtype).view(1, -1, heads, d).transpose(1, 2)
     outs = []
     for c in range(0, xs.shape[1], d):  # values as wide as the head dim keep the fast kernels
         cols = xs[:, c:c + d]
-        v = F.pad(cols, (0, d - cols.shape[1])).view(1, 1, -1, d).expand(1, heads, -1, d)
-        y = F.scaled_dot_product_attention(qh, kh, v, scale=scale)[0]  # [heads, N_src, d]
+        v = F.pad(cols, (0, d - cols.shape[1])).to(dtype).view(1, 1, -1, d).expand(1, heads, -1, d)
+        y = F.scaled_dot_product_attention(qh, kh, v, scale=scale)[0].float()  # [heads, N_src, d]
         if image_mass is not None:
             y = y * image_mass.float()[..., None]
         outs.append(y.mean(0)[:, : cols.shape[1]])

@@ -1,0 +1,92 @@
+"""What the CPU test suite cannot see: GoCA on a CUDA device, on the tiny pipelines of every family.
+
+    PYTHONPATH=.:tests python benchmarks/gpu_checks.py            # exits 1 on any failed check
+    PYTHONPATH=.:tests python benchmarks/gpu_checks.py --device cpu   # the same checks against itself, as a dry run
+
+For each family, in float32 and in the half precision its users run:
+  - images with GoCA enabled and masks computed at every step are bit-identical to the untouched pipeline's;
+  - `segment` with every captured layer offloaded to the host gives the labels it gives with everything resident;
+  - (float32) `segment` on the GPU gives the labels `segment` gives on the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+import torch
+
+import diffusers_goca as goca
+from conftest import make_tiny_flux, make_tiny_pixart, make_tiny_sd, make_tiny_sd3, make_tiny_sdxl
+
+FAMILIES = {"sd": (make_tiny_sd, torch.float16), "sdxl": (make_tiny_sdxl, torch.float16),
+            "pixart-sigma": (make_tiny_pixart, torch.bfloat16), "sd3": (make_tiny_sd3, torch.bfloat16),
+            "flux": (make_tiny_flux, torch.bfloat16)}
+CLASSES = ["cat", "dog"]
+
+
+def generate(pipe, **kw):
+    name = type(pipe).__name__
+    if "PixArt" in name:
+        kw["use_resolution_binning"] = False
+    if "3" in name or "Flux" in name:
+        kw["max_sequence_length"] = 32
+    return pipe(["a cat and a dog on sand"], num_inference_steps=3, height=32, width=48, output_type="np",
+                generator=torch.Generator().manual_seed(0), **kw).images
+
+
+def segment_scores(pipe, image, offload_above_mib):
+    pipe.enable_goca(offload_above_mib=offload_above_mib)
+    return pipe.segment(image, CLASSES, resolution=32).scores.float().cpu()
+
+
+def compare(family, dtype, what, scores, reference, min_agreement):
+    """A row of the report: labels (argmax over classes) agree on at least `min_agreement` of the pixels. Scores are
+    min-max normalised per class, so on a tiny random model a near-constant map turns rounding into large score
+    differences; the labels are what a user reads."""
+    agree = float((scores.argmax(0) == reference.argmax(0)).float().mean())
+    diff = float((scores - reference).abs().max())
+    return family, str(dtype), f"{what} labels", agree >= min_agreement, f"{agree:.1%} agree, max |score diff| {diff:.1e}"
+
+
+def check_family(name, make, half, device):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    rows = []
+    image = np.random.default_rng(0).random((40, 56, 3)).astype(np.float32)
+    cpu_pipe = goca.from_pipe(make())
+    cpu_scores = cpu_pipe.segment(image, CLASSES, resolution=32).scores.float()
+    for dtype in (torch.float32, half):
+        pipe = make().to(device, dtype)
+        reference = generate(pipe)
+        gp = goca.from_pipe(pipe)
+        masked = generate(gp, goca_masks=True)
+        rows.append((name, str(dtype), "images bit-identical with masks", bool(np.array_equal(masked, reference)), ""))
+        resident = segment_scores(gp, image, None)
+        rows.append(compare(name, dtype, "offloaded = resident", segment_scores(gp, image, 0), resident, 0.99))
+        if dtype == torch.float32:
+            rows.append(compare(name, dtype, "GPU = CPU", resident, cpu_scores, 0.95))
+        gp.disable_goca()
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--families", nargs="*", default=list(FAMILIES), choices=list(FAMILIES))
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA device: run with --device cpu for a dry run")
+    rows = []
+    for name in args.families:
+        make, half = FAMILIES[name]
+        rows += check_family(name, make, half, args.device)
+    width = max(len(r[2]) for r in rows)
+    for family, dtype, what, ok, detail in rows:
+        print(f"{'ok  ' if ok else 'FAIL'} {family:13s} {dtype:15s} {what:{width}s} {detail}")
+    print(f"{torch.cuda.get_device_name() if args.device == 'cuda' else args.device}, torch {torch.__version__}")
+    sys.exit(0 if all(r[3] for r in rows) else 1)
+
+
+if __name__ == "__main__":
+    main()
