@@ -46,6 +46,36 @@ class SelfQK:
         return [t for t in (self.query, self.key, self.image_mass) if t is not None]
 
 
+def brought_back(selfs: list[SelfQK], row: int):
+    """Yields `qk.image(row)` for each of `selfs` in order. For layers offloaded from a CUDA device, the next layer's
+    host→device copies run on a side stream while the caller reduces the current one, so that the copies overlap
+    the reductions instead of waiting in line with them."""
+    side = None
+
+    def start(qk: SelfQK):
+        nonlocal side
+        if qk.device is None or qk.device.type != "cuda":
+            return qk.image(row), None
+        side = side or torch.cuda.Stream(qk.device)
+        side.wait_stream(torch.cuda.current_stream(qk.device))
+        with torch.cuda.stream(side):
+            inputs = qk.image(row)
+        return inputs, side.record_event()
+
+    upcoming = start(selfs[0]) if selfs else None
+    for i, qk in enumerate(selfs):
+        inputs, copied = upcoming
+        if i + 1 < len(selfs):
+            upcoming = start(selfs[i + 1])
+        if copied is not None:
+            main = torch.cuda.current_stream(qk.device)
+            main.wait_event(copied)
+            for t in inputs.values():
+                if torch.is_tensor(t):
+                    t.record_stream(main)  # made on the side stream, read on this one: not reused before that
+        yield inputs
+
+
 @dataclass
 class JointText:
     """A joint layer's text keys and values [R, T, C], held from its attention call to the end of the forward, where
@@ -258,19 +288,20 @@ class Capture:
             return
         self._joint_maps(step, layer, SelfQK(q, k, heads, scale, grid), JointText(k_txt, v_txt, weight))
 
-    def _joint_maps(self, step: StepCapture, layer: str, qk: SelfQK, text: JointText, text_shares=None) -> None:
-        """A joint layer's maps and image shares, from the text shares when known (else one fused call per image)."""
-        masses, avgs, autos = [], [], []
-        for row in range(len(step.rows)):
-            inputs = qk.image(row)
-            mass, maps, bad = joint_text_attention(
-                inputs["q"], inputs["k"], text.key[row], text.value[row], qk.heads, qk.scale, text.out_weight,
-                self.head_weighting, self._columns(inputs["q"].device, step),
-                None if text_shares is None else text_shares[row])
-            masses.append(mass)
-            avgs.append(maps["average"])
-            autos.append(maps["auto"])
-            step.degenerate_pixels += bad
+    def _joint_maps(self, step: StepCapture, layer: str, qk: SelfQK, text: JointText) -> None:
+        """A joint layer's maps and image shares, one fused call per image for the text shares."""
+        self._store_joint(step, layer, qk, [self._joint_row(step, qk, text, row, qk.image(row)) for row in range(len(step.rows))])
+
+    def _joint_row(self, step: StepCapture, qk: SelfQK, text: JointText, row: int, inputs: dict, text_share=None):
+        """(image share [heads, N], average map, auto map) of one image of a joint layer; `inputs`: `qk.image(row)`."""
+        mass, maps, bad = joint_text_attention(
+            inputs["q"], inputs["k"], text.key[row], text.value[row], qk.heads, qk.scale, text.out_weight,
+            self.head_weighting, self._columns(inputs["q"].device, step), text_share)
+        step.degenerate_pixels += bad
+        return mass, maps["average"], maps["auto"]
+
+    def _store_joint(self, step: StepCapture, layer: str, qk: SelfQK, per_row: list) -> None:
+        masses, avgs, autos = zip(*per_row)
         step.cross[layer] = {"average": torch.stack(avgs), "auto": torch.stack(autos)}
         qk.image_mass = torch.stack(masses).to(qk.query.device, non_blocking=True)
         if layer not in step.selfs:
@@ -278,27 +309,29 @@ class Capture:
 
     def _finish_joint(self, step: StepCapture) -> None:
         """Per image, one fused call per held joint layer gives its layer weight (before normalising) and its queries'
-        text shares; the maps follow from those (`joint_frobenius_with_reference`). Without the reference feature,
-        the maps take the text shares from their own call."""
+        text shares (`joint_frobenius_with_reference`); its maps follow from those shares, while the layer's queries
+        and keys are back on the device. Without the reference feature, the maps take the shares from their own call."""
         from .functional.self_attention import joint_frobenius_with_reference
 
-        shares = {layer: [] for layer in step.pending}
-        terms = {layer: [] for layer in step.pending}
-        for row in range(len(step.rows) if step.reference is not None else 0):
-            reference = step.reference_of(row)
+        if step.reference is None:
             for layer, text in step.pending.items():
-                qk = step.selfs[layer]
-                inputs = qk.image(row)
+                self._joint_maps(step, layer, step.selfs[layer], text)
+            step.pending.clear()
+            return
+        held = [step.selfs[layer] for layer in step.pending]
+        per_row = {layer: [] for layer in step.pending}
+        terms = {layer: [] for layer in step.pending}
+        for row in range(len(step.rows)):
+            reference = step.reference_of(row)
+            for (layer, text), qk, inputs in zip(step.pending.items(), held, brought_back(held, row)):
                 term, share = joint_frobenius_with_reference(
                     inputs["q"], inputs["k"], text.key[row], qk.heads, qk.scale, qk.grid, reference.attention,
                     reference.grid, prepared=reference.on(qk.grid))
                 terms[layer].append(term)
-                shares[layer].append(share)
-        for layer, text in step.pending.items():
-            known = shares[layer] or None
-            self._joint_maps(step, layer, step.selfs[layer], text, known)
-            if known is not None:
-                step.layer_weight_terms[layer] = torch.stack(terms[layer])
+                per_row[layer].append(self._joint_row(step, qk, text, row, inputs, share))
+        for (layer, text), qk in zip(step.pending.items(), held):
+            self._store_joint(step, layer, qk, per_row[layer])
+            step.layer_weight_terms[layer] = torch.stack(terms[layer])
         step.pending.clear()
 
 

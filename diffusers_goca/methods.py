@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .capture import StepCapture
+from .capture import StepCapture, brought_back
 from .functional.aggregation import aggregate_layers, normalize_layer_weights
 from .functional.maps import gaussian_blur, minmax, per_pixel_rescale, propagate, resize_maps, token_class_maps
 from .functional.self_attention import apply_self_attention, frobenius_with_reference, head_mean_self_attention
@@ -78,16 +78,14 @@ def layer_weights(step: StepCapture, row: int, adapter, layers: list[str], renor
     if step.reference is None:
         raise RuntimeError(f"the reference layer {adapter.reference_layer} was not captured")
     reference = step.reference_of(row)  # A_p and its per-grid weights, made once and only if a layer needs them
-    raw = []
-    for name in layers:
-        if name in step.layer_weight_terms and not renormalize_rows:  # taken at the end of the forward
-            raw.append(step.layer_weight_terms[name][row])
-            continue
-        s = step.selfs[adapter.self_of(name)]
-        raw.append(frobenius_with_reference(src_hw=s.grid, reference_attention=reference.attention,
-                                            ref_hw=reference.grid, renormalize_rows=renormalize_rows,
-                                            prepared=reference.on(s.grid), **s.image(row)))
-    return normalize_layer_weights(torch.stack(raw))
+    taken = {} if renormalize_rows else {n: step.layer_weight_terms[n][row] for n in layers if n in step.layer_weight_terms}
+    todo = [n for n in layers if n not in taken]  # the rest: not taken at the end of the forward
+    selfs = [step.selfs[adapter.self_of(n)] for n in todo]
+    for name, s, inputs in zip(todo, selfs, brought_back(selfs, row)):
+        taken[name] = frobenius_with_reference(src_hw=s.grid, reference_attention=reference.attention,
+                                               ref_hw=reference.grid, renormalize_rows=renormalize_rows,
+                                               prepared=reference.on(s.grid), **inputs)
+    return normalize_layer_weights(torch.stack([taken[n] for n in layers]))
 
 
 def goca_scores(
