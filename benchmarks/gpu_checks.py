@@ -78,6 +78,8 @@ def check_family(name, make, half, device):
         rows.append((name, str(dtype), "offloaded twice: identical scores", bool(torch.equal(offloaded, again)),
                      "(side-stream copies: a race would show here)"))
         rows.append(compare(name, dtype, "offloaded = resident", offloaded, resident, min_agreement))
+        rows.append((name, str(dtype), "resident again: identical scores",
+                     bool(torch.equal(resident, segment_scores(gp, image, None))), ""))
         if dtype == torch.float32:
             rows.append(compare(name, dtype, "GPU = CPU", resident, cpu_scores, min_agreement))
         gp.disable_goca()

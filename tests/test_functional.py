@@ -324,3 +324,14 @@ def test_joint_layer_weight_call_also_gives_the_text_share(renorm, src, monkeypa
     with pytest.raises(ValueError, match="finer"):
         q16, k16 = torch.randn(192, heads * d), torch.randn(192, heads * d)
         joint_frobenius_with_reference(q16, k16, k_txt, heads, d ** -0.5, (16, 12), a_p, ref)
+
+
+@pytest.mark.parametrize("src, dst", [((32, 32), (64, 64)), ((5, 7), (16, 16)), ((16, 16), (8, 8)), ((3, 5), (7, 4))])
+def test_key_resize_adjoint_is_the_transposed_resize(src, dst):
+    """Bᵀ·x from the separable per-axis factors equals the transpose of the bilinear resize itself."""
+    from diffusers_goca.functional.self_attention import resize_keys, resize_keys_adjoint
+
+    torch.manual_seed(0)
+    x = torch.randn(dst[0] * dst[1], 5, dtype=torch.float64)
+    b_transposed = resize_keys(torch.eye(src[0] * src[1], dtype=torch.float64), src, dst)  # [N_src, N_dst]
+    assert torch.allclose(resize_keys_adjoint(x, src, dst).double(), b_transposed @ x, atol=1e-5)

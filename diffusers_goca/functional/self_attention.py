@@ -103,13 +103,20 @@ def resize_keys(rows: torch.Tensor, src_hw: tuple[int, int], dst_hw: tuple[int, 
 
 def resize_keys_adjoint(x: torch.Tensor, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> torch.Tensor:
     """Bᵀ·x for the bilinear key resize B (src → dst): [dst_h·dst_w, K] → [src_h·src_w, K], so that
-    resize_keys(S)·x = S·(Bᵀ·x)."""
+    resize_keys(S)·x = S·(Bᵀ·x). B is separable, so this is two small products with its per-axis factors:
+    deterministic, unlike the bilinear resize's own backward, whose CUDA atomics sum in a varying order."""
     if tuple(src_hw) == tuple(dst_hw):
         return x
-    with torch.enable_grad():
-        z = torch.zeros(x.shape[1], src_hw[0] * src_hw[1], device=x.device, requires_grad=True)
-        (grad,) = torch.autograd.grad(resize_keys(z, src_hw, dst_hw), z, grad_outputs=x.T.contiguous())
-    return grad.T
+    (sh, sw), (dh, dw) = src_hw, dst_hw
+    rows, cols = linear_resize_matrix(sh, dh, x.device), linear_resize_matrix(sw, dw, x.device)
+    out = torch.einsum("ya,xb,yxk->abk", rows, cols, x.float().view(dh, dw, -1))
+    return out.reshape(sh * sw, -1)
+
+
+def linear_resize_matrix(src: int, dst: int, device=None) -> torch.Tensor:
+    """[dst, src]: the 1-D linear resize (align_corners=False) as a matrix, one axis' factor of the bilinear resize."""
+    eye = torch.eye(src, device=device)[None]  # src one-hot signals of length src
+    return F.interpolate(eye, size=dst, mode="linear", align_corners=False)[0].T
 
 
 def apply_self_attention(
@@ -147,8 +154,10 @@ def reference_weights(reference_attention: torch.Tensor, src_hw: tuple[int, int]
     rows = grid_nearest_rows(src_hw, ref_hw, reference_attention.device)
     queries, group = torch.unique(rows, return_inverse=True)  # `rows` itself when no query repeats
     weights = resize_keys_adjoint(reference_attention.T, src_hw, ref_hw).T  # A_p B: [N_ref, N_src]
-    if len(queries) < len(rows):
-        weights = torch.zeros(len(queries), weights.shape[1], device=weights.device).index_add_(0, group, weights)
+    if len(queries) < len(rows):  # a one-hot product, not index_add_: CUDA's atomics would sum in a varying order
+        onehot = torch.zeros(len(queries), len(rows), device=weights.device)
+        onehot[group, torch.arange(len(rows), device=weights.device)] = 1
+        weights = onehot @ weights
     return queries, weights.clamp_min(1e-30).log_()
 
 
