@@ -109,8 +109,8 @@ def resize_keys_adjoint(x: torch.Tensor, src_hw: tuple[int, int], dst_hw: tuple[
         return x
     (sh, sw), (dh, dw) = src_hw, dst_hw
     rows, cols = linear_resize_matrix(sh, dh, x.device), linear_resize_matrix(sw, dw, x.device)
-    out = torch.einsum("ya,xb,yxk->abk", rows, cols, x.float().view(dh, dw, -1))
-    return out.reshape(sh * sw, -1)
+    out = torch.einsum("ya,yxk->axk", rows, x.float().view(dh, dw, -1))  # one axis at a time: O(N·(h + w)·K)
+    return torch.einsum("xb,axk->abk", cols, out).reshape(sh * sw, -1)
 
 
 def linear_resize_matrix(src: int, dst: int, device=None) -> torch.Tensor:
