@@ -8,9 +8,10 @@ is reduced after the forward in row chunks (no [heads, N, N] tensor is ever form
 R = the batch rows segmented (the conditional half of a CFG batch).
 
 Offload: once the queries and keys held on an accelerator would pass `offload_above` bytes, further layers' are
-copied to host memory as they arrive (asynchronously, in stream order) and brought back one layer at a time when
-reduced. That keeps the accelerator-side capture bounded when the reference layer comes late (Flux: single block 27
-of 38, after 46 of the 57 attention layers).
+copied to host memory as they arrive (on a side CUDA stream, overlapping the forward) and brought back one layer at a
+time when reduced (`brought_back`: the next layer's copies overlap the current one's reductions). That keeps the
+accelerator-side capture bounded when the reference layer comes late (Flux: single block 27 of 38, after 46 of the
+57 attention layers).
 """
 from __future__ import annotations
 
@@ -290,7 +291,8 @@ class Capture:
 
     def _joint_maps(self, step: StepCapture, layer: str, qk: SelfQK, text: JointText) -> None:
         """A joint layer's maps and image shares, one fused call per image for the text shares."""
-        self._store_joint(step, layer, qk, [self._joint_row(step, qk, text, row, qk.image(row)) for row in range(len(step.rows))])
+        per_row = [self._joint_row(step, qk, text, row, qk.image(row)) for row in range(len(step.rows))]
+        self._store_joint(step, layer, qk, per_row)
 
     def _joint_row(self, step: StepCapture, qk: SelfQK, text: JointText, row: int, inputs: dict, text_share=None):
         """(image share [heads, N], average map, auto map) of one image of a joint layer; `inputs`: `qk.image(row)`."""

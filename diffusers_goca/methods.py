@@ -78,8 +78,9 @@ def layer_weights(step: StepCapture, row: int, adapter, layers: list[str], renor
     if step.reference is None:
         raise RuntimeError(f"the reference layer {adapter.reference_layer} was not captured")
     reference = step.reference_of(row)  # A_p and its per-grid weights, made once and only if a layer needs them
-    taken = {} if renormalize_rows else {n: step.layer_weight_terms[n][row] for n in layers if n in step.layer_weight_terms}
-    todo = [n for n in layers if n not in taken]  # the rest: not taken at the end of the forward
+    terms = {} if renormalize_rows else step.layer_weight_terms  # taken at the end of the forward (joint layers)
+    taken = {n: terms[n][row] for n in layers if n in terms}
+    todo = [n for n in layers if n not in taken]
     selfs = [step.selfs[adapter.self_of(n)] for n in todo]
     for name, s, inputs in zip(todo, selfs, brought_back(selfs, row)):
         taken[name] = frobenius_with_reference(src_hw=s.grid, reference_attention=reference.attention,
