@@ -20,22 +20,12 @@ import numpy as np
 import torch
 
 import diffusers_goca as goca
-from conftest import make_tiny_flux, make_tiny_pixart, make_tiny_sd, make_tiny_sd3, make_tiny_sdxl
+from conftest import generate, make_tiny_flux, make_tiny_pixart, make_tiny_sd, make_tiny_sd3, make_tiny_sdxl
 
 FAMILIES = {"sd": (make_tiny_sd, torch.float16), "sdxl": (make_tiny_sdxl, torch.float16),
             "pixart-sigma": (make_tiny_pixart, torch.bfloat16), "sd3": (make_tiny_sd3, torch.bfloat16),
             "flux": (make_tiny_flux, torch.bfloat16)}
 CLASSES = ["cat", "dog"]
-
-
-def generate(pipe, **kw):
-    name = type(pipe).__name__
-    if "PixArt" in name:
-        kw["use_resolution_binning"] = False
-    if "3" in name or "Flux" in name:
-        kw["max_sequence_length"] = 32
-    return pipe(["a cat and a dog on sand"], num_inference_steps=3, height=32, width=48, output_type="np",
-                generator=torch.Generator().manual_seed(0), **kw).images
 
 
 def segment_scores(pipe, image, offload_above_mib):
@@ -53,14 +43,12 @@ def compare(family, dtype, what, scores, reference, min_agreement):
 
 
 def check_family(name, make, half, device):
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     rows = []
     image = np.random.default_rng(0).random((40, 56, 3)).astype(np.float32)
     cpu_pipe = goca.from_pipe(make())
     cpu_scores = cpu_pipe.segment(image, CLASSES, resolution=32).scores.float()
     with torch.no_grad():  # how far rounding alone moves this tiny random model's labels: the bar for the comparisons
-        for p in cpu_pipe.components["unet" if hasattr(cpu_pipe, "unet") else "transformer"].parameters():
+        for p in cpu_pipe._goca.adapter.denoiser.parameters():
             p.mul_(1 + 1e-6 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
     perturbed = cpu_pipe.segment(image, CLASSES, resolution=32).scores.float()
     stable = float((perturbed.argmax(0) == cpu_scores.argmax(0)).float().mean())
@@ -93,6 +81,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: run with --device cpu for a dry run")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # GPU = CPU compares fp32 with fp32
     rows = []
     for name in args.families:
         make, half = FAMILIES[name]

@@ -43,12 +43,17 @@ def host_for(name: str):
         return Host(transformer=getattr(diffusers, cls_name)(**config), vae_scale_factor=8, default_sample_size=128)
 
 
+def tokens(adapter, layer: str, latent_hw) -> int:
+    h, w = adapter.layer_hw(layer, latent_hw)
+    return h * w
+
+
 def store_everything(adapter, latent_hw, text_len: int, dtype_bytes: int) -> int:
     """Every attention probability map of the step in the model dtype: [heads, N, keys] per layer."""
     total = 0
     for name, info in adapter.layers.items():
         attn = adapter.denoiser.get_submodule(name)
-        n = -(-latent_hw[0] // info.factor) * -(-latent_hw[1] // info.factor)
+        n = tokens(adapter, name, latent_hw)
         keys = {"cross": text_len, "self": n, "joint": n + text_len}[info.role]
         total += attn.heads * n * keys * dtype_bytes
     return total
@@ -62,8 +67,7 @@ def extra_flops(adapter, latent_hw, text_len: int) -> dict[str, int]:
     distinct query once, plus A_p) and the refinement (k fused
     products per layer, or one explicit pass of QKᵀ when S is formed)."""
     def grid(name):
-        f = adapter.layers[name].factor
-        return -(-latent_hw[0] // f) * -(-latent_hw[1] // f)
+        return tokens(adapter, name, latent_hw)
 
     def inner(name):
         return adapter.denoiser.get_submodule(name).to_q.out_features

@@ -86,9 +86,26 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed_rounds(host, run, index, device, rounds):
+def segmentation(host, run, index, offload_above_mib):
+    """(enable, capture, reduce): GoCA's attachment with the offload setting, one `segment`'s capture forward
+    (the token columns it keeps) and its `goca` reductions of a capture."""
+    def enable():
+        host.enable_goca(offload_above_mib=offload_above_mib)
+
+    def capture():
+        return host.capture_forward(run, columns=index.needed())
+
+    def reduce(step):
+        return method_scores(step, 0, index, host._goca.adapter, "goca", "background")
+
+    return enable, capture, reduce
+
+
+def timed_rounds(host, run, parts, device, rounds):
     """Median times of the plain forward (GoCA disabled), the enabled-but-idle forward, the capture forward and the
-    reductions, measured in interleaved rounds so that drift in the machine's speed hits all four alike."""
+    reductions (`parts`: `segmentation(...)`), measured in interleaved rounds so that drift in the machine's speed
+    hits all four alike."""
+    enable, capture, reduce = parts
     times = {"plain": [], "idle": [], "capture": [], "reduce": []}
     step = None
 
@@ -104,10 +121,10 @@ def timed_rounds(host, run, index, device, rounds):
         for _ in range(rounds):
             host.disable_goca()
             clock("plain", run)
-            host.enable_goca()
+            enable()
             clock("idle", run)
-            step = clock("capture", lambda: host.capture_forward(run, columns=index.needed()))  # the columns segment() keeps
-            clock("reduce", lambda: method_scores(step, 0, index, host._goca.adapter, "goca", "background"))
+            step = clock("capture", capture)
+            clock("reduce", lambda: reduce(step))
     return {name: statistics.median(ts) for name, ts in times.items()}, step
 
 
@@ -137,23 +154,22 @@ def main(argv=None):
     args = p.parse_args(argv)
     host, run = build(args, getattr(torch, args.dtype))
     offload = None if args.offload_above_mib < 0 else args.offload_above_mib
-    enable = host.enable_goca
-    host.enable_goca = lambda: enable(offload_above_mib=offload)
     # Classes at token positions 1 and 3, "background" at 5; content tokens 1, 3, 5 (as in "cat, grass, background").
     index = TokenIndex("cat, grass, background", ["cat", "grass"], [[1], [3]], [1, 3, 5], 7, {"background": [5]}, 0, 6)
+    parts = enable, capture, reduce = segmentation(host, run, index, offload)
 
     with torch.no_grad():  # warm-up: one of each
         run()
-        host.enable_goca()
-        method_scores(host.capture_forward(run, columns=index.needed()), 0, index, host._goca.adapter, "goca", "background")
-    t, step = timed_rounds(host, run, index, args.device, args.repeats)
+        enable()
+        reduce(capture())
+    t, step = timed_rounds(host, run, parts, args.device, args.repeats)
     plain_t, idle_t, cap_t, reduce_t = t["plain"], t["idle"], t["capture"], t["reduce"]
     host.disable_goca()
     with torch.no_grad():
         plain_mem, _ = peak(run, args.device)
-        host.enable_goca()
-        cap_mem, step = peak(lambda: host.capture_forward(run, columns=index.needed()), args.device)
-        reduce_mem, _ = peak(lambda: method_scores(step, 0, index, host._goca.adapter, "goca", "background"), args.device)
+        enable()
+        cap_mem, step = peak(capture, args.device)
+        reduce_mem, _ = peak(lambda: reduce(step), args.device)
     host.disable_goca()
     mib = 2**20
     depth = f", {args.layers} layers" if args.layers else ""
@@ -173,18 +189,18 @@ def main(argv=None):
         print(f"  peak memory, capture forward    {cap_mem / mib:9.1f} MiB   extra {(cap_mem - plain_mem) / mib:.1f} MiB")
         print(f"  peak memory, reductions         {reduce_mem / mib:9.1f} MiB (on top of the held capture)")
     if args.profile:
-        print_profile(host, run, index, args.device, args.profile)
+        print_profile(host, parts, args.device, args.profile)
 
 
-def print_profile(host, run, index, device, rows):
+def print_profile(host, parts, device, rows):
     """The operators of one segmentation (capture forward + reductions), by their own time on the device."""
     from torch.profiler import ProfilerActivity, profile
 
+    enable, capture, reduce = parts
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    host.enable_goca()
+    enable()
     with torch.no_grad(), profile(activities=activities) as prof:
-        step = host.capture_forward(run, columns=index.needed())
-        method_scores(step, 0, index, host._goca.adapter, "goca", "background")
+        reduce(capture())
         sync(device)
     host.disable_goca()
     key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"

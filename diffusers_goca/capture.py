@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .functional.aggregation import aggregate_heads, head_weights
+from .functional.aggregation import aggregate_heads, head_weights, pseudo_self_attention
 from .functional.joint import joint_text_attention
-from .functional.self_attention import compute_dtype, logits
+from .functional.self_attention import (
+    CHUNK_ELEMENTS, compute_dtype, joint_frobenius_with_reference, logits, reference_weights,
+)
 
 
 @dataclass
@@ -98,15 +100,11 @@ class Reference:
 
     @property
     def attention(self) -> torch.Tensor:
-        from .functional.aggregation import pseudo_self_attention
-
         if self._attention is None:
             self._attention = pseudo_self_attention(self.feature)  # [N_ref, N_ref]
         return self._attention
 
     def on(self, grid: tuple[int, int]):
-        from .functional.self_attention import reference_weights
-
         if grid not in self._on_grid:
             self._on_grid[grid] = reference_weights(self.attention, grid, self.grid)
         return self._on_grid[grid]
@@ -129,6 +127,7 @@ class StepCapture:
     degenerate_pixels: int = 0  # pixels where the (text) output ≈ 0, whose head weights fell back to 1/H
     layer_weight_terms: dict[str, torch.Tensor] = field(default_factory=dict)  # joint layer → [R] w_l before normalising
     pending: dict[str, JointText] = field(default_factory=dict)  # joint layers finished at the end of the forward
+    _indices: dict = field(default_factory=dict, repr=False)  # (what, device) → `rows` / `columns` as index tensors
 
     def nbytes(self, device: str | None = None) -> int:
         """Bytes held by the capture (the accounting that bounds its memory), optionally only those on `device`'s
@@ -138,6 +137,20 @@ class StepCapture:
         tensors += [self.reference] if self.reference is not None else []
         tensors += [t for text in self.pending.values() for t in (text.key, text.value)]
         return sum(t.numel() * t.element_size() for t in tensors if device is None or t.device.type == device)
+
+    def row_index(self, device: torch.device) -> torch.Tensor:
+        """`rows` as an index tensor on `device`."""
+        return self._index("rows", self.rows, device)
+
+    def column_index(self, device: torch.device) -> torch.Tensor | None:
+        """`columns` as an index tensor on `device` (None: all columns)."""
+        return None if self.columns is None else self._index("columns", self.columns, device)
+
+    def _index(self, what: str, values: list[int], device: torch.device) -> torch.Tensor:
+        # Made once per forward, not in every attention call: a host→device copy makes the host wait.
+        if (what, device) not in self._indices:
+            self._indices[(what, device)] = torch.tensor(values, device=device)
+        return self._indices[(what, device)]
 
     def reference_of(self, row: int) -> Reference:
         return Reference(self.reference[row], self.reference_grid)
@@ -205,10 +218,6 @@ class Capture:
         if self._stream is not None:
             torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
 
-    def _columns(self, device, step: StepCapture | None = None) -> torch.Tensor | None:
-        cols = (step or self.step).columns
-        return None if cols is None else torch.tensor(cols, device=device)
-
     def stop(self) -> StepCapture | None:
         """End of the denoiser forward: finish the joint layers held for it and hand the capture over."""
         step, self.step = self.step, None
@@ -230,7 +239,7 @@ class Capture:
                 f"({type(attn.processor).__name__}) does not call to_q / to_k (fused projections are not supported)"
             )
         step = self.step
-        rows = torch.tensor(step.rows, device=tap.query.device)
+        rows = step.row_index(tap.query.device)
         if info.role == "joint":
             self._record_joint(layer, attn, tap, output, call_kwargs, rows)
         else:
@@ -256,7 +265,7 @@ class Capture:
             mask = mask.view(tap.query.shape[0], heads, -1, mask.shape[-1]).index_select(0, rows)
             scores += mask.float()
         probs = scores.softmax(-1)
-        columns = self._columns(probs.device)
+        columns = self.step.column_index(probs.device)
         if columns is not None:
             probs = probs.index_select(-1, columns)
         maps = {"average": probs.mean(1)}
@@ -298,7 +307,7 @@ class Capture:
         """(image share [heads, N], average map, auto map) of one image of a joint layer; `inputs`: `qk.image(row)`."""
         mass, maps, bad = joint_text_attention(
             inputs["q"], inputs["k"], text.key[row], text.value[row], qk.heads, qk.scale, text.out_weight,
-            self.head_weighting, self._columns(inputs["q"].device, step), text_share)
+            self.head_weighting, step.column_index(inputs["q"].device), text_share)
         step.degenerate_pixels += bad
         return mass, maps["average"], maps["auto"]
 
@@ -313,8 +322,6 @@ class Capture:
         """Per image, one fused call per held joint layer gives its layer weight (before normalising) and its queries'
         text shares (`joint_frobenius_with_reference`); its maps follow from those shares, while the layer's queries
         and keys are back on the device. Without the reference feature, the maps take the shares from their own call."""
-        from .functional.self_attention import joint_frobenius_with_reference
-
         if step.reference is None:
             for layer, text in step.pending.items():
                 self._joint_maps(step, layer, step.selfs[layer], text)
@@ -346,14 +353,12 @@ def memory_plan(adapter, latent_hw: tuple[int, int], n_columns: int, text_len: i
     n_columns: token columns kept (`len(TokenIndex.needed())`); text_len: the text keys each cross / joint layer sees;
     dtype_bytes: the model dtype's size.
     """
-    from .functional.self_attention import CHUNK_ELEMENTS
-
     chunk = 3 * CHUNK_ELEMENTS * 4  # fp32 scores of one row chunk, their exponentials and a product
     held = offloaded = resident_qk = largest_qk = n_ref = largest_self = pending = 0
     forward_transient = 0
     for name, info in adapter.layers.items():
         attn = adapter.denoiser.get_submodule(name)
-        h, w = -(-latent_hw[0] // info.factor), -(-latent_hw[1] // info.factor)
+        h, w = adapter.layer_hw(name, latent_hw)
         n, inner, heads = h * w, attn.to_q.out_features, attn.heads
         if info.role == "cross":  # softmax over the text keys for all heads at once, fp32
             held += rows * 2 * n * n_columns * 4

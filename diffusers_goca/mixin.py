@@ -133,10 +133,14 @@ class GoCAMixin:
         """
         if offload_above_mib is not None and offload_above_mib < 0:
             raise ValueError(f"offload_above_mib must be None or ≥ 0, got {offload_above_mib}")
+        offload_above = None if offload_above_mib is None else int(offload_above_mib * 2**20)
+        return self._goca_attach(Capture(adapter_for(self), head_weighting, offload_above))
+
+    def _goca_attach(self, capture: Capture) -> "GoCAMixin":
+        """Wrap the processors of the capture's layers around `capture` and register the denoiser hooks."""
         if self._goca is not None:
             self.disable_goca()
-        adapter = adapter_for(self)
-        capture = Capture(adapter, head_weighting, None if offload_above_mib is None else int(offload_above_mib * 2**20))
+        adapter = capture.adapter
         denoiser = adapter.denoiser
         originals = {key: unwrap_processor(proc) for key, proc in denoiser.attn_processors.items()}
         wrapped = {}
@@ -179,7 +183,7 @@ class GoCAMixin:
         procs = self._goca.adapter.denoiser.attn_processors
         capture = self._goca.capture
         if not all(getattr(procs[f"{n}.processor"], "capture", None) is capture for n in self._goca.adapter.layers):
-            self.enable_goca(capture.head_weighting, None if capture.offload_above is None else capture.offload_above / 2**20)
+            self._goca_attach(capture)  # the same capture: its head weighting and offload setting stay
         return self._goca
 
     # -- hooks --------------------------------------------------------------------------------------------------------

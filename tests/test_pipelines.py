@@ -6,19 +6,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from PIL import Image
 
 import diffusers_goca as goca
-from conftest import make_tiny_flux, make_tiny_pixart, make_tiny_sd, make_tiny_sd3, make_tiny_sdxl
-
-PROMPTS = ["a red circle on grass", "a cat and a dog on sand"]
-
-
-def generate(pipe, **kw):
-    if "PixArt" in type(pipe).__name__:
-        kw["use_resolution_binning"] = False  # keep the non-square test size
-    if "3" in type(pipe).__name__ or "Flux" in type(pipe).__name__:
-        kw["max_sequence_length"] = 32
-    return pipe(PROMPTS, num_inference_steps=3, height=32, width=48, output_type="np",
-                generator=torch.Generator().manual_seed(0), **kw).images
-
+from conftest import generate, make_tiny_flux, make_tiny_pixart, make_tiny_sd, make_tiny_sd3, make_tiny_sdxl
 
 FAMILIES = [make_tiny_sd, lambda: make_tiny_sd(sd2=True), make_tiny_sdxl, make_tiny_pixart, lambda: make_tiny_pixart(sigma=False),
             make_tiny_sd3, lambda: make_tiny_sd3(num_layers=3, qk_norm="rms_norm", dual_attention_layers=(0,)),
@@ -199,10 +187,12 @@ def test_from_pipe_casts_nothing_in_a_half_precision_pipeline(make):
 
 
 def test_reattaches_after_attention_slicing(tiny_sd):
-    pipe = goca.from_pipe(tiny_sd)
+    pipe = goca.from_pipe(tiny_sd, enable=False).enable_goca(head_weighting="average", offload_above_mib=None)
+    capture = pipe._goca.capture
     pipe.enable_attention_slicing()  # replaces every processor
-    result = pipe.segment(Image.new("RGB", (24, 24), "green"), ["cat"])
+    result = pipe.segment(Image.new("RGB", (24, 24), "green"), ["cat"], head_weighting="average")
     assert result.labels.shape == (24, 24)
+    assert pipe._goca.capture is capture and capture.offload_above is None  # re-attached with its own settings
     pipe.disable_goca()
     pipe.disable_attention_slicing()
 

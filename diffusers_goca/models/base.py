@@ -89,12 +89,18 @@ class Adapter:
         """Whether `layer`'s token grid is the reference layer's (then its layer-weight call reads every query)."""
         return self.layers[layer].factor == self.layers[self.reference_layer].factor
 
-    def grid(self, layer: str, n_tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
-        """Token grid (h, w) of `layer` for a latent of size `latent_hw`, from the latent shape, never from sqrt(N)."""
+    def layer_hw(self, layer: str, latent_hw: tuple[int, int]) -> tuple[int, int]:
+        """Token grid (h, w) of `layer` for a latent of size `latent_hw` (each side divided by the layer's factor,
+        rounded up)."""
         f = self.layers[layer].factor
-        h, w = -(-latent_hw[0] // f), -(-latent_hw[1] // f)
+        return -(-latent_hw[0] // f), -(-latent_hw[1] // f)
+
+    def grid(self, layer: str, n_tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
+        """`layer_hw`, checked against the tokens the layer received: from the latent shape, never from sqrt(N)."""
+        h, w = self.layer_hw(layer, latent_hw)
         if h * w != n_tokens:
-            raise RuntimeError(f"{layer}: {n_tokens} tokens do not match a {h}×{w} grid (latent {latent_hw}, factor {f})")
+            raise RuntimeError(f"{layer}: {n_tokens} tokens do not match a {h}×{w} grid (latent {latent_hw}, "
+                               f"factor {self.layers[layer].factor})")
         return h, w
 
     def image_hw(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
