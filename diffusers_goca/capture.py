@@ -124,10 +124,17 @@ class StepCapture:
     selfs: dict[str, SelfQK] = field(default_factory=dict)
     reference: torch.Tensor | None = None  # [R, N_ref, C]
     reference_grid: tuple[int, int] | None = None
-    degenerate_pixels: int = 0  # pixels where the (text) output ≈ 0, whose head weights fell back to 1/H
+    # Per layer, the pixels whose (text) output ≈ 0, so their head weights fell back to 1/H. They are kept as
+    # device tensors: turning each into a Python int would make the host wait for the device in every layer.
+    degenerate_counts: list[torch.Tensor] = field(default_factory=list)
     layer_weight_terms: dict[str, torch.Tensor] = field(default_factory=dict)  # joint layer → [R] w_l before normalising
     pending: dict[str, JointText] = field(default_factory=dict)  # joint layers finished at the end of the forward
     _indices: dict = field(default_factory=dict, repr=False)  # (what, device) → `rows` / `columns` as index tensors
+
+    @property
+    def degenerate_pixels(self) -> int:
+        """Pixels (summed over layers and rows) whose head weights fell back to 1/H, their output being ≈ 0."""
+        return int(sum(c.sum().item() for c in self.degenerate_counts))
 
     def nbytes(self, device: str | None = None) -> int:
         """Bytes held by the capture (the accounting that bounds its memory), optionally only those on `device`'s
@@ -147,9 +154,9 @@ class StepCapture:
         return None if self.columns is None else self._index("columns", self.columns, device)
 
     def _index(self, what: str, values: list[int], device: torch.device) -> torch.Tensor:
-        # Made once per forward, not in every attention call: a host→device copy makes the host wait.
+        # Made once per forward, not in every attention call. The copy does not wait for the device's queue.
         if (what, device) not in self._indices:
-            self._indices[(what, device)] = torch.tensor(values, device=device)
+            self._indices[(what, device)] = torch.tensor(values).to(device, non_blocking=True)
         return self._indices[(what, device)]
 
     def reference_of(self, row: int) -> Reference:
@@ -275,7 +282,7 @@ class Capture:
             out = out if projection.bias is None else out - projection.bias
             w, degenerate = head_weights(tap.head_out.index_select(0, rows), projection.weight, heads,
                                          self.head_weighting, return_degenerate=True, out=out)
-            self.step.degenerate_pixels += int(degenerate.sum())
+            self.step.degenerate_counts.append(degenerate.sum())
             maps["auto"] = aggregate_heads(probs, w)
         else:
             maps["auto"] = maps["average"]
@@ -308,7 +315,7 @@ class Capture:
         mass, maps, bad = joint_text_attention(
             inputs["q"], inputs["k"], text.key[row], text.value[row], qk.heads, qk.scale, text.out_weight,
             self.head_weighting, step.column_index(inputs["q"].device), text_share)
-        step.degenerate_pixels += bad
+        step.degenerate_counts.append(bad)
         return mass, maps["average"], maps["auto"]
 
     def _store_joint(self, step: StepCapture, layer: str, qk: SelfQK, per_row: list) -> None:

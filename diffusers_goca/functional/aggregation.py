@@ -68,9 +68,8 @@ def normalize_layer_weights(raw: torch.Tensor) -> torch.Tensor:
     """w_l ← max(w_l, 0) / Σ_l' max(w_l', 0).  raw: [L] → [L]; all-nonpositive input gives uniform weights."""
     pos = raw.float().clamp_min(0)
     total = pos.sum()
-    if total <= 0:
-        return torch.full_like(pos, 1.0 / len(pos))
-    return pos / total
+    # torch.where, not `if total <= 0`: a Python branch on a device value makes the host wait for the device.
+    return torch.where(total > 0, pos / total.clamp_min(torch.finfo(pos.dtype).tiny), 1.0 / len(pos))
 
 
 def aggregate_layers(

@@ -36,7 +36,7 @@ def joint_text_attention(
     q: torch.Tensor, k_img: torch.Tensor, k_txt: torch.Tensor, v_txt: torch.Tensor, heads: int, scale: float,
     out_weight: torch.Tensor | None = None, head_weighting: str = "auto", columns: torch.Tensor | None = None,
     m_text: torch.Tensor | None = None, dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """Image→text attention of one image under the joint softmax, aggregated over heads.
 
     q, k_img: [N, heads·d] image queries / keys; k_txt, v_txt: [T, heads·d] text keys / values (after norms and RoPE).
@@ -46,7 +46,8 @@ def joint_text_attention(
     share [heads, N] when already known (`joint_frobenius_with_reference` gives it), else one fused call here.
     The products run in `compute_dtype(q, dtype)` with fp32 results; softmaxes and sums in fp32.
     Returns (image_mass [heads, N]: the share of each query's joint softmax that falls on image keys,
-             {"average": [N, T'], "auto": [N, T']} fp32, number of pixels whose text output was ~0).
+             {"average": [N, T'], "auto": [N, T']} fp32, number of pixels whose text output was ~0 as a 0-d tensor
+             on q's device, so that no caller waits for the device to count them).
     """
     n, hd = q.shape
     d = hd // heads
@@ -57,7 +58,7 @@ def joint_text_attention(
     width = kx.shape[2] if columns is None else len(columns)
     avg = torch.empty(n, width, dtype=torch.float32, device=q.device)
     auto = torch.empty_like(avg)
-    degenerate = 0
+    degenerate = torch.zeros((), dtype=torch.long, device=q.device)
     for a, b in row_chunks(n, heads, kx.shape[2]):
         qc = q[a:b].view(b - a, heads, d).transpose(0, 1).contiguous()  # [heads, c, d]
         probs = (logits(qc, kx, dtype) * scale).softmax(-1).mul_(m_text[:, a:b, None])  # [heads, c, T], joint softmax
@@ -69,5 +70,5 @@ def joint_text_attention(
         text_out = logits(probs, vx, dtype).transpose(0, 1).reshape(1, b - a, hd)  # [1, c, heads·d]
         w, bad = head_weights(text_out, out_weight, heads, head_weighting, return_degenerate=True, dtype=dtype)
         auto[a:b] = torch.einsum("hct,hc->ct", kept, w[0])
-        degenerate += int(bad.sum())
+        degenerate += bad.sum()
     return 1 - m_text, {"average": avg, "auto": auto}, degenerate

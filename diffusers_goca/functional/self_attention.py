@@ -7,6 +7,7 @@ grid when many products are wanted.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -151,14 +152,17 @@ def reference_weights(reference_attention: torch.Tensor, src_hw: tuple[int, int]
     log_weights: [len(queries), N_src] fp32, log(A_p B) with B the bilinear key resize, the rows of reference cells
     that read the same query summed (the Frobenius product is linear in them).
     """
-    rows = grid_nearest_rows(src_hw, ref_hw, reference_attention.device)
-    queries, group = torch.unique(rows, return_inverse=True)  # `rows` itself when no query repeats
+    device = reference_attention.device
+    # The index arithmetic depends on the grid sizes only, so it runs in numpy: on the device, the size of unique's
+    # output would make the host wait for the device.
+    rows = grid_nearest_rows(src_hw, ref_hw).numpy()
+    queries, group = np.unique(rows, return_inverse=True)  # `rows` itself when no query repeats
     weights = resize_keys_adjoint(reference_attention.T, src_hw, ref_hw).T  # A_p B: [N_ref, N_src]
     if len(queries) < len(rows):  # a one-hot product, not index_add_: CUDA's atomics would sum in a varying order
-        onehot = torch.zeros(len(queries), len(rows), device=weights.device)
-        onehot[group, torch.arange(len(rows), device=weights.device)] = 1
-        weights = onehot @ weights
-    return queries, weights.clamp_min(1e-30).log_()
+        onehot = np.zeros((len(queries), len(rows)), dtype=np.float32)
+        onehot[group, np.arange(len(rows))] = 1
+        weights = torch.from_numpy(onehot).to(device, non_blocking=True) @ weights
+    return torch.from_numpy(queries).to(device, non_blocking=True), weights.clamp_min(1e-30).log_()
 
 
 def frobenius_with_reference(
