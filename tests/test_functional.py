@@ -335,3 +335,18 @@ def test_key_resize_adjoint_is_the_transposed_resize(src, dst):
     x = torch.randn(dst[0] * dst[1], 5, dtype=torch.float64)
     b_transposed = resize_keys(torch.eye(src[0] * src[1], dtype=torch.float64), src, dst)  # [N_src, N_dst]
     assert torch.allclose(resize_keys_adjoint(x, src, dst).double(), b_transposed @ x, atol=1e-5)
+
+
+def test_triton_layer_weight_kernel_equals_the_fused_call():
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    env = dict(os.environ, TRITON_INTERPRET="1", GOCA_KERNEL="triton",
+               PYTHONPATH=os.pathsep.join([str(here.parent), str(here), os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, str(here / "kernel_check.py")], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count(" ok") == 7, run.stdout

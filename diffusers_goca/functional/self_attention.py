@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .frobenius_kernel import kernel_enabled, row_sums
+
 # Elements of one [heads, rows, N] score chunk (or [rows, 2·N] bias chunk); 2^24 fp32 = 64 MiB.
 CHUNK_ELEMENTS = 2**24
 
@@ -213,37 +215,48 @@ def joint_frobenius_with_reference(
 
 def _frobenius(q, k, heads, scale, src_hw, reference_attention, ref_hw, renormalize_rows, image_mass, dtype, prepared,
                k_txt=None):
-    """The fused call of the layer weights: keys [biased copy; plain copy (; text keys)], marker value columns
-    0 (biased copy), 1 (the plain copy's row mass, for renormalised rows) and 2 (text keys). Returns (total, the
-    text share [heads, queries] or None)."""
+    """w_l before normalisation and, with text keys, the text share [heads, queries] (else None), from each query's
+    R (and row mass, and text share) per head: by `frobenius_kernel.row_sums` where GOCA_KERNEL=triton selects it,
+    else by one fused attention call per row chunk (`_fused_row_sums`)."""
     queries, log_weights = prepared or reference_weights(reference_attention, src_hw, ref_hw)
+    dtype = compute_dtype(q, dtype)
+    key_column = None
+    if renormalize_rows:  # the row sums of S̃ are S·(Bᵀ1)
+        key_column = resize_keys_adjoint(torch.ones(ref_hw[0] * ref_hw[1], 1, device=q.device), src_hw, ref_hw)[:, 0]
+    if kernel_enabled(q):
+        share, column, text = row_sums(q, k, queries, log_weights.exp(), heads, scale, key_column, k_txt, dtype)
+    else:
+        share, column, text = _fused_row_sums(q, k, queries, log_weights, heads, scale, key_column, k_txt, dtype)
+    mass = image_mass[:, queries].float() if image_mass is not None else 1
+    r = (share * mass).mean(0)  # [queries]
+    total = (r / (column * mass).mean(0)).sum() if renormalize_rows else r.sum()
+    return total, None if text is None else text.clamp(0, 1)
+
+
+def _fused_row_sums(q, k, queries, log_weights, heads, scale, key_column, k_txt, dtype):
+    """`frobenius_kernel.row_sums` through the fused attention kernel, in row chunks: keys [biased copy; plain copy
+    (; text keys)] with log W added to the biased copy's scores, and marker value columns 0 (biased copy),
+    1 (the plain copy's key column c) and 2 (text keys). Each output is its marker's share of
+    Z_i = Σ_k e^{s_ik}(W_ik + 1) (+ Σ_t e^{s_it}); divided by the plain part 1 − out₀ it is the share of the plain
+    (joint) softmax. No score matrix exists outside the kernel; the bias is one [rows, 2·N_l + T] chunk shared by
+    all heads."""
     n, hd = k.shape
     d = hd // heads
     t = 0 if k_txt is None else k_txt.shape[0]
-    dtype = compute_dtype(q, dtype)
     kh = k.to(dtype).view(1, n, heads, d).transpose(1, 2)
     keys = [kh, kh] + ([] if k_txt is None else [k_txt.to(dtype).view(1, t, heads, d).transpose(1, 2)])
     keys = torch.cat(keys, 2)  # [1, heads, 2·N_l + T, d]
     values = torch.zeros(2 * n + t, d, dtype=dtype, device=q.device)
     values[:n, 0] = 1  # marks the biased copy
     values[2 * n:, 2] = 1  # marks the text keys
-    if renormalize_rows:  # the row sums of S̃ are S·(Bᵀ1): a plain value column
-        ones = torch.ones(ref_hw[0] * ref_hw[1], 1, device=q.device)
-        values[n:2 * n, 1] = resize_keys_adjoint(ones, src_hw, ref_hw)[:, 0].to(dtype)
+    if key_column is not None:
+        values[n:2 * n, 1] = key_column.to(dtype)
     values = values.expand(1, heads, -1, -1).contiguous()  # fused kernels want contiguous 4-D inputs
-    total = torch.zeros((), dtype=torch.float32, device=q.device)
-    text = torch.empty(heads, len(queries), device=q.device) if t else None
+    shares = torch.empty(3, heads, len(queries), device=q.device)
     for a, b in row_chunks(len(queries), 1, 2 * n + t):
         bias = torch.cat([log_weights[a:b], torch.zeros(b - a, n + t, device=q.device)], 1).to(dtype)
         qh = q[queries[a:b]].to(dtype).view(1, b - a, heads, d).transpose(1, 2).contiguous()
         out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=bias[None, None], scale=scale)[0].float()
-        plain_part = 1 - out[..., 0]  # the unbiased keys' share of the normaliser, 1 / (1 + R): [heads, c]
-        share = out[..., 0] / plain_part  # R per head and query
-        mass = image_mass[:, queries[a:b]].float() if image_mass is not None else 1
-        if renormalize_rows:
-            total += ((share * mass).mean(0) / ((out[..., 1] / plain_part) * mass).mean(0)).sum()
-        else:
-            total += (share * mass).mean(0).sum()
-        if t:
-            text[:, a:b] = (out[..., 2] / plain_part).clamp(0, 1)
-    return total, text
+        plain_part = 1 - out[..., 0]  # the unbiased keys' share of the normaliser: [heads, c]
+        shares[:, :, a:b] = out[..., :3].permute(2, 0, 1) / plain_part
+    return shares[0], shares[1] if key_column is not None else None, shares[2] if t else None

@@ -1,0 +1,67 @@
+"""Run by test_functional under TRITON_INTERPRET=1 and GOCA_KERNEL=triton: the Triton layer-weight kernel against the
+fused-attention path on CPU tensors, for plain, joint, renormalised, coarse-grid and odd-head-dim layers. Prints one
+line per case; exits 1 on a mismatch."""
+import os
+import sys
+
+import torch
+
+from diffusers_goca.functional import self_attention as sa
+
+assert os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("GOCA_KERNEL") == "triton"
+torch.manual_seed(0)
+failed = False
+# (heads, head dim, layer grid, reference grid, text keys, renormalise rows, image mass)
+for heads, d, src, ref, t, renorm, mass in [(2, 16, (6, 5), (6, 5), 0, False, False),
+                                             (3, 24, (8, 8), (8, 8), 11, False, False),
+                                             (2, 72, (4, 6), (8, 12), 0, True, False),
+                                             (4, 8, (9, 9), (9, 9), 0, False, True),
+                                             (1, 32, (12, 10), (6, 5), 0, True, True)]:
+    n, n_ref = src[0] * src[1], ref[0] * ref[1]
+    q, k = torch.randn(n, heads * d), torch.randn(n, heads * d)
+    k_txt = torch.randn(t, heads * d) if t else None
+    a_p = torch.randn(n_ref, n_ref).softmax(-1)
+    image_mass = torch.rand(heads, n) if mass else None
+    args = (q, k, heads, d ** -0.5, src, a_p, ref, renorm, image_mass, None, None, k_txt)
+    kernel = sa._frobenius(*args)
+    os.environ["GOCA_KERNEL"] = "torch"
+    fused = sa._frobenius(*args)
+    os.environ["GOCA_KERNEL"] = "triton"
+    total_ok = torch.allclose(kernel[0], fused[0], rtol=1e-4, atol=1e-6)
+    text_ok = t == 0 or torch.allclose(kernel[1], fused[1], rtol=1e-4, atol=1e-6)
+    failed |= not (total_ok and text_ok)
+    print(f"heads {heads} d {d} {src}→{ref} text {t} renorm {renorm} mass {mass}: "
+          f"kernel {kernel[0].item():.6f} fused {fused[0].item():.6f} {'ok' if total_ok and text_ok else 'MISMATCH'}")
+
+# Through the pipelines: the joint layers' finish in the capture (SD3: scores) and the layer weights after the
+# forward (SDXL, coarse layers against a finer reference: its weights, as its tiny random maps are near flat and
+# min-max scaling magnifies any rounding in them).
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import diffusers_goca as goca  # noqa: E402
+from conftest import make_tiny_sd3, make_tiny_sdxl  # noqa: E402
+from diffusers_goca import methods  # noqa: E402
+
+
+def both(fn, *args):
+    """fn(*args) with the kernel, then with the fused path."""
+    kernel = fn(*args)
+    os.environ["GOCA_KERNEL"] = "torch"
+    fused = fn(*args)
+    os.environ["GOCA_KERNEL"] = "triton"
+    return kernel, fused
+
+
+img = Image.fromarray((np.random.RandomState(0).rand(40, 40, 3) * 255).astype(np.uint8))
+sd3 = goca.from_pipe(make_tiny_sd3())
+kernel, fused = both(lambda: sd3.segment(img, ["cat", "grass"], resolution=64, seed=1).scores)
+weights = []
+layer_weights = methods.layer_weights
+methods.layer_weights = lambda *args: weights.append(both(layer_weights, *args)) or weights[-1][0]
+goca.from_pipe(make_tiny_sdxl()).segment(img, ["cat", "grass"], resolution=64, seed=1)
+for name, (a, b), atol in (("sd3 scores", (kernel, fused), 1e-4), ("sdxl layer weights", weights[0], 1e-6)):
+    ok = torch.allclose(a, b, atol=atol)
+    failed |= not ok
+    print(f"{name}: max difference {(a - b).abs().max().item():.2e} {'ok' if ok else 'MISMATCH'}")
+sys.exit(1 if failed else 0)
