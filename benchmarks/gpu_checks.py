@@ -7,19 +7,25 @@ For each family, in float32 and in the half precision its users run:
   - images with GoCA enabled and masks computed at every step are bit-identical to the untouched pipeline's;
   - `segment` with every captured layer offloaded to the host gives the same scores twice, and the labels it gives
     with everything resident;
-  - (float32) `segment` on the GPU gives the labels `segment` gives on the CPU.
+  - (float32) `segment` on the GPU gives the labels `segment` gives on the CPU;
+  - where triton is installed, the layer weights of the Triton kernel (GOCA_KERNEL=triton) equal those of the fused
+    attention call (float32: 1e-4 relative; half precision, whose fused call adds log W rounded to the model dtype:
+    5e-2), and its labels agree.
 Labels must agree on 95 % of the pixels, or, for a tiny model so chaotic that a 1e-6 relative change of its weights
 moves more of its labels (the first row of each family), within 5 points of that.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import numpy as np
 import torch
 
 import diffusers_goca as goca
+from diffusers_goca import methods
+from diffusers_goca.functional import frobenius_kernel
 from conftest import generate, make_tiny_flux, make_tiny_pixart, make_tiny_sd, make_tiny_sd3, make_tiny_sdxl
 
 FAMILIES = {"sd": (make_tiny_sd, torch.float16), "sdxl": (make_tiny_sdxl, torch.float16),
@@ -31,6 +37,31 @@ CLASSES = ["cat", "dog"]
 def segment_scores(pipe, image, offload_above_mib):
     pipe.enable_goca(offload_above_mib=offload_above_mib)
     return pipe.segment(image, CLASSES, resolution=32).scores.float().cpu()
+
+
+def with_kernel(kernel, fn):
+    """fn() with GOCA_KERNEL=`kernel`, and the normalised layer weights its `goca` reductions used."""
+    weights, original, before = [], methods.layer_weights, os.environ.get("GOCA_KERNEL")
+    methods.layer_weights = lambda *args: weights.append(original(*args)) or weights[-1]
+    os.environ["GOCA_KERNEL"] = kernel
+    try:
+        return fn(), torch.cat(weights).float().cpu()
+    finally:
+        methods.layer_weights = original
+        if before is None:
+            del os.environ["GOCA_KERNEL"]
+        else:
+            os.environ["GOCA_KERNEL"] = before
+
+
+def kernel_rows(name, gp, image, dtype, min_agreement):
+    """The Triton layer-weight kernel against the fused attention call, both on the device."""
+    fused, fused_w = with_kernel("torch", lambda: segment_scores(gp, image, None))
+    kernel, kernel_w = with_kernel("triton", lambda: segment_scores(gp, image, None))
+    rtol = 1e-4 if dtype == torch.float32 else 5e-2
+    diff = float(((kernel_w - fused_w).abs() / fused_w.abs().clamp_min(1e-12)).max())
+    return [(name, str(dtype), "Triton kernel = fused call: layer weights", diff <= rtol, f"max relative diff {diff:.1e}"),
+            compare(name, dtype, "Triton kernel = fused call", kernel, fused, min_agreement)]
 
 
 def compare(family, dtype, what, scores, reference, min_agreement):
@@ -70,6 +101,8 @@ def check_family(name, make, half, device):
                      bool(torch.equal(resident, segment_scores(gp, image, None))), ""))
         if dtype == torch.float32:
             rows.append(compare(name, dtype, "GPU = CPU", resident, cpu_scores, min_agreement))
+        if frobenius_kernel.triton is not None and (device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+            rows += kernel_rows(name, gp, image, dtype, min_agreement)
         gp.disable_goca()
     return rows
 

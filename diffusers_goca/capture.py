@@ -134,7 +134,7 @@ class StepCapture:
     @property
     def degenerate_pixels(self) -> int:
         """Pixels (summed over layers and rows) whose head weights fell back to 1/H, their output being ≈ 0."""
-        return int(sum(c.sum().item() for c in self.degenerate_counts))
+        return int(torch.stack(self.degenerate_counts).sum()) if self.degenerate_counts else 0
 
     def nbytes(self, device: str | None = None) -> int:
         """Bytes held by the capture (the accounting that bounds its memory), optionally only those on `device`'s
