@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffusers_goca.clip_bpe import CLIP_VOCAB_SIZE, build_clip_tokenizer
 
@@ -210,3 +211,23 @@ def tiny_sd():
 @pytest.fixture(scope="session")
 def tiny_sdxl():
     return make_tiny_sdxl()
+
+
+class HostWaits(TorchDispatchMode):
+    """Counts, while `counting()` holds, the ops after which the host waits for the device: a value read on the host
+    (`.item()`, `int(t)`, `if t:`) or an output whose size depends on values (nonzero, unique, boolean indexing).
+    On CUDA each one drains the queue, so that the host and the device no longer work ahead of each other."""
+
+    WAITING = {"_local_scalar_dense", "nonzero", "_unique2", "unique_dim", "unique_consecutive", "masked_select",
+               "equal", "is_nonzero"}
+
+    def __init__(self, counting):
+        super().__init__()
+        self.counting, self.ops = counting, []
+
+    def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        by_mask = name == "index" and any(t is not None and t.dtype == torch.bool for t in args[1])
+        if (name in self.WAITING or by_mask) and self.counting():
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))

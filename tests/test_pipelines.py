@@ -4,10 +4,9 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from PIL import Image
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import diffusers_goca as goca
-from conftest import generate, make_tiny_flux, make_tiny_pixart, make_tiny_sd, make_tiny_sd3, make_tiny_sdxl
+from conftest import HostWaits, generate, make_tiny_flux, make_tiny_pixart, make_tiny_sd, make_tiny_sd3, make_tiny_sdxl
 
 FAMILIES = [make_tiny_sd, lambda: make_tiny_sd(sd2=True), make_tiny_sdxl, make_tiny_pixart, lambda: make_tiny_pixart(sigma=False),
             make_tiny_sd3, lambda: make_tiny_sd3(num_layers=3, qk_norm="rms_norm", dual_attention_layers=(0,)),
@@ -378,26 +377,6 @@ def test_cli_loader_takes_a_saved_sd3_without_t5(tmp_path):
     image = Image.fromarray(np.full((32, 32, 3), 128, dtype=np.uint8))
     result = pipe.segment(image, ["cat", "grass"], seed=0)
     assert result.labels.shape == (32, 32)
-
-
-class HostWaits(TorchDispatchMode):
-    """Counts, while `counting()` holds, the ops after which the host waits for the device: a value read on the host
-    (`.item()`, `int(t)`, `if t:`) or an output whose size depends on values (nonzero, unique, boolean indexing).
-    On CUDA each one drains the queue, so that the host and the device no longer work ahead of each other."""
-
-    WAITING = {"_local_scalar_dense", "nonzero", "_unique2", "unique_dim", "unique_consecutive", "masked_select",
-               "equal", "is_nonzero"}
-
-    def __init__(self, counting):
-        super().__init__()
-        self.counting, self.ops = counting, []
-
-    def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        by_mask = name == "index" and any(t is not None and t.dtype == torch.bool for t in args[1])
-        if (name in self.WAITING or by_mask) and self.counting():
-            self.ops.append(name)
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("make", FAMILIES, ids=FAMILY_IDS)

@@ -36,6 +36,16 @@ def kernel_enabled(t: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _exp_scores(q, K, stride_k, h, d, cols, col_ok, dims, dim_ok, scale, top, PRECISION: tl.constexpr):
+        """One block of keys: e^{s − m'} [BM, BN], the rescale e^{m − m'} of the sums so far, and m' (running max)."""
+        k = tl.load(K + cols[:, None] * stride_k + h * d + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :],
+                    other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        new_top = tl.maximum(top, tl.max(s, 1))
+        return tl.exp(s - new_top[:, None]), tl.exp(top - new_top), new_top
+
+    @triton.jit
     def _row_sums_kernel(
         Q, K, KT, W, COL, QIDX, OUT_W, OUT_COL, OUT_TEXT,
         n_queries, n_keys, n_text, d, scale,
@@ -59,36 +69,22 @@ if triton is not None:
         for start in range(0, n_keys, BN):
             cols = start + tl.arange(0, BN)
             col_ok = cols < n_keys
-            k = tl.load(K + cols[:, None] * stride_k + h * d + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :],
-                        other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            s = tl.where(col_ok[None, :], s, float("-inf"))
-            new_top = tl.maximum(top, tl.max(s, 1))
-            alpha = tl.exp(top - new_top)
-            p = tl.exp(s - new_top[:, None])
+            p, alpha, top = _exp_scores(q, K, stride_k, h, d, cols, col_ok, dims, dim_ok, scale, top, PRECISION)
             w = tl.load(W + rows[:, None] * stride_w + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             plain = plain * alpha + tl.sum(p, 1)
             weighted = weighted * alpha + tl.sum(p * w, 1)
             if HAS_COL:
                 c = tl.load(COL + cols, mask=col_ok, other=0.0)
                 column = column * alpha + tl.sum(p * c[None, :], 1)
-            top = new_top
         if HAS_TEXT:  # the text keys of a joint attention: in the normaliser, and their own share
             for start in range(0, n_text, BN):
                 cols = start + tl.arange(0, BN)
                 col_ok = cols < n_text
-                k = tl.load(KT + cols[:, None] * stride_kt + h * d + dims[None, :],
-                            mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-                s = tl.where(col_ok[None, :], s, float("-inf"))
-                new_top = tl.maximum(top, tl.max(s, 1))
-                alpha = tl.exp(top - new_top)
-                p = tl.exp(s - new_top[:, None])
+                p, alpha, top = _exp_scores(q, KT, stride_kt, h, d, cols, col_ok, dims, dim_ok, scale, top, PRECISION)
                 plain = plain * alpha + tl.sum(p, 1)
                 text = text * alpha + tl.sum(p, 1)
                 weighted = weighted * alpha
                 column = column * alpha
-                top = new_top
         out = h * n_queries + rows
         tl.store(OUT_W + out, weighted / plain, mask=row_ok)
         if HAS_COL:
@@ -126,7 +122,7 @@ def row_sums(
         n_q, k.shape[0], 0 if k_txt is None else k_txt.shape[0], d, scale,
         q.stride(0), k.stride(0), kt.stride(0), weights.stride(0),
         HAS_COL=key_column is not None, HAS_TEXT=k_txt is not None,
-        PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if dtype == torch.float32 else None,  # fp32 operands: no TF32 rounding, as the fused call
         BM=bm, BN=bn, BD=max(16, triton.next_power_of_2(d)),
     )
     return out_w, out_col if key_column is not None else None, out_text if k_txt is not None else None
