@@ -8,7 +8,7 @@ For each family, in float32 and in the half precision its users run:
   - `segment` with every captured layer offloaded to the host gives the same scores twice, and the labels it gives
     with everything resident;
   - (float32) `segment` on the GPU gives the labels `segment` gives on the CPU;
-  - where triton is installed, the layer weights of the Triton kernel (GOCA_KERNEL=triton) equal those of the fused
+  - where triton is installed, the layer weights of the Triton kernel (`layer_weight_kernel`) equal those of the fused
     attention call (float32: 1e-4 relative; half precision, whose fused call adds log W rounded to the model dtype:
     5e-2), and its labels agree.
 Labels must agree on 95 % of the pixels, or, for a tiny model so chaotic that a 1e-6 relative change of its weights
@@ -40,18 +40,14 @@ def segment_scores(pipe, image, offload_above_mib):
 
 
 def with_kernel(kernel, fn):
-    """fn() with GOCA_KERNEL=`kernel`, and the normalised layer weights its `goca` reductions used."""
-    weights, original, before = [], methods.layer_weights, os.environ.get("GOCA_KERNEL")
+    """fn() with the layer weights by `kernel`, and the normalised layer weights its `goca` reductions used."""
+    weights, original = [], methods.layer_weights
     methods.layer_weights = lambda *args: weights.append(original(*args)) or weights[-1]
-    os.environ["GOCA_KERNEL"] = kernel
     try:
-        return fn(), torch.cat(weights).float().cpu()
+        with frobenius_kernel.layer_weight_kernel(kernel):
+            return fn(), torch.cat(weights).float().cpu()
     finally:
         methods.layer_weights = original
-        if before is None:
-            del os.environ["GOCA_KERNEL"]
-        else:
-            os.environ["GOCA_KERNEL"] = before
 
 
 def kernel_rows(name, gp, image, dtype, min_agreement):

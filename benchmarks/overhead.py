@@ -6,6 +6,7 @@ for the real configs (public layer counts, widths, heads) with random weights.
     python benchmarks/overhead.py --model pixart-sigma --resolution 1024 --device cuda --dtype float16
     python benchmarks/overhead.py --model flux-dev --resolution 1024 --device cuda --dtype bfloat16
     python benchmarks/overhead.py --model sd3-medium --resolution 256 --layers 4     # CPU: reduced depth, full width
+    python benchmarks/overhead.py --model pixart-sigma --resolution 1024 --kernel both  # fused call vs Triton kernel
 
 Prints ratios measured in the same run: capture forward / plain forward, enabled-but-idle forward / plain forward,
 and the extra peak memory of the capture step (CUDA: allocator peak; CPU: the capture's own byte accounting).
@@ -21,6 +22,7 @@ import torch
 from real_configs import TEXT_TOKENS, TRANSFORMERS, UNETS
 
 from diffusers_goca.clip_bpe import build_clip_tokenizer
+from diffusers_goca.functional.frobenius_kernel import layer_weight_kernel
 from diffusers_goca.methods import method_scores
 from diffusers_goca.mixin import GoCAMixin
 from diffusers_goca.tokens import TokenIndex
@@ -86,27 +88,28 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def segmentation(host, run, index, offload_above_mib):
+def segmentation(host, run, index, offload_above_mib, kernel="torch"):
     """(enable, capture, reduce): GoCA's attachment with the offload setting, one `segment`'s capture forward
-    (the token columns it keeps) and its `goca` reductions of a capture."""
+    (the token columns it keeps) and its `goca` reductions of a capture, the layer weights by `kernel`."""
     def enable():
         host.enable_goca(offload_above_mib=offload_above_mib)
 
     def capture():
-        return host.capture_forward(run, columns=index.needed())
+        with layer_weight_kernel(kernel):
+            return host.capture_forward(run, columns=index.needed())
 
     def reduce(step):
-        return method_scores(step, 0, index, host._goca.adapter, "goca", "background")
+        with layer_weight_kernel(kernel):
+            return method_scores(step, 0, index, host._goca.adapter, "goca", "background")
 
     return enable, capture, reduce
 
 
-def timed_rounds(host, run, parts, device, rounds):
-    """Median times of the plain forward (GoCA disabled), the enabled-but-idle forward, the capture forward and the
-    reductions (`parts`: `segmentation(...)`), measured in interleaved rounds so that drift in the machine's speed
-    hits all four alike."""
-    enable, capture, reduce = parts
-    times = {"plain": [], "idle": [], "capture": [], "reduce": []}
+def timed_rounds(host, run, variants, device, rounds):
+    """Median times of the plain forward (GoCA disabled), the enabled-but-idle forward and, per variant
+    (name → `segmentation(...)`), the capture forward and the reductions, measured in interleaved rounds so that
+    drift in the machine's speed hits all of them alike. Returns (times, the last variant's last capture)."""
+    times = {"plain": [], "idle": []}
     step = None
 
     def clock(name, fn):
@@ -114,17 +117,18 @@ def timed_rounds(host, run, parts, device, rounds):
         t = time.perf_counter()
         out = fn()
         sync(device)
-        times[name].append(time.perf_counter() - t)
+        times.setdefault(name, []).append(time.perf_counter() - t)
         return out
 
     with torch.no_grad():
         for _ in range(rounds):
             host.disable_goca()
             clock("plain", run)
-            enable()
-            clock("idle", run)
-            step = clock("capture", capture)
-            clock("reduce", lambda: reduce(step))
+            for name, (enable, capture, reduce) in variants.items():
+                enable()
+                clock("idle", run)
+                step = clock(f"capture {name}", capture)
+                clock(f"reduce {name}", lambda: reduce(step))
     return {name: statistics.median(ts) for name, ts in times.items()}, step
 
 
@@ -149,6 +153,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds (the median is reported)")
     p.add_argument("--offload-above-mib", type=float, default=256,
                    help="enable_goca's offload_above_mib; a negative value: never offload")
+    p.add_argument("--kernel", choices=["torch", "triton", "both"], default="torch",
+                   help="the layer weights by the fused attention call, the Triton kernel, or both, "
+                        "timed in the same rounds (the peaks and the profile are the last one's)")
     p.add_argument("--profile", type=int, default=0, metavar="ROWS",
                    help="also print the ROWS operators that take the most time in one capture + reductions")
     args = p.parse_args(argv)
@@ -156,14 +163,17 @@ def main(argv=None):
     offload = None if args.offload_above_mib < 0 else args.offload_above_mib
     # Classes at token positions 1 and 3, "background" at 5; content tokens 1, 3, 5 (as in "cat, grass, background").
     index = TokenIndex("cat, grass, background", ["cat", "grass"], [[1], [3]], [1, 3, 5], 7, {"background": [5]}, 0, 6)
-    parts = enable, capture, reduce = segmentation(host, run, index, offload)
+    kernels = ["torch", "triton"] if args.kernel == "both" else [args.kernel]
+    variants = {kernel: segmentation(host, run, index, offload, kernel) for kernel in kernels}
+    parts = enable, capture, reduce = variants[kernels[-1]]
 
     with torch.no_grad():  # warm-up: one of each
         run()
-        enable()
-        reduce(capture())
-    t, step = timed_rounds(host, run, parts, args.device, args.repeats)
-    plain_t, idle_t, cap_t, reduce_t = t["plain"], t["idle"], t["capture"], t["reduce"]
+        for enable_k, capture_k, reduce_k in variants.values():
+            enable_k()
+            reduce_k(capture_k())
+    t, step = timed_rounds(host, run, variants, args.device, args.repeats)
+    plain_t, idle_t = t["plain"], t["idle"]
     host.disable_goca()
     with torch.no_grad():
         plain_mem, _ = peak(run, args.device)
@@ -177,9 +187,14 @@ def main(argv=None):
           f"offload above {'never' if offload is None else f'{offload:g} MiB'}")
     print(f"  plain denoiser forward          {plain_t * 1e3:9.1f} ms")
     print(f"  enabled, step without masks     {idle_t * 1e3:9.1f} ms   ratio {idle_t / plain_t:.3f}")
-    print(f"  forward with capture            {cap_t * 1e3:9.1f} ms   ratio {cap_t / plain_t:.3f}")
-    print(f"  GoCA reductions after forward   {reduce_t * 1e3:9.1f} ms   ratio {reduce_t / plain_t:.3f}")
-    print(f"  capture + reductions (segment)  {(cap_t + reduce_t) * 1e3:9.1f} ms   ratio {(cap_t + reduce_t) / plain_t:.3f}")
+    for kernel in kernels:
+        cap_t, reduce_t = t[f"capture {kernel}"], t[f"reduce {kernel}"]
+        if len(kernels) > 1:
+            print(f"  layer weights by {kernel}:")
+        print(f"  forward with capture            {cap_t * 1e3:9.1f} ms   ratio {cap_t / plain_t:.3f}")
+        print(f"  GoCA reductions after forward   {reduce_t * 1e3:9.1f} ms   ratio {reduce_t / plain_t:.3f}")
+        print(f"  capture + reductions (segment)  {(cap_t + reduce_t) * 1e3:9.1f} ms   "
+              f"ratio {(cap_t + reduce_t) / plain_t:.3f}")
     print(f"  capture held (own accounting)   {step.nbytes() / mib:9.1f} MiB")
     if args.device != "cpu":
         print(f"    on {args.device} / offloaded to host {step.nbytes(torch.device(args.device).type) / mib:9.1f} / "

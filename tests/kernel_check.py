@@ -7,6 +7,15 @@ import sys
 import torch
 
 from diffusers_goca.functional import self_attention as sa
+from diffusers_goca.functional.frobenius_kernel import layer_weight_kernel
+
+
+def both(fn, *args):
+    """fn(*args) with the kernel (GOCA_KERNEL=triton), then with the fused attention call."""
+    kernel = fn(*args)
+    with layer_weight_kernel("torch"):
+        return kernel, fn(*args)
+
 
 assert os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("GOCA_KERNEL") == "triton"
 torch.manual_seed(0)
@@ -23,10 +32,7 @@ for heads, d, src, ref, t, renorm, mass in [(2, 16, (6, 5), (6, 5), 0, False, Fa
     a_p = torch.randn(n_ref, n_ref).softmax(-1)
     image_mass = torch.rand(heads, n) if mass else None
     args = (q, k, heads, d ** -0.5, src, a_p, ref, renorm, image_mass, None, None, k_txt)
-    kernel = sa._frobenius(*args)
-    os.environ["GOCA_KERNEL"] = "torch"
-    fused = sa._frobenius(*args)
-    os.environ["GOCA_KERNEL"] = "triton"
+    kernel, fused = both(sa._frobenius, *args)
     total_ok = torch.allclose(kernel[0], fused[0], rtol=1e-4, atol=1e-6)
     text_ok = t == 0 or torch.allclose(kernel[1], fused[1], rtol=1e-4, atol=1e-6)
     failed |= not (total_ok and text_ok)
@@ -42,15 +48,6 @@ from PIL import Image  # noqa: E402
 import diffusers_goca as goca  # noqa: E402
 from conftest import make_tiny_sd3, make_tiny_sdxl  # noqa: E402
 from diffusers_goca import methods  # noqa: E402
-
-
-def both(fn, *args):
-    """fn(*args) with the kernel, then with the fused path."""
-    kernel = fn(*args)
-    os.environ["GOCA_KERNEL"] = "torch"
-    fused = fn(*args)
-    os.environ["GOCA_KERNEL"] = "triton"
-    return kernel, fused
 
 
 img = Image.fromarray((np.random.RandomState(0).rand(40, 40, 3) * 255).astype(np.uint8))

@@ -5,12 +5,14 @@ the sums Σ_k e^{s_ik}, Σ_k W_ik e^{s_ik}, Σ_k c_k e^{s_ik} and, over text key
 attention call of `self_attention._frobenius` (twice the keys, a bias tensor, a value product) that is a quarter of the
 arithmetic: one QKᵀ pass, the floor `benchmarks/memory_plan.py` counts as `least_flops`.
 
-Opt-in while its speed is unmeasured on a GPU: GOCA_KERNEL=triton selects it on CUDA tensors (and, for the tests,
-on CPU tensors under TRITON_INTERPRET=1). The default stays the fused attention call.
+Opt-in while its speed is unmeasured on a GPU: GOCA_KERNEL=triton (or a `layer_weight_kernel("triton")` block)
+selects it on CUDA tensors (and, for the tests, on CPU tensors under TRITON_INTERPRET=1). The default stays the fused
+attention call.
 """
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 
@@ -21,15 +23,33 @@ except ImportError:  # triton ships with CUDA builds of torch only
     triton = None
 
 
+KERNELS = ("torch", "triton")
+_selected: list[str] = []  # `layer_weight_kernel` blocks, innermost last
+
+
+@contextmanager
+def layer_weight_kernel(kernel: str):
+    """Within the block, the layer weights go through `kernel` ("torch": the fused attention call, or "triton"),
+    whatever GOCA_KERNEL says; for benchmarks and checks that compare the two in one process."""
+    if kernel not in KERNELS:
+        raise ValueError(f"the layer-weight kernel must be one of {KERNELS}, got {kernel!r}")
+    _selected.append(kernel)
+    try:
+        yield
+    finally:
+        _selected.pop()
+
+
 def kernel_enabled(t: torch.Tensor) -> bool:
-    """Whether the layer weights of `t`'s device go through this kernel (GOCA_KERNEL=triton)."""
-    choice = os.environ.get("GOCA_KERNEL", "torch")
-    if choice not in ("torch", "triton"):
-        raise ValueError(f"GOCA_KERNEL must be 'torch' or 'triton', got {choice!r}")
+    """Whether the layer weights of `t`'s device go through this kernel (GOCA_KERNEL=triton, or inside
+    `layer_weight_kernel("triton")`)."""
+    choice = _selected[-1] if _selected else os.environ.get("GOCA_KERNEL", "torch")
+    if choice not in KERNELS:
+        raise ValueError(f"GOCA_KERNEL must be one of {KERNELS}, got {choice!r}")
     if choice == "torch":
         return False
     if triton is None:
-        raise RuntimeError("GOCA_KERNEL=triton needs the triton package")
+        raise RuntimeError("the Triton layer-weight kernel needs the triton package")
     return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
