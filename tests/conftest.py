@@ -231,3 +231,24 @@ class HostWaits(TorchDispatchMode):
         if (name in self.WAITING or by_mask) and self.counting():
             self.ops.append(name)
         return func(*args, **(kwargs or {}))
+
+
+class Running:
+    """Replaces `owner.name` (through `monkeypatch`) by a wrapper, so that `bool(self)` says whether a call to it
+    is under way."""
+
+    def __init__(self, monkeypatch, owner, name: str):
+        self.depth = 0
+        original = getattr(owner, name)
+
+        def wrapped(*args, **kwargs):
+            self.depth += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.depth -= 1
+
+        monkeypatch.setattr(owner, name, wrapped)
+
+    def __bool__(self) -> bool:
+        return self.depth > 0

@@ -6,7 +6,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from PIL import Image
 
 import diffusers_goca as goca
-from conftest import HostWaits, generate, make_tiny_flux, make_tiny_pixart, make_tiny_sd, make_tiny_sd3, make_tiny_sdxl
+from conftest import HostWaits, Running, generate, make_tiny_flux, make_tiny_pixart, make_tiny_sd, make_tiny_sd3, make_tiny_sdxl
 
 FAMILIES = [make_tiny_sd, lambda: make_tiny_sd(sd2=True), make_tiny_sdxl, make_tiny_pixart, lambda: make_tiny_pixart(sigma=False),
             make_tiny_sd3, lambda: make_tiny_sd3(num_layers=3, qk_norm="rms_norm", dual_attention_layers=(0,)),
@@ -384,17 +384,7 @@ def test_capture_and_reductions_never_wait_for_the_device(make, monkeypatch):
     import diffusers_goca.mixin as mixin
 
     pipe = goca.from_pipe(make())
-    reducing = []
-
-    def method_scores(*args, **kwargs):
-        reducing.append(True)
-        try:
-            return original(*args, **kwargs)
-        finally:
-            reducing.pop()
-
-    original = mixin.method_scores
-    monkeypatch.setattr(mixin, "method_scores", method_scores)
+    reducing = Running(monkeypatch, mixin, "method_scores")
     img = Image.fromarray((np.random.RandomState(2).rand(40, 56, 3) * 255).astype(np.uint8))
     with HostWaits(lambda: pipe._goca.capture.active or bool(reducing)) as waits:
         result = pipe.segment(img, ["cat", "grass"], resolution=64)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import diffusers_goca as goca
-from conftest import HostWaits, make_tiny_pixart, make_tiny_sd, make_tiny_sdxl
+from conftest import HostWaits, Running, make_tiny_pixart, make_tiny_sd, make_tiny_sdxl
 from diffusers_goca.functional.scfg import guidance_norm, rate_map, region_rates, scfg_cond
 
 
@@ -103,18 +103,9 @@ def test_scfg_with_guidance_rescale_other_scheduler_and_callback():
 
 
 @pytest.mark.parametrize("segmentor", ["goca", "original"])
-def test_scfg_steps_never_wait_for_the_device(segmentor):
+def test_scfg_steps_never_wait_for_the_device(segmentor, monkeypatch):
     pipe = goca.scfg_from_pipe(make_tiny_sd())
-    guiding, guide = [], pipe._scfg_step
-
-    def counted(*args, **kwargs):
-        guiding.append(True)
-        try:
-            return guide(*args, **kwargs)
-        finally:
-            guiding.pop()
-
-    pipe._scfg_step = counted
+    guiding = Running(monkeypatch, pipe, "_scfg_step")
     with HostWaits(lambda: pipe._goca.capture.active or bool(guiding)) as waits:
         run(pipe, guidance_scale=5.0, segmentor=segmentor)
     assert waits.ops == [], f"the capture or the S-CFG step read device values on the host: {waits.ops}"
