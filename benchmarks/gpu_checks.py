@@ -97,7 +97,7 @@ def check_family(name, make, half, device):
                      bool(torch.equal(resident, segment_scores(gp, image, None))), ""))
         if dtype == torch.float32:
             rows.append(compare(name, dtype, "GPU = CPU", resident, cpu_scores, min_agreement))
-        if frobenius_kernel.triton is not None and (device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+        if frobenius_kernel.triton_available() and (device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
             rows += kernel_rows(name, gp, image, dtype, min_agreement)
         gp.disable_goca()
     return rows

@@ -185,7 +185,9 @@ def frobenius_with_reference(
     attends to its keys twice: once with log(A_p B)[i, k] added to the scores, once plain. The values mark the first
     copy, so the output is Σ_k e^{s_ik}(A_p B)_ik / (Σ_k e^{s_ik}(A_p B)_ik + Σ_k e^{s_ik}) = R_i / (1 + R_i), from
     which R_i follows. No score matrix exists outside the kernel; the bias is one [rows, 2·N_l] chunk shared by
-    all heads. The kernel runs in `compute_dtype(q, dtype)`. Returns a 0-d fp32 tensor.
+    all heads. The kernel runs in `compute_dtype(q, dtype)`. Returns a 0-d fp32 tensor. With GOCA_KERNEL=triton
+    (`frobenius_kernel.layer_weight_kernel`), R_i comes from a single pass over the scores instead
+    (`frobenius_kernel.row_sums`).
 
     A layer coarser than the reference grid sends each of its queries to several reference rows (nearest resize).
     R is linear in the weight row and the row mass depends only on the query, so those rows' weights are summed and
