@@ -349,4 +349,4 @@ def test_triton_layer_weight_kernel_equals_the_fused_call():
                PYTHONPATH=os.pathsep.join([str(here.parent), str(here), os.environ.get("PYTHONPATH", "")]))
     run = subprocess.run([sys.executable, str(here / "kernel_check.py")], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count(" ok") == 7, run.stdout
+    assert run.stdout.count(" ok") == 8, run.stdout
