@@ -48,6 +48,11 @@ def options_for(method: str, **overrides) -> GoCAOptions:
     return replace(PRESETS[method], **overrides)
 
 
+def uses_auto_head_weights(method: str, options: dict) -> bool:
+    """Whether `method` with `options` reads the capture's auto-weighted maps (ALGORITHMS §1)."""
+    return method in PRESETS and options_for(method, **options).head_weighting == "auto"
+
+
 def _entities(index: TokenIndex, background: str | None) -> list[list[int]]:
     return index.class_tokens + ([index.positions(background)] if background else [])
 

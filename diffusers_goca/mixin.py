@@ -1,6 +1,7 @@
 """`GoCAMixin`: enable / disable the capture on a pipeline, segment existing images, masks during generation."""
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -12,11 +13,13 @@ from PIL import Image
 
 from .capture import Capture, StepCapture
 from .functional.maps import scores_to_labels
-from .methods import check_method, method_scores
+from .methods import check_method, method_scores, uses_auto_head_weights
 from .models.base import adapter_for
 from .processors import unwrap_processor, wrap_processor
 from .result import GoCASegmentation
 from .tokens import entities_from_prompt, segmentation_prompt
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -240,6 +243,11 @@ class GoCAMixin:
             labels, up = scores_to_labels(scores, map_hw, out_hw, bg_scores, background_offset)
             classes = list(index.classes) + (["background"] if bg else [])
             results.append(GoCASegmentation(labels.cpu(), up.cpu(), classes))
+        # Read after the labels came to the host, so the count costs no wait of its own.
+        if uses_auto_head_weights(method, options) and step.degenerate_pixels:
+            logger.warning("GoCA: %d pixel(s), summed over the layers and images of this forward, had an attention "
+                           "output of norm ≈ 0; their head weights fell back to the head mean (ALGORITHMS §1)",
+                           step.degenerate_pixels)
         return results
 
     @contextmanager

@@ -390,3 +390,20 @@ def test_capture_and_reductions_never_wait_for_the_device(make, monkeypatch):
         result = pipe.segment(img, ["cat", "grass"], resolution=64)
     assert result.labels.shape == (40, 56)
     assert waits.ops == [], f"the capture forward or the reductions read device values on the host: {waits.ops}"
+
+
+def test_pixels_with_a_zero_attention_output_are_reported(caplog):
+    pipe = goca.from_pipe(make_tiny_sd())
+    img = Image.fromarray((np.random.RandomState(3).rand(32, 32, 3) * 255).astype(np.uint8))
+    with caplog.at_level("WARNING", logger="diffusers_goca"):
+        pipe.segment(img, ["cat", "grass"], resolution=64)
+    assert "norm ≈ 0" not in caplog.text
+    layer = pipe._goca.adapter.cross_layers[0]
+    with torch.no_grad():  # its output is then the bias alone: out(p) = 0 for the head weights at every pixel
+        pipe.unet.get_submodule(layer).to_out[0].weight.zero_()
+    with caplog.at_level("WARNING", logger="diffusers_goca"):
+        pipe.segment(img, ["cat", "grass"], resolution=64)
+        pipe.segment(img, ["cat", "grass"], resolution=64, method="vanilla")  # reads the head-mean maps: no report
+    side = 64 // pipe.vae_scale_factor
+    h, w = pipe._goca.adapter.layer_hw(layer, (side, side))
+    assert caplog.text.count("norm ≈ 0") == 1 and f"GoCA: {h * w} pixel(s)" in caplog.text
