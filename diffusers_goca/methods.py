@@ -48,9 +48,10 @@ def options_for(method: str, **overrides) -> GoCAOptions:
     return replace(PRESETS[method], **overrides)
 
 
-def uses_auto_head_weights(method: str, options: dict) -> bool:
-    """Whether `method` with `options` reads the capture's auto-weighted maps (ALGORITHMS §1)."""
-    return method in PRESETS and options_for(method, **options).head_weighting == "auto"
+def reads_head_weighted_maps(method: str, options: dict) -> bool:
+    """Whether `method` with `options` reads the capture's head-weighted maps ("auto" or "dot-product", ALGORITHMS §1)
+    rather than the head mean."""
+    return method in PRESETS and options_for(method, **options).head_weighting != "average"
 
 
 def _entities(index: TokenIndex, background: str | None) -> list[list[int]]:

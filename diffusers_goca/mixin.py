@@ -13,7 +13,7 @@ from PIL import Image
 
 from .capture import Capture, StepCapture
 from .functional.maps import scores_to_labels
-from .methods import check_method, method_scores, uses_auto_head_weights
+from .methods import check_method, method_scores, reads_head_weighted_maps
 from .models.base import adapter_for
 from .processors import unwrap_processor, wrap_processor
 from .result import GoCASegmentation
@@ -244,7 +244,7 @@ class GoCAMixin:
             classes = list(index.classes) + (["background"] if bg else [])
             results.append(GoCASegmentation(labels.cpu(), up.cpu(), classes))
         # Read after the labels came to the host, so the count costs no wait of its own.
-        if uses_auto_head_weights(method, options) and step.degenerate_pixels:
+        if reads_head_weighted_maps(method, options) and step.degenerate_pixels:
             logger.warning("GoCA: %d pixel(s), summed over the layers and images of this forward, had an attention "
                            "output of norm ≈ 0; their head weights fell back to the head mean (ALGORITHMS §1)",
                            step.degenerate_pixels)
