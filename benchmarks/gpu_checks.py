@@ -24,9 +24,8 @@ import numpy as np
 import torch
 
 import diffusers_goca as goca
-from diffusers_goca import methods
 from diffusers_goca.functional import frobenius_kernel
-from conftest import generate, make_tiny_flux, make_tiny_pixart, make_tiny_sd, make_tiny_sd3, make_tiny_sdxl
+from conftest import generate, make_tiny_flux, make_tiny_pixart, make_tiny_sd, make_tiny_sd3, make_tiny_sdxl, with_kernel
 
 FAMILIES = {"sd": (make_tiny_sd, torch.float16), "sdxl": (make_tiny_sdxl, torch.float16),
             "pixart-sigma": (make_tiny_pixart, torch.bfloat16), "sd3": (make_tiny_sd3, torch.bfloat16),
@@ -37,17 +36,6 @@ CLASSES = ["cat", "dog"]
 def segment_scores(pipe, image, offload_above_mib):
     pipe.enable_goca(offload_above_mib=offload_above_mib)
     return pipe.segment(image, CLASSES, resolution=32).scores.float().cpu()
-
-
-def with_kernel(kernel, fn):
-    """fn() with the layer weights by `kernel`, and the normalised layer weights its `goca` reductions used."""
-    weights, original = [], methods.layer_weights
-    methods.layer_weights = lambda *args: weights.append(original(*args)) or weights[-1]
-    try:
-        with frobenius_kernel.layer_weight_kernel(kernel):
-            return fn(), torch.cat(weights).float().cpu()
-    finally:
-        methods.layer_weights = original
 
 
 def kernel_rows(name, gp, image, dtype, min_agreement):

@@ -244,10 +244,11 @@ class GoCAMixin:
             classes = list(index.classes) + (["background"] if bg else [])
             results.append(GoCASegmentation(labels.cpu(), up.cpu(), classes))
         # Read after the labels came to the host, so the count costs no wait of its own.
-        if reads_head_weighted_maps(method, options) and step.degenerate_pixels:
+        degenerate = step.degenerate_pixels if reads_head_weighted_maps(method, options) else 0
+        if degenerate:
             logger.warning("GoCA: %d pixel(s), summed over the layers and images of this forward, had an attention "
                            "output of norm ≈ 0; their head weights fell back to the head mean (ALGORITHMS §1)",
-                           step.degenerate_pixels)
+                           degenerate)
         return results
 
     @contextmanager

@@ -252,3 +252,18 @@ class Running:
 
     def __bool__(self) -> bool:
         return self.depth > 0
+
+
+def with_kernel(kernel: str, fn):
+    """(fn(), the normalised layer weights its `goca` reductions used, concatenated), with the layer weights by
+    `kernel` ("torch": the fused attention call, or "triton")."""
+    from diffusers_goca import methods
+    from diffusers_goca.functional.frobenius_kernel import layer_weight_kernel
+
+    weights, original = [], methods.layer_weights
+    methods.layer_weights = lambda *args: weights.append(original(*args)) or weights[-1]
+    try:
+        with layer_weight_kernel(kernel):
+            return fn(), torch.cat(weights).float().cpu()
+    finally:
+        methods.layer_weights = original

@@ -42,25 +42,25 @@ for heads, d, src, ref, t, renorm, mass, dtype in [(2, 16, (6, 5), (6, 5), 0, Fa
     print(f"heads {heads} d {d} {src}→{ref} text {t} renorm {renorm} mass {mass} {dtype}: "
           f"kernel {kernel[0].item():.6f} fused {fused[0].item():.6f} {'ok' if total_ok and text_ok else 'MISMATCH'}")
 
-# Through the pipelines: the joint layers' finish in the capture (SD3: scores) and the layer weights after the
-# forward (SDXL, coarse layers against a finer reference: its weights, as its tiny random maps are near flat and
-# min-max scaling magnifies any rounding in them).
+# Through the pipelines, two seeded segmentations each: the joint layers' finish in the capture (SD3: scores) and
+# the layer weights after the forward (SDXL, coarse layers against a finer reference: its weights, as its tiny random
+# maps are near flat and min-max scaling magnifies any rounding in them).
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import diffusers_goca as goca  # noqa: E402
-from conftest import make_tiny_sd3, make_tiny_sdxl  # noqa: E402
-from diffusers_goca import methods  # noqa: E402
-
+from conftest import make_tiny_sd3, make_tiny_sdxl, with_kernel  # noqa: E402
 
 img = Image.fromarray((np.random.RandomState(0).rand(40, 40, 3) * 255).astype(np.uint8))
-sd3 = goca.from_pipe(make_tiny_sd3())
-kernel, fused = both(lambda: sd3.segment(img, ["cat", "grass"], resolution=64, seed=1).scores)
-weights = []
-layer_weights = methods.layer_weights
-methods.layer_weights = lambda *args: weights.append(both(layer_weights, *args)) or weights[-1][0]
-goca.from_pipe(make_tiny_sdxl()).segment(img, ["cat", "grass"], resolution=64, seed=1)
-for name, (a, b), atol in (("sd3 scores", (kernel, fused), 1e-4), ("sdxl layer weights", weights[0], 1e-6)):
+sd3, sdxl = goca.from_pipe(make_tiny_sd3()), goca.from_pipe(make_tiny_sdxl())
+compared = {}
+for name, pipe in (("sd3", sd3), ("sdxl", sdxl)):
+    compared[name] = [with_kernel(kernel, lambda: pipe.segment(img, ["cat", "grass"], resolution=64, seed=1).scores)
+                      for kernel in ("triton", "torch")]
+(sd3_kernel, _), (sd3_fused, _) = compared["sd3"]
+(_, sdxl_kernel), (_, sdxl_fused) = compared["sdxl"]
+for name, a, b, atol in (("sd3 scores", sd3_kernel, sd3_fused, 1e-4),
+                         ("sdxl layer weights", sdxl_kernel, sdxl_fused, 1e-6)):
     ok = torch.allclose(a, b, atol=atol)
     failed |= not ok
     print(f"{name}: max difference {(a - b).abs().max().item():.2e} {'ok' if ok else 'MISMATCH'}")
