@@ -7,6 +7,7 @@ for the real configs (public layer counts, widths, heads) with random weights.
     python benchmarks/overhead.py --model flux-dev --resolution 1024 --device cuda --dtype bfloat16
     python benchmarks/overhead.py --model sd3-medium --resolution 256 --layers 4     # CPU: reduced depth, full width
     python benchmarks/overhead.py --model pixart-sigma --resolution 1024 --kernel both  # fused call vs Triton kernel
+    python benchmarks/overhead.py --model pixart-sigma --resolution 256 --launches      # kernel launches per forward
 
 Prints ratios measured in the same run: capture forward / plain forward, enabled-but-idle forward / plain forward,
 and the extra peak memory of the capture step (CUDA: allocator peak; CPU: the capture's own byte accounting).
@@ -18,6 +19,7 @@ import statistics
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from real_configs import TEXT_TOKENS, TRANSFORMERS, UNETS
 
@@ -156,6 +158,10 @@ def main(argv=None):
     p.add_argument("--kernel", choices=["torch", "triton", "both"], default="torch",
                    help="the layer weights by the fused attention call, the Triton kernel, or both, "
                         "timed in the same rounds (the peaks and the profile are the last one's)")
+    p.add_argument("--launches", action="store_true",
+                   help="also count the operators that launch device work (no views, no bare allocations) in the plain "
+                        "forward, the capture forward and the reductions: where the forward is short, each one costs "
+                        "host time whatever its size")
     p.add_argument("--profile", type=int, default=0, metavar="ROWS",
                    help="also print the ROWS operators that take the most time in one capture + reductions")
     args = p.parse_args(argv)
@@ -203,8 +209,49 @@ def main(argv=None):
         print(f"  peak memory, plain forward      {plain_mem / mib:9.1f} MiB")
         print(f"  peak memory, capture forward    {cap_mem / mib:9.1f} MiB   extra {(cap_mem - plain_mem) / mib:.1f} MiB")
         print(f"  peak memory, reductions         {reduce_mem / mib:9.1f} MiB (on top of the held capture)")
+    if args.launches:
+        print_launches(host, run, parts)
     if args.profile:
         print_profile(host, parts, args.device, args.profile)
+
+
+class Launches(TorchDispatchMode):
+    """Counts the operators that launch device work: not views, not allocations without a fill (on CUDA those
+    launch nothing), not host-side scalars."""
+
+    SILENT = {"_unsafe_view", "empty", "empty_like", "empty_strided", "scalar_tensor", "lift_fresh"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+        if not func.is_view and func.overloadpacket.__name__ not in self.SILENT:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def counted(fn):
+    """(launches of fn(), its result)."""
+    with Launches() as launches:
+        out = fn()
+    return launches.count, out
+
+
+def print_launches(host, run, parts):
+    enable, capture, reduce = parts
+    host.disable_goca()
+    with torch.no_grad():
+        plain, _ = counted(run)
+        enable()
+        captured, step = counted(capture)
+        reduced, _ = counted(lambda: reduce(step))
+    host.disable_goca()
+    print("  kernel launches (operators that launch device work)")
+    print(f"    plain forward                 {plain:9d}")
+    print(f"    forward with capture          {captured:9d}   ratio {captured / plain:.3f}")
+    print(f"    reductions after forward      {reduced:9d}   ratio {reduced / plain:.3f}")
+    print(f"    capture + reductions          {captured + reduced:9d}   ratio {(captured + reduced) / plain:.3f}")
 
 
 def print_profile(host, parts, device, rows):

@@ -124,17 +124,21 @@ class StepCapture:
     selfs: dict[str, SelfQK] = field(default_factory=dict)
     reference: torch.Tensor | None = None  # [R, N_ref, C]
     reference_grid: tuple[int, int] | None = None
-    # Per layer, the pixels whose (text) output ≈ 0, so their head weights fell back to 1/H. They are kept as
-    # device tensors: turning each into a Python int would make the host wait for the device in every layer.
-    degenerate_counts: list[torch.Tensor] = field(default_factory=list)
+    # Per layer, the bool masks of the pixels whose (text) output ≈ 0, so their head weights fell back to 1/H. Kept
+    # as they come: counting them per layer would cost a kernel launch each, and reading a count on the host in the
+    # forward would make the host wait for the device.
+    degenerate_masks: list[torch.Tensor] = field(default_factory=list)
     layer_weight_terms: dict[str, torch.Tensor] = field(default_factory=dict)  # joint layer → [R] w_l before normalising
     pending: dict[str, JointText] = field(default_factory=dict)  # joint layers finished at the end of the forward
+    key_bias: tuple | None = field(default=None, repr=False)  # (mask, its shape key, fp32 bias): see Capture._key_bias
     _indices: dict = field(default_factory=dict, repr=False)  # (what, device) → `rows` / `columns` as index tensors
 
     @property
     def degenerate_pixels(self) -> int:
         """Pixels (summed over layers and rows) whose head weights fell back to 1/H, their output being ≈ 0."""
-        return int(torch.stack(self.degenerate_counts).sum()) if self.degenerate_counts else 0
+        if not self.degenerate_masks:
+            return 0
+        return int(torch.cat([m.flatten() for m in self.degenerate_masks]).sum())
 
     def nbytes(self, device: str | None = None) -> int:
         """Bytes held by the capture (the accounting that bounds its memory), optionally only those on `device`'s
@@ -145,9 +149,16 @@ class StepCapture:
         tensors += [t for text in self.pending.values() for t in (text.key, text.value)]
         return sum(t.numel() * t.element_size() for t in tensors if device is None or t.device.type == device)
 
-    def row_index(self, device: torch.device) -> torch.Tensor:
-        """`rows` as an index tensor on `device`."""
-        return self._index("rows", self.rows, device)
+    def take(self, t: torch.Tensor, keep: bool = False) -> torch.Tensor:
+        """Rows `rows` of a batch tensor [B, ...]. Where they are a contiguous range (always, for the rows the denoiser
+        hook picks) no kernel runs: the tensor itself when they are all of it, else a view of the range, copied only
+        when `keep` (a kept view would hold on to the whole batch's memory)."""
+        first, last = self.rows[0], self.rows[-1]
+        if self.rows != list(range(first, last + 1)):
+            return t.index_select(0, self._index("rows", self.rows, t.device))
+        if first == 0 and last + 1 == t.shape[0]:
+            return t
+        return t[first:last + 1].clone() if keep else t[first:last + 1]
 
     def column_index(self, device: torch.device) -> torch.Tensor | None:
         """`columns` as an index tensor on `device` (None: all columns)."""
@@ -246,57 +257,65 @@ class Capture:
                 f"({type(attn.processor).__name__}) does not call to_q / to_k (fused projections are not supported)"
             )
         step = self.step
-        rows = step.row_index(tap.query.device)
         if info.role == "joint":
-            self._record_joint(layer, attn, tap, output, call_kwargs, rows)
-        else:
-            q, k = tap.query.index_select(0, rows), tap.key.index_select(0, rows)
-            grid = step.grids[layer] = self.adapter.grid(layer, q.shape[1], step.latent_hw)
-            if info.role == "self":
-                self._keep_self(layer, SelfQK(q.detach(), k.detach(), attn.heads, attn.scale, grid))
-            else:
-                self._record_cross(layer, attn, tap, q, k, rows, attention_mask)
-                if layer == self.adapter.reference_layer:
-                    step.reference, step.reference_grid = q.detach(), grid
+            self._record_joint(layer, attn, tap, output, call_kwargs)
+            return
+        reference = layer == self.adapter.reference_layer
+        q, k = step.take(tap.query, keep=info.role == "self" or reference), step.take(tap.key, keep=info.role == "self")
+        grid = step.grids[layer] = self.adapter.grid(layer, q.shape[1], step.latent_hw)
+        if info.role == "self":
+            self._keep_self(layer, SelfQK(q.detach(), k.detach(), attn.heads, attn.scale, grid))
+            return
+        self._record_cross(layer, attn, tap, q, k, attention_mask)
+        if reference:
+            step.reference, step.reference_grid = q.detach(), grid
 
-    def _record_cross(self, layer, attn, tap, q, k, rows, attention_mask) -> None:
-        heads = attn.heads
+    def _record_cross(self, layer, attn, tap, q, k, attention_mask) -> None:
+        step, heads = self.step, attn.heads
         r, n, inner = q.shape
         d = inner // heads
         t = k.shape[1]
         qh = q.view(r, n, heads, d).transpose(1, 2).reshape(r * heads, n, d)
         kh = k.view(r, t, heads, d).permute(0, 2, 3, 1).reshape(r * heads, d, t)
-        scores = (logits(qh, kh, compute_dtype(q)) * attn.scale).view(r, heads, n, t)  # [R, heads, N, T]
+        scores = logits(qh, kh, compute_dtype(q), attn.scale).view(r, heads, n, t)  # [R, heads, N, T]
         if attention_mask is not None:
-            mask = attn.prepare_attention_mask(attention_mask, k.shape[1], tap.query.shape[0])
-            mask = mask.view(tap.query.shape[0], heads, -1, mask.shape[-1]).index_select(0, rows)
-            scores += mask.float()
+            scores += step.take(self._key_bias(attn, attention_mask, t, tap.query.shape[0]))
         probs = scores.softmax(-1)
-        columns = self.step.column_index(probs.device)
+        columns = step.column_index(probs.device)
         if columns is not None:
             probs = probs.index_select(-1, columns)
         maps = {"average": probs.mean(1)}
         if tap.head_out is not None:
             projection = attn.to_out[0]
-            out = tap.projected.index_select(0, rows)  # the forward's own projection of head_out, bias removed
+            out = step.take(tap.projected)  # the forward's own projection of head_out, bias removed
             out = out if projection.bias is None else out - projection.bias
-            w, degenerate = head_weights(tap.head_out.index_select(0, rows), projection.weight, heads,
-                                         self.head_weighting, return_degenerate=True, out=out)
-            self.step.degenerate_counts.append(degenerate.sum())
+            w, degenerate = head_weights(step.take(tap.head_out), projection.weight, heads, self.head_weighting,
+                                         return_degenerate=True, out=out)
+            step.degenerate_masks.append(degenerate)
             maps["auto"] = aggregate_heads(probs, w)
         else:
             maps["auto"] = maps["average"]
         self.step.cross[layer] = maps
 
-    def _record_joint(self, layer, attn, tap, output, call_kwargs, rows) -> None:
+    def _key_bias(self, attn, attention_mask, keys: int, batch: int) -> torch.Tensor:
+        """The attention mask as the fp32 bias of the scores [B, heads or 1, 1 or N, T]. Made once per forward for
+        all the layers that get the same mask (every cross layer, in the models that mask the text)."""
+        cache = self.step.key_bias
+        if cache is None or cache[0] is not attention_mask or cache[1] != (attn.heads, keys, batch):
+            mask = attn.prepare_attention_mask(attention_mask, keys, batch)  # [B·heads, 1 or N, T]
+            bias = mask.view(batch, attn.heads, -1, mask.shape[-1]).float()
+            cache = self.step.key_bias = (attention_mask, (attn.heads, keys, batch), bias)
+        return cache[2]
+
+    def _record_joint(self, layer, attn, tap, output, call_kwargs) -> None:
         step, adapter = self.step, self.adapter
-        q, k, k_txt, v_txt = (t.index_select(0, rows).detach()
+        q, k, k_txt, v_txt = (step.take(t, keep=True).detach()
                               for t in adapter.joint_inputs(layer, attn, tap, call_kwargs, step))
         grid = step.grids[layer] = adapter.grid(layer, q.shape[1], step.latent_hw)
         heads, scale = attn.heads, adapter.attention_scale(attn)
         weight = adapter.output_weight(layer, attn)
         if layer == adapter.reference_layer:
-            step.reference = adapter.reference_feature(layer, tap, output, step).index_select(0, rows).detach()
+            step.reference = step.take(adapter.reference_feature(layer, tap, output, step), keep=True).detach()
             step.reference_grid = grid
         if adapter.on_reference_grid(layer):
             # On the reference grid the layer-weight call reads every query: it gives the text shares as well.
@@ -315,7 +334,7 @@ class Capture:
         mass, maps, bad = joint_text_attention(
             inputs["q"], inputs["k"], text.key[row], text.value[row], qk.heads, qk.scale, text.out_weight,
             self.head_weighting, step.column_index(inputs["q"].device), text_share)
-        step.degenerate_counts.append(bad)
+        step.degenerate_masks.append(bad)
         return mass, maps["average"], maps["auto"]
 
     def _store_joint(self, step: StepCapture, layer: str, qk: SelfQK, per_row: list) -> None:

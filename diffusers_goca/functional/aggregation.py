@@ -43,7 +43,7 @@ def head_weights(
         dots = dots.clamp_min(0)
     total = dots.sum(1, keepdim=True)
     degenerate = total.abs() < eps
-    weights = torch.where(degenerate, torch.full_like(dots, 1.0 / heads), dots / torch.where(degenerate, 1.0, total))
+    weights = torch.where(degenerate, 1.0 / heads, dots / total)  # where it is degenerate, dots / total is not read
     return (weights, degenerate[:, 0]) if return_degenerate else weights
 
 
@@ -56,7 +56,7 @@ def pseudo_self_attention(feature: torch.Tensor, dtype: torch.dtype | None = Non
     """A_p = softmax(F Fᵀ / √C) over rows. feature: [N, C] → [N, N] fp32 (64 MiB for a 64×64 reference grid); the
     product in `compute_dtype(feature, dtype)`, the logits and the softmax in fp32."""
     f = feature[None]
-    return (logits(f, f.transpose(1, 2), compute_dtype(feature, dtype))[0] / feature.shape[-1] ** 0.5).softmax(-1)
+    return logits(f, f.transpose(1, 2), compute_dtype(feature, dtype), feature.shape[-1] ** -0.5)[0].softmax(-1)
 
 
 def layer_weight(pseudo: torch.Tensor, self_attn: torch.Tensor) -> torch.Tensor:

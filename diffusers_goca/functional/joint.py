@@ -46,8 +46,8 @@ def joint_text_attention(
     share [heads, N] when already known (`joint_frobenius_with_reference` gives it), else one fused call here.
     The products run in `compute_dtype(q, dtype)` with fp32 results; softmaxes and sums in fp32.
     Returns (image_mass [heads, N]: the share of each query's joint softmax that falls on image keys,
-             {"average": [N, T'], "auto": [N, T']} fp32, number of pixels whose text output was ~0 as a 0-d tensor
-             on q's device, so that no caller waits for the device to count them).
+             {"average": [N, T'], "auto": [N, T']} fp32, bool [N]: the pixels whose text output was ≈ 0, left on
+             q's device so that no caller waits for the device to count them).
     """
     n, hd = q.shape
     d = hd // heads
@@ -58,10 +58,10 @@ def joint_text_attention(
     width = kx.shape[2] if columns is None else len(columns)
     avg = torch.empty(n, width, dtype=torch.float32, device=q.device)
     auto = torch.empty_like(avg)
-    degenerate = torch.zeros((), dtype=torch.long, device=q.device)
+    degenerate = torch.zeros(n, dtype=torch.bool, device=q.device)
     for a, b in row_chunks(n, heads, kx.shape[2]):
         qc = q[a:b].view(b - a, heads, d).transpose(0, 1).contiguous()  # [heads, c, d]
-        probs = (logits(qc, kx, dtype) * scale).softmax(-1).mul_(m_text[:, a:b, None])  # [heads, c, T], joint softmax
+        probs = logits(qc, kx, dtype, scale).softmax(-1).mul_(m_text[:, a:b, None])  # [heads, c, T], joint softmax
         kept = probs if columns is None else probs[..., columns]
         avg[a:b] = kept.mean(0)
         if out_weight is None or head_weighting == "average":
@@ -70,5 +70,5 @@ def joint_text_attention(
         text_out = logits(probs, vx, dtype).transpose(0, 1).reshape(1, b - a, hd)  # [1, c, heads·d]
         w, bad = head_weights(text_out, out_weight, heads, head_weighting, return_degenerate=True, dtype=dtype)
         auto[a:b] = torch.einsum("hct,hc->ct", kept, w[0])
-        degenerate += bad.sum()
+        degenerate[a:b] = bad[0]
     return 1 - m_text, {"average": avg, "auto": auto}, degenerate

@@ -26,51 +26,55 @@ def compute_dtype(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.dt
     return torch.float32 if t.device.type == "cpu" else t.dtype
 
 
-def logits(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """a @ b for 3-D operands [B, n, d] @ [B, d, m], the operands in `dtype` and the result in fp32: attention
-    logits of half-precision operands kept at fp32, as fused attention kernels keep them (a half-precision result
-    would round a logit of 10 by up to 0.04, i.e. its probability by 4 %)."""
-    if dtype == torch.float32:
-        return torch.bmm(a.float(), b.float())
+def logits(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """scale · (a @ b) for 3-D operands [B, n, d] @ [B, d, m], the operands in `dtype` and the result in fp32:
+    attention logits of half-precision operands kept at fp32, as fused attention kernels keep them (a half-precision
+    result would round a logit of 10 by up to 0.04, i.e. its probability by 4 %). The scale rides on the product
+    where the kernel takes one, so that it costs no pass of its own over the logits."""
     a, b = a.to(dtype), b.to(dtype)
-    if a.device.type == "cuda":
+    if dtype != torch.float32 and a.device.type == "cuda":
         try:
-            return torch.bmm(a, b, out_dtype=torch.float32)
+            out = torch.bmm(a, b, out_dtype=torch.float32)
+            return out if scale == 1 else out.mul_(scale)
         except TypeError:  # torch < 2.8 has no out_dtype
             pass
-    return torch.bmm(a.float(), b.float())  # the same numbers where no half-precision kernel with fp32 output exists
+    # The same numbers where no half-precision kernel with fp32 output exists; beta = 0: the input is not read.
+    return torch.baddbmm(torch.empty((), device=a.device), a.float(), b.float(), beta=0, alpha=scale)
 
 
 def grid_nearest_rows(src_hw: tuple[int, int], dst_hw: tuple[int, int], device=None) -> torch.Tensor:
     """Index of the `src` grid cell that nearest-neighbour resizing puts at each `dst` cell: LongTensor [dst_h·dst_w].
 
-    Matches `F.interpolate(mode="nearest")` (floor(i · src / dst)).
+    Matches `F.interpolate(mode="nearest")` (floor(i · src / dst)). Computed on the host (it depends on the grid
+    sizes only) and copied without waiting for the device's queue.
     """
     (sh, sw), (dh, dw) = src_hw, dst_hw
-    ys = torch.div(torch.arange(dh, device=device) * sh, dh, rounding_mode="floor")
-    xs = torch.div(torch.arange(dw, device=device) * sw, dw, rounding_mode="floor")
-    return (ys[:, None] * sw + xs[None, :]).reshape(-1)
+    ys, xs = np.arange(dh) * sh // dh, np.arange(dw) * sw // dw
+    rows = torch.from_numpy((ys[:, None] * sw + xs[None, :]).reshape(-1))
+    return rows if device is None else rows.to(device, non_blocking=True)
 
 
 def self_attention_rows(
-    q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, heads: int, scale: float,
-    image_mass: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+    q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor | slice, heads: int, scale: float,
+    image_mass: torch.Tensor | None = None, dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Head-mean attention probabilities of the query rows `rows`.
 
-    q: [N, heads·d], k: [M, heads·d] (one image, before the head split), rows: LongTensor [R].
-    image_mass: [heads, N], for a joint attention the share of each query's softmax that falls on the image keys; the
-    rows are then the image→image slice of the joint softmax, not renormalised. None: softmax over `k`.
+    q: [N, heads·d], k: [M, heads·d] (one image, before the head split), rows: LongTensor [R] (or a slice, which
+    gathers nothing). image_mass: [heads, N], for a joint attention the share of each query's softmax that falls on
+    the image keys; the rows are then the image→image slice of the joint softmax, not renormalised. None: softmax
+    over `k`. out: where to write the result.
     Returns [R, M] in fp32: mean over heads of softmax(q_h k_hᵀ · scale) (· image_mass); the logits in fp32 from
     operands in `compute_dtype(q, dtype)`.
     """
     d = q.shape[-1] // heads
-    qh = q[rows].view(len(rows), heads, d).transpose(0, 1)  # [heads, R, d]
+    qr = q[rows]
+    qh = qr.view(len(qr), heads, d).transpose(0, 1)  # [heads, R, d]
     kh = k.view(-1, heads, d).permute(1, 2, 0)  # [heads, d, M]
-    probs = (logits(qh, kh, compute_dtype(q, dtype)) * scale).softmax(-1)
+    probs = logits(qh, kh, compute_dtype(q, dtype), scale).softmax(-1)
     if image_mass is not None:
         probs = probs * image_mass[:, rows, None].float()
-    return probs.mean(0)
+    return torch.mean(probs, 0, out=out)
 
 
 def row_chunks(n_rows: int, heads: int, n_keys: int):
@@ -89,10 +93,15 @@ def head_mean_self_attention(
     q, k: [N_src, heads·d] of one image with N_src = src_h·src_w. Returns [N_dst, N_dst] fp32 (small grids only:
     `apply_self_attention` gives S̃·X without forming S̃).
     """
-    rows = grid_nearest_rows(src_hw, dst_hw, q.device)
-    out = torch.empty(len(rows), dst_hw[0] * dst_hw[1], dtype=torch.float32, device=q.device)
-    for a, b in row_chunks(len(rows), heads, k.shape[0]):
-        out[a:b] = resize_keys(self_attention_rows(q, k, rows[a:b], heads, scale, image_mass), src_hw, dst_hw)
+    same_grid = tuple(src_hw) == tuple(dst_hw)
+    rows = None if same_grid else grid_nearest_rows(src_hw, dst_hw, q.device)
+    n_dst = dst_hw[0] * dst_hw[1]
+    out = torch.empty(n_dst, n_dst, dtype=torch.float32, device=q.device)
+    for a, b in row_chunks(n_dst, heads, k.shape[0]):
+        if same_grid:  # the rows are the queries themselves: no gather, no copy
+            self_attention_rows(q, k, slice(a, b), heads, scale, image_mass, out=out[a:b])
+        else:
+            out[a:b] = resize_keys(self_attention_rows(q, k, rows[a:b], heads, scale, image_mass), src_hw, dst_hw)
     return out
 
 
@@ -144,7 +153,8 @@ def apply_self_attention(
         if image_mass is not None:
             y = y * image_mass.float()[..., None]
         outs.append(y.mean(0)[:, : cols.shape[1]])
-    return torch.cat(outs, -1)[grid_nearest_rows(src_hw, dst_hw, q.device)]
+    out = torch.cat(outs, -1)
+    return out if tuple(src_hw) == tuple(dst_hw) else out[grid_nearest_rows(src_hw, dst_hw, q.device)]
 
 
 def reference_weights(reference_attention: torch.Tensor, src_hw: tuple[int, int], ref_hw: tuple[int, int]):
@@ -241,24 +251,31 @@ def _fused_row_sums(q, k, queries, log_weights, heads, scale, key_column, k_txt,
     1 (the plain copy's key column c) and 2 (text keys). Each output is its marker's share of
     Z_i = Σ_k e^{s_ik}(W_ik + 1) (+ Σ_t e^{s_it}); divided by the plain part 1 − out₀ it is the share of the plain
     (joint) softmax. No score matrix exists outside the kernel; the bias is one [rows, 2·N_l + T] chunk shared by
-    all heads."""
+    all heads. Per chunk three kernels run (the bias rows, the fused call, its three marker columns), so that a
+    short forward is not held up by launching them."""
     n, hd = k.shape
     d = hd // heads
     t = 0 if k_txt is None else k_txt.shape[0]
+    width = 2 * n + t
     kh = k.to(dtype).view(1, n, heads, d).transpose(1, 2)
     keys = [kh, kh] + ([] if k_txt is None else [k_txt.to(dtype).view(1, t, heads, d).transpose(1, 2)])
     keys = torch.cat(keys, 2)  # [1, heads, 2·N_l + T, d]
-    values = torch.zeros(2 * n + t, d, dtype=dtype, device=q.device)
-    values[:n, 0] = 1  # marks the biased copy
-    values[2 * n:, 2] = 1  # marks the text keys
+    values = torch.zeros(1, heads, width, d, dtype=dtype, device=q.device)  # fused kernels want contiguous 4-D inputs
+    values[..., :n, 0] = 1  # marks the biased copy
+    values[..., 2 * n:, 2] = 1  # marks the text keys
     if key_column is not None:
-        values[n:2 * n, 1] = key_column.to(dtype)
-    values = values.expand(1, heads, -1, -1).contiguous()  # fused kernels want contiguous 4-D inputs
-    shares = torch.empty(3, heads, len(queries), device=q.device)
-    for a, b in row_chunks(len(queries), 1, 2 * n + t):
-        bias = torch.cat([log_weights[a:b], torch.zeros(b - a, n + t, device=q.device)], 1).to(dtype)
-        qh = q[queries[a:b]].to(dtype).view(1, b - a, heads, d).transpose(1, 2).contiguous()
-        out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=bias[None, None], scale=scale)[0].float()
-        plain_part = 1 - out[..., 0]  # the unbiased keys' share of the normaliser: [heads, c]
-        shares[:, :, a:b] = out[..., :3].permute(2, 0, 1) / plain_part
-    return shares[0], shares[1] if key_column is not None else None, shares[2] if t else None
+        values[..., n:2 * n, 1] = key_column.to(dtype)
+    # Every query (the layer is on the reference grid or coarser: `queries` is then 0..N-1) needs no gather.
+    rows = q if len(queries) == q.shape[0] else q.index_select(0, queries)
+    qh = rows.to(dtype).view(1, -1, heads, d).transpose(1, 2)  # [1, heads, Q, d]
+    parts = torch.empty(heads, len(queries), 3, device=q.device)
+    bias = None
+    for a, b in row_chunks(len(queries), 1, width):
+        if bias is None:  # rows padded to a multiple of 16 elements, the alignment fused kernels want of a bias
+            bias = torch.zeros(b - a, -(-width // 16) * 16, dtype=dtype, device=q.device)[:, :width]
+        bias[: b - a, :n] = log_weights[a:b]  # the plain copy's and the text keys' columns stay 0
+        out = F.scaled_dot_product_attention(qh[:, :, a:b], keys, values, attn_mask=bias[None, None, : b - a],
+                                             scale=scale)
+        parts[:, a:b] = out[0, ..., :3]
+    shares = parts / (1 - parts[..., :1])  # over the unbiased keys' share of the normaliser
+    return shares[..., 0], shares[..., 1] if key_column is not None else None, shares[..., 2] if t else None
