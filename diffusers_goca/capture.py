@@ -178,6 +178,11 @@ class StepCapture:
         return index if self.columns is None else index.on_columns(self.columns)
 
 
+def batched(per_row) -> torch.Tensor:
+    """The per-image tensors of a capture as one [R, ...] tensor (a view, without a copy, for a single image)."""
+    return per_row[0][None] if len(per_row) == 1 else torch.stack(per_row)
+
+
 class Capture:
     """Receives projections from the GoCA processors while active; `start` / `stop` bracket one denoiser forward."""
 
@@ -338,9 +343,9 @@ class Capture:
         return mass, maps["average"], maps["auto"]
 
     def _store_joint(self, step: StepCapture, layer: str, qk: SelfQK, per_row: list) -> None:
-        masses, avgs, autos = zip(*per_row)
-        step.cross[layer] = {"average": torch.stack(avgs), "auto": torch.stack(autos)}
-        qk.image_mass = torch.stack(masses).to(qk.query.device, non_blocking=True)
+        masses, avgs, autos = (batched(parts) for parts in zip(*per_row))
+        step.cross[layer] = {"average": avgs, "auto": autos}
+        qk.image_mass = masses.to(qk.query.device, non_blocking=True)
         if layer not in step.selfs:
             self._keep_self(layer, qk)
 
@@ -366,7 +371,7 @@ class Capture:
                 per_row[layer].append(self._joint_row(step, qk, text, row, inputs, share))
         for (layer, text), qk in zip(step.pending.items(), held):
             self._store_joint(step, layer, qk, per_row[layer])
-            step.layer_weight_terms[layer] = torch.stack(terms[layer])
+            step.layer_weight_terms[layer] = batched(terms[layer])
         step.pending.clear()
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .capture import StepCapture, brought_back
-from .functional.aggregation import aggregate_layers, normalize_layer_weights
+from .functional.aggregation import aggregate_layers, normalize_layer_weights, weighted_layer_sum
 from .functional.maps import gaussian_blur, minmax, per_pixel_rescale, propagate, resize_maps, token_class_maps
 from .functional.self_attention import apply_self_attention, frobenius_with_reference, head_mean_self_attention
 from .tokens import TokenIndex
@@ -119,7 +119,7 @@ def goca_scores(
         token_maps = aggregate_layers(maps, grids, weights, map_hw)
         scores = per_pixel_rescale(token_maps, entities, index.content)
     else:
-        token_maps = sum(w * resize_maps(c.float().T, g, map_hw).T for c, g, w in zip(maps, grids, weights))
+        token_maps = weighted_layer_sum(maps, grids, weights, map_hw)
         scores = token_class_maps(token_maps, entities)
     scores = minmax(gaussian_blur(scores, map_hw, options.blur_kernel))
     order = adapter.refine_order if options.refine_order is None else options.refine_order

@@ -42,7 +42,7 @@ def head_weights(
     if mode == "dot-product":
         dots = dots.clamp_min(0)
     total = dots.sum(1, keepdim=True)
-    degenerate = total.abs() < eps
+    degenerate = total < eps  # Σ_h ⟨o_h, out⟩ = ‖out‖² ≥ 0 (≥ 0 term by term after the clamp of "dot-product")
     weights = torch.where(degenerate, 1.0 / heads, dots / total)  # where it is degenerate, dots / total is not read
     return (weights, degenerate[:, 0]) if return_degenerate else weights
 
@@ -79,9 +79,23 @@ def aggregate_layers(
 
     maps: per layer [N_l, T] (N_l = h_l·w_l of `grids[l]`); weights: [L]. Returns [out_h·out_w, T] fp32.
     """
-    total = None
-    for c, hw, w in zip(maps, grids, weights):
-        term = w * resize_maps(c.float().T, hw, out_hw).T
-        total = term if total is None else total + term
-    total = total.clamp_min(0)
+    total = weighted_layer_sum(maps, grids, weights, out_hw).clamp_min(0)
     return total / total.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def weighted_layer_sum(
+    maps: Sequence[torch.Tensor], grids: Sequence[tuple[int, int]], weights: torch.Tensor, out_hw: tuple[int, int]
+) -> torch.Tensor:
+    """Σ_l w_l · resize_bilinear(C_l → out grid): maps per layer [N_l, K], weights [L] → [out_h·out_w, K] fp32.
+
+    The resize is linear, so the layers of one grid are summed first (one fused multiply-add each) and each grid
+    resized once: a model's dozens of layers on a few grids cost a few resizes, not one per layer."""
+    by_grid = {}
+    for c, hw, w in zip(maps, grids, weights):
+        hw = tuple(hw)
+        by_grid[hw] = c.float() * w if hw not in by_grid else by_grid[hw].addcmul_(c.float(), w)
+    total = None
+    for hw, summed in by_grid.items():
+        term = resize_maps(summed.T, hw, out_hw).T
+        total = term if total is None else total + term
+    return total

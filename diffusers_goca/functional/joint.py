@@ -53,14 +53,15 @@ def joint_text_attention(
     d = hd // heads
     dtype = compute_dtype(q, dtype)
     m_text = text_share(q, k_img, k_txt, heads, scale, dtype) if m_text is None else m_text.float()  # [heads, N]
-    kx = k_txt.to(dtype).view(-1, heads, d).permute(1, 2, 0).contiguous()  # [heads, d, T]
-    vx = v_txt.to(dtype).view(-1, heads, d).transpose(0, 1).contiguous()  # [heads, T, d]
+    # Strided views: matrix products read them as they are, so no copies are launched for them.
+    kx = k_txt.to(dtype).view(-1, heads, d).permute(1, 2, 0)  # [heads, d, T]
+    vx = v_txt.to(dtype).view(-1, heads, d).transpose(0, 1)  # [heads, T, d]
     width = kx.shape[2] if columns is None else len(columns)
     avg = torch.empty(n, width, dtype=torch.float32, device=q.device)
     auto = torch.empty_like(avg)
     degenerate = torch.zeros(n, dtype=torch.bool, device=q.device)
     for a, b in row_chunks(n, heads, kx.shape[2]):
-        qc = q[a:b].view(b - a, heads, d).transpose(0, 1).contiguous()  # [heads, c, d]
+        qc = q[a:b].view(b - a, heads, d).transpose(0, 1)  # [heads, c, d]
         probs = logits(qc, kx, dtype, scale).softmax(-1).mul_(m_text[:, a:b, None])  # [heads, c, T], joint softmax
         kept = probs if columns is None else probs[..., columns]
         avg[a:b] = kept.mean(0)

@@ -239,9 +239,11 @@ def _frobenius(q, k, heads, scale, src_hw, reference_attention, ref_hw, renormal
         share, column, text = row_sums(q, k, queries, log_weights.exp(), heads, scale, key_column, k_txt, dtype)
     else:
         share, column, text = _fused_row_sums(q, k, queries, log_weights, heads, scale, key_column, k_txt, dtype)
-    mass = image_mass[:, queries].float() if image_mass is not None else 1
-    r = (share * mass).mean(0)  # [queries]
-    total = (r / (column * mass).mean(0)).sum() if renormalize_rows else r.sum()
+    if image_mass is not None:
+        mass = (image_mass if len(queries) == image_mass.shape[1] else image_mass[:, queries]).float()
+        share, column = share * mass, None if column is None else column * mass
+    r = share.mean(0)  # [queries]
+    total = (r / column.mean(0)).sum() if renormalize_rows else r.sum()
     return total, None if text is None else text.clamp(0, 1)
 
 
