@@ -18,11 +18,15 @@ except ImportError:  # pragma: no cover
     FluxAttnProcessor = None
 
 _PROJECTIONS = {"to_q": "query", "to_k": "key", "to_v": "value",
-                "add_q_proj": "added_query", "add_k_proj": "added_key", "add_v_proj": "added_value"}
+                "add_q_proj": "added_query", "add_k_proj": "added_key", "add_v_proj": "added_value",
+                # The per-head norms of joint attention (SD 3.5, Flux): their outputs, so that the capture does not
+                # compute them again. In the layout the processor gives them (SD3 [B, heads, N, d], Flux [B, N, heads, d]).
+                "norm_q": "normed_query", "norm_k": "normed_key", "norm_added_k": "normed_added_key"}
 
 
 class ProjectionTap:
-    """The first output of each projection, and the first input and output of `to_out[0]`, in one attention call."""
+    """The first output of each projection (and per-head norm), and the first input and output of `to_out[0]`, in one
+    attention call."""
 
     def __init__(self):
         for attr in _PROJECTIONS.values():

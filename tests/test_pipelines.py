@@ -407,3 +407,83 @@ def test_pixels_with_a_zero_attention_output_are_reported(caplog):
     side = 64 // pipe.vae_scale_factor
     h, w = pipe._goca.adapter.layer_hw(layer, (side, side))
     assert caplog.text.count("norm ≈ 0") == 1 and f"GoCA: {h * w} pixel(s)" in caplog.text
+
+
+def literal_joint_maps(attn, hidden_states, context, rope, text_len, family, out_weight):
+    """Image→text maps of one joint attention call by the book, from the layer's inputs: the projections, the per-head
+    norms and RoPE as the processor applies them, one softmax over all keys per head; the head weights from each
+    head's text output o_h = (A_h V_h) W_hᵀ against their sum (ALGORITHMS §1 extension). Returns (auto [B, N, T],
+    head-mean [B, N, T], image mass [B, heads, N])."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    heads = attn.heads
+
+    def split(x):  # [B, n, heads, d]
+        return x.unflatten(-1, (heads, -1))
+
+    def norm(module, x):
+        return x if module is None else module(x)
+
+    q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
+    q, k = norm(attn.norm_q, q), norm(attn.norm_k, k)
+    if context is not None:
+        eq, ek, ev = split(attn.add_q_proj(context)), split(attn.add_k_proj(context)), split(attn.add_v_proj(context))
+        eq, ek = norm(attn.norm_added_q, eq), norm(attn.norm_added_k, ek)
+        first, second = ((eq, ek, ev), (q, k, v)) if family == "flux" else ((q, k, v), (eq, ek, ev))
+        q, k, v = (torch.cat(pair, 1) for pair in zip(first, second))
+    if rope is not None:
+        q, k = apply_rotary_emb(q, rope, sequence_dim=1), apply_rotary_emb(k, rope, sequence_dim=1)
+    d = q.shape[-1]
+    probs = (torch.einsum("bihd,bjhd->bhij", q, k) * d**-0.5).softmax(-1)  # [B, heads, S, S]
+    n = q.shape[1] - text_len
+    image, text = (slice(text_len, None), slice(0, text_len)) if family == "flux" else (slice(0, n), slice(n, None))
+    a = probs[:, :, image, text]  # [B, heads, N, T]
+    outs = [a[:, h] @ v[:, text, h] @ out_weight[:, h * d:(h + 1) * d].T for h in range(heads)]
+    total = sum(outs)
+    dots = torch.stack([(o * total).sum(-1) for o in outs], 1)  # [B, heads, N]
+    auto = (a * (dots / dots.sum(1, keepdim=True))[..., None]).sum(1)
+    return auto, a.mean(1), 1 - a.sum(-1)
+
+
+@pytest.mark.parametrize("family", ["sd35", "flux"])
+def test_captured_joint_maps_are_the_formula_on_the_layers_inputs(family):
+    """The capture reads the forward's own projections and per-head norms and applies the forward's RoPE: for the
+    conditional half of a CFG batch, its maps and image shares equal the joint softmax recomputed from each layer's
+    inputs (SD 3.5 with q/k norms and a dual-attention block; Flux's double- and single-stream blocks)."""
+    torch.manual_seed(0)
+    if family == "sd35":
+        pipe = goca.from_pipe(make_tiny_sd3(num_layers=3, qk_norm="rms_norm", dual_attention_layers=(0,)))
+        model, t = pipe.transformer, 10
+        args = dict(hidden_states=torch.randn(2, 4, 8, 12), encoder_hidden_states=torch.randn(2, t, 64),
+                    pooled_projections=torch.randn(2, 64), timestep=torch.tensor([500.0, 500.0]))
+    else:
+        pipe = goca.from_pipe(make_tiny_flux())
+        model, t, (h, w) = pipe.transformer, 10, (4, 6)
+        ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(h) * 1.0, torch.arange(w) * 1.0, indexing="ij"), -1)
+        args = dict(hidden_states=torch.randn(2, h * w, 16), encoder_hidden_states=torch.randn(2, t, 32),
+                    pooled_projections=torch.randn(2, 32), timestep=torch.tensor([0.5, 0.5]),
+                    img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(t, 3))
+    inputs = {}
+
+    def record(name):
+        def hook(module, args_, kwargs):
+            hs = args_[0] if args_ else kwargs["hidden_states"]
+            inputs.setdefault(name, (hs, kwargs.get("encoder_hidden_states"), kwargs.get("image_rotary_emb")))
+        return hook
+
+    pipe.enable_goca()
+    adapter = pipe._goca.adapter
+    handles = [model.get_submodule(n).register_forward_pre_hook(record(n), with_kwargs=True) for n in adapter.layers]
+    with torch.no_grad():
+        step = pipe.capture_forward(lambda: model(**args, return_dict=False), n_images=1)  # rows: the second half
+        for handle in handles:
+            handle.remove()
+        assert step.rows == [1] and len(adapter.layers) >= 3
+        for name in adapter.layers:
+            attn = model.get_submodule(name)
+            auto, mean, mass = literal_joint_maps(attn, *inputs[name], t, "flux" if family == "flux" else "sd3",
+                                                  adapter.output_weight(name, attn))
+            assert torch.allclose(step.cross[name]["average"], mean[1:], atol=1e-6), name
+            assert torch.allclose(step.cross[name]["auto"], auto[1:], atol=1e-5), name
+            assert torch.allclose(step.selfs[name].image_mass, mass[1:], atol=1e-5), name
+    pipe.disable_goca()

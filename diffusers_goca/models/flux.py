@@ -71,16 +71,21 @@ class FluxAdapter(Adapter):
         def split(x):
             return x.unflatten(-1, (-1, attn.head_dim))
 
-        q, k, v = attn.norm_q(split(tap.query)), attn.norm_k(split(tap.key)), split(tap.value)
-        if tap.added_key is not None:  # double stream: the text is projected apart and goes first
-            q = torch.cat([attn.norm_added_q(split(tap.added_query)), q], 1)
-            k = torch.cat([attn.norm_added_k(split(tap.added_key)), k], 1)
-            v = torch.cat([split(tap.added_value), v], 1)
+        def normed(out, raw, norm):  # the norm's output in the forward, where the tap saw it
+            return out if out is not None else norm(split(raw))
+
+        t = step.text_len
+        q, k = normed(tap.normed_query, tap.query, attn.norm_q), normed(tap.normed_key, tap.key, attn.norm_k)
+        if tap.added_key is not None:  # double stream: the text is projected apart and goes first; its queries
+            k = torch.cat([normed(tap.normed_added_key, tap.added_key, attn.norm_added_k), k], 1)  # are not read
+            v_txt = split(tap.added_value)
+        else:  # single stream: text and image tokens in one sequence
+            q, v_txt = q[:, t:], split(tap.value)[:, :t]
         rope = call_kwargs.get("image_rotary_emb")
         if rope is not None:
-            q, k = apply_rotary_emb(q, rope, sequence_dim=1), apply_rotary_emb(k, rope, sequence_dim=1)
-        t = step.text_len
-        return q[:, t:].flatten(2), k[:, t:].flatten(2), k[:, :t].flatten(2), v[:, :t].flatten(2)
+            image_rope = tuple(f[t:] for f in rope) if isinstance(rope, tuple) else rope[t:]
+            q, k = apply_rotary_emb(q, image_rope, sequence_dim=1), apply_rotary_emb(k, rope, sequence_dim=1)
+        return q.flatten(2), k[:, t:].flatten(2), k[:, :t].flatten(2), v_txt.flatten(2)
 
     def output_weight(self, layer, attn):
         if isinstance(getattr(attn, "to_out", None), torch.nn.ModuleList):

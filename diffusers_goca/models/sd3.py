@@ -18,10 +18,13 @@ _REFERENCE, _REFINE, _DEPTH, _SEG4DIFF = 13, range(10, 18), 28, 9
 _CLIP_TOKENS = 77
 
 
-def split_heads_norm(x: torch.Tensor, heads: int, norm) -> torch.Tensor:
-    """Apply a per-head norm (RMSNorm over the head dim, or None) to [B, n, heads·d] and return the same layout."""
+def split_heads_norm(x: torch.Tensor, heads: int, norm, normed: torch.Tensor | None = None) -> torch.Tensor:
+    """A per-head norm (RMSNorm over the head dim, or None) of [B, n, heads·d], in the same layout: `normed`, the
+    norm's own output in the forward ([B, heads, n, d]), where the tap saw it, else computed here."""
     if norm is None:
         return x
+    if normed is not None:
+        return normed.transpose(1, 2).flatten(2)  # a view: the norm kept its input's [B, n, heads, d] memory order
     b, n, hd = x.shape
     return norm(x.view(b, n, heads, hd // heads)).reshape(b, n, hd)
 
@@ -63,8 +66,9 @@ class SD3Adapter(Adapter):
 
     def joint_inputs(self, layer, attn, tap, call_kwargs, step):
         h = attn.heads
-        return (split_heads_norm(tap.query, h, attn.norm_q), split_heads_norm(tap.key, h, attn.norm_k),
-                split_heads_norm(tap.added_key, h, attn.norm_added_k), tap.added_value)
+        return (split_heads_norm(tap.query, h, attn.norm_q, tap.normed_query),
+                split_heads_norm(tap.key, h, attn.norm_k, tap.normed_key),
+                split_heads_norm(tap.added_key, h, attn.norm_added_k, tap.normed_added_key), tap.added_value)
 
     def segment_forward(self, latents, prompt, timestep, generator):
         pipe, model = self.pipe, self.pipe.transformer
