@@ -118,6 +118,31 @@ def test_layer_weight_chunked_equals_dense(renorm, joint, src, monkeypatch):
     assert torch.allclose(got, want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [50, 2**24])  # many query chunks, one chunk
+@pytest.mark.parametrize("joint", [False, True])
+def test_layers_of_one_grid_share_the_fused_calls_buffers(chunk, joint, monkeypatch):
+    """The layers of one grid reuse the marker values and the bias rows the first one made (`GridWeights.buffers`):
+    each layer's weight is still the one it gets alone."""
+    import diffusers_goca.functional.self_attention as sa
+    from diffusers_goca.functional.self_attention import joint_frobenius_with_reference, reference_weights
+
+    monkeypatch.setattr(sa, "CHUNK_ELEMENTS", chunk)
+    torch.manual_seed(3)
+    heads, d, src, ref = 2, 4, (8, 6), (8, 6)
+    a_p = pseudo_self_attention(torch.randn(48, 10))
+    prepared = reference_weights(a_p, src, ref)
+    for _layer in range(3):
+        q, k, k_txt = torch.randn(48, heads * d), torch.randn(48, heads * d), torch.randn(5, heads * d)
+        if joint:
+            alone = joint_frobenius_with_reference(q, k, k_txt, heads, d ** -0.5, src, a_p, ref)
+            shared = joint_frobenius_with_reference(q, k, k_txt, heads, d ** -0.5, src, a_p, ref, prepared=prepared)
+            assert torch.equal(alone[0], shared[0]) and torch.equal(alone[1], shared[1])
+        else:
+            alone = frobenius_with_reference(q, k, heads, d ** -0.5, src, a_p, ref)
+            assert torch.equal(alone, frobenius_with_reference(q, k, heads, d ** -0.5, src, a_p, ref, prepared=prepared))
+    assert len(prepared.buffers) == 2  # one set of marker values, one bias buffer
+
+
 def test_normalize_layer_weights():
     w = normalize_layer_weights(torch.tensor([2.0, -1.0, 6.0]))
     assert torch.allclose(w, torch.tensor([0.25, 0.0, 0.75]))

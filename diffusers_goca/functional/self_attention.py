@@ -7,6 +7,8 @@ grid when many products are wanted.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -157,13 +159,24 @@ def apply_self_attention(
     return out if tuple(src_hw) == tuple(dst_hw) else out[grid_nearest_rows(src_hw, dst_hw, q.device)]
 
 
-def reference_weights(reference_attention: torch.Tensor, src_hw: tuple[int, int], ref_hw: tuple[int, int]):
-    """What the layer weights of every layer on the `src` grid read from A_p: (queries, log_weights).
+class GridWeights(NamedTuple):
+    """What the layer weights of every layer on one grid read from A_p (`reference_weights`).
 
     queries: LongTensor, the layer's query rows the reference grid reads (nearest resize), each once, sorted;
     log_weights: [len(queries), N_src] fp32, log(A_p B) with B the bilinear key resize, the rows of reference cells
-    that read the same query summed (the Frobenius product is linear in them).
+    that read the same query summed (the Frobenius product is linear in them);
+    buffers: the constant inputs of the fused calls (marker values, the bias rows), made by the grid's first layer
+    and reused by the others, so that each layer launches only the work that differs.
     """
+
+    queries: torch.Tensor
+    log_weights: torch.Tensor
+    buffers: dict
+
+
+def reference_weights(reference_attention: torch.Tensor, src_hw: tuple[int, int], ref_hw: tuple[int, int]
+                      ) -> GridWeights:
+    """What the layer weights of every layer on the `src` grid read from A_p (see `GridWeights`)."""
     device = reference_attention.device
     # The index arithmetic depends on the grid sizes only, so it runs in numpy: on the device, the size of unique's
     # output would make the host wait for the device.
@@ -174,7 +187,7 @@ def reference_weights(reference_attention: torch.Tensor, src_hw: tuple[int, int]
         onehot = np.zeros((len(queries), len(rows)), dtype=np.float32)
         onehot[group, np.arange(len(rows))] = 1
         weights = torch.from_numpy(onehot).to(device, non_blocking=True) @ weights
-    return torch.from_numpy(queries).to(device, non_blocking=True), weights.clamp_min(1e-30).log_()
+    return GridWeights(torch.from_numpy(queries).to(device, non_blocking=True), weights.clamp_min(1e-30).log_(), {})
 
 
 def frobenius_with_reference(
@@ -230,7 +243,7 @@ def _frobenius(q, k, heads, scale, src_hw, reference_attention, ref_hw, renormal
     """w_l before normalisation and, with text keys, the text share [heads, queries] (else None), from each query's
     R (and row mass, and text share) per head: by `frobenius_kernel.row_sums` where GOCA_KERNEL=triton selects it,
     else by one fused attention call per row chunk (`_fused_row_sums`)."""
-    queries, log_weights = prepared or reference_weights(reference_attention, src_hw, ref_hw)
+    queries, log_weights, buffers = prepared or reference_weights(reference_attention, src_hw, ref_hw)
     dtype = compute_dtype(q, dtype)
     key_column = None
     if renormalize_rows:  # the row sums of S̃ are S·(Bᵀ1)
@@ -238,7 +251,8 @@ def _frobenius(q, k, heads, scale, src_hw, reference_attention, ref_hw, renormal
     if kernel_enabled(q):
         share, column, text = row_sums(q, k, queries, log_weights.exp(), heads, scale, key_column, k_txt, dtype)
     else:
-        share, column, text = _fused_row_sums(q, k, queries, log_weights, heads, scale, key_column, k_txt, dtype)
+        share, column, text = _fused_row_sums(q, k, queries, log_weights, heads, scale, key_column, k_txt, dtype,
+                                              buffers)
     if image_mass is not None:
         mass = (image_mass if len(queries) == image_mass.shape[1] else image_mass[:, queries]).float()
         share, column = share * mass, None if column is None else column * mass
@@ -247,14 +261,15 @@ def _frobenius(q, k, heads, scale, src_hw, reference_attention, ref_hw, renormal
     return total, None if text is None else text.clamp(0, 1)
 
 
-def _fused_row_sums(q, k, queries, log_weights, heads, scale, key_column, k_txt, dtype):
+def _fused_row_sums(q, k, queries, log_weights, heads, scale, key_column, k_txt, dtype, buffers):
     """`frobenius_kernel.row_sums` through the fused attention kernel, in row chunks: keys [biased copy; plain copy
     (; text keys)] with log W added to the biased copy's scores, and marker value columns 0 (biased copy),
     1 (the plain copy's key column c) and 2 (text keys). Each output is its marker's share of
     Z_i = Σ_k e^{s_ik}(W_ik + 1) (+ Σ_t e^{s_it}); divided by the plain part 1 − out₀ it is the share of the plain
     (joint) softmax. No score matrix exists outside the kernel; the bias is one [rows, 2·N_l + T] chunk shared by
     all heads. Per chunk three kernels run (the bias rows, the fused call, its three marker columns), so that a
-    short forward is not held up by launching them."""
+    short forward is not held up by launching them; the marker values and the bias buffer come from `buffers`, where
+    the first layer of a grid leaves them for the others."""
     n, hd = k.shape
     d = hd // heads
     t = 0 if k_txt is None else k_txt.shape[0]
@@ -262,20 +277,28 @@ def _fused_row_sums(q, k, queries, log_weights, heads, scale, key_column, k_txt,
     kh = k.to(dtype).view(1, n, heads, d).transpose(1, 2)
     keys = [kh, kh] + ([] if k_txt is None else [k_txt.to(dtype).view(1, t, heads, d).transpose(1, 2)])
     keys = torch.cat(keys, 2)  # [1, heads, 2·N_l + T, d]
-    values = torch.zeros(1, heads, width, d, dtype=dtype, device=q.device)  # fused kernels want contiguous 4-D inputs
-    values[..., :n, 0] = 1  # marks the biased copy
-    values[..., 2 * n:, 2] = 1  # marks the text keys
-    if key_column is not None:
-        values[..., n:2 * n, 1] = key_column.to(dtype)
+    values = buffers.get(("values", heads, width, d, dtype, key_column is not None))
+    if values is None:  # the same for every layer of the grid (the key column depends on the grids only)
+        values = torch.zeros(1, heads, width, d, dtype=dtype, device=q.device)  # fused kernels want contiguous 4-D
+        values[..., :n, 0] = 1  # marks the biased copy
+        values[..., 2 * n:, 2] = 1  # marks the text keys
+        if key_column is not None:
+            values[..., n:2 * n, 1] = key_column.to(dtype)
+        buffers[("values", heads, width, d, dtype, key_column is not None)] = values
     # Every query (the layer is on the reference grid or coarser: `queries` is then 0..N-1) needs no gather.
     rows = q if len(queries) == q.shape[0] else q.index_select(0, queries)
     qh = rows.to(dtype).view(1, -1, heads, d).transpose(1, 2)  # [1, heads, Q, d]
     parts = torch.empty(heads, len(queries), 3, device=q.device)
-    bias = None
-    for a, b in row_chunks(len(queries), 1, width):
-        if bias is None:  # rows padded to a multiple of 16 elements, the alignment fused kernels want of a bias
-            bias = torch.zeros(b - a, -(-width // 16) * 16, dtype=dtype, device=q.device)[:, :width]
-        bias[: b - a, :n] = log_weights[a:b]  # the plain copy's and the text keys' columns stay 0
+    chunks = list(row_chunks(len(queries), 1, width))
+    bias = buffers.get(("bias", width, dtype))
+    if bias is None:  # rows padded to a multiple of 16 elements, the alignment fused kernels want of a bias
+        bias = torch.zeros(chunks[0][1], -(-width // 16) * 16, dtype=dtype, device=q.device)[:, :width]
+        if len(chunks) == 1:  # the same rows for every layer of the grid
+            bias[:, :n] = log_weights
+        buffers[("bias", width, dtype)] = bias
+    for a, b in chunks:
+        if len(chunks) > 1:
+            bias[: b - a, :n] = log_weights[a:b]  # the plain copy's and the text keys' columns stay 0
         out = F.scaled_dot_product_attention(qh[:, :, a:b], keys, values, attn_mask=bias[None, None, : b - a],
                                              scale=scale)
         parts[:, a:b] = out[0, ..., :3]
