@@ -56,20 +56,23 @@ def joint_text_attention(
     # Strided views: matrix products read them as they are, so no copies are launched for them.
     kx = k_txt.to(dtype).view(-1, heads, d).permute(1, 2, 0)  # [heads, d, T]
     vx = v_txt.to(dtype).view(-1, heads, d).transpose(0, 1)  # [heads, T, d]
-    width = kx.shape[2] if columns is None else len(columns)
-    avg = torch.empty(n, width, dtype=torch.float32, device=q.device)
-    auto = torch.empty_like(avg)
-    degenerate = torch.zeros(n, dtype=torch.bool, device=q.device)
+    avgs, autos, degenerate = [], [], []
     for a, b in row_chunks(n, heads, kx.shape[2]):
         qc = q[a:b].view(b - a, heads, d).transpose(0, 1)  # [heads, c, d]
         probs = logits(qc, kx, dtype, scale).softmax(-1).mul_(m_text[:, a:b, None])  # [heads, c, T], joint softmax
         kept = probs if columns is None else probs[..., columns]
-        avg[a:b] = kept.mean(0)
+        avgs.append(kept.mean(0))
         if out_weight is None or head_weighting == "average":
-            auto[a:b] = avg[a:b]
+            autos.append(avgs[-1])
+            degenerate.append(torch.zeros(b - a, dtype=torch.bool, device=q.device))
             continue
         text_out = logits(probs, vx, dtype).transpose(0, 1).reshape(1, b - a, hd)  # [1, c, heads·d]
         w, bad = head_weights(text_out, out_weight, heads, head_weighting, return_degenerate=True, dtype=dtype)
-        auto[a:b] = torch.einsum("hct,hc->ct", kept, w[0])
-        degenerate[a:b] = bad[0]
-    return 1 - m_text, {"average": avg, "auto": auto}, degenerate
+        autos.append(torch.einsum("hct,hc->ct", kept, w[0]))
+        degenerate.append(bad[0])
+    return 1 - m_text, {"average": joined(avgs), "auto": joined(autos)}, joined(degenerate)
+
+
+def joined(chunks: list[torch.Tensor]) -> torch.Tensor:
+    """Row chunks as one tensor: the chunk itself when there is one (no copy), else their concatenation."""
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
