@@ -152,7 +152,8 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=None, help="transformers: reduced depth (full width), for CPU runs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float16" if torch.cuda.is_available() else "float32")
-    p.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds (the median is reported)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="interleaved timing rounds (the median is reported); 0: no timing, only --launches / --profile")
     p.add_argument("--offload-above-mib", type=float, default=256,
                    help="enable_goca's offload_above_mib; a negative value: never offload")
     p.add_argument("--kernel", choices=["torch", "triton", "both"], default="torch",
@@ -171,8 +172,21 @@ def main(argv=None):
     index = TokenIndex("cat, grass, background", ["cat", "grass"], [[1], [3]], [1, 3, 5], 7, {"background": [5]}, 0, 6)
     kernels = ["torch", "triton"] if args.kernel == "both" else [args.kernel]
     variants = {kernel: segmentation(host, run, index, offload, kernel) for kernel in kernels}
-    parts = enable, capture, reduce = variants[kernels[-1]]
+    parts = variants[kernels[-1]]
+    depth = f", {args.layers} layers" if args.layers else ""
+    print(f"model {args.model} (real config{depth}, random weights), {args.resolution} px, {args.device}, {args.dtype}, "
+          f"offload above {'never' if offload is None else f'{offload:g} MiB'}")
+    if args.repeats > 0:
+        report_times(args, host, run, variants, kernels, parts, offload)
+    if args.launches:
+        print_launches(host, run, parts)
+    if args.profile:
+        print_profile(host, parts, args.device, args.profile)
 
+
+def report_times(args, host, run, variants, kernels, parts, offload):
+    """Times (interleaved rounds, medians) and peak memory of the plain forward, the capture and the reductions."""
+    enable, capture, reduce = parts
     with torch.no_grad():  # warm-up: one of each
         run()
         for enable_k, capture_k, reduce_k in variants.values():
@@ -188,9 +202,6 @@ def main(argv=None):
         reduce_mem, _ = peak(lambda: reduce(step), args.device)
     host.disable_goca()
     mib = 2**20
-    depth = f", {args.layers} layers" if args.layers else ""
-    print(f"model {args.model} (real config{depth}, random weights), {args.resolution} px, {args.device}, {args.dtype}, "
-          f"offload above {'never' if offload is None else f'{offload:g} MiB'}")
     print(f"  plain denoiser forward          {plain_t * 1e3:9.1f} ms")
     print(f"  enabled, step without masks     {idle_t * 1e3:9.1f} ms   ratio {idle_t / plain_t:.3f}")
     for kernel in kernels:
@@ -209,10 +220,6 @@ def main(argv=None):
         print(f"  peak memory, plain forward      {plain_mem / mib:9.1f} MiB")
         print(f"  peak memory, capture forward    {cap_mem / mib:9.1f} MiB   extra {(cap_mem - plain_mem) / mib:.1f} MiB")
         print(f"  peak memory, reductions         {reduce_mem / mib:9.1f} MiB (on top of the held capture)")
-    if args.launches:
-        print_launches(host, run, parts)
-    if args.profile:
-        print_profile(host, parts, args.device, args.profile)
 
 
 class Launches(TorchDispatchMode):
