@@ -303,8 +303,8 @@ class Capture:
         self.step.cross[layer] = maps
 
     def _key_bias(self, attn, attention_mask, keys: int, batch: int) -> torch.Tensor:
-        """The attention mask as the fp32 bias of the scores [B, heads or 1, 1 or N, T]. Made once per forward for
-        all the layers that get the same mask (every cross layer, in the models that mask the text)."""
+        """The attention mask as the fp32 bias of the scores [B, heads, 1 or N, T]. Made once per forward for all
+        the layers that get the same mask (every cross layer, in the models that mask the text)."""
         cache = self.step.key_bias
         if cache is None or cache[0] is not attention_mask or cache[1] != (attn.heads, keys, batch):
             mask = attn.prepare_attention_mask(attention_mask, keys, batch)  # [B·heads, 1 or N, T]
@@ -387,6 +387,7 @@ def memory_plan(adapter, latent_hw: tuple[int, int], n_columns: int, text_len: i
     chunk = 3 * CHUNK_ELEMENTS * 4  # fp32 scores of one row chunk, their exponentials and a product
     held = offloaded = resident_qk = largest_qk = n_ref = largest_self = pending = 0
     forward_transient = 0
+    buffers = {}  # per self grid, shared by its layers' fused calls: one bias chunk and the marker values
     for name, info in adapter.layers.items():
         attn = adapter.denoiser.get_submodule(name)
         h, w = adapter.layer_hw(name, latent_hw)
@@ -404,6 +405,8 @@ def memory_plan(adapter, latent_hw: tuple[int, int], n_columns: int, text_len: i
             largest_self = max(largest_self, n)
             held += rows * heads * n * 4 if info.role == "joint" else 0
             largest_qk = max(largest_qk, qk)
+            keys = 2 * n + (text_len if info.role == "joint" else 0)
+            buffers[n] = max(buffers.get(n, 0), (CHUNK_ELEMENTS + keys * inner) * dtype_bytes)
             if accelerator and offload_above is not None and resident_qk + qk > offload_above:
                 offloaded += qk
             else:
@@ -411,12 +414,11 @@ def memory_plan(adapter, latent_hw: tuple[int, int], n_columns: int, text_len: i
         if name == adapter.reference_layer:
             held += rows * n * inner * dtype_bytes
             n_ref = n
-    # After the forward, the layer weights: A_p, log(A_p B) and its resize, one [rows, 2N] bias chunk (fp32 and the
-    # model dtype), the doubled keys and their values; then the refinement: S at the map grid and explicit row chunks.
+    # After the forward, the layer weights: A_p, log(A_p B) and its resize, each grid's buffers (kept while later
+    # grids are reduced) and one layer's doubled keys; then the refinement: S at the map grid and explicit row chunks.
     # Plus one offloaded layer brought back, and the joint layers' text keys and values held to the end of the forward.
     map_h, map_w = adapter.map_grid(latent_hw)
-    layer_weights = (n_ref * n_ref * 4 + 2 * n_ref * largest_self * 4 + CHUNK_ELEMENTS * (4 + dtype_bytes)
-                     + 2 * largest_qk // rows)
+    layer_weights = n_ref * n_ref * 4 + 2 * n_ref * largest_self * 4 + sum(buffers.values()) + largest_qk // rows
     refinement = (map_h * map_w) ** 2 * 4 + chunk
     after = max(layer_weights, refinement) + (largest_qk // rows if offloaded else 0)
     return {"held": held, "offloaded": offloaded, "transient": max(forward_transient, after) + pending}
