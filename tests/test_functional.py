@@ -150,11 +150,15 @@ def test_normalize_layer_weights():
 
 
 def test_aggregate_layers_literal():
-    maps = [torch.rand(4 * 6, 5), torch.rand(8 * 12, 5) - 0.2]
-    grids = [(4, 6), (8, 12)]
-    w = torch.tensor([0.3, 0.7])
-    up = F.interpolate(maps[0].T.reshape(5, 1, 4, 6), size=(8, 12), mode="bilinear", align_corners=False).reshape(5, -1).T
-    m = (0.3 * up + 0.7 * maps[1]).clamp_min(0)
+    """Each layer resized, weighted and summed, by the book (the code sums the layers of one grid first)."""
+    maps = [torch.rand(4 * 6, 5), torch.rand(8 * 12, 5) - 0.2, torch.rand(4 * 6, 5) - 0.5]
+    grids = [(4, 6), (8, 12), (4, 6)]
+    w = torch.tensor([0.3, 0.7, 0.4])
+
+    def up(m):
+        return F.interpolate(m.T.reshape(5, 1, 4, 6), size=(8, 12), mode="bilinear", align_corners=False).reshape(5, -1).T
+
+    m = (0.3 * up(maps[0]) + 0.7 * maps[1] + 0.4 * up(maps[2])).clamp_min(0)
     want = m / m.sum(-1, keepdim=True)
     assert torch.allclose(aggregate_layers(maps, grids, w, (8, 12)), want, atol=1e-6)
 
