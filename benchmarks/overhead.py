@@ -238,22 +238,20 @@ class Launches(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def counted(fn):
-    """(launches of fn(), its result)."""
-    with Launches() as launches:
-        out = fn()
-    return launches.count, out
-
-
 def print_launches(host, run, parts):
+    """The launches of the plain forward, the capture forward and the reductions."""
     enable, capture, reduce = parts
     host.disable_goca()
     with torch.no_grad():
-        plain, _ = counted(run)
+        with Launches() as plain:
+            run()
         enable()
-        captured, step = counted(capture)
-        reduced, _ = counted(lambda: reduce(step))
+        with Launches() as captured:
+            step = capture()
+        with Launches() as reduced:
+            reduce(step)
     host.disable_goca()
+    plain, captured, reduced = plain.count, captured.count, reduced.count
     print("  kernel launches (operators that launch device work)")
     print(f"    plain forward                 {plain:9d}")
     print(f"    forward with capture          {captured:9d}   ratio {captured / plain:.3f}")

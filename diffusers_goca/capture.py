@@ -131,7 +131,7 @@ class StepCapture:
     layer_weight_terms: dict[str, torch.Tensor] = field(default_factory=dict)  # joint layer → [R] w_l before normalising
     pending: dict[str, JointText] = field(default_factory=dict)  # joint layers finished at the end of the forward
     key_bias: tuple | None = field(default=None, repr=False)  # (mask, its shape key, fp32 bias): see Capture._key_bias
-    _indices: dict = field(default_factory=dict, repr=False)  # (what, device) → `rows` / `columns` as index tensors
+    _columns: dict = field(default_factory=dict, repr=False)  # device → `columns` as an index tensor
 
     @property
     def degenerate_pixels(self) -> int:
@@ -150,25 +150,22 @@ class StepCapture:
         return sum(t.numel() * t.element_size() for t in tensors if device is None or t.device.type == device)
 
     def take(self, t: torch.Tensor, keep: bool = False) -> torch.Tensor:
-        """Rows `rows` of a batch tensor [B, ...]. Where they are a contiguous range (always, for the rows the denoiser
-        hook picks) no kernel runs: the tensor itself when they are all of it, else a view of the range, copied only
-        when `keep` (a kept view would hold on to the whole batch's memory)."""
-        first, last = self.rows[0], self.rows[-1]
-        if self.rows != list(range(first, last + 1)):
-            return t.index_select(0, self._index("rows", self.rows, t.device))
-        if first == 0 and last + 1 == t.shape[0]:
+        """Rows `rows` (a contiguous range) of a batch tensor [B, ...], without a kernel: the tensor itself when they
+        are all of it, else a view of the range, copied only when `keep` (a kept view would hold on to the whole
+        batch's memory)."""
+        first, end = self.rows[0], self.rows[-1] + 1
+        if first == 0 and end == t.shape[0]:
             return t
-        return t[first:last + 1].clone() if keep else t[first:last + 1]
+        return t[first:end].clone() if keep else t[first:end]
 
     def column_index(self, device: torch.device) -> torch.Tensor | None:
-        """`columns` as an index tensor on `device` (None: all columns)."""
-        return None if self.columns is None else self._index("columns", self.columns, device)
-
-    def _index(self, what: str, values: list[int], device: torch.device) -> torch.Tensor:
-        # Made once per forward, not in every attention call. The copy does not wait for the device's queue.
-        if (what, device) not in self._indices:
-            self._indices[(what, device)] = torch.tensor(values).to(device, non_blocking=True)
-        return self._indices[(what, device)]
+        """`columns` as an index tensor on `device` (None: all columns). Made once per forward, not in every attention
+        call; the copy does not wait for the device's queue."""
+        if self.columns is None:
+            return None
+        if device not in self._columns:
+            self._columns[device] = torch.tensor(self.columns).to(device, non_blocking=True)
+        return self._columns[device]
 
     def reference_of(self, row: int) -> Reference:
         return Reference(self.reference[row], self.reference_grid)
@@ -202,7 +199,10 @@ class Capture:
 
     def start(self, latent_hw: tuple[int, int], rows: list[int], text_len: int | None = None,
               columns: list[int] | None = None) -> None:
-        self.step = StepCapture(tuple(latent_hw), list(rows), text_len, self.head_weighting,
+        rows = list(rows)
+        if rows != list(range(rows[0], rows[0] + len(rows))):
+            raise ValueError(f"the captured rows must be a contiguous range of the batch, got {rows}")
+        self.step = StepCapture(tuple(latent_hw), rows, text_len, self.head_weighting,
                                 None if columns is None else sorted(set(columns)))
 
     def _keep_self(self, layer: str, qk: SelfQK) -> None:

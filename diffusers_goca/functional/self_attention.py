@@ -165,8 +165,9 @@ class GridWeights(NamedTuple):
     queries: LongTensor, the layer's query rows the reference grid reads (nearest resize), each once, sorted;
     log_weights: [len(queries), N_src] fp32, log(A_p B) with B the bilinear key resize, the rows of reference cells
     that read the same query summed (the Frobenius product is linear in them);
-    buffers: the constant inputs of the fused calls (marker values, the bias rows), made by the grid's first layer
-    and reused by the others, so that each layer launches only the work that differs.
+    buffers: the constant inputs of the fused calls (marker values, the bias rows, the key column of renormalised
+    rows), made by the grid's first layer and reused by the others, so that each layer launches only the work that
+    differs.
     """
 
     queries: torch.Tensor
@@ -246,8 +247,11 @@ def _frobenius(q, k, heads, scale, src_hw, reference_attention, ref_hw, renormal
     queries, log_weights, buffers = prepared or reference_weights(reference_attention, src_hw, ref_hw)
     dtype = compute_dtype(q, dtype)
     key_column = None
-    if renormalize_rows:  # the row sums of S̃ are S·(Bᵀ1)
-        key_column = resize_keys_adjoint(torch.ones(ref_hw[0] * ref_hw[1], 1, device=q.device), src_hw, ref_hw)[:, 0]
+    if renormalize_rows:  # the row sums of S̃ are S·(Bᵀ1), the same for every layer of the grid
+        key_column = buffers.get("key column")
+        if key_column is None:
+            ones = torch.ones(ref_hw[0] * ref_hw[1], 1, device=q.device)
+            key_column = buffers["key column"] = resize_keys_adjoint(ones, src_hw, ref_hw)[:, 0]
     if kernel_enabled(q):
         share, column, text = row_sums(q, k, queries, log_weights.exp(), heads, scale, key_column, k_txt, dtype)
     else:
