@@ -259,7 +259,7 @@ class Capture:
         if tap.query is None or tap.key is None:
             raise RuntimeError(
                 f"GoCA could not read the queries and keys of {layer}: its processor "
-                f"({type(attn.processor).__name__}) does not call to_q / to_k (fused projections are not supported)"
+                f"({type(attn.processor).__name__}) does not project them through to_q / to_k (or the fused to_qkv / to_kv)"
             )
         step = self.step
         if info.role == "joint":

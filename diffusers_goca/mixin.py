@@ -59,7 +59,7 @@ class _Request:
     """What the denoiser hooks should capture (and, during generation, segment) in one pipeline call or one forward."""
 
     wants: Callable[[int], bool]
-    n_images: int  # images segmented per forward: the last n rows of the batch (the conditional half under CFG)
+    n_images: int  # images segmented per forward: the conditional rows of the batch (`GoCAMixin._goca_rows`)
     indices: list = field(default_factory=list)  # TokenIndex per segmented image (generation)
     method: str = "goca"
     background: str | None = None
@@ -195,19 +195,36 @@ class GoCAMixin:
         req = state.request if state else None
         if req is None or req.forward % req.forwards_per_step or not req.wants(req.forward // req.forwards_per_step):
             return None
-        batch = state.adapter.denoiser_batch(args, kwargs)
-        n = req.n_images
-        if batch == 2 * n:
-            rows = list(range(n, 2 * n))  # [uncond, cond]: segment the conditional half
-        elif batch == n:
-            rows = list(range(n))
-        else:
-            raise RuntimeError(f"GoCA expected a denoiser batch of {n} or {2 * n} images, got {batch}")
         adapter = state.adapter
+        rows = self._goca_rows(adapter.denoiser_batch(args, kwargs), req.n_images)
+        self._goca_wrap_replaced(state)
         state.capture.start(adapter.denoiser_latent_hw(args, kwargs), rows, adapter.denoiser_text_len(args, kwargs),
                             req.columns)
         req.timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         return None
+
+    def _goca_rows(self, batch: int, n: int) -> range:
+        """The rows of the denoiser batch that hold the n images to segment: the conditional ones."""
+        if batch == n:
+            return range(n)
+        if getattr(self, "do_perturbed_attention_guidance", False):  # PAG appends the perturbed rows
+            if batch == 3 * n:
+                return range(n, 2 * n)  # [uncond, cond, perturbed]
+            if batch == 2 * n:
+                return range(n)  # [cond, perturbed]
+        elif batch == 2 * n:
+            return range(n, 2 * n)  # [uncond, cond]
+        raise RuntimeError(f"GoCA expected a denoiser batch of {n} images, or those with their unconditional (CFG) or "
+                           f"perturbed (PAG) copies, got {batch}")
+
+    def _goca_wrap_replaced(self, state: _GoCAState) -> None:
+        """Wrap the processors that were set on the capture's layers during the call: PAG pipelines swap their own in
+        for the call and restore the previous ones (ours) after it."""
+        capture = state.capture
+        for layer in state.adapter.layers:
+            attn = state.adapter.denoiser.get_submodule(layer)
+            if getattr(attn.processor, "capture", None) is not capture:
+                attn.set_processor(wrap_processor(attn.processor, capture, layer))
 
     def _goca_post_forward(self, module, args, kwargs, output):
         state = self._goca
@@ -276,9 +293,10 @@ class GoCAMixin:
                         ) -> StepCapture:
         """Run `run()`, which calls the denoiser once, with the capture on; return what it captured.
 
-        The last `n_images` rows of the denoiser batch are captured; `columns`: the text positions whose maps are kept
-        (default all; `TokenIndex.needed()` is what the methods read). GoCA is enabled for the call if it was not, and
-        left as it was afterwards, also on error. `segment` and the benchmarks are built on this.
+        The conditional rows of the denoiser batch are captured (`n_images` of them: the last ones of a CFG batch);
+        `columns`: the text positions whose maps are kept (default all; `TokenIndex.needed()` is what the methods read).
+        GoCA is enabled for the call if it was not, and left as it was afterwards, also on error. `segment` and the
+        benchmarks are built on this.
         """
         was_enabled = self._goca is not None
         state = self._goca_attached() if was_enabled else self.enable_goca()._goca

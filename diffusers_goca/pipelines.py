@@ -106,6 +106,11 @@ def _sharing_components(cls: type, pipe):
     components = pipe.components
     kwargs = {name: components[name] for name in params if name in components}
     kwargs.update({name: pipe.config[name] for name in params if name not in kwargs and name in pipe.config})
+    # Settings kept as attributes, not in the config (a PAG pipeline's `pag_applied_layers`).
+    kwargs.update({name: getattr(pipe, name) for name in params if name not in kwargs and name != "self"
+                   and not name.startswith("_") and hasattr(pipe, name)})
+    if "add_watermarker" in params:  # SDXL-family: a watermark `pipe` was built without would change the images
+        kwargs["add_watermarker"] = getattr(pipe, "watermark", None) is not None
     new = cls(**kwargs)
     if "_name_or_path" in pipe.config:
         new.register_to_config(_name_or_path=pipe.config["_name_or_path"])

@@ -22,11 +22,14 @@ _PROJECTIONS = {"to_q": "query", "to_k": "key", "to_v": "value",
                 # The per-head norms of joint attention (SD 3.5, Flux): their outputs, so that the capture does not
                 # compute them again. In the layout the processor gives them (SD3 [B, heads, N, d], Flux [B, N, heads, d]).
                 "norm_q": "normed_query", "norm_k": "normed_key", "norm_added_k": "normed_added_key"}
+# Fused projections (`fuse_qkv_projections()`): one output that the processor splits into equal parts along the width.
+_FUSED_PROJECTIONS = {"to_qkv": ("query", "key", "value"), "to_kv": ("key", "value"),
+                      "to_added_qkv": ("added_query", "added_key", "added_value")}
 
 
 class ProjectionTap:
-    """The first output of each projection (and per-head norm), and the first input and output of `to_out[0]`, in one
-    attention call."""
+    """The first output of each projection (and per-head norm; split into its parts for a fused projection), and the
+    first input and output of `to_out[0]`, in one attention call."""
 
     def __init__(self):
         for attr in _PROJECTIONS.values():
@@ -42,6 +45,13 @@ class ProjectionTap:
                     setattr(self, attr, output)
             return hook
 
+        def keep_parts(attrs):
+            def hook(_module, _inputs, output):
+                for attr, part in zip(attrs, output.split(output.shape[-1] // len(attrs), dim=-1)):
+                    if getattr(self, attr) is None:
+                        setattr(self, attr, part)
+            return hook
+
         def keep_head_out(_module, inputs):
             if self.head_out is None:
                 self.head_out = inputs[0]
@@ -52,6 +62,8 @@ class ProjectionTap:
 
         handles = [getattr(attn, name).register_forward_hook(keep(attr))
                    for name, attr in _PROJECTIONS.items() if isinstance(getattr(attn, name, None), torch.nn.Module)]
+        handles += [getattr(attn, name).register_forward_hook(keep_parts(attrs))
+                    for name, attrs in _FUSED_PROJECTIONS.items() if isinstance(getattr(attn, name, None), torch.nn.Module)]
         if isinstance(getattr(attn, "to_out", None), torch.nn.ModuleList):
             handles.append(attn.to_out[0].register_forward_pre_hook(keep_head_out))
             handles.append(attn.to_out[0].register_forward_hook(keep_projected))

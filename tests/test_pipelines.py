@@ -197,6 +197,69 @@ def test_reattaches_after_attention_slicing(tiny_sd):
     pipe.disable_attention_slicing()
 
 
+def pag_pipeline(make, pipeline_class, layers):
+    """A PAG pipeline on the components of `make()`, perturbing the self-attention of `layers`; and that base pipeline."""
+    import inspect
+
+    base = make()
+    params = inspect.signature(pipeline_class.__init__).parameters
+    pipe = pipeline_class(**{k: v for k, v in base.components.items() if k in params}, pag_applied_layers=layers)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, base
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+@pytest.mark.parametrize("guidance", [5.0, 1.0], ids=["cfg+pag", "pag-only"])
+def test_pag_pipelines_segment_their_conditional_rows(family, guidance):
+    """PAG batches [uncond, cond, perturbed] (or [cond, perturbed] without CFG) and swaps its own processors in for
+    the call: the images stay the PAG pipeline's own, and the first step's masks are those of the same pipeline
+    without PAG (the perturbed rows' maps would differ). The perturbed layer is not the pipeline class's default, so
+    `from_pipe` must carry `pag_applied_layers` over."""
+    from diffusers import StableDiffusion3PAGPipeline, StableDiffusionPAGPipeline
+
+    make, cls, layers = ((make_tiny_sd, StableDiffusionPAGPipeline, ["down_blocks.1"]) if family == "sd" else
+                         (make_tiny_sd3, StableDiffusion3PAGPipeline, ["blocks.0"]))
+    pipe, base = pag_pipeline(make, cls, layers)
+    kw = dict(guidance_scale=guidance, pag_scale=3.0)
+    reference = generate(pipe, **kw)
+    gp = goca.from_pipe(pipe)
+    assert gp.pag_applied_layers == layers
+    assert np.array_equal(generate(gp, goca_masks=[0], **kw), reference)
+    assert np.array_equal(generate(pipe, **kw), reference)  # PAG put our processors back after the call
+    plain = goca.from_pipe(base)
+    generate(plain, goca_masks=[0], guidance_scale=guidance)
+    for got, want in zip(gp.goca_masks[0].results, plain.goca_masks[0].results):
+        assert torch.allclose(got.scores, want.scores, atol=0.02)  # the batch sizes differ: float noise only
+    gp.disable_goca()
+    plain.disable_goca()
+
+
+@pytest.mark.parametrize("make", [make_tiny_sd, make_tiny_pixart, make_tiny_sd3, make_tiny_flux],
+                         ids=["sd", "pixart", "sd3", "flux"])
+def test_fused_projections_are_read(make):
+    """After `fuse_qkv_projections()` the processors project through to_qkv / to_kv / to_added_qkv: the images stay
+    identical, and the masks are those of the unfused pipeline."""
+    plain = goca.from_pipe(make())
+    generate(plain, goca_masks=[2])
+    pipe = make()
+    (pipe.unet if hasattr(pipe, "unet") else pipe.transformer).fuse_qkv_projections()
+    reference = generate(pipe)
+    gp = goca.from_pipe(pipe)
+    assert np.array_equal(generate(gp, goca_masks=[2]), reference)
+    for got, want in zip(gp.goca_masks[0].results, plain.goca_masks[0].results):
+        assert torch.allclose(got.scores, want.scores, atol=1e-4)
+    gp.disable_goca()
+
+
+def test_from_pipe_adds_no_watermark(tiny_sdxl, monkeypatch):
+    """SDXL pipelines watermark by default where the package is installed; a pipeline built without must not gain one."""
+    import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl as sdxl
+
+    assert tiny_sdxl.watermark is None
+    monkeypatch.setattr(sdxl, "is_invisible_watermark_available", lambda: True)
+    assert goca.from_pipe(tiny_sdxl, enable=False).watermark is None
+
+
 def test_pixart_adapter_scales_reference_and_refinement_with_depth():
     full = goca.adapter_for(make_tiny_pixart(num_layers=28))
     assert full.reference_layer == "transformer_blocks.13.attn2"
