@@ -190,10 +190,12 @@ class GoCAMixin:
         return self._goca
 
     # -- hooks --------------------------------------------------------------------------------------------------------
+    @torch.compiler.disable  # the capture's bookkeeping stays out of a compiled denoiser
     def _goca_pre_forward(self, module, args, kwargs):
         state = self._goca
         req = state.request if state else None
-        if req is None or req.forward % req.forwards_per_step or not req.wants(req.forward // req.forwards_per_step):
+        if (req is None or state.adapter.guidance_forward(args, kwargs) or req.forward % req.forwards_per_step
+                or not req.wants(req.forward // req.forwards_per_step)):
             return None
         adapter = state.adapter
         rows = self._goca_rows(adapter.denoiser_batch(args, kwargs), req.n_images)
@@ -226,10 +228,11 @@ class GoCAMixin:
             if getattr(attn.processor, "capture", None) is not capture:
                 attn.set_processor(wrap_processor(attn.processor, capture, layer))
 
+    @torch.compiler.disable  # the capture's bookkeeping stays out of a compiled denoiser
     def _goca_post_forward(self, module, args, kwargs, output):
         state = self._goca
         req = state.request if state else None
-        if req is None:
+        if req is None or state.adapter.guidance_forward(args, kwargs):
             return None
         step = state.capture.stop()
         index = req.forward // req.forwards_per_step

@@ -83,6 +83,11 @@ class _Tapping:
     def _run(self, output_path, attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs):
         if not self.capture.wants(self.layer):
             return output_path(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        return self._run_capturing(output_path, attn, hidden_states, encoder_hidden_states, attention_mask, *args,
+                                   **kwargs)
+
+    @torch.compiler.disable  # hooks and Python-side storage: run eagerly inside a compiled denoiser
+    def _run_capturing(self, output_path, attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs):
         tap = ProjectionTap()
         with tap.listen(attn):
             out = output_path(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)

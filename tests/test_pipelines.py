@@ -279,6 +279,47 @@ def test_flux_true_cfg_segments_the_conditional_call_once_per_step():
     assert [m.step for m in pipe.goca_masks] == [0, 1, 2]
 
 
+def test_sd3_skip_layer_guidance_calls_are_neither_segmented_nor_counted():
+    """Skip-layer guidance adds a conditional call with blocks left out on some steps: the masks are still one per
+    step, from the step's own call."""
+    pipe = make_tiny_sd3(num_layers=3)
+    kw = dict(skip_guidance_layers=[1], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0)
+    reference = generate(pipe, **kw)
+    gp = goca.from_pipe(pipe)
+    assert np.array_equal(generate(gp, goca_masks=True, **kw), reference)
+    assert [m.step for m in gp.goca_masks] == [0, 1, 2]
+    plain = goca.from_pipe(make_tiny_sd3(num_layers=3))
+    generate(plain, goca_masks=[0])  # the first step skips no layer: its masks are those of plain CFG
+    assert torch.equal(gp.goca_masks[0].results[0].scores, plain.goca_masks[0].results[0].scores)
+
+
+def test_capture_runs_outside_a_compiled_denoiser(monkeypatch):
+    """With the denoiser compiled in place, the capture's hooks and bookkeeping run eagerly (not traced into the
+    graph), and the images stay those of the compiled pipeline; a `torch.compile` wrapper is refused clearly."""
+    from diffusers_goca.capture import Capture
+
+    pipe = make_tiny_sd3()
+    pipe.transformer.compile(backend="eager")
+    try:
+        reference = generate(pipe)
+        gp = goca.from_pipe(pipe)
+        traced, record = [], Capture.record
+
+        def recording(self, *args, **kwargs):
+            traced.append(torch.compiler.is_compiling())
+            return record(self, *args, **kwargs)
+
+        monkeypatch.setattr(Capture, "record", recording)
+        assert np.array_equal(generate(gp, goca_masks=True), reference)
+        assert traced and not any(traced)
+        gp.disable_goca()
+        pipe.transformer = torch.compile(pipe.transformer, backend="eager")  # a wrapper: the layers are hidden
+        with pytest.raises(ValueError, match=r"compile it in place"):
+            goca.from_pipe(pipe)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_head_weighting_ablation_needs_its_capture(tiny_sd):
     img = Image.fromarray((np.random.RandomState(2).rand(32, 32, 3) * 255).astype(np.uint8))
     pipe = goca.from_pipe(tiny_sd)

@@ -135,6 +135,11 @@ class Adapter:
         """Denoiser calls per denoising step; the first is the one segmented (Flux's true CFG adds an uncond call)."""
         return 1
 
+    def guidance_forward(self, args, kwargs) -> bool:
+        """Whether this denoiser call is an extra one that some steps add for a guidance (SD3's skip-layer guidance),
+        neither segmented nor counted as a step's call."""
+        return False
+
     def token_index(self, prompt: str, classes, extra_entities=(), max_length: int | None = None, require_classes=True):
         """Where each class sits in the text tokens the denoiser attends to."""
         from ..tokens import token_index
@@ -188,6 +193,10 @@ def relative_block(i: int, depth: int, of: int) -> int:
 
 def adapter_for(pipe) -> Adapter:
     """The adapter of the first family that supports `pipe`; ValueError naming the pipeline otherwise."""
+    for name in ("unet", "transformer"):
+        if isinstance(getattr(pipe, name, None), torch._dynamo.eval_frame.OptimizedModule):
+            raise ValueError(f"the pipeline's {name} is wrapped by torch.compile, which hides its layers from GoCA: "
+                             f"compile it in place instead (`pipe.{name}.compile()`), which GoCA supports")
     for cls in _ADAPTERS:
         if cls.supports(pipe):
             return cls(pipe)

@@ -64,6 +64,9 @@ class SD3Adapter(Adapter):
                          require_classes=require_classes)
         return concat_token_indices([clip, t5], [_CLIP_TOKENS, t5_length])
 
+    def guidance_forward(self, args, kwargs):
+        return kwargs.get("skip_layers") is not None  # skip-layer guidance: a cond-only call with blocks left out
+
     def joint_inputs(self, layer, attn, tap, call_kwargs, step):
         h = attn.heads
         return (split_heads_norm(tap.query, h, attn.norm_q, tap.normed_query),
