@@ -197,6 +197,69 @@ def test_reattaches_after_attention_slicing(tiny_sd):
     pipe.disable_attention_slicing()
 
 
+def derived(make, class_name, **extra):
+    def build():
+        import diffusers
+
+        base = make()
+        if class_name == "StableDiffusionControlNetPipeline":
+            torch.manual_seed(0)
+            extra["controlnet"] = diffusers.ControlNetModel.from_unet(base.unet,
+                                                                      conditioning_embedding_out_channels=(16, 16))
+        pipe = getattr(diffusers, class_name)(**base.components, **extra)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+    return build
+
+
+def with_ip_adapter():
+    """Tiny SD with what `load_ip_adapter` installs: IP-Adapter processors (weights of their own) on the cross layers
+    and an image projection, with random weights."""
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+    from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
+
+    pipe = make_tiny_sd()
+    unet = pipe.unet
+    torch.manual_seed(0)
+    procs = {}
+    for key, proc in unet.attn_processors.items():
+        attn = unet.get_submodule(key[: -len(".processor")])
+        procs[key] = proc if not attn.is_cross_attention else IPAdapterAttnProcessor2_0(
+            hidden_size=attn.to_q.out_features, cross_attention_dim=32, num_tokens=(4,), scale=1.0)
+    unet.set_attn_processor(procs)
+    unet.encoder_hid_proj = MultiIPAdapterImageProjection([ImageProjection(16, 32, 4)])
+    unet.config.encoder_hid_dim_type = "ip_image_proj"
+    return pipe
+
+
+IMAGE_48x32 = Image.fromarray((np.random.RandomState(0).rand(32, 48, 3) * 255).astype(np.uint8))
+DERIVED = {
+    "sd-img2img": (derived(make_tiny_sd, "StableDiffusionImg2ImgPipeline"), dict(image=IMAGE_48x32, strength=0.9)),
+    "sd-inpaint": (derived(make_tiny_sd, "StableDiffusionInpaintPipeline"),
+                   dict(image=IMAGE_48x32, mask_image=IMAGE_48x32.convert("L"))),
+    "sd-controlnet": (derived(make_tiny_sd, "StableDiffusionControlNetPipeline"), dict(image=IMAGE_48x32)),
+    "sd3-img2img": (derived(make_tiny_sd3, "StableDiffusion3Img2ImgPipeline"), dict(image=IMAGE_48x32, strength=0.9)),
+    "flux-img2img": (derived(make_tiny_flux, "FluxImg2ImgPipeline"), dict(image=IMAGE_48x32, strength=0.9)),
+    "sd-ip-adapter": (with_ip_adapter, dict(ip_adapter_image_embeds=[torch.randn(2, 1, 16,  # [uncond; cond] images
+                                                                               generator=torch.Generator().manual_seed(1))])),
+}
+
+
+@pytest.mark.parametrize("name", list(DERIVED))
+def test_derived_pipelines_keep_their_images(name):
+    """`from_pipe` on other pipeline classes with a supported denoiser: the images stay bit-identical while masks are
+    computed, and the masks have the generated image's size."""
+    make, kw = DERIVED[name]
+    pipe = make()
+    reference = generate(pipe, **kw)
+    gp = goca.from_pipe(pipe)
+    assert type(gp).__name__ == "GoCA" + type(pipe).__name__
+    assert np.array_equal(generate(gp, goca_masks="last", **kw), reference)
+    (masks,) = gp.goca_masks
+    assert [r.labels.shape for r in masks.results] == [reference.shape[1:3]] * 2
+    gp.disable_goca()
+
+
 def pag_pipeline(make, pipeline_class, layers):
     """A PAG pipeline on the components of `make()`, perturbing the self-attention of `layers`; and that base pipeline."""
     import inspect
