@@ -6,7 +6,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from PIL import Image
 
 import diffusers_goca as goca
-from conftest import HostWaits, Running, generate, make_tiny_flux, make_tiny_pixart, make_tiny_sd, make_tiny_sd3, make_tiny_sdxl
+from conftest import PROMPTS, HostWaits, Running, generate, make_tiny_flux, make_tiny_pixart, make_tiny_sd, make_tiny_sd3, make_tiny_sdxl
 
 FAMILIES = [make_tiny_sd, lambda: make_tiny_sd(sd2=True), make_tiny_sdxl, make_tiny_pixart, lambda: make_tiny_pixart(sigma=False),
             make_tiny_sd3, lambda: make_tiny_sd3(num_layers=3, qk_norm="rms_norm", dual_attention_layers=(0,)),
@@ -258,6 +258,17 @@ def test_derived_pipelines_keep_their_images(name):
     (masks,) = gp.goca_masks
     assert [r.labels.shape for r in masks.results] == [reference.shape[1:3]] * 2
     gp.disable_goca()
+
+
+def test_flux_kontext_reference_tokens_are_refused_clearly():
+    """Flux Kontext appends a reference image's tokens to the image sequence; masks during generation would mix the
+    two grids, so they are refused with a clear error; `segment` works on the pipeline."""
+    pipe = goca.from_pipe(derived(make_tiny_flux, "FluxKontextPipeline")())
+    call = dict(prompt=PROMPTS[:1], image=IMAGE_48x32, num_inference_steps=2, height=32, width=48, output_type="np",
+                max_sequence_length=32, _auto_resize=False)
+    with pytest.raises(ValueError, match="Kontext"):
+        pipe(goca_masks=True, **call)
+    assert pipe.segment(IMAGE_48x32, ["cat"], resolution=32).labels.shape == (32, 48)
 
 
 def pag_pipeline(make, pipeline_class, layers):

@@ -50,7 +50,11 @@ class FluxAdapter(Adapter):
 
     def denoiser_latent_hw(self, args, kwargs):
         ids = kwargs["img_ids"]
-        ids = ids[0] if ids.ndim == 3 else ids
+        ids = (ids[0] if ids.ndim == 3 else ids).cpu()  # one wait for the device, not one per value read
+        if ids[:, 0].any():
+            raise ValueError("the image tokens include a reference image's (Flux Kontext: img_ids with a non-zero "
+                             "first coordinate), which GoCA's maps do not cover: masks during generation are not "
+                             "supported for this pipeline; `segment` works on it")
         return int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
 
     def image_hw(self, latent_hw):
