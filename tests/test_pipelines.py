@@ -260,6 +260,41 @@ def test_derived_pipelines_keep_their_images(name):
     gp.disable_goca()
 
 
+@pytest.mark.parametrize("class_name", ["StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"])
+def test_sdxl_pipeline_classes_segment_alike(tiny_sdxl, class_name):
+    """`segment` builds SDXL's micro-conditioning itself (the pipeline classes' `_get_add_time_ids` differ): every
+    SDXL pipeline class on the same components gives the same segmentation."""
+    want = goca.from_pipe(tiny_sdxl).segment(IMAGE_48x32, ["cat", "dog"])
+    got = goca.from_pipe(derived(lambda: tiny_sdxl, class_name)()).segment(IMAGE_48x32, ["cat", "dog"])
+    assert torch.equal(got.scores, want.scores)
+
+
+def test_sdxl_refiner_with_only_the_second_text_encoder():
+    """The refiner layout: no first tokenizer or text encoder (the second one's tokens sit at the same positions),
+    time ids with the aesthetic score."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=16,
+        block_out_channels=(16, 32, 32), down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
+        up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",), transformer_layers_per_block=(1, 2, 2),
+        attention_head_dim=(2, 4, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=5 * 8 + 32, cross_attention_dim=32,
+    ).eval()
+    sdxl = make_tiny_sdxl()
+    refiner = StableDiffusionXLImg2ImgPipeline(
+        vae=sdxl.vae, unet=unet, text_encoder=None, tokenizer=None, text_encoder_2=sdxl.text_encoder_2,
+        tokenizer_2=sdxl.tokenizer_2, scheduler=sdxl.scheduler, requires_aesthetics_score=True)
+    refiner.set_progress_bar_config(disable=True)
+    kw = dict(image=IMAGE_48x32, strength=0.5)
+    reference = generate(refiner, **kw)
+    gp = goca.from_pipe(refiner)
+    assert np.array_equal(generate(gp, goca_masks="last", **kw), reference)
+    assert gp.goca_masks[0].results[1].classes == ["cat", "dog", "sand"]
+    assert gp.segment(IMAGE_48x32, ["cat", "dog"]).labels.shape == (32, 48)
+
+
 def test_flux_kontext_reference_tokens_are_refused_clearly():
     """Flux Kontext appends a reference image's tokens to the image sequence; masks during generation would mix the
     two grids, so they are refused with a clear error; `segment` works on the pipeline."""

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import re
 
+import torch
+
 from .base import Adapter, LayerInfo
 
 _NAME = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.(attn1|attn2)$|"
@@ -24,7 +26,15 @@ class UNetAdapter(Adapter):
 
     @classmethod
     def supports(cls, pipe) -> bool:
-        return super().supports(pipe) and getattr(pipe, "tokenizer", None) is not None
+        return super().supports(pipe) and cls.text_tokenizer(pipe) is not None
+
+    @staticmethod
+    def text_tokenizer(pipe):
+        # SDXL's refiner has only the second (OpenCLIP) tokenizer: the same BPE tokens, so the same positions.
+        return getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
+
+    def tokenizer(self):
+        return self.text_tokenizer(self.pipe)
 
     def __init__(self, pipe):
         super().__init__(pipe)
@@ -101,6 +111,14 @@ class UNetAdapter(Adapter):
         return coarse + half
 
     # -- segmentation of an existing image (ALGORITHMS §5) --------------------------------------------------------------
+    def time_ids(self, latents, dtype):
+        """SDXL's micro-conditioning for an uncropped image at the latents' size: (size, crop (0, 0), size), or with
+        the refiner's aesthetic score (size, crop, 6.0: the pipelines' default), as the pipelines build it. Built here,
+        not by the pipeline's `_get_add_time_ids`, whose signature differs between SDXL pipeline classes."""
+        size = (latents.shape[-2] * self.pipe.vae_scale_factor, latents.shape[-1] * self.pipe.vae_scale_factor)
+        last = (6.0,) if self.pipe.config.get("requires_aesthetics_score", False) else size
+        return torch.tensor([[*size, 0, 0, *last]], dtype=dtype, device=latents.device)
+
     def segment_forward(self, latents, prompt, timestep, generator):
         pipe, unet = self.pipe, self.pipe.unet
         noisy, t = self.ddpm_noised(latents, timestep, generator)
@@ -109,10 +127,7 @@ class UNetAdapter(Adapter):
             embeds, _, pooled, _ = pipe.encode_prompt(
                 prompt, device=latents.device, num_images_per_prompt=1, do_classifier_free_guidance=False
             )
-            size = (latents.shape[-2] * pipe.vae_scale_factor, latents.shape[-1] * pipe.vae_scale_factor)
-            proj_dim = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else int(pooled.shape[-1])
-            time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=embeds.dtype, text_encoder_projection_dim=proj_dim)
-            kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids.to(latents.device)}
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": self.time_ids(latents, embeds.dtype)}
         else:
             embeds, _ = pipe.encode_prompt(prompt, latents.device, 1, False)
         unet(noisy.to(unet.dtype), t, encoder_hidden_states=embeds.to(unet.dtype), return_dict=False, **kwargs)
