@@ -104,6 +104,9 @@ class SCFGMixin(GoCAMixin):
             raise ValueError(f"segmentor must be one of {SEGMENTORS}, got {segmentor!r}")
         if kwargs.get("goca_masks"):
             raise ValueError("S-CFG and goca_masks use the same capture: ask for one of them per call")
+        if hasattr(self, "pag_applied_layers") and kwargs.get("pag_scale", call_default(type(self), "pag_scale", 0)) > 0:
+            raise ValueError("S-CFG sets the guidance of the [uncond, cond] batch; it does not combine with PAG's "
+                             "perturbed rows: pass pag_scale=0, or scfg=False")
         lo, hi = rate_bounds
         if not 0 < lo <= hi:
             raise ValueError(f"rate_bounds must satisfy 0 < low <= high, got {rate_bounds}")

@@ -85,6 +85,20 @@ def test_scfg_off_is_the_stock_pipeline_and_on_changes_the_image(make, tmp_path)
     pipe.disable_goca()
 
 
+def test_scfg_refuses_the_perturbed_rows_of_pag():
+    from diffusers import StableDiffusionPAGPipeline
+
+    stock = make_tiny_sd()
+    pag = StableDiffusionPAGPipeline(**stock.components, pag_applied_layers=["mid"])
+    pag.set_progress_bar_config(disable=True)
+    pipe = goca.scfg_from_pipe(pag)
+    with pytest.raises(ValueError, match="PAG"):
+        run(pipe, guidance_scale=5.0)  # the PAG pipeline's default pag_scale is 3
+    images = run(pipe, guidance_scale=5.0, pag_scale=0.0)
+    assert not np.array_equal(images, run(pipe, guidance_scale=5.0, pag_scale=0.0, scfg=False))
+    pipe.disable_goca()
+
+
 def test_scfg_with_guidance_rescale_other_scheduler_and_callback():
     from diffusers import DPMSolverMultistepScheduler
 
