@@ -7,7 +7,8 @@ For each family, in float32 and in the half precision its users run:
   - images with GoCA enabled and masks computed at every step are bit-identical to the untouched pipeline's;
   - `segment` with every captured layer offloaded to the host gives the same scores twice, and the labels it gives
     with everything resident;
-  - (float32) `segment` on the GPU gives the labels `segment` gives on the CPU;
+  - (float32) `segment` on the GPU gives the labels `segment` gives on the CPU, and those it gives under
+    `enable_model_cpu_offload` (where the images with masks must also stay bit-identical);
   - where triton is installed, the layer weights of the Triton kernel (`layer_weight_kernel`) equal those of the fused
     attention call (float32: 1e-4 relative; half precision, whose fused call adds log W rounded to the model dtype:
     5e-2), and its labels agree.
@@ -57,6 +58,20 @@ def compare(family, dtype, what, scores, reference, min_agreement):
     return family, str(dtype), f"{what} labels", agree >= min_agreement, f"{agree:.1%} agree, max |score diff| {diff:.1e}"
 
 
+def offload_rows(name, make, image, resident, min_agreement, device):
+    """`enable_model_cpu_offload`: the weights wait on the host and each model moves to the GPU for its forward."""
+    pipe = make()
+    pipe.enable_model_cpu_offload(device=device)
+    reference = generate(pipe)
+    gp = goca.from_pipe(pipe)
+    rows = [(name, "torch.float32", "model CPU offload: images bit-identical with masks",
+             bool(np.array_equal(generate(gp, goca_masks=True), reference)), "")]
+    rows.append(compare(name, torch.float32, "model CPU offload: segment = resident", segment_scores(gp, image, None),
+                        resident, min_agreement))
+    gp.disable_goca()
+    return rows
+
+
 def check_family(name, make, half, device):
     rows = []
     image = np.random.default_rng(0).random((40, 56, 3)).astype(np.float32)
@@ -85,6 +100,7 @@ def check_family(name, make, half, device):
                      bool(torch.equal(resident, segment_scores(gp, image, None))), ""))
         if dtype == torch.float32:
             rows.append(compare(name, dtype, "GPU = CPU", resident, cpu_scores, min_agreement))
+            rows += offload_rows(name, make, image, resident, min_agreement, device)
         if frobenius_kernel.triton_available() and (device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
             rows += kernel_rows(name, gp, image, dtype, min_agreement)
         gp.disable_goca()

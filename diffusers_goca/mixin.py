@@ -384,7 +384,8 @@ class GoCAMixin:
         if upcast:
             vae.to(torch.float32)
         try:
-            latents = vae.encode(pixels.to(vae.device, dtype)).latent_dist.mean
+            # The pipeline's execution device: under model offload the VAE waits on the host until `encode` moves it.
+            latents = vae.encode(pixels.to(self._execution_device, dtype)).latent_dist.mean
         finally:
             if upcast:
                 vae.to(torch.float16)
