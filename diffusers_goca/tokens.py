@@ -82,7 +82,9 @@ def encode_with_offsets(tokenizer, prompt: str) -> tuple[list[int], list[tuple[i
 
 
 def _find_spans(prompt: str, phrase: str) -> list[tuple[int, int]]:
-    pattern = r"(?<!\w)" + r"\s+".join(re.escape(w) for w in phrase.split()) + r"(?!\w)"
+    """Where `phrase` occurs as whole words (any case, any spacing), its last word also in a plural with -s / -es
+    ("dog" finds "two dogs", "bus" finds "buses")."""
+    pattern = r"(?<!\w)" + r"\s+".join(re.escape(w) for w in phrase.split()) + r"(?:e?s)?(?!\w)"
     return [m.span() for m in re.finditer(pattern, prompt, flags=re.IGNORECASE)]
 
 
@@ -96,8 +98,8 @@ def token_index(
 ) -> TokenIndex:
     """Map each class to its token positions in `prompt`.
 
-    A class matches whole words only; longer classes claim their words first, so "light" does not take the tokens of
-    "traffic light" when both are classes. A class that appears twice gets the tokens of both occurrences.
+    A class matches whole words only (its last word also in a plural with -s / -es); longer classes claim their words
+    first, so "light" does not take the tokens of "traffic light" when both are classes. A class that appears twice gets the tokens of both occurrences.
     Raises ValueError for an empty class list (unless `require_classes` is False: then only the special and content
     positions are indexed), a class absent from the prompt, or one cut off by the token limit.
     """

@@ -37,6 +37,15 @@ def test_class_twice_and_substring_class():
     assert index.class_tokens[0] == [6] and index.class_tokens[1] == [2, 3]
 
 
+def test_a_class_finds_its_plural():
+    prompt = "two dogs and three buses near a cathedral, one dog"
+    index = token_index(clip_tokenizer(), prompt, ["dog", "bus"])
+    assert ids_at(prompt, index.class_tokens[0]) == ["dogs</w>", "dog</w>"]
+    assert ids_at(prompt, index.class_tokens[1]) == ["buses</w>"]
+    with pytest.raises(ValueError, match="does not appear"):  # a plural, not any word that starts alike
+        token_index(clip_tokenizer(), prompt, ["cat"])
+
+
 def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="empty"):
         token_index(clip_tokenizer(), "a cat", [])
