@@ -90,9 +90,10 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def segmentation(host, run, index, offload_above_mib, kernel="torch"):
+def segmentation(host, run, index, offload_above_mib, kernel="torch", layer_weight_stride=1):
     """(enable, capture, reduce): GoCA's attachment with the offload setting, one `segment`'s capture forward
-    (the token columns it keeps) and its `goca` reductions of a capture, the layer weights by `kernel`."""
+    (the token columns it keeps) and its `goca` reductions of a capture, the layer weights by `kernel` over the
+    reference rows of `layer_weight_stride`."""
     def enable():
         host.enable_goca(offload_above_mib=offload_above_mib)
 
@@ -102,7 +103,8 @@ def segmentation(host, run, index, offload_above_mib, kernel="torch"):
 
     def reduce(step):
         with layer_weight_kernel(kernel):
-            return method_scores(step, 0, index, host._goca.adapter, "goca", "background")
+            return method_scores(step, 0, index, host._goca.adapter, "goca", "background",
+                                 layer_weight_stride=layer_weight_stride)
 
     return enable, capture, reduce
 
@@ -159,6 +161,8 @@ def main(argv=None):
     p.add_argument("--kernel", choices=["torch", "triton", "both"], default="torch",
                    help="the layer weights by the fused attention call, the Triton kernel, or both, "
                         "timed in the same rounds (the peaks and the profile are the last one's)")
+    p.add_argument("--layer-weight-stride", type=int, default=1,
+                   help="the `goca` option: layer weights over every s-th reference row and column (1: official)")
     p.add_argument("--launches", action="store_true",
                    help="also count the operators that launch device work (no views, no bare allocations) in the plain "
                         "forward, the capture forward and the reductions: where the forward is short, each one costs "
@@ -171,11 +175,11 @@ def main(argv=None):
     # Classes at token positions 1 and 3, "background" at 5; content tokens 1, 3, 5 (as in "cat, grass, background").
     index = TokenIndex("cat, grass, background", ["cat", "grass"], [[1], [3]], [1, 3, 5], 7, {"background": [5]}, 0, 6)
     kernels = ["torch", "triton"] if args.kernel == "both" else [args.kernel]
-    variants = {kernel: segmentation(host, run, index, offload, kernel) for kernel in kernels}
+    variants = {kernel: segmentation(host, run, index, offload, kernel, args.layer_weight_stride) for kernel in kernels}
     parts = variants[kernels[-1]]
     depth = f", {args.layers} layers" if args.layers else ""
     print(f"model {args.model} (real config{depth}, random weights), {args.resolution} px, {args.device}, {args.dtype}, "
-          f"offload above {'never' if offload is None else f'{offload:g} MiB'}")
+          f"offload above {'never' if offload is None else f'{offload:g} MiB'}, layer_weight_stride {args.layer_weight_stride}")
     if args.repeats > 0:
         report_times(args, host, run, variants, kernels, parts, offload)
     if args.launches:

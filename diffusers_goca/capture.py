@@ -104,10 +104,10 @@ class Reference:
             self._attention = pseudo_self_attention(self.feature)  # [N_ref, N_ref]
         return self._attention
 
-    def on(self, grid: tuple[int, int]):
-        if grid not in self._on_grid:
-            self._on_grid[grid] = reference_weights(self.attention, grid, self.grid)
-        return self._on_grid[grid]
+    def on(self, grid: tuple[int, int], row_stride: int = 1):
+        if (grid, row_stride) not in self._on_grid:
+            self._on_grid[grid, row_stride] = reference_weights(self.attention, grid, self.grid, row_stride)
+        return self._on_grid[grid, row_stride]
 
 
 @dataclass

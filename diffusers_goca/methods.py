@@ -26,7 +26,9 @@ class GoCAOptions:
     layer_weighting: "auto" (pseudo self-attention) | "uniform"; renormalize_rows: renormalise resized self-attention
     rows in the layer weights (the official code does not); rescale: per-pixel rescaling over content tokens
     (False = "renorm+", blur and min-max only); refine_order: k of S^k·M (None = the model's default);
-    layers: "all" or "manual" (SD 1.5's hand-picked set).
+    layers: "all" or "manual" (SD 1.5's hand-picked set); layer_weight_stride: s > 1 sums the layer weights' Frobenius
+    products over the reference rows at every s-th row and column only (about 1/s² of their work, the largest part of
+    the reductions; not the official method, which reads every row: see the README for its effect).
     """
 
     head_weighting: str = "auto"
@@ -36,6 +38,7 @@ class GoCAOptions:
     refine_order: int | None = None
     layers: str = "all"
     blur_kernel: int = 5
+    layer_weight_stride: int = 1
 
 
 VANILLA = GoCAOptions(head_weighting="average", layer_weighting="uniform", rescale=False)
@@ -79,19 +82,26 @@ def refinement_operator(step: StepCapture, row: int, layers: list[str], map_hw: 
     return apply
 
 
-def layer_weights(step: StepCapture, row: int, adapter, layers: list[str], renormalize_rows: bool) -> torch.Tensor:
-    """Normalised w_l for `layers` from the pseudo self-attention of the reference feature (ALGORITHMS §2)."""
+def layer_weights(step: StepCapture, row: int, adapter, layers: list[str], renormalize_rows: bool,
+                  row_stride: int = 1) -> torch.Tensor:
+    """Normalised w_l for `layers` from the pseudo self-attention of the reference feature (ALGORITHMS §2); with
+    `row_stride` > 1 over the reference rows at every row_stride-th row and column (`frobenius_with_reference`)."""
     if step.reference is None:
         raise RuntimeError(f"the reference layer {adapter.reference_layer} was not captured")
+    if not isinstance(row_stride, int) or row_stride < 1:
+        raise ValueError(f"layer_weight_stride must be an integer ≥ 1, got {row_stride!r}")
     reference = step.reference_of(row)  # A_p and its per-grid weights, made once and only if a layer needs them
     terms = {} if renormalize_rows else step.layer_weight_terms  # taken at the end of the forward (joint layers)
     taken = {n: terms[n][row] for n in layers if n in terms}
+    if taken and row_stride > 1:
+        raise ValueError("layer_weight_stride > 1 applies to cross-attention models (UNet, PixArt): a joint attention "
+                         "layer (SD3, Flux) reads every row in the forward, for its text shares")
     todo = [n for n in layers if n not in taken]
     selfs = [step.selfs[adapter.self_of(n)] for n in todo]
     for name, s, inputs in zip(todo, selfs, brought_back(selfs, row)):
         taken[name] = frobenius_with_reference(src_hw=s.grid, reference_attention=reference.attention,
                                                ref_hw=reference.grid, renormalize_rows=renormalize_rows,
-                                               prepared=reference.on(s.grid), **inputs)
+                                               prepared=reference.on(s.grid, row_stride), **inputs)
     return normalize_layer_weights(torch.stack([taken[n] for n in layers]))
 
 
@@ -109,7 +119,7 @@ def goca_scores(
     maps = [step.cross[n]["average" if options.head_weighting == "average" else "auto"][row] for n in layers]
     grids = [step.grids[n] for n in layers]
     if options.layer_weighting == "auto":
-        weights = layer_weights(step, row, adapter, layers, options.renormalize_rows)
+        weights = layer_weights(step, row, adapter, layers, options.renormalize_rows, options.layer_weight_stride)
     elif options.layer_weighting == "uniform":
         weights = torch.full((len(layers),), 1.0 / len(layers))
     else:

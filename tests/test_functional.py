@@ -116,6 +116,11 @@ def test_layer_weight_chunked_equals_dense(renorm, joint, src, monkeypatch):
     got = frobenius_with_reference(q, k, heads, d ** -0.5, src, pseudo_self_attention(f), ref, renormalize_rows=renorm,
                                    image_mass=mass)
     assert torch.allclose(got, want, rtol=1e-5)
+    # Strided rows: the same sum over the reference cells at every second row and column of its 8×6 grid.
+    sampled = [y * ref[1] + x for y in range(0, ref[0], 2) for x in range(0, ref[1], 2)]
+    got = frobenius_with_reference(q, k, heads, d ** -0.5, src, pseudo_self_attention(f), ref, renormalize_rows=renorm,
+                                   image_mass=mass, row_stride=2)
+    assert torch.allclose(got, (a_p * s)[sampled].sum(), rtol=1e-5)
 
 
 @pytest.mark.parametrize("chunk", [50, 2**24])  # many query chunks, one chunk

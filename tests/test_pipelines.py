@@ -441,6 +441,22 @@ def test_head_weighting_ablation_needs_its_capture(tiny_sd):
     pipe.disable_goca()
 
 
+def test_strided_layer_weights_option():
+    """`layer_weight_stride`: the reference rows the layer weights read (cross-attention families only); 1 is the
+    official method."""
+    img = Image.fromarray((np.random.RandomState(2).rand(32, 32, 3) * 255).astype(np.uint8))
+    for make in (make_tiny_sd, make_tiny_pixart):
+        pipe = goca.from_pipe(make())
+        out = pipe.segment(img, ["cat", "dog"], method=["goca", "vanilla"], layer_weight_stride=2)
+        assert out["goca"].scores.shape == (3, 32, 32)
+        assert torch.equal(pipe.segment(img, ["cat", "dog"], layer_weight_stride=1).scores,
+                           pipe.segment(img, ["cat", "dog"]).scores)
+        with pytest.raises(ValueError, match="integer ≥ 1"):
+            pipe.segment(img, ["cat"], layer_weight_stride=0)
+    with pytest.raises(ValueError, match="joint attention"):
+        goca.from_pipe(make_tiny_sd3()).segment(img, ["cat"], layer_weight_stride=2)
+
+
 def _full_and_needed_captures(pipe, classes):
     from diffusers_goca.tokens import segmentation_prompt
 

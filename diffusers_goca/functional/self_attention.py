@@ -175,15 +175,25 @@ class GridWeights(NamedTuple):
     buffers: dict
 
 
-def reference_weights(reference_attention: torch.Tensor, src_hw: tuple[int, int], ref_hw: tuple[int, int]
-                      ) -> GridWeights:
-    """What the layer weights of every layer on the `src` grid read from A_p (see `GridWeights`)."""
+def strided_cells(hw: tuple[int, int], stride: int) -> np.ndarray:
+    """Flat indices of the cells of an (h, w) grid whose row and column are multiples of `stride` (all for 1)."""
+    ys, xs = np.arange(0, hw[0], stride), np.arange(0, hw[1], stride)
+    return (ys[:, None] * hw[1] + xs[None, :]).reshape(-1)
+
+
+def reference_weights(reference_attention: torch.Tensor, src_hw: tuple[int, int], ref_hw: tuple[int, int],
+                      row_stride: int = 1) -> GridWeights:
+    """What the layer weights of every layer on the `src` grid read from A_p (see `GridWeights`); with
+    `row_stride` s > 1, from the rows of A_p at every s-th row and column of the reference grid only."""
     device = reference_attention.device
     # The index arithmetic depends on the grid sizes only, so it runs in numpy: on the device, the size of unique's
     # output would make the host wait for the device.
-    rows = grid_nearest_rows(src_hw, ref_hw).numpy()
+    cells = strided_cells(ref_hw, row_stride)
+    rows = grid_nearest_rows(src_hw, ref_hw).numpy()[cells]
     queries, group = np.unique(rows, return_inverse=True)  # `rows` itself when no query repeats
-    weights = resize_keys_adjoint(reference_attention.T, src_hw, ref_hw).T  # A_p B: [N_ref, N_src]
+    if row_stride > 1:
+        reference_attention = reference_attention[torch.from_numpy(cells).to(device, non_blocking=True)]
+    weights = resize_keys_adjoint(reference_attention.T, src_hw, ref_hw).T  # A_p B: [N_ref (sampled), N_src]
     if len(queries) < len(rows):  # a one-hot product, not index_add_: CUDA's atomics would sum in a varying order
         onehot = np.zeros((len(queries), len(rows)), dtype=np.float32)
         onehot[group, np.arange(len(rows))] = 1
@@ -194,16 +204,18 @@ def reference_weights(reference_attention: torch.Tensor, src_hw: tuple[int, int]
 def frobenius_with_reference(
     q: torch.Tensor, k: torch.Tensor, heads: int, scale: float, src_hw: tuple[int, int],
     reference_attention: torch.Tensor, ref_hw: tuple[int, int], renormalize_rows: bool = False,
-    image_mass: torch.Tensor | None = None, dtype: torch.dtype | None = None, prepared=None,
+    image_mass: torch.Tensor | None = None, dtype: torch.dtype | None = None, prepared=None, row_stride: int = 1,
 ) -> torch.Tensor:
     """w_l before normalisation (ALGORITHMS §2): Σ_ij A_p[i, j] · S̃_l[i, j], through the fused attention kernel.
+    With `row_stride` s > 1, the sum runs over the rows i at every s-th row and column of the reference grid (about
+    1/s² of the work; an estimate of w_l up to a factor common to all layers, which their normalisation removes).
 
     q, k: [N_l, heads·d] of one image's self-attention layer; reference_attention: A_p = softmax(F Fᵀ / √C)
     [N_ref, N_ref] (`pseudo_self_attention`, computed once for all layers); S̃_l = head-mean self-attention resized to
     the reference grid (rows renormalised to sum 1 after resizing when `renormalize_rows`; the official code does not).
     image_mass: [heads, N_l], for joint attention (the image→image slice of the joint softmax).
-    prepared: `reference_weights(reference_attention, src_hw, ref_hw)`, when the caller shares it between the layers
-    of one grid.
+    prepared: `reference_weights(reference_attention, src_hw, ref_hw, row_stride)`, when the caller shares it between
+    the layers of one grid.
 
     The key resize moves onto A_p (Σ_j A_p[i, j] (S Bᵀ)[i, j] = Σ_k S[i, k] (A_p B)[i, k] =: R_i). Each query then
     attends to its keys twice: once with log(A_p B)[i, k] added to the scores, once plain. The values mark the first
@@ -217,6 +229,7 @@ def frobenius_with_reference(
     R is linear in the weight row and the row mass depends only on the query, so those rows' weights are summed and
     each query attends once (SDXL's 32×32 layers against the 64×64 reference: 4× fewer queries).
     """
+    prepared = prepared or reference_weights(reference_attention, src_hw, ref_hw, row_stride)
     return _frobenius(q, k, heads, scale, src_hw, reference_attention, ref_hw, renormalize_rows, image_mass, dtype,
                       prepared)[0]
 
