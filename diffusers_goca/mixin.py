@@ -71,6 +71,7 @@ class _Request:
     callback: Callable | None = None
     keep_capture: bool = False  # keep the raw capture instead of segmenting (segment(), capture_forward())
     columns: list[int] | None = None  # text positions whose maps are kept (None: all)
+    output_resize: Callable | None = None  # scores at the generated size → the returned image's (Adapter.output_resize)
     transform: Callable | None = None  # (capture, denoiser output) → replacement output (S-CFG)
     captured: list[StepCapture] = field(default_factory=list)
     delivered: list[GoCAStepMasks] = field(default_factory=list)
@@ -243,7 +244,7 @@ class GoCAMixin:
             req.captured.append(step)
         elif step is not None:
             results = self._goca_results(state.adapter, step, req.indices, req.method, req.background,
-                                         req.background_offset, req.options)
+                                         req.background_offset, req.options, output_resize=req.output_resize)
             t = req.timestep
             masks = GoCAStepMasks(index, float(t.flatten()[0]) if torch.is_tensor(t) else float(t or 0), results)
             req.delivered.append(masks)
@@ -252,8 +253,10 @@ class GoCAMixin:
         return None
 
     def _goca_results(self, adapter, step: StepCapture, indices, method: str, background: str | None,
-                      background_offset: float, options: dict, out_hw=None) -> list[GoCASegmentation]:
-        """One segmentation per captured row; labels at `out_hw` (default: the generated image's size)."""
+                      background_offset: float, options: dict, out_hw=None, output_resize=None
+                      ) -> list[GoCASegmentation]:
+        """One segmentation per captured row; labels at `out_hw` (default: the generated image's size), then through
+        `output_resize` (what the pipeline does to its image after generating it, if anything)."""
         map_hw = adapter.map_grid(step.latent_hw)
         out_hw = out_hw or adapter.image_hw(step.latent_hw)
         results = []
@@ -261,6 +264,9 @@ class GoCAMixin:
             bg = background if background in index.extra_entities else None
             scores, bg_scores = method_scores(step, row, index, adapter, method, bg, **options)
             labels, up = scores_to_labels(scores, map_hw, out_hw, bg_scores, background_offset)
+            if output_resize is not None:
+                up = output_resize(up)
+                labels = up.argmax(0)
             classes = list(index.classes) + (["background"] if bg else [])
             results.append(GoCASegmentation(labels.cpu(), up.cpu(), classes))
         # Read after the labels came to the host, so the count costs no wait of its own.
@@ -428,7 +434,7 @@ class GoCAMixin:
             wants=self._goca_step_filter(goca_masks), n_images=len(indices), indices=indices, method=goca_method,
             background="background" if goca_background else None, background_offset=goca_background_offset,
             options=dict(goca_options or {}), callback=goca_callback, forwards_per_step=adapter.forwards_per_step(kwargs),
-            columns=needed_columns(indices),
+            columns=needed_columns(indices), output_resize=adapter.output_resize(kwargs),
         )
         self.goca_masks = request.delivered
         with self._goca_request(state, request):
@@ -437,8 +443,8 @@ class GoCAMixin:
     def _goca_step_filter(self, goca_masks) -> Callable[[int], bool]:
         if goca_masks is True or goca_masks == "all":
             return lambda i: True
-        if goca_masks == "last":
-            return lambda i: i == getattr(self, "_num_timesteps", -1) - 1
+        if goca_masks == "last":  # PixArt's pipelines do not keep `_num_timesteps`: their loop runs the schedule
+            return lambda i: i == (getattr(self, "_num_timesteps", None) or len(self.scheduler.timesteps)) - 1
         if isinstance(goca_masks, str):
             raise ValueError(f"goca_masks must be True, 'all', 'last' or a list of step indices, got {goca_masks!r}")
         wanted = {int(i) for i in goca_masks}

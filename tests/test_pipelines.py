@@ -369,6 +369,30 @@ def test_from_pipe_adds_no_watermark(tiny_sdxl, monkeypatch):
     assert goca.from_pipe(tiny_sdxl, enable=False).watermark is None
 
 
+def test_pixart_resolution_binning_masks_have_the_returned_size():
+    """PixArt's pipelines generate at the nearest aspect-ratio bin, then resize and centre-crop to the requested size
+    (and keep no `_num_timesteps`): the "last" step's masks are those of the binned image, resized and cropped alike."""
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import ASPECT_RATIO_256_BIN
+
+    pipe = make_tiny_pixart()
+    pipe.transformer.register_to_config(sample_size=32)  # the 256 px bins
+    call = dict(num_inference_steps=2, output_type="np")
+    reference = pipe(PROMPTS, height=100, width=150, generator=torch.Generator().manual_seed(0), **call).images
+    gp = goca.from_pipe(pipe)
+    images = gp(PROMPTS, height=100, width=150, goca_masks="last", generator=torch.Generator().manual_seed(0),
+                **call).images
+    assert np.array_equal(images, reference) and images.shape[1:3] == (100, 150)
+    (binned,) = gp.goca_masks
+    assert binned.step == 1 and binned.results[0].labels.shape == (100, 150)
+    h, w = pipe.image_processor.classify_height_width_bin(100, 150, ASPECT_RATIO_256_BIN)
+    gp(PROMPTS, height=h, width=w, use_resolution_binning=False, goca_masks="last",
+       generator=torch.Generator().manual_seed(0), **call)
+    for got, at_bin in zip(binned.results, gp.goca_masks[0].results):
+        want = pipe.image_processor.resize_and_crop_tensor(at_bin.scores[None], 150, 100)[0]
+        assert torch.allclose(got.scores, want) and torch.equal(got.labels, want.argmax(0))
+    gp.disable_goca()
+
+
 def test_pixart_adapter_scales_reference_and_refinement_with_depth():
     full = goca.adapter_for(make_tiny_pixart(num_layers=28))
     assert full.reference_layer == "transformer_blocks.13.attn2"

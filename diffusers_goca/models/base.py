@@ -135,6 +135,11 @@ class Adapter:
         """Denoiser calls per denoising step; the first is the one segmented (Flux's true CFG adds an uncond call)."""
         return 1
 
+    def output_resize(self, call_kwargs: dict):
+        """What the pipeline does to the generated image before returning it, as a function of scores [C, H, W] at the
+        generated size (labels follow by argmax), or None when it returns the image at that size."""
+        return None
+
     def guidance_forward(self, args, kwargs) -> bool:
         """Whether this denoiser call is an extra one that some steps add for a guidance (SD3's skip-layer guidance),
         neither segmented nor counted as a step's call."""

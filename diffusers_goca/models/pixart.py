@@ -39,6 +39,20 @@ class PixArtAdapter(Adapter):
         # PixArt-α encodes 120 T5 tokens, PixArt-Σ 300: the default of the pipeline's `max_sequence_length`.
         self.text_max_length = call_default(type(pipe), "max_sequence_length", 120)
 
+    def output_resize(self, call_kwargs):
+        # Resolution binning (the pipelines' default) generates at the nearest bin of the requested aspect ratio, then
+        # resizes and centre-crops the image to the requested size.
+        if not call_kwargs.get("use_resolution_binning", True):
+            return None
+        native = self.pipe.transformer.config.sample_size * self.pipe.vae_scale_factor
+        height, width = call_kwargs.get("height") or native, call_kwargs.get("width") or native
+
+        def resize(scores):
+            if tuple(scores.shape[-2:]) == (height, width):
+                return scores
+            return self.pipe.image_processor.resize_and_crop_tensor(scores[None], width, height)[0]
+        return resize
+
     def prompt_text(self, prompt: str, call_kwargs: dict) -> str:
         # The pipeline cleans captions (when bs4 / ftfy are installed) before tokenizing: index the text it encodes.
         return self.pipe._text_preprocessing(prompt, clean_caption=call_kwargs.get("clean_caption", True))[0]
