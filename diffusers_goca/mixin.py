@@ -225,7 +225,7 @@ class GoCAMixin:
         for the call and restore the previous ones (ours) after it."""
         capture = state.capture
         for layer in state.adapter.layers:
-            attn = state.adapter.denoiser.get_submodule(layer)
+            attn = state.adapter.submodule(layer)
             if getattr(attn.processor, "capture", None) is not capture:
                 attn.set_processor(wrap_processor(attn.processor, capture, layer))
 

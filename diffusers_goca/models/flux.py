@@ -94,7 +94,7 @@ class FluxAdapter(Adapter):
     def output_weight(self, layer, attn):
         if isinstance(getattr(attn, "to_out", None), torch.nn.ModuleList):
             return attn.to_out[0].weight
-        block = self.pipe.transformer.get_submodule(layer.rsplit(".", 1)[0])
+        block = self.submodule(layer.rsplit(".", 1)[0])
         return block.proj_out.weight[:, : attn.inner_dim]
 
     def reference_feature(self, layer, tap, output, step):
