@@ -258,8 +258,8 @@ class Capture:
         info = self.adapter.layers[layer]
         if tap.query is None or tap.key is None:
             raise RuntimeError(
-                f"GoCA could not read the queries and keys of {layer}: its processor "
-                f"({type(attn.processor).__name__}) does not project them through to_q / to_k (or the fused to_qkv / to_kv)"
+                f"GoCA could not read the queries and keys of {layer}: its processor ({type(attn.processor).__name__}) "
+                f"does not project them through to_q / to_k (or the fused to_qkv / to_kv)"
             )
         step = self.step
         if info.role == "joint":

@@ -6,7 +6,8 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from PIL import Image
 
 import diffusers_goca as goca
-from conftest import PROMPTS, HostWaits, Running, generate, make_tiny_flux, make_tiny_pixart, make_tiny_sd, make_tiny_sd3, make_tiny_sdxl
+from conftest import (PROMPTS, HostWaits, Running, generate, make_tiny_flux, make_tiny_pixart, make_tiny_sd, make_tiny_sd3,
+                      make_tiny_sdxl)
 
 FAMILIES = [make_tiny_sd, lambda: make_tiny_sd(sd2=True), make_tiny_sdxl, make_tiny_pixart, lambda: make_tiny_pixart(sigma=False),
             make_tiny_sd3, lambda: make_tiny_sd3(num_layers=3, qk_norm="rms_norm", dual_attention_layers=(0,)),
@@ -197,11 +198,14 @@ def test_reattaches_after_attention_slicing(tiny_sd):
     pipe.disable_attention_slicing()
 
 
-def derived(make, class_name, **extra):
+def derived(make, class_name):
+    """A builder of the diffusers pipeline `class_name` on the components of `make()` (plus a ControlNet made from
+    its UNet, for the ControlNet pipeline)."""
     def build():
         import diffusers
 
         base = make()
+        extra = {}
         if class_name == "StableDiffusionControlNetPipeline":
             torch.manual_seed(0)
             extra["controlnet"] = diffusers.ControlNetModel.from_unet(base.unet,
@@ -240,8 +244,9 @@ DERIVED = {
     "sd-controlnet": (derived(make_tiny_sd, "StableDiffusionControlNetPipeline"), dict(image=IMAGE_48x32)),
     "sd3-img2img": (derived(make_tiny_sd3, "StableDiffusion3Img2ImgPipeline"), dict(image=IMAGE_48x32, strength=0.9)),
     "flux-img2img": (derived(make_tiny_flux, "FluxImg2ImgPipeline"), dict(image=IMAGE_48x32, strength=0.9)),
-    "sd-ip-adapter": (with_ip_adapter, dict(ip_adapter_image_embeds=[torch.randn(2, 1, 16,  # [uncond; cond] images
-                                                                               generator=torch.Generator().manual_seed(1))])),
+    # One image embedding each for the unconditional and the conditional half.
+    "sd-ip-adapter": (with_ip_adapter, dict(ip_adapter_image_embeds=[
+        torch.randn(2, 1, 16, generator=torch.Generator().manual_seed(1))])),
 }
 
 
@@ -307,7 +312,8 @@ def test_flux_kontext_reference_tokens_are_refused_clearly():
 
 
 def pag_pipeline(make, pipeline_class, layers):
-    """A PAG pipeline on the components of `make()`, perturbing the self-attention of `layers`; and that base pipeline."""
+    """A PAG pipeline on the components of `make()` perturbing the self-attention of `layers`, and that base
+    pipeline."""
     import inspect
 
     base = make()
