@@ -45,9 +45,10 @@ def _segment(args) -> int:
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     pipe = load_pipeline(args.model, args.device, DTYPES[args.dtype])
     image = Image.open(args.image)
+    options = {} if args.layer_weight_stride is None else {"layer_weight_stride": args.layer_weight_stride}
     result = pipe.segment(
         image, classes, method=args.method, timestep=args.timestep, seed=args.seed,
-        background=not args.no_background, background_offset=args.background_offset,
+        background=not args.no_background, background_offset=args.background_offset, **options,
     )
     result.overlay(image).save(args.out)
     print(f"saved {args.out}")
@@ -76,6 +77,8 @@ def main(argv=None) -> int:
     s.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     s.add_argument("--no-background", action="store_true", help="no background channel")
     s.add_argument("--background-offset", type=float, default=0.0)
+    s.add_argument("--layer-weight-stride", type=int, default=None,
+                   help="goca: layer weights over every s-th reference row and column (faster; default: all rows)")
     d = sub.add_parser("demo", help="the toy-world demo: generation with masks, held-out mIoU table, pictures")
     d.add_argument("--out", default="outputs/demo")
     d.add_argument("--n-eval", type=int, default=100)

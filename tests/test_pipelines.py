@@ -155,6 +155,8 @@ def test_cli_segments_with_a_saved_pipeline(tmp_path):
     assert main(["segment", str(tmp_path / "in.png"), "--classes", "cat,grass", "--model", str(tmp_path / "model"),
                  "--out", str(out), "--heatmaps", str(tmp_path / "heat.png"), "--method", "vanilla"]) == 0
     assert Image.open(out).mode == "RGB" and (tmp_path / "heat.png").exists()
+    assert main(["segment", str(tmp_path / "in.png"), "--classes", "cat", "--model", str(tmp_path / "model"),
+                 "--out", str(out), "--layer-weight-stride", "2"]) == 0
 
 
 def test_from_pipe_of_an_enabled_pipeline_shares_without_double_wrapping(tiny_sd):
