@@ -413,7 +413,8 @@ class GoCAMixin:
     ):
         """The pipeline's own call, plus masks during generation.
 
-        goca_masks: False (default: nothing extra is computed), True / "all" (every step), "last", or step indices.
+        goca_masks: False (default: nothing extra is computed), True / "all" (every step), "last", or step indices
+        (negative ones count from the end: -1 is the last step).
         goca_classes: classes to segment (default: the entities of each prompt, see `tokens.entities_from_prompt`).
         goca_callback: called as `goca_callback(pipe, step, timestep, masks: GoCAStepMasks)` after each segmented step.
         After the call, `pipe.goca_masks` holds the list of `GoCAStepMasks` of that call.
@@ -441,11 +442,17 @@ class GoCAMixin:
             return super().__call__(*args, **kwargs)
 
     def _goca_step_filter(self, goca_masks) -> Callable[[int], bool]:
+        """Whether step i is segmented; negative indices count from the end of the call's denoising loop."""
         if goca_masks is True or goca_masks == "all":
             return lambda i: True
-        if goca_masks == "last":  # PixArt's pipelines do not keep `_num_timesteps`: their loop runs the schedule
-            return lambda i: i == (getattr(self, "_num_timesteps", None) or len(self.scheduler.timesteps)) - 1
+        if goca_masks == "last":
+            goca_masks = [-1]
         if isinstance(goca_masks, str):
             raise ValueError(f"goca_masks must be True, 'all', 'last' or a list of step indices, got {goca_masks!r}")
         wanted = {int(i) for i in goca_masks}
-        return lambda i: i in wanted
+
+        def steps() -> int:
+            # Read as the loop runs. PixArt's pipelines keep no `_num_timesteps`; their loop runs the whole schedule.
+            return getattr(self, "_num_timesteps", None) or len(self.scheduler.timesteps)
+
+        return lambda i: i in wanted or i - steps() in wanted

@@ -71,6 +71,8 @@ def test_steps_without_masks_capture_nothing(tiny_sd):
     assert [s for s, _, _ in seen] == [1] and [m.step for m in pipe.goca_masks] == [1]
     assert seen[0][2] == 2
     assert not pipe._goca.capture.active
+    generate(pipe, goca_masks=[-1, 0])  # negative indices count from the end
+    assert [m.step for m in pipe.goca_masks] == [0, 2]
     pipe.disable_goca()
 
 
