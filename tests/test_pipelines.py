@@ -64,6 +64,17 @@ def test_disable_restores_identical_objects_and_custom_processors_run(tiny_sd):
     unet.set_attn_processor(dict(before))
 
 
+def test_attention_backend_set_while_enabled_stays_after_disable():
+    pipe = make_tiny_flux()
+    original = pipe.transformer.transformer_blocks[0].attn.processor
+    gp = goca.from_pipe(pipe)
+    pipe.transformer.set_attention_backend("native")
+    assert gp.transformer.transformer_blocks[0].attn.processor._attention_backend.value == "native"
+    gp.disable_goca()
+    assert pipe.transformer.transformer_blocks[0].attn.processor is original
+    assert original._attention_backend.value == "native"
+
+
 def test_steps_without_masks_capture_nothing(tiny_sd):
     pipe = goca.from_pipe(tiny_sd)
     seen = []
