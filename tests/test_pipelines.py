@@ -73,6 +73,7 @@ def test_attention_backend_set_while_enabled_stays_after_disable():
     gp.disable_goca()
     assert pipe.transformer.transformer_blocks[0].attn.processor is original
     assert original._attention_backend.value == "native"
+    pipe.transformer.reset_attention_backend()  # the active backend is global state
 
 
 def test_steps_without_masks_capture_nothing(tiny_sd):
