@@ -29,6 +29,10 @@ from diffusers_goca.methods import method_scores
 from diffusers_goca.mixin import GoCAMixin
 from diffusers_goca.tokens import TokenIndex
 
+# The prompt "cat, grass, background": classes at token positions 1 and 3, "background" at 5, the end token at 6.
+PROMPT = TokenIndex("cat, grass, background", ["cat", "grass"], [[1], [3]], [1, 3, 5], 7, {"background": [5]}, 0, 6)
+
+
 class Host(GoCAMixin):
     """Just enough of a pipeline for the adapters: the denoiser, a tokenizer, the VAE factor."""
 
@@ -67,7 +71,8 @@ def build(args, dtype):
     ehs = torch.randn(1, t, 4096, device=dev, dtype=dtype)
     if args.model == "pixart-sigma":
         x = torch.randn(1, 4, side, side, device=dev, dtype=dtype)
-        return host, lambda: model(x, encoder_hidden_states=ehs, encoder_attention_mask=torch.ones(1, t, device=dev),
+        mask = (torch.arange(t, device=dev) < PROMPT.length).float()[None]  # T5 padding after the prompt, masked
+        return host, lambda: model(x, encoder_hidden_states=ehs, encoder_attention_mask=mask,
                                    timestep=torch.tensor([100], device=dev),
                                    added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
     if args.model == "sd3-medium":
@@ -98,8 +103,9 @@ def segmentation(host, run, index, offload_above_mib, kernel="torch", layer_weig
         host.enable_goca(offload_above_mib=offload_above_mib)
 
     def capture():
+        text_keys = index.length if host._goca.adapter.text_padding_masked else None
         with layer_weight_kernel(kernel):
-            return host.capture_forward(run, columns=index.needed())
+            return host.capture_forward(run, columns=index.needed(), text_keys=text_keys)
 
     def reduce(step):
         with layer_weight_kernel(kernel):
@@ -172,10 +178,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     host, run = build(args, getattr(torch, args.dtype))
     offload = None if args.offload_above_mib < 0 else args.offload_above_mib
-    # Classes at token positions 1 and 3, "background" at 5; content tokens 1, 3, 5 (as in "cat, grass, background").
-    index = TokenIndex("cat, grass, background", ["cat", "grass"], [[1], [3]], [1, 3, 5], 7, {"background": [5]}, 0, 6)
     kernels = ["torch", "triton"] if args.kernel == "both" else [args.kernel]
-    variants = {kernel: segmentation(host, run, index, offload, kernel, args.layer_weight_stride) for kernel in kernels}
+    variants = {kernel: segmentation(host, run, PROMPT, offload, kernel, args.layer_weight_stride) for kernel in kernels}
     parts = variants[kernels[-1]]
     depth = f", {args.layers} layers" if args.layers else ""
     print(f"model {args.model} (real config{depth}, random weights), {args.resolution} px, {args.device}, {args.dtype}, "

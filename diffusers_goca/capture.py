@@ -119,6 +119,7 @@ class StepCapture:
     text_len: int | None = None
     head_weighting: str = "auto"  # how the "auto" maps were weighted over heads
     columns: list[int] | None = None  # token positions kept in the maps (None: all)
+    text_keys: int | None = None  # leading text keys read by the cross maps (None: all; see Capture.start)
     cross: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # layer → {"auto", "average"}: [R, N, T']
     grids: dict[str, tuple[int, int]] = field(default_factory=dict)
     selfs: dict[str, SelfQK] = field(default_factory=dict)
@@ -131,6 +132,9 @@ class StepCapture:
     layer_weight_terms: dict[str, torch.Tensor] = field(default_factory=dict)  # joint layer → [R] w_l before normalising
     pending: dict[str, JointText] = field(default_factory=dict)  # joint layers finished at the end of the forward
     key_bias: tuple | None = field(default=None, repr=False)  # (mask, its shape key, fp32 bias): see Capture._key_bias
+    # Per distinct mask, a device bool: a text key past `text_keys` was unmasked in a captured row. Checked when the
+    # results are read, on the host already (`unread_keys_unmasked`).
+    unmasked_past_text_keys: list[torch.Tensor] = field(default_factory=list)
     _columns: dict = field(default_factory=dict, repr=False)  # device → `columns` as an index tensor
 
     @property
@@ -139,6 +143,13 @@ class StepCapture:
         if not self.degenerate_masks:
             return 0
         return int(torch.cat([m.flatten() for m in self.degenerate_masks]).sum())
+
+    def check_text_keys(self) -> None:
+        """RuntimeError if a text key the cross maps did not read (past `text_keys`) was unmasked: the maps would miss
+        its probability. Reads device flags: call it where the host waits for the results anyway."""
+        if self.unmasked_past_text_keys and bool(torch.stack([f.cpu() for f in self.unmasked_past_text_keys]).any()):
+            raise RuntimeError(f"the attention mask leaves text keys past the prompt's {self.text_keys} tokens "
+                               f"unmasked: capture with text_keys=None")
 
     def nbytes(self, device: str | None = None) -> int:
         """Bytes held by the capture (the accounting that bounds its memory), optionally only those on `device`'s
@@ -198,12 +209,18 @@ class Capture:
         return self.step is not None and layer in self.adapter.layers
 
     def start(self, latent_hw: tuple[int, int], rows: list[int], text_len: int | None = None,
-              columns: list[int] | None = None) -> None:
+              columns: list[int] | None = None, text_keys: int | None = None) -> None:
+        """Capture the next forward's rows `rows`, keeping the maps' token `columns` (None: all). text_keys: where the
+        text's padding is masked, the number of leading text keys that may be unmasked (the longest captured
+        prompt's tokens); the cross maps are computed over those keys only, the rest carrying no probability."""
         rows = list(rows)
         if rows != list(range(rows[0], rows[0] + len(rows))):
             raise ValueError(f"the captured rows must be a contiguous range of the batch, got {rows}")
+        if text_keys is not None and columns is not None and max(columns, default=0) >= text_keys:
+            raise ValueError(f"token columns {sorted(c for c in columns if c >= text_keys)} lie past the {text_keys} "
+                             f"text keys read")
         self.step = StepCapture(tuple(latent_hw), rows, text_len, self.head_weighting,
-                                None if columns is None else sorted(set(columns)))
+                                None if columns is None else sorted(set(columns)), text_keys)
 
     def _keep_self(self, layer: str, qk: SelfQK) -> None:
         """Store a self layer's inputs, on the host when the accelerator-side ones would pass the budget."""
@@ -279,12 +296,15 @@ class Capture:
         step, heads = self.step, attn.heads
         r, n, inner = q.shape
         d = inner // heads
-        t = k.shape[1]
+        t = k.shape[1] if step.text_keys is None else min(step.text_keys, k.shape[1])
+        if attention_mask is not None:
+            bias = step.take(self._key_bias(attn, attention_mask, k.shape[1], tap.query.shape[0]))[..., :t]
+        k = k[:, :t]  # the keys that can carry probability (all, unless the text's padding is masked)
         qh = q.view(r, n, heads, d).transpose(1, 2).reshape(r * heads, n, d)
-        kh = k.view(r, t, heads, d).permute(0, 2, 3, 1).reshape(r * heads, d, t)
+        kh = k.reshape(r, t, heads, d).permute(0, 2, 3, 1).reshape(r * heads, d, t)
         scores = logits(qh, kh, compute_dtype(q), attn.scale).view(r, heads, n, t)  # [R, heads, N, T]
         if attention_mask is not None:
-            scores += step.take(self._key_bias(attn, attention_mask, t, tap.query.shape[0]))
+            scores += bias
         probs = scores.softmax(-1)
         columns = step.column_index(probs.device)
         if columns is not None:
@@ -305,11 +325,14 @@ class Capture:
     def _key_bias(self, attn, attention_mask, keys: int, batch: int) -> torch.Tensor:
         """The attention mask as the fp32 bias of the scores [B, heads, 1 or N, T]. Made once per forward for all
         the layers that get the same mask (every cross layer, in the models that mask the text)."""
-        cache = self.step.key_bias
+        step = self.step
+        cache = step.key_bias
         if cache is None or cache[0] is not attention_mask or cache[1] != (attn.heads, keys, batch):
             mask = attn.prepare_attention_mask(attention_mask, keys, batch)  # [B·heads, 1 or N, T]
             bias = mask.view(batch, attn.heads, -1, mask.shape[-1]).float()
-            cache = self.step.key_bias = (attention_mask, (attn.heads, keys, batch), bias)
+            cache = step.key_bias = (attention_mask, (attn.heads, keys, batch), bias)
+            if step.text_keys is not None and step.text_keys < keys:  # masked: a bias of -10000 (any large negative)
+                step.unmasked_past_text_keys.append((step.take(bias)[..., step.text_keys:] > -1000).any())
         return cache[2]
 
     def _record_joint(self, layer, attn, tap, output, call_kwargs) -> None:

@@ -71,6 +71,7 @@ class _Request:
     callback: Callable | None = None
     keep_capture: bool = False  # keep the raw capture instead of segmenting (segment(), capture_forward())
     columns: list[int] | None = None  # text positions whose maps are kept (None: all)
+    text_keys: int | None = None  # leading text keys the cross maps read (None: all; see `Capture.start`)
     output_resize: Callable | None = None  # scores at the generated size → the returned image's (Adapter.output_resize)
     transform: Callable | None = None  # (capture, denoiser output) → replacement output (S-CFG)
     captured: list[StepCapture] = field(default_factory=list)
@@ -116,6 +117,12 @@ def _as_rgb(image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def _text_keys(adapter, indices) -> int | None:
+    """The text keys the cross maps need to read for these prompts: all (None) unless the family masks the text's
+    padding, then the longest prompt's tokens (the mask covers the rest)."""
+    return max(index.length for index in indices) if adapter.text_padding_masked else None
 
 
 class GoCAMixin:
@@ -209,7 +216,7 @@ class GoCAMixin:
         rows = self._goca_rows(adapter.denoiser_batch(args, kwargs), req.n_images)
         self._goca_wrap_replaced(state)
         state.capture.start(adapter.denoiser_latent_hw(args, kwargs), rows, adapter.denoiser_text_len(args, kwargs),
-                            req.columns)
+                            req.columns, req.text_keys)
         req.timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         return None
 
@@ -276,7 +283,8 @@ class GoCAMixin:
                 labels = up.argmax(0)
             classes = list(index.classes) + (["background"] if bg else [])
             results.append(GoCASegmentation(labels.cpu(), up.cpu(), classes))
-        # Read after the labels came to the host, so the count costs no wait of its own.
+        # Read after the labels came to the host, so the checks and counts cost no wait of their own.
+        step.check_text_keys()
         degenerate = step.degenerate_pixels if reads_head_weighted_maps(method, options) else 0
         if degenerate:
             logger.warning("GoCA: %d pixel(s), summed over the layers and images of this forward, had an attention "
@@ -305,19 +313,20 @@ class GoCAMixin:
         max_length = kwargs.get("max_sequence_length", adapter.text_max_length)
         return [index_for(adapter.prompt_text(p, kwargs), max_length) for p in prompts for _ in range(per_prompt)]
 
-    def capture_forward(self, run: Callable[[], object], n_images: int = 1, columns: Sequence[int] | None = None
-                        ) -> StepCapture:
+    def capture_forward(self, run: Callable[[], object], n_images: int = 1, columns: Sequence[int] | None = None,
+                        text_keys: int | None = None) -> StepCapture:
         """Run `run()`, which calls the denoiser once, with the capture on; return what it captured.
 
         The conditional rows of the denoiser batch are captured (`n_images` of them: the last ones of a CFG batch);
-        `columns`: the text positions whose maps are kept (default all; `TokenIndex.needed()` is what the methods read).
-        GoCA is enabled for the call if it was not, and left as it was afterwards, also on error. `segment` and the
-        benchmarks are built on this.
+        `columns`: the text positions whose maps are kept (default all; `TokenIndex.needed()` is what the methods read);
+        `text_keys`: for a family that masks the text's padding, the prompts' token count (`_text_keys`), past
+        which no key is read (default all). GoCA is enabled for the call if it was not, and left as it was afterwards,
+        also on error. `segment` and the benchmarks are built on this.
         """
         was_enabled = self._goca is not None
         state = self._goca_attached() if was_enabled else self.enable_goca()._goca
         request = _Request(wants=lambda i: True, n_images=n_images, keep_capture=True,
-                           columns=None if columns is None else list(columns))
+                           columns=None if columns is None else list(columns), text_keys=text_keys)
         try:
             with self._goca_request(state, request):
                 run()
@@ -365,13 +374,15 @@ class GoCAMixin:
         timestep = adapter.segment_timestep if timestep is None else timestep  # None: the family's own rule
         resolution = resolution or adapter.native_resolution
         latents = self._goca_encode(rgb, resolution, adapter)
+        text_keys = _text_keys(adapter, [index])
+
         def capture(scale_classes: float | None = None) -> StepCapture:
             forward = lambda: adapter.segment_forward(latents, prompt, timestep, torch.Generator().manual_seed(seed))
             if scale_classes is None:
-                return self.capture_forward(forward, columns=index.needed())
+                return self.capture_forward(forward, columns=index.needed(), text_keys=text_keys)
             positions = sorted({p for ps in index.class_tokens for p in ps})
             with _scaled_text_tokens(adapter.denoiser, positions, scale_classes):
-                return self.capture_forward(forward, columns=index.needed())
+                return self.capture_forward(forward, columns=index.needed(), text_keys=text_keys)
 
         # iSeg reads a forward whose class-token embeddings are scaled; every other method shares one plain forward.
         steps = {}
@@ -442,7 +453,8 @@ class GoCAMixin:
             wants=self._goca_step_filter(goca_masks), n_images=len(indices), indices=indices, method=goca_method,
             background="background" if goca_background else None, background_offset=goca_background_offset,
             options=dict(goca_options or {}), callback=goca_callback, forwards_per_step=adapter.forwards_per_step(kwargs),
-            columns=needed_columns(indices), output_resize=adapter.output_resize(kwargs),
+            columns=needed_columns(indices), text_keys=_text_keys(adapter, indices),
+            output_resize=adapter.output_resize(kwargs),
         )
         self.goca_masks = request.delivered
         with self._goca_request(state, request):

@@ -415,6 +415,43 @@ def test_pixart_resolution_binning_masks_have_the_returned_size():
     gp.disable_goca()
 
 
+@pytest.mark.parametrize("sigma", [True, False], ids=["sigma", "alpha"])
+def test_pixart_maps_read_only_the_prompts_text_keys(sigma, monkeypatch):
+    """PixArt masks the T5 padding (300 / 120 keys, most of them padding): its cross maps are computed over the
+    prompt's tokens only (`segment` and generation pass their count), and equal those over every key. A mask that
+    leaves a key past them open is an error."""
+    from diffusers_goca.capture import Capture
+    from diffusers_goca.tokens import segmentation_prompt
+
+    pipe = goca.from_pipe(make_tiny_pixart(sigma=sigma))
+    adapter = pipe._goca.adapter
+    prompt = segmentation_prompt(["cat", "grass"], True)
+    index = adapter.token_index(prompt, ["cat", "grass"], extra_entities=["background"])
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    forward = lambda text: lambda: adapter.segment_forward(latents, text, 100, torch.Generator().manual_seed(1))
+    short = pipe.capture_forward(forward(prompt), columns=index.needed(), text_keys=index.length)
+    full = pipe.capture_forward(forward(prompt), columns=index.needed())
+    assert index.length < adapter.text_max_length
+    for name, maps in short.cross.items():
+        for kind, m in maps.items():
+            assert torch.allclose(m, full.cross[name][kind], atol=1e-6), (name, kind)
+    short.check_text_keys()
+
+    read = []
+    start = Capture.start
+    monkeypatch.setattr(Capture, "start", lambda self, *a: read.append(a[-1]) or start(self, *a))
+    pipe.segment(Image.new("RGB", (32, 32), "green"), ["cat", "grass"])
+    generate(pipe, goca_masks=[1])
+    lengths = [adapter.token_index(adapter.prompt_text(p, {}), [], require_classes=False).length for p in PROMPTS]
+    assert read == [index.length, max(lengths)]
+
+    cut = pipe.capture_forward(forward("a cat on green grass"), text_keys=2)
+    assert next(iter(cut.cross.values()))["auto"].shape[-1] == 2
+    with pytest.raises(RuntimeError, match="unmasked"):
+        cut.check_text_keys()
+    pipe.disable_goca()
+
+
 def test_pixart_adapter_scales_reference_and_refinement_with_depth():
     full = goca.adapter_for(make_tiny_pixart(num_layers=28))
     assert full.reference_layer == "transformer_blocks.13.attn2"

@@ -29,6 +29,9 @@ class Adapter:
 
     family: str = "?"
     text_max_length: int = 77
+    # Whether the cross-attention masks the text's padding (PixArt's T5 mask): then the keys past a prompt's tokens
+    # carry no probability, and the capture reads only the prompt's (`Capture.start`'s text_keys).
+    text_padding_masked: bool = False
     segment_timestep: int | None = 100  # ALGORITHMS §5: t = 100 of 1000 for SD / SDXL / PixArt; None: the family's rule
 
     def __init__(self, pipe):

@@ -19,6 +19,7 @@ _REFERENCE, _REFINE, _DEPTH = 13, range(10, 18), 28
 class PixArtAdapter(Adapter):
     family = "pixart"
     denoiser_class = "PixArtTransformer2DModel"
+    text_padding_masked = True
 
     def __init__(self, pipe):
         super().__init__(pipe)
