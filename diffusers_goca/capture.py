@@ -133,7 +133,7 @@ class StepCapture:
     pending: dict[str, JointText] = field(default_factory=dict)  # joint layers finished at the end of the forward
     key_bias: tuple | None = field(default=None, repr=False)  # (mask, its shape key, fp32 bias): see Capture._key_bias
     # Per distinct mask, a device bool: a text key past `text_keys` was unmasked in a captured row. Checked when the
-    # results are read, on the host already (`unread_keys_unmasked`).
+    # results are read, on the host already (`check_text_keys`).
     unmasked_past_text_keys: list[torch.Tensor] = field(default_factory=list)
     _columns: dict = field(default_factory=dict, repr=False)  # device → `columns` as an index tensor
 
@@ -296,10 +296,11 @@ class Capture:
         step, heads = self.step, attn.heads
         r, n, inner = q.shape
         d = inner // heads
-        t = k.shape[1] if step.text_keys is None else min(step.text_keys, k.shape[1])
+        # The keys that can carry probability: all, unless a mask covers the text's padding past `text_keys`.
+        t = k.shape[1] if step.text_keys is None or attention_mask is None else min(step.text_keys, k.shape[1])
         if attention_mask is not None:
             bias = step.take(self._key_bias(attn, attention_mask, k.shape[1], tap.query.shape[0]))[..., :t]
-        k = k[:, :t]  # the keys that can carry probability (all, unless the text's padding is masked)
+        k = k[:, :t]
         qh = q.view(r, n, heads, d).transpose(1, 2).reshape(r * heads, n, d)
         kh = k.reshape(r, t, heads, d).permute(0, 2, 3, 1).reshape(r * heads, d, t)
         scores = logits(qh, kh, compute_dtype(q), attn.scale).view(r, heads, n, t)  # [R, heads, N, T]

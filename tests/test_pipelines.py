@@ -449,6 +449,11 @@ def test_pixart_maps_read_only_the_prompts_text_keys(sigma, monkeypatch):
     assert next(iter(cut.cross.values()))["auto"].shape[-1] == 2
     with pytest.raises(RuntimeError, match="unmasked"):
         cut.check_text_keys()
+    text = torch.randn(1, 12, adapter.denoiser.config.caption_channels)
+    unmasked = pipe.capture_forward(lambda: adapter.denoiser(  # no mask at all: every key is read
+        torch.randn(1, 4, 16, 16), encoder_hidden_states=text, timestep=torch.tensor([100]),
+        added_cond_kwargs={"resolution": None, "aspect_ratio": None}), text_keys=2)
+    assert next(iter(unmasked.cross.values()))["auto"].shape[-1] == 12
     pipe.disable_goca()
 
 
