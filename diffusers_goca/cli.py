@@ -36,7 +36,7 @@ def load_pipeline(model: str | None, device: str, dtype: torch.dtype):
 
 
 def _segment(args) -> int:
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     from .methods import METHODS
 
@@ -44,7 +44,7 @@ def _segment(args) -> int:
         raise SystemExit(f"--method must be one of {', '.join(METHODS)}")
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     pipe = load_pipeline(args.model, args.device, DTYPES[args.dtype])
-    image = Image.open(args.image)
+    image = ImageOps.exif_transpose(Image.open(args.image))  # upright, as viewers show the photo
     options = {} if args.layer_weight_stride is None else {"layer_weight_stride": args.layer_weight_stride}
     result = pipe.segment(
         image, classes, method=args.method, timestep=args.timestep, seed=args.seed,

@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .capture import Capture, StepCapture
 from .functional.maps import scores_to_labels
@@ -89,11 +89,11 @@ class _GoCAState:
 
 def _as_rgb(image) -> Image.Image:
     """A PIL RGB image from a PIL image (any mode; alpha composited on white), an array [H, W(, C)], a tensor
-    [C, H, W] / [1, C, H, W] in [0, 1], or a file path."""
+    [C, H, W] / [1, C, H, W] in [0, 1], or a file path (turned upright by its EXIF orientation, as viewers show it)."""
     if isinstance(image, (str, os.PathLike)):
         if not os.path.exists(image):
             raise ValueError(f"image path does not exist: {image}")
-        image = Image.open(image)
+        image = ImageOps.exif_transpose(Image.open(image))
     if isinstance(image, torch.Tensor):
         t = image.detach().float().cpu()
         if t.ndim == 4 and t.shape[0] == 1:

@@ -104,6 +104,16 @@ def test_segment_sizes_and_modes(tiny_sd, size, mode, method):
     pipe.disable_goca()
 
 
+def test_a_photo_path_is_segmented_upright(tiny_sd, tmp_path):
+    """A file's EXIF orientation is applied, as viewers (and diffusers' `load_image`) show the photo."""
+    raw = Image.fromarray((np.random.RandomState(5).rand(30, 40, 3) * 255).astype(np.uint8))  # 40 wide, 30 tall
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to view
+    raw.save(tmp_path / "photo.jpg", exif=exif)
+    result = goca.from_pipe(tiny_sd).segment(tmp_path / "photo.jpg", ["cat"])
+    assert result.labels.shape == (40, 30) and result.image.size == (30, 40)
+
+
 @pytest.mark.parametrize("make", FAMILIES[2:], ids=FAMILY_IDS[2:])
 def test_segment_is_seeded_and_method_changes_result(make):
     pipe = goca.from_pipe(make())
