@@ -110,8 +110,10 @@ def test_a_photo_path_is_segmented_upright(tiny_sd, tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90° clockwise to view
     raw.save(tmp_path / "photo.jpg", exif=exif)
-    result = goca.from_pipe(tiny_sd).segment(tmp_path / "photo.jpg", ["cat"])
+    pipe = goca.from_pipe(tiny_sd)
+    result = pipe.segment(tmp_path / "photo.jpg", ["cat"])
     assert result.labels.shape == (40, 30) and result.image.size == (30, 40)
+    pipe.disable_goca()  # the fixture's UNet is shared with other tests
 
 
 @pytest.mark.parametrize("make", FAMILIES[2:], ids=FAMILY_IDS[2:])
@@ -295,9 +297,12 @@ def test_derived_pipelines_keep_their_images(name):
 def test_sdxl_pipeline_classes_segment_alike(tiny_sdxl, class_name):
     """`segment` builds SDXL's micro-conditioning itself (the pipeline classes' `_get_add_time_ids` differ): every
     SDXL pipeline class on the same components gives the same segmentation."""
-    want = goca.from_pipe(tiny_sdxl).segment(IMAGE_48x32, ["cat", "dog"])
-    got = goca.from_pipe(derived(lambda: tiny_sdxl, class_name)()).segment(IMAGE_48x32, ["cat", "dog"])
+    base, other = goca.from_pipe(tiny_sdxl, enable=False), goca.from_pipe(derived(lambda: tiny_sdxl, class_name)(),
+                                                                       enable=False)
+    # Not enabled: each `segment` enables GoCA for its forward and leaves the shared UNet as it was.
+    want, got = base.segment(IMAGE_48x32, ["cat", "dog"]), other.segment(IMAGE_48x32, ["cat", "dog"])
     assert torch.equal(got.scores, want.scores)
+    assert not any(goca.processors.is_goca_processor(p) for p in tiny_sdxl.unet.attn_processors.values())
 
 
 def test_sdxl_refiner_with_only_the_second_text_encoder():
