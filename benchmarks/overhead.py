@@ -95,15 +95,16 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def segmentation(host, run, index, offload_above_mib, kernel="torch", layer_weight_stride=1):
+def segmentation(host, run, index, offload_above_mib, kernel="torch", layer_weight_stride=1, every_text_key=False):
     """(enable, capture, reduce): GoCA's attachment with the offload setting, one `segment`'s capture forward
-    (the token columns it keeps) and its `goca` reductions of a capture, the layer weights by `kernel` over the
-    reference rows of `layer_weight_stride`."""
+    (the token columns it keeps; the prompt's text keys only where the family masks the padding, unless
+    `every_text_key`) and its `goca` reductions of a capture, the layer weights by `kernel` over the reference rows of
+    `layer_weight_stride`."""
     def enable():
         host.enable_goca(offload_above_mib=offload_above_mib)
 
     def capture():
-        text_keys = index.length if host._goca.adapter.text_padding_masked else None
+        text_keys = index.length if host._goca.adapter.text_padding_masked and not every_text_key else None
         with layer_weight_kernel(kernel):
             return host.capture_forward(run, columns=index.needed(), text_keys=text_keys)
 
@@ -169,6 +170,9 @@ def main(argv=None):
                         "timed in the same rounds (the peaks and the profile are the last one's)")
     p.add_argument("--layer-weight-stride", type=int, default=1,
                    help="the `goca` option: layer weights over every s-th reference row and column (1: official)")
+    p.add_argument("--compare-text-keys", action="store_true",
+                   help="also time the capture over every text key (PixArt: the masked T5 padding too), in the same "
+                        "rounds")
     p.add_argument("--launches", action="store_true",
                    help="also count the operators that launch device work (no views, no bare allocations) in the plain "
                         "forward, the capture forward and the reductions: where the forward is short, each one costs "
@@ -179,20 +183,25 @@ def main(argv=None):
     host, run = build(args, getattr(torch, args.dtype))
     offload = None if args.offload_above_mib < 0 else args.offload_above_mib
     kernels = ["torch", "triton"] if args.kernel == "both" else [args.kernel]
-    variants = {kernel: segmentation(host, run, PROMPT, offload, kernel, args.layer_weight_stride) for kernel in kernels}
-    parts = variants[kernels[-1]]
+    variants = {f"layer weights by {kernel}": segmentation(host, run, PROMPT, offload, kernel, args.layer_weight_stride)
+                for kernel in kernels}
+    if args.compare_text_keys:
+        variants["every text key"] = segmentation(host, run, PROMPT, offload, kernels[0], args.layer_weight_stride,
+                                                  every_text_key=True)
+    parts = variants[f"layer weights by {kernels[-1]}"]
     depth = f", {args.layers} layers" if args.layers else ""
     print(f"model {args.model} (real config{depth}, random weights), {args.resolution} px, {args.device}, {args.dtype}, "
-          f"offload above {'never' if offload is None else f'{offload:g} MiB'}, layer_weight_stride {args.layer_weight_stride}")
+          f"offload above {'never' if offload is None else f'{offload:g} MiB'}, "
+          f"layer_weight_stride {args.layer_weight_stride}")
     if args.repeats > 0:
-        report_times(args, host, run, variants, kernels, parts, offload)
+        report_times(args, host, run, variants, parts)
     if args.launches:
         print_launches(host, run, parts)
     if args.profile:
         print_profile(host, parts, args.device, args.profile)
 
 
-def report_times(args, host, run, variants, kernels, parts, offload):
+def report_times(args, host, run, variants, parts):
     """Times (interleaved rounds, medians) and peak memory of the plain forward, the capture and the reductions."""
     enable, capture, reduce = parts
     with torch.no_grad():  # warm-up: one of each
@@ -212,10 +221,10 @@ def report_times(args, host, run, variants, kernels, parts, offload):
     mib = 2**20
     print(f"  plain denoiser forward          {plain_t * 1e3:9.1f} ms")
     print(f"  enabled, step without masks     {idle_t * 1e3:9.1f} ms   ratio {idle_t / plain_t:.3f}")
-    for kernel in kernels:
-        cap_t, reduce_t = t[f"capture {kernel}"], t[f"reduce {kernel}"]
-        if len(kernels) > 1:
-            print(f"  layer weights by {kernel}:")
+    for name in variants:
+        cap_t, reduce_t = t[f"capture {name}"], t[f"reduce {name}"]
+        if len(variants) > 1:
+            print(f"  {name}:")
         print(f"  forward with capture            {cap_t * 1e3:9.1f} ms   ratio {cap_t / plain_t:.3f}")
         print(f"  GoCA reductions after forward   {reduce_t * 1e3:9.1f} ms   ratio {reduce_t / plain_t:.3f}")
         print(f"  capture + reductions (segment)  {(cap_t + reduce_t) * 1e3:9.1f} ms   "

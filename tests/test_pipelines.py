@@ -226,19 +226,23 @@ def test_reattaches_after_attention_slicing(tiny_sd):
     pipe.disable_attention_slicing()
 
 
-def derived(make, class_name):
-    """A builder of the diffusers pipeline `class_name` on the components of `make()` (plus a ControlNet made from
-    its UNet, for the ControlNet pipeline)."""
+def derived(make, class_name, **settings):
+    """A builder of the diffusers pipeline `class_name` on those components of `make()` it takes, with `settings`
+    (plus a ControlNet made from the UNet, for the ControlNet pipeline)."""
     def build():
+        import inspect
+
         import diffusers
 
         base = make()
-        extra = {}
+        cls = getattr(diffusers, class_name)
+        params = inspect.signature(cls.__init__).parameters
+        extra = dict(settings)
         if class_name == "StableDiffusionControlNetPipeline":
             torch.manual_seed(0)
             extra["controlnet"] = diffusers.ControlNetModel.from_unet(base.unet,
                                                                       conditioning_embedding_out_channels=(16, 16))
-        pipe = getattr(diffusers, class_name)(**base.components, **extra)
+        pipe = cls(**{k: v for k, v in base.components.items() if k in params}, **extra)
         pipe.set_progress_bar_config(disable=True)
         return pipe
     return build
@@ -342,18 +346,6 @@ def test_flux_kontext_reference_tokens_are_refused_clearly():
     assert pipe.segment(IMAGE_48x32, ["cat"], resolution=32).labels.shape == (32, 48)
 
 
-def pag_pipeline(make, pipeline_class, layers):
-    """A PAG pipeline on the components of `make()` perturbing the self-attention of `layers`, and that base
-    pipeline."""
-    import inspect
-
-    base = make()
-    params = inspect.signature(pipeline_class.__init__).parameters
-    pipe = pipeline_class(**{k: v for k, v in base.components.items() if k in params}, pag_applied_layers=layers)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, base
-
-
 @pytest.mark.parametrize("family", ["sd", "sd3"])
 @pytest.mark.parametrize("guidance", [5.0, 1.0], ids=["cfg+pag", "pag-only"])
 def test_pag_pipelines_segment_their_conditional_rows(family, guidance):
@@ -361,11 +353,10 @@ def test_pag_pipelines_segment_their_conditional_rows(family, guidance):
     the call: the images stay the PAG pipeline's own, and the first step's masks are those of the same pipeline
     without PAG (the perturbed rows' maps would differ). The perturbed layer is not the pipeline class's default, so
     `from_pipe` must carry `pag_applied_layers` over."""
-    from diffusers import StableDiffusion3PAGPipeline, StableDiffusionPAGPipeline
-
-    make, cls, layers = ((make_tiny_sd, StableDiffusionPAGPipeline, ["down_blocks.1"]) if family == "sd" else
-                         (make_tiny_sd3, StableDiffusion3PAGPipeline, ["blocks.0"]))
-    pipe, base = pag_pipeline(make, cls, layers)
+    make, class_name, layers = ((make_tiny_sd, "StableDiffusionPAGPipeline", ["down_blocks.1"]) if family == "sd" else
+                                (make_tiny_sd3, "StableDiffusion3PAGPipeline", ["blocks.0"]))
+    base = make()
+    pipe = derived(lambda: base, class_name, pag_applied_layers=layers)()
     kw = dict(guidance_scale=guidance, pag_scale=3.0)
     reference = generate(pipe, **kw)
     gp = goca.from_pipe(pipe)
