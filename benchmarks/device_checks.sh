@@ -32,15 +32,15 @@ case "$part" in
     ;;
   speed)
     common=(--device cuda --launches)
-    step overhead_pixart-sigma 120 benchmarks/overhead.py --model pixart-sigma --resolution 1024 --dtype bfloat16 \
-      --kernel both "${common[@]}"
+    step overhead_pixart-sigma 140 benchmarks/overhead.py --model pixart-sigma --resolution 1024 --dtype bfloat16 \
+      --kernel both --compare-text-keys "${common[@]}"
     step overhead_pixart-sigma_stride2 80 benchmarks/overhead.py --model pixart-sigma --resolution 1024 --dtype bfloat16 \
       --layer-weight-stride 2 "${common[@]}"
     step overhead_sd3-medium 110 benchmarks/overhead.py --model sd3-medium --resolution 1024 --dtype bfloat16 \
       --kernel both "${common[@]}"
     step overhead_flux-dev 160 benchmarks/overhead.py --model flux-dev --resolution 1024 --dtype bfloat16 \
       --kernel both "${common[@]}"
-    step overhead_sd15 60 benchmarks/overhead.py --model sd15 --resolution 512 --dtype float16 --kernel both "${common[@]}"
+    step overhead_sd15 40 benchmarks/overhead.py --model sd15 --resolution 512 --dtype float16 --kernel both "${common[@]}"
     ;;
   *)
     echo "usage: device_checks.sh checks|speed" >&2
