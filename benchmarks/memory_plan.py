@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 
 import diffusers
-import numpy as np
 import torch
 from accelerate import init_empty_weights
 from overhead import Host, build
@@ -29,7 +28,7 @@ from real_configs import TEXT_TOKENS, TRANSFORMERS, UNETS
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffusers_goca.capture import memory_plan
-from diffusers_goca.functional.self_attention import grid_nearest_rows, strided_cells
+from diffusers_goca.functional.self_attention import queries_read
 from diffusers_goca.clip_bpe import build_clip_tokenizer
 from diffusers_goca.methods import EXPLICIT_S_FROM_ORDER
 from diffusers_goca.models import adapter_for
@@ -63,11 +62,6 @@ def store_everything(adapter, latent_hw, text_len: int, dtype_bytes: int) -> int
     return total
 
 
-def strided_queries(src_hw, ref_hw, row_stride: int) -> int:
-    """Distinct queries of a `src_hw` layer that the reference cells at every `row_stride`-th row and column read."""
-    return len(np.unique(grid_nearest_rows(src_hw, ref_hw).numpy()[strided_cells(ref_hw, row_stride)]))
-
-
 def extra_flops(adapter, latent_hw, text_len: int, row_stride: int = 1) -> dict[str, int]:
     """FLOPs (2 per multiply-add) of one `goca` segmentation beyond the forward, by the code's rules: in the capture,
     the text scores and text outputs, the head-weight projections (one product where the forward's own `to_out`
@@ -95,7 +89,7 @@ def extra_flops(adapter, latent_hw, text_len: int, row_stride: int = 1) -> dict[
         flops["text share"] += 4 * n * (n + text_len) * c if joint and not merged else 0
         own = adapter.self_of(name)
         own_hw, ref_hw = adapter.layer_hw(own, latent_hw), adapter.layer_hw(adapter.reference_layer, latent_hw)
-        queries = strided_queries(own_hw, ref_hw, row_stride)
+        queries = len(queries_read(own_hw, ref_hw, row_stride)[1])
         flops["layer weights"] += 4 * queries * (2 * grid(own) + (text_len if merged else 0)) * inner(own)
     flops["layer weights"] += 2 * n_ref * n_ref * inner(adapter.reference_layer)
     order = adapter.refine_order

@@ -413,7 +413,7 @@ def memory_plan(adapter, latent_hw: tuple[int, int], n_columns: int, text_len: i
     forward_transient = 0
     buffers = {}  # per self grid, shared by its layers' fused calls: one bias chunk and the marker values
     for name, info in adapter.layers.items():
-        attn = adapter.denoiser.get_submodule(name)
+        attn = adapter.submodule(name)
         h, w = adapter.layer_hw(name, latent_hw)
         n, inner, heads = h * w, attn.to_q.out_features, attn.heads
         if info.role == "cross":  # softmax over the text keys for all heads at once, fp32

@@ -119,6 +119,12 @@ def _as_rgb(image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _replaced_layers(state: _GoCAState) -> list[str]:
+    """The capture's layers whose processor is no longer one of its own: something replaced it since it was wrapped."""
+    return [n for n in state.adapter.layers
+            if getattr(state.adapter.submodule(n).processor, "capture", None) is not state.capture]
+
+
 def _text_keys(adapter, indices) -> int | None:
     """The text keys the cross maps need to read for these prompts: all (None) unless the family masks the text's
     padding, then the longest prompt's tokens (the mask covers the rest)."""
@@ -198,10 +204,8 @@ class GoCAMixin:
         IP-Adapter loading, or another pipeline sharing the denoiser through `from_pipe`)."""
         if self._goca is None:
             raise RuntimeError("GoCA is not enabled: call pipe.enable_goca() first")
-        procs = self._goca.adapter.denoiser.attn_processors
-        capture = self._goca.capture
-        if not all(getattr(procs[f"{n}.processor"], "capture", None) is capture for n in self._goca.adapter.layers):
-            self._goca_attach(capture)  # the same capture: its head weighting and offload setting stay
+        if _replaced_layers(self._goca):
+            self._goca_attach(self._goca.capture)  # the same capture: its head weighting and offload setting stay
         return self._goca
 
     # -- hooks --------------------------------------------------------------------------------------------------------
@@ -235,13 +239,11 @@ class GoCAMixin:
                            f"perturbed (PAG) copies, got {batch}")
 
     def _goca_wrap_replaced(self, state: _GoCAState) -> None:
-        """Wrap the processors that were set on the capture's layers during the call: PAG pipelines swap their own in
-        for the call and restore the previous ones (ours) after it."""
-        capture = state.capture
-        for layer in state.adapter.layers:
+        """Wrap the processors that were set on the capture's layers during the call, in place (the originals that
+        `disable_goca` restores stay): PAG pipelines swap their own in for the call and restore ours after it."""
+        for layer in _replaced_layers(state):
             attn = state.adapter.submodule(layer)
-            if getattr(attn.processor, "capture", None) is not capture:
-                attn.set_processor(wrap_processor(attn.processor, capture, layer))
+            attn.set_processor(wrap_processor(attn.processor, state.capture, layer))
 
     @torch.compiler.disable  # the capture's bookkeeping stays out of a compiled denoiser
     def _goca_post_forward(self, module, args, kwargs, output):

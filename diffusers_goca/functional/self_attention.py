@@ -181,22 +181,28 @@ def strided_cells(hw: tuple[int, int], stride: int) -> np.ndarray:
     return (ys[:, None] * hw[1] + xs[None, :]).reshape(-1)
 
 
+def queries_read(src_hw: tuple[int, int], ref_hw: tuple[int, int], row_stride: int = 1):
+    """(cells, queries, group): the reference cells the layer weights read (every row_stride-th row and column), the
+    distinct `src` queries they read by nearest resize (sorted; one per cell when none repeats), and each cell's
+    query as an index into `queries`. Numpy: it depends on the grid sizes only, and on the device the size of
+    unique's output would make the host wait for the device."""
+    cells = strided_cells(ref_hw, row_stride)
+    queries, group = np.unique(grid_nearest_rows(src_hw, ref_hw).numpy()[cells], return_inverse=True)
+    return cells, queries, group
+
+
 def reference_weights(reference_attention: torch.Tensor, src_hw: tuple[int, int], ref_hw: tuple[int, int],
                       row_stride: int = 1) -> GridWeights:
     """What the layer weights of every layer on the `src` grid read from A_p (see `GridWeights`); with
     `row_stride` s > 1, from the rows of A_p at every s-th row and column of the reference grid only."""
     device = reference_attention.device
-    # The index arithmetic depends on the grid sizes only, so it runs in numpy: on the device, the size of unique's
-    # output would make the host wait for the device.
-    cells = strided_cells(ref_hw, row_stride)
-    rows = grid_nearest_rows(src_hw, ref_hw).numpy()[cells]
-    queries, group = np.unique(rows, return_inverse=True)  # `rows` itself when no query repeats
+    cells, queries, group = queries_read(src_hw, ref_hw, row_stride)
     if row_stride > 1:
         reference_attention = reference_attention[torch.from_numpy(cells).to(device, non_blocking=True)]
     weights = resize_keys_adjoint(reference_attention.T, src_hw, ref_hw).T  # A_p B: [N_ref (sampled), N_src]
-    if len(queries) < len(rows):  # a one-hot product, not index_add_: CUDA's atomics would sum in a varying order
-        onehot = np.zeros((len(queries), len(rows)), dtype=np.float32)
-        onehot[group, np.arange(len(rows))] = 1
+    if len(queries) < len(cells):  # a one-hot product, not index_add_: CUDA's atomics would sum in a varying order
+        onehot = np.zeros((len(queries), len(cells)), dtype=np.float32)
+        onehot[group, np.arange(len(cells))] = 1
         weights = torch.from_numpy(onehot).to(device, non_blocking=True) @ weights
     return GridWeights(torch.from_numpy(queries).to(device, non_blocking=True), weights.clamp_min(1e-30).log_(), {})
 
