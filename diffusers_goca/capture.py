@@ -82,11 +82,14 @@ def brought_back(selfs: list[SelfQK], row: int):
 @dataclass
 class JointText:
     """A joint layer's text keys and values [R, T, C], held from its attention call to the end of the forward, where
-    one fused call per image gives both its layer weight and each query's text share."""
+    one fused call per image gives both its layer weight and each query's text share. other_key [R, T_o, C]: keys
+    of the same softmax that are neither the image's nor the text's (Flux Kontext's reference image); a layer with
+    them is finished in its attention call, not held."""
 
     key: torch.Tensor
     value: torch.Tensor
     out_weight: torch.Tensor | None
+    other_key: torch.Tensor | None = None
 
 
 class Reference:
@@ -338,20 +341,21 @@ class Capture:
 
     def _record_joint(self, layer, attn, tap, output, call_kwargs) -> None:
         step, adapter = self.step, self.adapter
-        q, k, k_txt, v_txt = (step.take(t, keep=True).detach()
-                              for t in adapter.joint_inputs(layer, attn, tap, call_kwargs, step))
+        inputs = adapter.joint_inputs(layer, attn, tap, call_kwargs, step)
+        q, k, k_txt, v_txt = (step.take(t, keep=True).detach() for t in inputs[:4])
+        k_other = None if inputs.other_key is None else step.take(inputs.other_key).detach()  # read in this call only
         grid = step.grids[layer] = adapter.grid(layer, q.shape[1], step.latent_hw)
         heads, scale = attn.heads, adapter.attention_scale(attn)
-        weight = adapter.output_weight(layer, attn)
+        text = JointText(k_txt, v_txt, adapter.output_weight(layer, attn), k_other)
         if layer == adapter.reference_layer:
             step.reference = step.take(adapter.reference_feature(layer, tap, output, step), keep=True).detach()
             step.reference_grid = grid
-        if adapter.on_reference_grid(layer):
+        if adapter.on_reference_grid(layer) and k_other is None:
             # On the reference grid the layer-weight call reads every query: it gives the text shares as well.
-            step.pending[layer] = JointText(k_txt, v_txt, weight)
+            step.pending[layer] = text
             self._keep_self(layer, SelfQK(q, k, heads, scale, grid))
             return
-        self._joint_maps(step, layer, SelfQK(q, k, heads, scale, grid), JointText(k_txt, v_txt, weight))
+        self._joint_maps(step, layer, SelfQK(q, k, heads, scale, grid), text)
 
     def _joint_maps(self, step: StepCapture, layer: str, qk: SelfQK, text: JointText) -> None:
         """A joint layer's maps and image shares, one fused call per image for the text shares."""
@@ -362,7 +366,8 @@ class Capture:
         """(image share [heads, N], average map, auto map) of one image of a joint layer; `inputs`: `qk.image(row)`."""
         mass, maps, bad = joint_text_attention(
             inputs["q"], inputs["k"], text.key[row], text.value[row], qk.heads, qk.scale, text.out_weight,
-            self.head_weighting, step.column_index(inputs["q"].device), text_share)
+            self.head_weighting, step.column_index(inputs["q"].device), text_share,
+            k_other=None if text.other_key is None else text.other_key[row])
         step.degenerate_masks.append(bad)
         return mass, maps["average"], maps["auto"]
 

@@ -220,7 +220,9 @@ def test_labels_with_background_offset():
 
 
 @pytest.mark.parametrize("mode", ["auto", "average"])
-def test_joint_text_attention_matches_the_full_softmax(mode, monkeypatch):
+@pytest.mark.parametrize("other", [0, 5], ids=["image+text", "image+text+other"])
+def test_joint_text_attention_matches_the_full_softmax(mode, other, monkeypatch):
+    """Under the softmax over [image; text; other keys] (the other keys: Flux Kontext's reference image)."""
     import diffusers_goca.functional.self_attention as sa
     from diffusers_goca.functional.joint import joint_text_attention
 
@@ -228,12 +230,14 @@ def test_joint_text_attention_matches_the_full_softmax(mode, monkeypatch):
     heads, d, n, t, D = 3, 4, 10, 6, 7
     q, k_img = torch.randn(n, heads * d), torch.randn(n, heads * d)
     k_txt, v_txt = torch.randn(t, heads * d), torch.randn(t, heads * d)
+    k_other = torch.randn(other, heads * d) * 2 if other else None
     w_out = torch.randn(D, heads * d)
     scale = d ** -0.5
-    image_mass, maps, _ = joint_text_attention(q, k_img, k_txt, v_txt, heads, scale, w_out, mode)
-    keys = torch.cat([k_img, k_txt])
+    image_mass, maps, _ = joint_text_attention(q, k_img, k_txt, v_txt, heads, scale, w_out, mode, k_other=k_other)
+    keys = torch.cat([k_img, k_txt] + ([k_other] if other else []))
     probs = torch.stack([(q[:, h * d:(h + 1) * d] @ keys[:, h * d:(h + 1) * d].T * scale).softmax(-1) for h in range(heads)])
-    a_txt = probs[:, :, n:]  # [heads, N, T] under the joint softmax
+    a_txt = probs[:, :, n:n + t]  # [heads, N, T] under the joint softmax
+    assert other == 0 or probs[:, :, n + t:].sum(-1).min() > 0.05  # the other keys take a share the test can see
     assert torch.allclose(maps["average"], a_txt.mean(0), atol=1e-6)
     assert torch.allclose(image_mass, probs[:, :, :n].sum(-1), atol=1e-6)
     if mode == "auto":
@@ -288,7 +292,7 @@ def test_entropy_reduced_self_attention_matches_a_literal_loop():
 def test_fused_reductions_in_bfloat16_stay_close_to_fp32():
     """Accelerators run the side path's large products in the model dtype: the marker-value readouts (R / (1 + R),
     the text share) and the head weights keep their precision in bf16."""
-    from diffusers_goca.functional.joint import text_share
+    from diffusers_goca.functional.joint import key_shares
 
     torch.manual_seed(0)
     heads, d, src, ref = 4, 16, (8, 8), (8, 8)
@@ -302,8 +306,8 @@ def test_fused_reductions_in_bfloat16_stay_close_to_fp32():
     weights, weights_half = head_weights(x, w, heads), head_weights(x.bfloat16(), w.bfloat16(), heads, dtype=torch.bfloat16)
     assert weights_half.dtype == torch.float32 and (weights_half - weights).abs().max() < 0.01
     k_txt = torch.randn(12, heads * d)
-    share = text_share(q, k, k_txt, heads, d ** -0.5)
-    share_half = text_share(q.bfloat16(), k.bfloat16(), k_txt.bfloat16(), heads, d ** -0.5, dtype=torch.bfloat16)
+    share = key_shares(q, k, [k_txt], heads, d ** -0.5)[0]
+    share_half = key_shares(q.bfloat16(), k.bfloat16(), [k_txt.bfloat16()], heads, d ** -0.5, dtype=torch.bfloat16)[0]
     assert (share_half - share).abs().max() < 0.02
 
 
@@ -342,7 +346,7 @@ def test_joint_layer_weight_call_also_gives_the_text_share(renorm, src, monkeypa
     """With the text keys in the same fused call, the layer weight is the one taken with the joint softmax's image
     share, and the text share comes out of it too."""
     import diffusers_goca.functional.self_attention as sa
-    from diffusers_goca.functional.joint import text_share
+    from diffusers_goca.functional.joint import key_shares
     from diffusers_goca.functional.self_attention import joint_frobenius_with_reference
 
     monkeypatch.setattr(sa, "CHUNK_ELEMENTS", 300)  # several query chunks
@@ -351,7 +355,7 @@ def test_joint_layer_weight_call_also_gives_the_text_share(renorm, src, monkeypa
     n = src[0] * src[1]
     q, k, k_txt = torch.randn(n, heads * d), torch.randn(n, heads * d), torch.randn(7, heads * d)
     a_p = pseudo_self_attention(torch.randn(48, 10))
-    share = text_share(q, k, k_txt, heads, d ** -0.5)
+    share = key_shares(q, k, [k_txt], heads, d ** -0.5)[0]
     want = frobenius_with_reference(q, k, heads, d ** -0.5, src, a_p, ref, renormalize_rows=renorm, image_mass=1 - share)
     got, m_text = joint_frobenius_with_reference(q, k, k_txt, heads, d ** -0.5, src, a_p, ref, renormalize_rows=renorm)
     assert torch.allclose(got, want, rtol=1e-5) and torch.allclose(m_text, share, atol=1e-6)

@@ -335,15 +335,24 @@ def test_sdxl_refiner_with_only_the_second_text_encoder():
     assert gp.segment(IMAGE_48x32, ["cat", "dog"]).labels.shape == (32, 48)
 
 
-def test_flux_kontext_reference_tokens_are_refused_clearly():
-    """Flux Kontext appends a reference image's tokens to the image sequence; masks during generation would mix the
-    two grids, so they are refused with a clear error; `segment` works on the pipeline."""
-    pipe = goca.from_pipe(derived(make_tiny_flux, "FluxKontextPipeline")())
-    call = dict(prompt=PROMPTS[:1], image=IMAGE_48x32, num_inference_steps=2, height=32, width=48, output_type="np",
-                max_sequence_length=32, _auto_resize=False)
-    with pytest.raises(ValueError, match="Kontext"):
-        pipe(goca_masks=True, **call)
-    assert pipe.segment(IMAGE_48x32, ["cat"], resolution=32).labels.shape == (32, 48)
+def test_flux_kontext_masks_are_the_generated_images():
+    """Flux Kontext appends a reference image's tokens to the generated image's, in one softmax. With masks on, the
+    images stay the pipeline's own, and the masks cover the generated image (32×48, from a 16×24 reference)."""
+    pipe = derived(make_tiny_flux, "FluxKontextPipeline")()
+    reference = Image.fromarray((np.random.RandomState(5).rand(16, 24, 3) * 255).astype(np.uint8))
+
+    def generate_from_reference(p, **kw):  # as `generate`, but Kontext's first parameter is the image
+        return p(image=reference, prompt=PROMPTS, num_inference_steps=3, height=32, width=48, output_type="np",
+                 max_sequence_length=32, _auto_resize=False, max_area=32 * 48, generator=torch.Generator().manual_seed(0),
+                 **kw).images
+
+    plain = generate_from_reference(pipe)
+    gp = goca.from_pipe(pipe)
+    assert np.array_equal(generate_from_reference(gp, goca_masks="last"), plain)
+    result = gp.goca_masks[0].results[1]
+    assert result.classes == ["cat", "dog", "sand"] and result.labels.shape == (32, 48)
+    assert gp.segment(IMAGE_48x32, ["cat"], resolution=32).labels.shape == (32, 48)
+    gp.disable_goca()
 
 
 @pytest.mark.parametrize("family", ["sd", "sd3"])
@@ -732,11 +741,12 @@ def test_pixels_with_a_zero_attention_output_are_reported(caplog):
     assert caplog.text.count("norm ≈ 0") == 1 and f"GoCA: {h * w} pixel(s)" in caplog.text
 
 
-def literal_joint_maps(attn, hidden_states, context, rope, text_len, family, out_weight):
+def literal_joint_maps(attn, hidden_states, context, rope, text_len, family, out_weight, n_image):
     """Image→text maps of one joint attention call by the book, from the layer's inputs: the projections, the per-head
     norms and RoPE as the processor applies them, one softmax over all keys per head; the head weights from each
-    head's text output o_h = (A_h V_h) W_hᵀ against their sum (ALGORITHMS §1 extension). Returns (auto [B, N, T],
-    head-mean [B, N, T], image mass [B, heads, N])."""
+    head's text output o_h = (A_h V_h) W_hᵀ against their sum (ALGORITHMS §1 extension). The image is the first
+    `n_image` image tokens (Flux Kontext: then the reference image's). Returns (auto [B, N, T], head-mean [B, N, T],
+    image mass [B, heads, N])."""
     from diffusers.models.embeddings import apply_rotary_emb
 
     heads = attn.heads
@@ -758,34 +768,47 @@ def literal_joint_maps(attn, hidden_states, context, rope, text_len, family, out
         q, k = apply_rotary_emb(q, rope, sequence_dim=1), apply_rotary_emb(k, rope, sequence_dim=1)
     d = q.shape[-1]
     probs = (torch.einsum("bihd,bjhd->bhij", q, k) * d**-0.5).softmax(-1)  # [B, heads, S, S]
-    n = q.shape[1] - text_len
-    image, text = (slice(text_len, None), slice(0, text_len)) if family == "flux" else (slice(0, n), slice(n, None))
+    image_start = text_len if family == "flux" else 0
+    image = slice(image_start, image_start + n_image)
+    text = slice(0, text_len) if family == "flux" else slice(q.shape[1] - text_len, None)
     a = probs[:, :, image, text]  # [B, heads, N, T]
     outs = [a[:, h] @ v[:, text, h] @ out_weight[:, h * d:(h + 1) * d].T for h in range(heads)]
     total = sum(outs)
     dots = torch.stack([(o * total).sum(-1) for o in outs], 1)  # [B, heads, N]
     auto = (a * (dots / dots.sum(1, keepdim=True))[..., None]).sum(1)
-    return auto, a.mean(1), 1 - a.sum(-1)
+    return auto, a.mean(1), probs[:, :, image, image].sum(-1)
 
 
-@pytest.mark.parametrize("family", ["sd35", "flux"])
+def grid_ids(first: float, h: int, w: int) -> torch.Tensor:
+    """Flux's position ids [h·w, 3] of an h×w token grid: (first, row, column)."""
+    axes = torch.meshgrid(torch.full((1,), float(first)), torch.arange(h) * 1.0, torch.arange(w) * 1.0, indexing="ij")
+    return torch.stack(axes, -1).reshape(-1, 3)
+
+
+@pytest.mark.parametrize("family", ["sd35", "flux", "flux-kontext"])
 def test_captured_joint_maps_are_the_formula_on_the_layers_inputs(family):
     """The capture reads the forward's own projections and per-head norms and applies the forward's RoPE: for the
     conditional half of a CFG batch, its maps and image shares equal the joint softmax recomputed from each layer's
-    inputs (SD 3.5 with q/k norms and a dual-attention block; Flux's double- and single-stream blocks)."""
+    inputs (SD 3.5 with q/k norms and a dual-attention block; Flux's double- and single-stream blocks; Flux Kontext,
+    whose reference image's tokens follow the generated image's and share its softmax)."""
     torch.manual_seed(0)
+    n_reference = 0
     if family == "sd35":
         pipe = goca.from_pipe(make_tiny_sd3(num_layers=3, qk_norm="rms_norm", dual_attention_layers=(0,)))
-        model, t = pipe.transformer, 10
+        model, t, n = pipe.transformer, 10, (8 // 2) * (12 // 2)  # patch 2
         args = dict(hidden_states=torch.randn(2, 4, 8, 12), encoder_hidden_states=torch.randn(2, t, 64),
                     pooled_projections=torch.randn(2, 64), timestep=torch.tensor([500.0, 500.0]))
     else:
         pipe = goca.from_pipe(make_tiny_flux())
         model, t, (h, w) = pipe.transformer, 10, (4, 6)
-        ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(h) * 1.0, torch.arange(w) * 1.0, indexing="ij"), -1)
-        args = dict(hidden_states=torch.randn(2, h * w, 16), encoder_hidden_states=torch.randn(2, t, 32),
-                    pooled_projections=torch.randn(2, 32), timestep=torch.tensor([0.5, 0.5]),
-                    img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(t, 3))
+        ids = grid_ids(0, h, w)
+        if family == "flux-kontext":  # a 3×5 reference image
+            ids = torch.cat([ids, grid_ids(1, 3, 5)])
+            n_reference = 15
+        n = h * w
+        args = dict(hidden_states=torch.randn(2, n + n_reference, 16) * 3, encoder_hidden_states=torch.randn(2, t, 32),
+                    pooled_projections=torch.randn(2, 32), timestep=torch.tensor([0.5, 0.5]), img_ids=ids,
+                    txt_ids=torch.zeros(t, 3))
     inputs = {}
 
     def record(name):
@@ -804,9 +827,11 @@ def test_captured_joint_maps_are_the_formula_on_the_layers_inputs(family):
         assert step.rows == [1] and len(adapter.layers) >= 3
         for name in adapter.layers:
             attn = model.get_submodule(name)
-            auto, mean, mass = literal_joint_maps(attn, *inputs[name], t, "flux" if family == "flux" else "sd3",
-                                                  adapter.output_weight(name, attn))
+            auto, mean, mass = literal_joint_maps(attn, *inputs[name], t, "sd3" if family == "sd35" else "flux",
+                                                  adapter.output_weight(name, attn), n)
             assert torch.allclose(step.cross[name]["average"], mean[1:], atol=1e-6), name
             assert torch.allclose(step.cross[name]["auto"], auto[1:], atol=1e-5), name
             assert torch.allclose(step.selfs[name].image_mass, mass[1:], atol=1e-5), name
+            if n_reference:  # the reference image takes a share of the softmax that the test can see
+                assert (1 - mass[1:] - mean[1:].sum(-1)[:, None]).min() > 0.01, name
     pipe.disable_goca()

@@ -247,7 +247,7 @@ def joint_frobenius_with_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`frobenius_with_reference` of a joint attention layer, whose image queries also attend to the text keys k_txt
     [T, heads·d], in the same fused call: the text keys join the plain copy, so the softmax is the joint one (no
-    image_mass needed), and a third marker column gives each query's text share m_text (`joint.text_share`).
+    image_mass needed), and a third marker column gives each query's text share m_text (`joint.key_shares`).
 
     Returns (w_l before normalisation, 0-d fp32; m_text [heads, N_l] fp32). Every query must be read: the layer's
     grid is not finer than the reference grid."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -22,6 +23,17 @@ class LayerInfo:
     role: str  # "cross", "self" or "joint" (one softmax over image and text keys: both at once)
     block: str
     factor: int
+
+
+class JointInputs(NamedTuple):
+    """One joint attention call's inputs as the capture reads them, each [B, n, heads·d] after the model's per-head
+    norms and RoPE."""
+
+    query: torch.Tensor  # the image's queries
+    key: torch.Tensor  # the image's keys
+    text_key: torch.Tensor
+    text_value: torch.Tensor
+    other_key: torch.Tensor | None = None  # keys of neither (Flux Kontext's reference image): in the softmax only
 
 
 class Adapter:
@@ -123,8 +135,8 @@ class Adapter:
         return -(-latent_hw[0] // f), -(-latent_hw[1] // f)
 
     # -- joint attention (SD3, Flux) ----------------------------------------------------------------------------------
-    def joint_inputs(self, layer: str, attn, tap, call_kwargs: dict, step) -> tuple[torch.Tensor, ...]:
-        """(image queries, image keys, text keys, text values), each [B, n, heads·d] after the model's norms / RoPE."""
+    def joint_inputs(self, layer: str, attn, tap, call_kwargs: dict, step) -> JointInputs:
+        """The image queries and keys, text keys and values (and other keys) of `layer`'s attention call."""
         raise NotImplementedError(f"{self.family} has no joint attention")
 
     def output_weight(self, layer: str, attn) -> torch.Tensor | None:

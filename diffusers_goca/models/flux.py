@@ -6,6 +6,8 @@ image concatenated before the call, `encoder_hidden_states=None`: the text lengt
 Single blocks have no `to_out`: their attention output goes through the block's `proj_out` (its first `dim` columns).
 Reference: image tokens of the attention output of single block 27; refinement: double blocks 12 and 18, k = 2
 (same relative depths in a model of another depth). Latents are packed 2×2: the token grid comes from `img_ids`.
+Flux Kontext appends a reference image's tokens (`img_ids` first coordinate 1) to the generated image's: they share
+the softmax, so they take part in the text shares, and the maps and grids are the generated image's.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import re
 import numpy as np
 import torch
 
-from .base import Adapter, LayerInfo, call_default, relative_block
+from .base import Adapter, JointInputs, LayerInfo, call_default, relative_block
 
 _NAME = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.attn$")
 _REFERENCE_SINGLE, _SINGLE_DEPTH = 27, 38
@@ -51,11 +53,13 @@ class FluxAdapter(Adapter):
     def denoiser_latent_hw(self, args, kwargs):
         ids = kwargs["img_ids"]
         ids = (ids[0] if ids.ndim == 3 else ids).cpu()  # one wait for the device, not one per value read
-        if ids[:, 0].any():
-            raise ValueError("the image tokens include a reference image's (Flux Kontext: img_ids with a non-zero "
-                             "first coordinate), which GoCA's maps do not cover: masks during generation are not "
-                             "supported for this pipeline; `segment` works on it")
-        return int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+        generated = ids[:, 0] == 0  # Kontext's reference image: first coordinate 1
+        n = int(generated.sum())
+        h, w = int(ids[:n, 1].max()) + 1, int(ids[:n, 2].max()) + 1
+        if not generated[:n].all() or h * w != n:
+            raise ValueError(f"img_ids: expected the generated image's {n} tokens first, as an h×w grid (first "
+                             f"coordinate 0), then any reference image's")
+        return h, w
 
     def image_hw(self, latent_hw):
         return tuple(s * self.pipe.vae_scale_factor * 2 for s in latent_hw)
@@ -78,18 +82,20 @@ class FluxAdapter(Adapter):
         def normed(out, raw, norm):  # the norm's output in the forward, where the tap saw it
             return out if out is not None else norm(split(raw))
 
-        t = step.text_len
+        t, n = step.text_len, step.latent_hw[0] * step.latent_hw[1]  # text, then the generated image (, reference)
         q, k = normed(tap.normed_query, tap.query, attn.norm_q), normed(tap.normed_key, tap.key, attn.norm_k)
         if tap.added_key is not None:  # double stream: the text is projected apart and goes first; its queries
             k = torch.cat([normed(tap.normed_added_key, tap.added_key, attn.norm_added_k), k], 1)  # are not read
             v_txt = split(tap.added_value)
         else:  # single stream: text and image tokens in one sequence
             q, v_txt = q[:, t:], split(tap.value)[:, :t]
+        q = q[:, :n]
         rope = call_kwargs.get("image_rotary_emb")
         if rope is not None:
-            image_rope = tuple(f[t:] for f in rope) if isinstance(rope, tuple) else rope[t:]
+            image_rope = tuple(f[t:t + n] for f in rope) if isinstance(rope, tuple) else rope[t:t + n]
             q, k = apply_rotary_emb(q, image_rope, sequence_dim=1), apply_rotary_emb(k, rope, sequence_dim=1)
-        return q.flatten(2), k[:, t:].flatten(2), k[:, :t].flatten(2), v_txt.flatten(2)
+        other = k[:, t + n:].flatten(2) if k.shape[1] > t + n else None
+        return JointInputs(q.flatten(2), k[:, t:t + n].flatten(2), k[:, :t].flatten(2), v_txt.flatten(2), other)
 
     def output_weight(self, layer, attn):
         if isinstance(getattr(attn, "to_out", None), torch.nn.ModuleList):
@@ -99,7 +105,8 @@ class FluxAdapter(Adapter):
 
     def reference_feature(self, layer, tap, output, step):
         out = output[0] if isinstance(output, tuple) else output
-        return out[:, step.text_len:] if out.shape[1] > step.text_len and tap.added_key is None else out
+        image = out[:, step.text_len:] if out.shape[1] > step.text_len and tap.added_key is None else out
+        return image[:, :step.latent_hw[0] * step.latent_hw[1]]  # not Kontext's reference image
 
     def segment_forward(self, latents, prompt, timestep, generator):
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift

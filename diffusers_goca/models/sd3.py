@@ -11,7 +11,7 @@ import re
 
 import torch
 
-from .base import Adapter, LayerInfo, relative_block
+from .base import Adapter, JointInputs, LayerInfo, relative_block
 
 _NAME = re.compile(r"^transformer_blocks\.(\d+)\.attn$")
 _REFERENCE, _REFINE, _DEPTH, _SEG4DIFF = 13, range(10, 18), 28, 9
@@ -69,9 +69,9 @@ class SD3Adapter(Adapter):
 
     def joint_inputs(self, layer, attn, tap, call_kwargs, step):
         h = attn.heads
-        return (split_heads_norm(tap.query, h, attn.norm_q, tap.normed_query),
-                split_heads_norm(tap.key, h, attn.norm_k, tap.normed_key),
-                split_heads_norm(tap.added_key, h, attn.norm_added_k, tap.normed_added_key), tap.added_value)
+        return JointInputs(split_heads_norm(tap.query, h, attn.norm_q, tap.normed_query),
+                           split_heads_norm(tap.key, h, attn.norm_k, tap.normed_key),
+                           split_heads_norm(tap.added_key, h, attn.norm_added_k, tap.normed_added_key), tap.added_value)
 
     def segment_forward(self, latents, prompt, timestep, generator):
         pipe, model = self.pipe, self.pipe.transformer
