@@ -22,7 +22,8 @@ METHODS = ("goca", "vanilla", "manual", "diffsegmenter", "iseg", "seg4diff")
 class GoCAOptions:
     """The switches of GoCA; the defaults are the official method, the others its ablations and baselines.
 
-    head_weighting: "auto" | "average" | "dot-product" (chosen when the capture is made);
+    head_weighting: "auto" | "average" | "dot-product" (chosen when the capture is made: None reads the capture's,
+    `enable_goca(head_weighting=...)`; "average" is read from any capture);
     layer_weighting: "auto" (pseudo self-attention) | "uniform"; renormalize_rows: renormalise resized self-attention
     rows in the layer weights (the official code does not); rescale: per-pixel rescaling over content tokens
     (False = "renorm+", blur and min-max only); refine_order: k of S^k·M (None = the model's default);
@@ -31,7 +32,7 @@ class GoCAOptions:
     the reductions; not the official method, which reads every row: see the README for its effect).
     """
 
-    head_weighting: str = "auto"
+    head_weighting: str | None = None
     layer_weighting: str = "auto"
     renormalize_rows: bool = False
     rescale: bool = True
@@ -113,10 +114,11 @@ def goca_scores(
     layers = adapter.cross_layers if options.layers == "all" else adapter.manual_layers
     if options.layers not in ("all", "manual"):
         raise ValueError(f"layers must be 'all' or 'manual', got {options.layers!r}")
-    if options.head_weighting not in ("average", step.head_weighting):
-        raise ValueError(f"head_weighting={options.head_weighting!r} needs a capture made with it: "
-                         f"pipe.enable_goca(head_weighting={options.head_weighting!r}) (this one: {step.head_weighting!r})")
-    maps = [step.cross[n]["average" if options.head_weighting == "average" else "auto"][row] for n in layers]
+    head_weighting = options.head_weighting or step.head_weighting
+    if head_weighting not in ("average", step.head_weighting):
+        raise ValueError(f"head_weighting={head_weighting!r} needs a capture made with it: "
+                         f"pipe.enable_goca(head_weighting={head_weighting!r}) (this one: {step.head_weighting!r})")
+    maps = [step.cross[n]["average" if head_weighting == "average" else "auto"][row] for n in layers]
     grids = [step.grids[n] for n in layers]
     if options.layer_weighting == "auto":
         weights = layer_weights(step, row, adapter, layers, options.renormalize_rows, options.layer_weight_stride)

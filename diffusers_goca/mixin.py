@@ -15,7 +15,7 @@ from .capture import Capture, StepCapture
 from .functional.maps import scores_to_labels
 from .methods import check_method, method_scores, reads_head_weighted_maps
 from .models.base import adapter_for
-from .processors import is_goca_processor, unwrap_processor, wrap_processor
+from .processors import unwrap_processor, wrap_processor
 from .result import GoCASegmentation
 from .tokens import entities_from_prompt, segmentation_prompt
 
@@ -180,20 +180,24 @@ class GoCAMixin:
         return self
 
     def disable_goca(self) -> None:
-        """Restore the original processors (the same objects) and remove the hooks. Settings made on our processors
-        meanwhile (`set_attention_backend`, context parallelism) carry over to the originals."""
+        """Remove the hooks and put the original processors (the same objects) back where ours stand. Settings made
+        on ours meanwhile (`set_attention_backend`, context parallelism) carry over to the originals; processors set
+        since by something else (attention slicing, `load_ip_adapter`) stay."""
         state, self._goca = self._goca, None
         if state is None:
             return
         for h in state.handles:
             h.remove()
         denoiser = state.adapter.denoiser
+        restored = {}
         for key, proc in denoiser.attn_processors.items():
-            original = state.originals[key]
-            for setting in ("_attention_backend", "_parallel_config"):
-                if is_goca_processor(proc) and proc is not original and hasattr(proc, setting):
-                    setattr(original, setting, getattr(proc, setting))
-        denoiser.set_attn_processor(dict(state.originals))
+            restored[key] = proc
+            if getattr(proc, "capture", None) is state.capture:
+                restored[key] = original = state.originals[key]
+                for setting in ("_attention_backend", "_parallel_config"):
+                    if proc is not original and hasattr(proc, setting):
+                        setattr(original, setting, getattr(proc, setting))
+        denoiser.set_attn_processor(restored)
 
     @property
     def goca_enabled(self) -> bool:

@@ -216,14 +216,38 @@ def test_from_pipe_casts_nothing_in_a_half_precision_pipeline(make):
 
 
 def test_reattaches_after_attention_slicing(tiny_sd):
+    """Processors set after `enable_goca` (attention slicing replaces every one) are wrapped anew on the next call,
+    with the capture's own settings, not put back to those from before: the images are the sliced pipeline's, and
+    `disable_goca` leaves the sliced processors."""
+    from diffusers.models.attention_processor import SlicedAttnProcessor
+
+    tiny_sd.enable_attention_slicing(1)
+    reference = generate(tiny_sd)
+    tiny_sd.disable_attention_slicing()
     pipe = goca.from_pipe(tiny_sd, enable=False).enable_goca(head_weighting="average", offload_above_mib=None)
     capture = pipe._goca.capture
-    pipe.enable_attention_slicing()  # replaces every processor
-    result = pipe.segment(Image.new("RGB", (24, 24), "green"), ["cat"], head_weighting="average")
+    pipe.enable_attention_slicing(1)
+    assert np.array_equal(generate(pipe, goca_masks="last"), reference)
+    result = pipe.segment(Image.new("RGB", (24, 24), "green"), ["cat"])
     assert result.labels.shape == (24, 24)
     assert pipe._goca.capture is capture and capture.offload_above is None  # re-attached with its own settings
     pipe.disable_goca()
+    assert {type(p) for p in pipe.unet.attn_processors.values()} == {SlicedAttnProcessor}
     pipe.disable_attention_slicing()
+
+
+def test_ip_adapter_loaded_after_enable_goca():
+    """What `load_ip_adapter` does, after `enable_goca`: the IP-Adapter processors are wrapped on the next call, the
+    images are the IP-Adapter pipeline's, and `disable_goca` leaves its processors."""
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+    embeds = dict(ip_adapter_image_embeds=[torch.randn(2, 1, 16, generator=torch.Generator().manual_seed(1))])
+    reference = generate(with_ip_adapter(), **embeds)
+    pipe = goca.from_pipe(make_tiny_sd())
+    install_ip_adapter(pipe.unet)
+    assert np.array_equal(generate(pipe, goca_masks="last", **embeds), reference)
+    pipe.disable_goca()
+    assert sum(isinstance(p, IPAdapterAttnProcessor2_0) for p in pipe.unet.attn_processors.values()) > 0
 
 
 def derived(make, class_name, **settings):
@@ -251,11 +275,16 @@ def derived(make, class_name, **settings):
 def with_ip_adapter():
     """Tiny SD with what `load_ip_adapter` installs: IP-Adapter processors (weights of their own) on the cross layers
     and an image projection, with random weights."""
+    pipe = make_tiny_sd()
+    install_ip_adapter(pipe.unet)
+    return pipe
+
+
+def install_ip_adapter(unet):
+    """What `load_ip_adapter` installs on `unet`, with random weights (seeded)."""
     from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
     from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
 
-    pipe = make_tiny_sd()
-    unet = pipe.unet
     torch.manual_seed(0)
     procs = {}
     for key, proc in unet.attn_processors.items():
@@ -265,7 +294,6 @@ def with_ip_adapter():
     unet.set_attn_processor(procs)
     unet.encoder_hid_proj = MultiIPAdapterImageProjection([ImageProjection(16, 32, 4)])
     unet.config.encoder_hid_dim_type = "ip_image_proj"
-    return pipe
 
 
 IMAGE_48x32 = Image.fromarray((np.random.RandomState(0).rand(32, 48, 3) * 255).astype(np.uint8))
@@ -276,6 +304,8 @@ DERIVED = {
     "sd-controlnet": (derived(make_tiny_sd, "StableDiffusionControlNetPipeline"), dict(image=IMAGE_48x32)),
     "sd3-img2img": (derived(make_tiny_sd3, "StableDiffusion3Img2ImgPipeline"), dict(image=IMAGE_48x32, strength=0.9)),
     "flux-img2img": (derived(make_tiny_flux, "FluxImg2ImgPipeline"), dict(image=IMAGE_48x32, strength=0.9)),
+    "flux-inpaint": (derived(make_tiny_flux, "FluxInpaintPipeline"),
+                     dict(image=IMAGE_48x32, mask_image=IMAGE_48x32.convert("L"), strength=0.9)),
     # One image embedding each for the unconditional and the conditional half.
     "sd-ip-adapter": (with_ip_adapter, dict(ip_adapter_image_embeds=[
         torch.randn(2, 1, 16, generator=torch.Generator().manual_seed(1))])),
