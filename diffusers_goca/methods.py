@@ -111,9 +111,11 @@ def goca_scores(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """GoCA (and, through `options`, vanilla and manual): class scores [K, N_map] and the background entity's [N_map]."""
     map_hw = adapter.map_grid(step.latent_hw)
-    layers = adapter.cross_layers if options.layers == "all" else adapter.manual_layers
     if options.layers not in ("all", "manual"):
         raise ValueError(f"layers must be 'all' or 'manual', got {options.layers!r}")
+    layers = adapter.cross_layers if options.layers == "all" else adapter.manual_layers
+    if layers is None:
+        raise ValueError(f"layers='manual' (SD 1.5's hand-picked layers) is not defined for {adapter.family} models")
     head_weighting = options.head_weighting or step.head_weighting
     if head_weighting not in ("average", step.head_weighting):
         raise ValueError(f"head_weighting={head_weighting!r} needs a capture made with it: "

@@ -5,7 +5,7 @@ import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -376,7 +376,8 @@ class GoCAMixin:
         adapter = self._goca.adapter if self._goca is not None else adapter_for(self)
         for m in methods:
             check_method(adapter, m)
-        index = adapter.token_index(prompt, classes, extra_entities=["background"] if use_background else [])
+        index = adapter.token_index(adapter.segment_text(prompt), classes,
+                                    extra_entities=["background"] if use_background else [])
         timestep = adapter.segment_timestep if timestep is None else timestep  # None: the family's own rule
         resolution = resolution or adapter.native_resolution
         latents = self._goca_encode(rgb, resolution, adapter)
@@ -444,7 +445,11 @@ class GoCAMixin:
         After the call, `pipe.goca_masks` holds the list of `GoCAStepMasks` of that call.
         """
         if not goca_masks:
+            self.goca_masks = []
             return super().__call__(*args, **kwargs)
+        if goca_method == "iseg":  # its maps come from a forward with scaled class-token embeddings
+            raise ValueError("goca_method='iseg' needs a denoiser forward of its own, which would change the images: "
+                             "segment the generated image with pipe.segment(image, classes, method='iseg')")
         state = self._goca_attached() if self._goca is not None else self.enable_goca()._goca
         check_method(state.adapter, goca_method)
         adapter = state.adapter
@@ -472,8 +477,9 @@ class GoCAMixin:
             return lambda i: True
         if goca_masks == "last":
             goca_masks = [-1]
-        if isinstance(goca_masks, str):
-            raise ValueError(f"goca_masks must be True, 'all', 'last' or a list of step indices, got {goca_masks!r}")
+        if isinstance(goca_masks, str) or not isinstance(goca_masks, Iterable):
+            raise ValueError(f"goca_masks must be True, 'all', 'last' or a list of step indices (one step: [i]), "
+                             f"got {goca_masks!r}")
         wanted = {int(i) for i in goca_masks}
 
         def steps() -> int:

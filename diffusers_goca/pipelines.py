@@ -119,4 +119,8 @@ def _sharing_components(cls: type, pipe):
 
 def scfg_from_pipe(pipe, enable: bool = True):
     """`pipe` with S-CFG driven by GoCA masks: same components; the call gains `scfg`, `segmentor`, `rate_bounds`."""
+    adapter = adapter_for(pipe)
+    if not adapter.cfg_batch:
+        raise ValueError(f"S-CFG sets the guidance region by region in the [uncond, cond] batch of classifier-free "
+                         f"guidance; {type(pipe).__name__} ({adapter.family}) runs none")
     return from_pipe(pipe, enable, SCFGMixin)

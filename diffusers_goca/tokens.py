@@ -114,7 +114,8 @@ def token_index(
     ids, offsets = encode_with_offsets(tokenizer, prompt)
     special = set(tokenizer.all_special_ids)
     # The encoder keeps max_length tokens; with an end token, the last kept position is replaced by it.
-    kept = min(len(ids), max_length - (1 if tokenizer.eos_token_id is not None and len(ids) > max_length else 0))
+    truncated = len(ids) > max_length
+    kept = min(len(ids), max_length - (1 if tokenizer.eos_token_id is not None and truncated else 0))
 
     words = [m.span() for m in re.finditer(r"\w+|[^\w\s]", prompt)]
 
@@ -156,9 +157,9 @@ def token_index(
     content = [i for i in range(kept) if is_content(i)]
     bos = 0 if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id else None
     eos = next((i for i in range(kept) if ids[i] == tokenizer.eos_token_id), None)
-    if eos is None and tokenizer.eos_token_id is not None and len(ids) > kept:
-        eos = kept - 1  # truncated: the encoder's last position holds the end token
-    return TokenIndex(prompt, list(classes), class_tokens, content, kept, extra, bos, eos)
+    if truncated and tokenizer.eos_token_id is not None:
+        eos = kept  # the encoder's last position, after the kept tokens, holds the end token
+    return TokenIndex(prompt, list(classes), class_tokens, content, min(len(ids), max_length), extra, bos, eos)
 
 
 def entities_from_prompt(prompt: str) -> list[str]:

@@ -865,3 +865,46 @@ def test_captured_joint_maps_are_the_formula_on_the_layers_inputs(family):
             if n_reference:  # the reference image takes a share of the softmax that the test can see
                 assert (1 - mass[1:] - mean[1:].sum(-1)[:, None]).min() > 0.01, name
     pipe.disable_goca()
+
+
+def test_pixart_segment_reads_the_lower_cased_text_it_encodes():
+    """PixArt's pipelines lower-case the prompt before T5 tokenizes it: the class names' case changes nothing."""
+    pipe = goca.from_pipe(make_tiny_pixart(sigma=True))
+    upper = pipe.segment(IMAGE_48x32, ["CAT", "Grass"], resolution=32)
+    lower = pipe.segment(IMAGE_48x32, ["cat", "grass"], resolution=32)
+    assert upper.classes == ["CAT", "Grass", "background"]
+    assert torch.equal(upper.scores, lower.scores)
+
+
+@pytest.mark.parametrize("make", [make_tiny_sd3, make_tiny_flux], ids=["sd3", "flux"])
+def test_flow_matching_segment_takes_any_timestep(make):
+    """`segment(timestep=t)` on the flow-matching families noises at σ = t / 1000 for any t, not only at the steps of
+    the scheduler's schedule; the default step's own timestep gives the default's scores."""
+    pipe = goca.from_pipe(make())
+    default = pipe.segment(IMAGE_48x32, ["cat"], resolution=32)
+    for t in (100, 537.5):
+        assert pipe.segment(IMAGE_48x32, ["cat"], resolution=32, timestep=t).labels.shape == (32, 48)
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["timestep"]), with_kwargs=True)
+    pipe.segment(IMAGE_48x32, ["cat"], resolution=32)
+    hook.remove()
+    t_default = float(seen[0].flatten()[0]) * (1000 if make is make_tiny_flux else 1)
+    at_default = pipe.segment(IMAGE_48x32, ["cat"], resolution=32, timestep=t_default)
+    assert torch.allclose(at_default.scores, default.scores, atol=1e-5)
+
+
+def test_generation_and_options_refuse_clearly(tiny_sd):
+    """Misuses get an error that says what to do, before any denoising; a call without masks leaves none behind."""
+    pipe = goca.from_pipe(tiny_sd)
+    generate(pipe, goca_masks="last")
+    assert len(pipe.goca_masks) == 1
+    generate(pipe)
+    assert pipe.goca_masks == []
+    with pytest.raises(ValueError, match=r"one step: \[i\]"):
+        generate(pipe, goca_masks=1)
+    with pytest.raises(ValueError, match="method='iseg'"):
+        generate(pipe, goca_masks=True, goca_method="iseg")
+    pipe.disable_goca()
+    pixart = goca.from_pipe(make_tiny_pixart())
+    with pytest.raises(ValueError, match="layers='manual'.*pixart"):
+        pixart.segment(IMAGE_48x32, ["cat"], resolution=32, layers="manual")

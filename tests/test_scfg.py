@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import diffusers_goca as goca
-from conftest import HostWaits, Running, make_tiny_pixart, make_tiny_sd, make_tiny_sdxl
+from conftest import HostWaits, Running, make_tiny_flux, make_tiny_pixart, make_tiny_sd, make_tiny_sdxl
 from diffusers_goca.functional.scfg import guidance_norm, rate_map, region_rates, scfg_cond
 
 
@@ -83,6 +83,12 @@ def test_scfg_off_is_the_stock_pipeline_and_on_changes_the_image(make, tmp_path)
     goca.save_scfg_maps(pipe.scfg_maps, tmp_path / "maps.png")
     assert (tmp_path / "maps.gif").stat().st_size > 0 and (tmp_path / "maps.png").stat().st_size > 0
     pipe.disable_goca()
+
+
+def test_scfg_refuses_a_pipeline_without_a_cfg_batch():
+    """Flux.1 distils its guidance into the model (true CFG runs the unconditional call apart): nothing to rescale."""
+    with pytest.raises(ValueError, match="S-CFG .* FluxPipeline"):
+        goca.scfg_from_pipe(make_tiny_flux())
 
 
 def test_scfg_refuses_the_perturbed_rows_of_pag():

@@ -74,3 +74,16 @@ def test_t5_positions_skip_lone_spaces_and_eos():
     assert eos not in index.content and all(prompt[slice(*enc.offset_mapping[i])].strip() for i in index.content)
     with pytest.raises(ValueError, match="cut off by the 12-token limit"):
         token_index(tok, prompt, ["person"], max_length=12)
+
+
+@pytest.mark.parametrize("family", ["clip", "t5"])
+def test_a_truncated_prompt_is_indexed_as_the_encoder_sees_it(family):
+    """A prompt past the token limit: the encoder keeps max_length − 1 tokens and puts the end token last; the index
+    has that end token's position, the encoder's length, and no content past the limit."""
+    tok, limit = (clip_tokenizer(), 77) if family == "clip" else (t5_tokenizer(), 40)
+    prompt = "a photo of " + ", ".join(["a red circle on grass"] * 16) + ", a dog on sand"
+    encoded = tok(prompt, max_length=limit, truncation=True).input_ids
+    index = token_index(tok, prompt, ["grass"], max_length=limit)
+    assert len(encoded) == limit and index.length == limit
+    assert encoded[index.eos] == tok.eos_token_id and index.eos == limit - 1
+    assert max(index.content) < index.eos and max(index.class_tokens[0]) < index.eos

@@ -88,6 +88,9 @@ class Adapter:
     def cross_layers(self) -> list[str]:
         return [n for n, i in self.layers.items() if i.role in ("cross", "joint")]
 
+    # Whether the pipeline's classifier-free guidance runs as one [uncond, cond] denoiser batch (what S-CFG rescales).
+    cfg_batch = True
+
     @property
     def scfg_layers(self) -> list[str]:
         """The cross layers S-CFG's own segmenter reads: by default those of the refinement blocks."""
@@ -183,6 +186,10 @@ class Adapter:
         """The text the pipeline actually tokenizes for `prompt` (token positions are read from it)."""
         return prompt
 
+    def segment_text(self, prompt: str) -> str:
+        """The text `segment_forward` tokenizes for `prompt`."""
+        return self.prompt_text(prompt, {})
+
     def denoiser_latent_hw(self, args, kwargs) -> tuple[int, int]:
         sample = kwargs.get("sample", kwargs.get("hidden_states", args[0] if args else None))
         return tuple(sample.shape[-2:])
@@ -190,6 +197,13 @@ class Adapter:
     def denoiser_batch(self, args, kwargs) -> int:
         sample = kwargs.get("sample", kwargs.get("hidden_states", args[0] if args else None))
         return sample.shape[0]
+
+    def flow_noised(self, latents: torch.Tensor, noise: torch.Tensor, timestep) -> torch.Tensor:
+        """The flow-matching forward process at any timestep t (SD3, Flux): σ = t / num_train_timesteps,
+        x_t = σ·noise + (1 − σ)·x_0. The scheduler's `scale_noise` computes the same, but only for a timestep of its
+        schedule."""
+        sigma = float(timestep) / self.pipe.scheduler.config.num_train_timesteps
+        return sigma * noise + (1 - sigma) * latents
 
     def ddpm_noised(self, latents: torch.Tensor, timestep: int, generator: torch.Generator):
         """(x_t, t) for DDPM-family models: seeded noise at `timestep` with the pipeline scheduler's betas."""

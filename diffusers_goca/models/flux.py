@@ -28,6 +28,7 @@ class FluxAdapter(Adapter):
     denoiser_class = "FluxTransformer2DModel"
     segment_timestep = None
     segment_steps, segment_strength, segment_guidance = 28, 0.15, 3.5  # official: img2img strength 0.15, default shift
+    cfg_batch = False  # guidance distilled into the model; true CFG runs the unconditional call apart
 
     def __init__(self, pipe):
         super().__init__(pipe)
@@ -129,7 +130,7 @@ class FluxAdapter(Adapter):
             t = sched.timesteps[int(max(steps - min(steps * self.segment_strength, steps), 0))]
         else:
             t = torch.tensor(float(timestep), device=device)
-        noisy = sched.scale_noise(packed, t.reshape(1), noise)
+        noisy = self.flow_noised(packed, noise, t)
         guidance = torch.full([b], self.segment_guidance, device=device) if model.config.guidance_embeds else None
         model(hidden_states=noisy.to(model.dtype), timestep=t.reshape(1).expand(b) / 1000, guidance=guidance,
               pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=img_ids,

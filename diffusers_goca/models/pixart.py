@@ -58,6 +58,9 @@ class PixArtAdapter(Adapter):
         # The pipeline cleans captions (when bs4 / ftfy are installed) before tokenizing: index the text it encodes.
         return self.pipe._text_preprocessing(prompt, clean_caption=call_kwargs.get("clean_caption", True))[0]
 
+    def segment_text(self, prompt: str) -> str:
+        return self.prompt_text(prompt, {"clean_caption": False})  # as `segment_forward` encodes it (lower case)
+
     def segment_forward(self, latents, prompt, timestep, generator):
         pipe, model = self.pipe, self.pipe.transformer
         noisy, t = self.ddpm_noised(latents, timestep, generator)

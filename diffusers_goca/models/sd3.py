@@ -79,7 +79,7 @@ class SD3Adapter(Adapter):
         sched.set_timesteps(self.segment_steps, device=latents.device)
         t = sched.timesteps[-self.segment_from_end] if timestep is None else torch.tensor(float(timestep))
         noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
-        noisy = sched.scale_noise(latents, t.reshape(1).to(latents.device), noise)
+        noisy = self.flow_noised(latents, noise, t)
         embeds, _, pooled, _ = pipe.encode_prompt(prompt, None, None, device=latents.device, num_images_per_prompt=1,
                                                   do_classifier_free_guidance=False)
         model(hidden_states=noisy.to(model.dtype), timestep=t.reshape(1).to(latents.device), encoder_hidden_states=embeds,
