@@ -311,7 +311,7 @@ class GoCAMixin:
     def _goca_prompt_indices(self, adapter, args, kwargs, what: str, index_for) -> list:
         """One TokenIndex per generated image (prompts × num_images_per_prompt), read from the text the pipeline
         encodes. index_for(text, max_length) builds one."""
-        prompt = kwargs.get("prompt", args[0] if args else None)
+        prompt = adapter.call_prompt(args, kwargs)
         if prompt is None:
             raise ValueError(f"{what} needs the prompt text (prompt_embeds alone cannot be segmented)")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)

@@ -94,14 +94,15 @@ def _overlaps(a: tuple[int, int], b: tuple[int, int]) -> bool:
 
 def token_index(
     tokenizer, prompt: str, classes: Sequence[str], max_length: int | None = None, extra_entities: Sequence[str] = (),
-    require_classes: bool = True,
+    require_classes: bool = True, allow_cut_off: bool = False,
 ) -> TokenIndex:
     """Map each class to its token positions in `prompt`.
 
     A class matches whole words only (its last word also in a plural with -s / -es); longer classes claim their words
     first, so "light" does not take the tokens of "traffic light" when both are classes. A class that appears twice gets the tokens of both occurrences.
     Raises ValueError for an empty class list (unless `require_classes` is False: then only the special and content
-    positions are indexed), a class absent from the prompt, or one cut off by the token limit.
+    positions are indexed), a class absent from the prompt, or one cut off by the token limit (unless
+    `allow_cut_off`: then it has no positions here, for a part of a longer sequence that holds it elsewhere).
     """
     classes = [c.strip() for c in classes]
     if not classes and require_classes:
@@ -145,7 +146,7 @@ def token_index(
         if not pos:
             raise ValueError(f"class {name!r} has only special tokens or stopwords in {prompt!r}")
         inside = [i for i in pos if i < kept]
-        if not inside:
+        if not inside and not allow_cut_off:
             raise ValueError(
                 f"class {name!r} is cut off by the {max_length}-token limit of the text encoder: "
                 f"shorten the prompt or use fewer classes"

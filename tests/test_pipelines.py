@@ -908,3 +908,22 @@ def test_generation_and_options_refuse_clearly(tiny_sd):
     pixart = goca.from_pipe(make_tiny_pixart())
     with pytest.raises(ValueError, match="layers='manual'.*pixart"):
         pixart.segment(IMAGE_48x32, ["cat"], resolution=32, layers="manual")
+
+
+def test_masks_read_the_prompt_the_text_keys_hold():
+    """Flux's transformer attends to the T5 tokens of `prompt_2` when given (`prompt` gives CLIP's pooled vector
+    only): a class in `prompt_2` alone is found there. SD3 reads `prompt` in its CLIP and T5 parts: a class past the
+    77 CLIP tokens comes from the T5 part, and a differing `prompt_3` is refused."""
+    flux = goca.from_pipe(make_tiny_flux())
+    flux(prompt="a photo", prompt_2="a cat on grass", goca_classes=["cat"], goca_masks="last", num_inference_steps=2,
+         height=32, width=32, max_sequence_length=32)
+    assert flux.goca_masks[0].results[0].classes == ["cat"]
+    sd3 = goca.from_pipe(make_tiny_sd3())
+    long = ", ".join(["a cat on the grass"] * 14) + ", a dog on sand"
+    index = sd3._goca.adapter.token_index(long, ["dog"], max_length=256)
+    assert index.class_tokens[0] and min(index.class_tokens[0]) >= 77  # the T5 part only
+    call = dict(num_inference_steps=2, height=32, width=32, goca_masks="last", max_sequence_length=256)
+    sd3(long, goca_classes=["dog"], **call)
+    assert sd3.goca_masks[0].results[0].classes == ["dog"]
+    with pytest.raises(ValueError, match="prompt_3"):
+        sd3("a cat", prompt_3="a dog", goca_classes=["cat"], **call)

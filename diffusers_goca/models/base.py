@@ -182,6 +182,10 @@ class Adapter:
     def tokenizer(self):
         return self.pipe.tokenizer
 
+    def call_prompt(self, args, call_kwargs: dict):
+        """The prompt (a string or a list) of a pipeline call whose tokens the denoiser's text keys hold."""
+        return call_kwargs.get("prompt", args[0] if args else None)
+
     def prompt_text(self, prompt: str, call_kwargs: dict) -> str:
         """The text the pipeline actually tokenizes for `prompt` (token positions are read from it)."""
         return prompt

@@ -51,6 +51,10 @@ class FluxAdapter(Adapter):
     def tokenizer(self):
         return self.pipe.tokenizer_2  # the transformer attends to the T5 tokens; CLIP gives only the pooled vector
 
+    def call_prompt(self, args, call_kwargs):
+        prompt_2 = call_kwargs.get("prompt_2")  # what T5 encodes, when given
+        return super().call_prompt(args, call_kwargs) if prompt_2 is None else prompt_2
+
     def denoiser_latent_hw(self, args, kwargs):
         ids = kwargs["img_ids"]
         ids = (ids[0] if ids.ndim == 3 else ids).cpu()  # one wait for the device, not one per value read

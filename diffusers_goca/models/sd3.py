@@ -56,13 +56,29 @@ class SD3Adapter(Adapter):
         from ..tokens import concat_token_indices, token_index
 
         t5_length = max_length or self.t5_length
+        has_t5 = getattr(self.pipe, "tokenizer_3", None) is not None  # without T5 its part of the sequence is zeros
+        # A class past the 77 CLIP tokens is read from the T5 part alone; it must be in one of them.
         clip = token_index(self.pipe.tokenizer, prompt, classes, max_length=_CLIP_TOKENS, extra_entities=extra_entities,
-                           require_classes=require_classes)
-        if getattr(self.pipe, "tokenizer_3", None) is None:  # no T5: its part of the sequence is zeros
+                           require_classes=require_classes, allow_cut_off=has_t5)
+        if not has_t5:
             return concat_token_indices([clip], [_CLIP_TOKENS + t5_length])
         t5 = token_index(self.pipe.tokenizer_3, prompt, classes, max_length=t5_length, extra_entities=extra_entities,
-                         require_classes=require_classes)
-        return concat_token_indices([clip, t5], [_CLIP_TOKENS, t5_length])
+                         require_classes=require_classes, allow_cut_off=True)
+        index = concat_token_indices([clip, t5], [_CLIP_TOKENS, t5_length])
+        for name, positions in zip(index.classes, index.class_tokens):
+            if not positions:
+                raise ValueError(f"class {name!r} is cut off by both text encoders' limits ({_CLIP_TOKENS} CLIP and "
+                                 f"{t5_length} T5 tokens): shorten the prompt or use fewer classes")
+        return index
+
+    def call_prompt(self, args, call_kwargs):
+        prompt = super().call_prompt(args, call_kwargs)
+        for name in ("prompt_2", "prompt_3"):  # CLIP-G's tokens share the CLIP positions; T5's follow them
+            other = call_kwargs.get(name)
+            if other is not None and other != prompt:
+                raise ValueError(f"GoCA reads the token positions of `prompt` in every text encoder's part: a {name} "
+                                 f"that differs from it is not supported")
+        return prompt
 
     def guidance_forward(self, args, kwargs):
         return kwargs.get("skip_layers") is not None  # skip-layer guidance: a cond-only call with blocks left out
