@@ -36,24 +36,21 @@ def load_pipeline(model: str | None, device: str, dtype: torch.dtype):
 
 
 def _segment(args) -> int:
-    from PIL import Image, ImageOps
-
     from .methods import METHODS
 
     if args.method not in METHODS:
         raise SystemExit(f"--method must be one of {', '.join(METHODS)}")
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     pipe = load_pipeline(args.model, args.device, DTYPES[args.dtype])
-    image = ImageOps.exif_transpose(Image.open(args.image))  # upright, as viewers show the photo
     options = {} if args.layer_weight_stride is None else {"layer_weight_stride": args.layer_weight_stride}
-    result = pipe.segment(
-        image, classes, method=args.method, timestep=args.timestep, seed=args.seed,
+    result = pipe.segment(  # opens the file upright; the pictures below draw on the image it segmented
+        args.image, classes, method=args.method, timestep=args.timestep, seed=args.seed,
         background=not args.no_background, background_offset=args.background_offset, **options,
     )
-    result.overlay(image).save(args.out)
+    result.overlay().save(args.out)
     print(f"saved {args.out}")
     if args.heatmaps:
-        result.heatmaps(image).save(args.heatmaps)
+        result.heatmaps().save(args.heatmaps)
         print(f"saved {args.heatmaps}")
     total = result.labels.numel()
     for k, name in enumerate(result.classes):

@@ -119,10 +119,14 @@ def _as_rgb(image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _is_ours(proc, state: _GoCAState) -> bool:
+    """Whether `proc` is one of the processors that `state`'s capture wrapped."""
+    return getattr(proc, "capture", None) is state.capture
+
+
 def _replaced_layers(state: _GoCAState) -> list[str]:
     """The capture's layers whose processor is no longer one of its own: something replaced it since it was wrapped."""
-    return [n for n in state.adapter.layers
-            if getattr(state.adapter.submodule(n).processor, "capture", None) is not state.capture]
+    return [n for n in state.adapter.layers if not _is_ours(state.adapter.submodule(n).processor, state)]
 
 
 def _text_keys(adapter, indices) -> int | None:
@@ -192,7 +196,7 @@ class GoCAMixin:
         restored = {}
         for key, proc in denoiser.attn_processors.items():
             restored[key] = proc
-            if getattr(proc, "capture", None) is state.capture:
+            if _is_ours(proc, state):
                 restored[key] = original = state.originals[key]
                 for setting in ("_attention_backend", "_parallel_config"):
                     if proc is not original and hasattr(proc, setting):

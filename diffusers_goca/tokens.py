@@ -189,7 +189,8 @@ def segmentation_prompt(classes: Sequence[str], background: bool) -> str:
 def concat_token_indices(parts: Sequence[TokenIndex], lengths: Sequence[int]) -> TokenIndex:
     """One index over text sequences laid end to end (SD3: 77 CLIP tokens, then the T5 tokens).
 
-    parts[i] indexes sequence i, which occupies `lengths[i]` key positions; a class's tokens are those of every part.
+    parts[i] indexes sequence i, which occupies `lengths[i]` key positions; a class's tokens are those of every part,
+    and a class cut off in some parts (`token_index(..., allow_cut_off=True)`) must be kept in one.
     """
     offsets = [sum(lengths[:i]) for i in range(len(parts))]
     first = parts[0]
@@ -198,6 +199,10 @@ def concat_token_indices(parts: Sequence[TokenIndex], lengths: Sequence[int]) ->
         return [o + p for part, o in zip(parts, offsets) for p in get(part)]
 
     classes = [shifted(lambda part, k=k: part.class_tokens[k]) for k in range(len(first.classes))]
+    for name, positions in zip(first.classes, classes):
+        if not positions:
+            raise ValueError(f"class {name!r} is cut off by the token limit of every text encoder: shorten the "
+                             f"prompt or use fewer classes")
     extra = {e: shifted(lambda part, e=e: part.extra_entities.get(e, [])) for e in first.extra_entities}
     return TokenIndex(first.prompt, list(first.classes), classes, shifted(lambda part: part.content), sum(lengths), extra,
                       first.bos, first.eos)

@@ -8,7 +8,7 @@ import os
 
 import torch
 from diffusers import DiffusionPipeline
-from PIL import Image, ImageOps
+from PIL import Image
 
 import diffusers_goca as goca
 from diffusers_goca.methods import available_methods
@@ -26,7 +26,7 @@ def main(argv=None):
     pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.float16 if cuda else torch.float32)
     pipe = goca.from_pipe(pipe.to("cuda" if cuda else "cpu"))
     if args.image:
-        image, classes = ImageOps.exif_transpose(Image.open(args.image)).convert("RGB"), args.classes.split(",")
+        image, classes = args.image, args.classes.split(",")  # segment opens the path upright (EXIF)
     else:
         from diffusers_goca.toyworld import make_scene
 

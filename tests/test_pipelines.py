@@ -922,6 +922,8 @@ def test_masks_read_the_prompt_the_text_keys_hold():
     long = ", ".join(["a cat on the grass"] * 14) + ", a dog on sand"
     index = sd3._goca.adapter.token_index(long, ["dog"], max_length=256)
     assert index.class_tokens[0] and min(index.class_tokens[0]) >= 77  # the T5 part only
+    with pytest.raises(ValueError, match="every text encoder"):  # past the 77 CLIP and the 64 T5 tokens
+        sd3._goca.adapter.token_index(long, ["dog"], max_length=64)
     call = dict(num_inference_steps=2, height=32, width=32, goca_masks="last", max_sequence_length=256)
     sd3(long, goca_classes=["dog"], **call)
     assert sd3.goca_masks[0].results[0].classes == ["dog"]

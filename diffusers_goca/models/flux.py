@@ -57,7 +57,8 @@ class FluxAdapter(Adapter):
 
     def denoiser_latent_hw(self, args, kwargs):
         ids = kwargs["img_ids"]
-        ids = (ids[0] if ids.ndim == 3 else ids).cpu()  # one wait for the device, not one per value read
+        # One copy (one wait for the device), then host arithmetic: no torch operator per value read.
+        ids = (ids[0] if ids.ndim == 3 else ids).cpu().float().numpy()
         generated = ids[:, 0] == 0  # Kontext's reference image: first coordinate 1
         n = int(generated.sum())
         h, w = int(ids[:n, 1].max()) + 1, int(ids[:n, 2].max()) + 1

@@ -45,8 +45,8 @@ class PixArtAdapter(Adapter):
         # resizes and centre-crops the image to the requested size.
         if not call_kwargs.get("use_resolution_binning", True):
             return None
-        native = self.pipe.transformer.config.sample_size * self.pipe.vae_scale_factor
-        height, width = call_kwargs.get("height") or native, call_kwargs.get("width") or native
+        height = call_kwargs.get("height") or self.native_resolution
+        width = call_kwargs.get("width") or self.native_resolution
 
         def resize(scores):
             if tuple(scores.shape[-2:]) == (height, width):

@@ -64,12 +64,7 @@ class SD3Adapter(Adapter):
             return concat_token_indices([clip], [_CLIP_TOKENS + t5_length])
         t5 = token_index(self.pipe.tokenizer_3, prompt, classes, max_length=t5_length, extra_entities=extra_entities,
                          require_classes=require_classes, allow_cut_off=True)
-        index = concat_token_indices([clip, t5], [_CLIP_TOKENS, t5_length])
-        for name, positions in zip(index.classes, index.class_tokens):
-            if not positions:
-                raise ValueError(f"class {name!r} is cut off by both text encoders' limits ({_CLIP_TOKENS} CLIP and "
-                                 f"{t5_length} T5 tokens): shorten the prompt or use fewer classes")
-        return index
+        return concat_token_indices([clip, t5], [_CLIP_TOKENS, t5_length])
 
     def call_prompt(self, args, call_kwargs):
         prompt = super().call_prompt(args, call_kwargs)
