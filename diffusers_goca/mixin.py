@@ -87,29 +87,49 @@ class _GoCAState:
     request: _Request | None = None
 
 
+def _pixels_uint8(a: np.ndarray) -> np.ndarray:
+    """Pixel values as uint8: uint8 as they are, other integers (and bools) as values in 0–255, floats as values in
+    [0, 1]. Values outside those ranges raise: guessing the range from the values would misread dark images."""
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == np.bool_:
+        return a.astype(np.uint8) * 255
+    lo, hi = a.min(), a.max()
+    if np.issubdtype(a.dtype, np.integer):
+        if lo < 0 or hi > 255:
+            raise ValueError(f"an integer image must hold values in 0–255, got {lo}…{hi} (16-bit: divide by 257)")
+        return a.astype(np.uint8)
+    if not np.issubdtype(a.dtype, np.floating) or not np.isfinite(a).all():
+        raise ValueError(f"an image's values must be finite integers or floats, got dtype {a.dtype}")
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        raise ValueError(f"a float image must hold values in [0, 1], got {lo:.4g}…{hi:.4g} "
+                         "(from [-1, 1]: (x + 1) / 2; from 0–255: pass it as uint8)")
+    return (np.clip(a.astype(np.float32), 0, 1) * 255).round().astype(np.uint8)
+
+
 def _as_rgb(image) -> Image.Image:
-    """A PIL RGB image from a PIL image (any mode; alpha composited on white), an array [H, W(, C)], a tensor
-    [C, H, W] / [1, C, H, W] in [0, 1], or a file path (turned upright by its EXIF orientation, as viewers show it)."""
+    """A PIL RGB image from a PIL image (any mode; alpha composited on white), an array [H, W(, C)] or a tensor
+    [C, H, W] / [1, C, H, W] (uint8 or integers in 0–255, floats in [0, 1]), or a file path (turned upright by its
+    EXIF orientation, as viewers show it)."""
     if isinstance(image, (str, os.PathLike)):
         if not os.path.exists(image):
             raise ValueError(f"image path does not exist: {image}")
         image = ImageOps.exif_transpose(Image.open(image))
     if isinstance(image, torch.Tensor):
-        t = image.detach().float().cpu()
+        t = image.detach().cpu()
         if t.ndim == 4 and t.shape[0] == 1:
             t = t[0]
         if t.ndim != 3 or t.shape[0] not in (1, 3, 4):
             raise ValueError(f"a tensor image must be [C, H, W] or [1, C, H, W] with C in (1, 3, 4), got {tuple(image.shape)}")
-        image = (t.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        t = t.permute(1, 2, 0)
+        image = (t.float() if t.is_floating_point() else t).numpy()  # numpy has no bfloat16
     if isinstance(image, np.ndarray):
         a = image
         if a.ndim == 3 and a.shape[-1] == 1:
             a = a[..., 0]
         if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)) or min(a.shape[:2]) < 1:
             raise ValueError(f"an array image must be [H, W], [H, W, 3] or [H, W, 4], got shape {a.shape}")
-        if a.dtype != np.uint8:
-            a = (np.clip(a.astype(np.float32), 0, 1) * 255).round().astype(np.uint8)
-        image = Image.fromarray(a)
+        image = Image.fromarray(_pixels_uint8(a))
     if not isinstance(image, Image.Image):
         raise ValueError(f"image must be a PIL image, a numpy array, a torch tensor or a path, got {type(image).__name__}")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -314,14 +334,15 @@ class GoCAMixin:
 
     def _goca_prompt_indices(self, adapter, args, kwargs, what: str, index_for) -> list:
         """One TokenIndex per generated image (prompts × num_images_per_prompt), read from the text the pipeline
-        encodes. index_for(text, max_length) builds one."""
+        encodes. index_for(text, max_length, part_texts) builds one."""
         prompt = adapter.call_prompt(args, kwargs)
         if prompt is None:
             raise ValueError(f"{what} needs the prompt text (prompt_embeds alone cannot be segmented)")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         per_prompt = kwargs.get("num_images_per_prompt", 1) or 1
         max_length = kwargs.get("max_sequence_length", adapter.text_max_length)
-        return [index_for(adapter.prompt_text(p, kwargs), max_length) for p in prompts for _ in range(per_prompt)]
+        return [index_for(adapter.prompt_text(p, kwargs), max_length, adapter.part_texts(kwargs, i, len(prompts)))
+                for i, p in enumerate(prompts) for _ in range(per_prompt)]
 
     def capture_forward(self, run: Callable[[], object], n_images: int = 1, columns: Sequence[int] | None = None,
                         text_keys: int | None = None) -> StepCapture:
@@ -458,10 +479,10 @@ class GoCAMixin:
         check_method(state.adapter, goca_method)
         adapter = state.adapter
 
-        def index_for(text, max_length):
+        def index_for(text, max_length, part_texts):
             classes = list(goca_classes) if goca_classes is not None else entities_from_prompt(text)
             extra = ["background"] if goca_background and "background" not in classes else []
-            return adapter.token_index(text, classes, extra, max_length)
+            return adapter.token_index(text, classes, extra, max_length, part_texts=part_texts)
 
         indices = self._goca_prompt_indices(adapter, args, kwargs, "masks during generation", index_for)
         request = _Request(

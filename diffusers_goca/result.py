@@ -50,21 +50,25 @@ class GoCASegmentation:
         return _with_legend(out, self.classes, self.labels) if legend else out
 
     def heatmaps(self, image: Image.Image | None = None, columns: int = 4, cell: int = 192) -> Image.Image:
-        """A grid with one heat map per class (scores in [0, 1] as a blue→red ramp over the image), titled."""
+        """A grid with one heat map per class (scores in [0, 1] as a blue→red ramp over the image), titled; each
+        tile fits in `cell`×`cell` pixels at the image's aspect ratio."""
         image = image if image is not None else self.image
         n = len(self.classes)
         columns = min(columns, n)
         rows = -(-n // columns)
-        grid = Image.new("RGB", (columns * cell, rows * (cell + 16)), "white")
+        h, w = self.scores.shape[-2:]
+        tile_size = (max(1, round(cell * min(1, w / h))), max(1, round(cell * min(1, h / w))))
+        width, height = tile_size
+        grid = Image.new("RGB", (columns * width, rows * (height + 16)), "white")
         draw = ImageDraw.Draw(grid)
         for k, name in enumerate(self.classes):
             s = self.scores[k].float()
             s = ((s - s.min()) / (s.max() - s.min()).clamp_min(1e-12)).cpu().numpy()
             heat = np.stack([s, 1 - np.abs(2 * s - 1), 1 - s], -1) * 255
-            tile = Image.fromarray(heat.astype(np.uint8)).resize((cell, cell), Image.BILINEAR)
+            tile = Image.fromarray(heat.astype(np.uint8)).resize(tile_size, Image.BILINEAR)
             if image is not None:
-                tile = Image.blend(image.convert("RGB").resize((cell, cell), Image.BILINEAR), tile, 0.6)
-            x, y = (k % columns) * cell, (k // columns) * (cell + 16)
+                tile = Image.blend(image.convert("RGB").resize(tile_size, Image.BILINEAR), tile, 0.6)
+            x, y = (k % columns) * width, (k // columns) * (height + 16)
             grid.paste(tile, (x, y + 16))
             draw.text((x + 4, y + 2), name, fill="black")
         return grid

@@ -94,15 +94,16 @@ def _overlaps(a: tuple[int, int], b: tuple[int, int]) -> bool:
 
 def token_index(
     tokenizer, prompt: str, classes: Sequence[str], max_length: int | None = None, extra_entities: Sequence[str] = (),
-    require_classes: bool = True, allow_cut_off: bool = False,
+    require_classes: bool = True, allow_cut_off: bool = False, allow_absent: bool = False,
 ) -> TokenIndex:
     """Map each class to its token positions in `prompt`.
 
     A class matches whole words only (its last word also in a plural with -s / -es); longer classes claim their words
     first, so "light" does not take the tokens of "traffic light" when both are classes. A class that appears twice gets the tokens of both occurrences.
     Raises ValueError for an empty class list (unless `require_classes` is False: then only the special and content
-    positions are indexed), a class absent from the prompt, or one cut off by the token limit (unless
-    `allow_cut_off`: then it has no positions here, for a part of a longer sequence that holds it elsewhere).
+    positions are indexed), a class absent from the prompt (unless `allow_absent`), or one cut off by the token limit
+    (unless `allow_cut_off`). The allowances leave the class without positions here, for one part of a longer
+    sequence whose other parts hold it (`concat_token_indices`).
     """
     classes = [c.strip() for c in classes]
     if not classes and require_classes:
@@ -153,7 +154,7 @@ def token_index(
             )
         return inside
 
-    class_tokens = [positions_of(c, True) for c in classes]
+    class_tokens = [positions_of(c, not allow_absent) for c in classes]
     extra = {e: p for e in names[len(classes):] if (p := positions_of(e, False))}
     content = [i for i in range(kept) if is_content(i)]
     bos = 0 if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id else None
@@ -190,7 +191,8 @@ def concat_token_indices(parts: Sequence[TokenIndex], lengths: Sequence[int]) ->
     """One index over text sequences laid end to end (SD3: 77 CLIP tokens, then the T5 tokens).
 
     parts[i] indexes sequence i, which occupies `lengths[i]` key positions; a class's tokens are those of every part,
-    and a class cut off in some parts (`token_index(..., allow_cut_off=True)`) must be kept in one.
+    and a class cut off or absent in some parts (`token_index(..., allow_cut_off=True, allow_absent=True)`) must
+    have tokens in one.
     """
     offsets = [sum(lengths[:i]) for i in range(len(parts))]
     first = parts[0]
@@ -201,8 +203,9 @@ def concat_token_indices(parts: Sequence[TokenIndex], lengths: Sequence[int]) ->
     classes = [shifted(lambda part, k=k: part.class_tokens[k]) for k in range(len(first.classes))]
     for name, positions in zip(first.classes, classes):
         if not positions:
-            raise ValueError(f"class {name!r} is cut off by the token limit of every text encoder: shorten the "
-                             f"prompt or use fewer classes")
+            raise ValueError(f"class {name!r} has no tokens in any text encoder's part: it is absent from their "
+                             f"texts, or cut off by the token limit of every text encoder (shorten the prompt or use "
+                             f"fewer classes)")
     extra = {e: shifted(lambda part, e=e: part.extra_entities.get(e, [])) for e in first.extra_entities}
     return TokenIndex(first.prompt, list(first.classes), classes, shifted(lambda part: part.content), sum(lengths), extra,
                       first.bos, first.eos)

@@ -100,7 +100,10 @@ def test_segment_sizes_and_modes(tiny_sd, size, mode, method):
     assert r.scores.shape == (3, size[1], size[0])
     assert r.classes == ["cat", "grass", "background"]
     assert int(r.labels.max()) < 3
-    assert r.overlay().mode == "RGB" and r.heatmaps().size[0] > 0
+    assert r.overlay().mode == "RGB"
+    heat = r.heatmaps(cell=100)  # one row of three tiles under 16-pixel titles, at the image's aspect ratio
+    tile_w, tile_h = heat.width / 3, heat.height - 16
+    assert max(tile_w, tile_h) == 100 and abs(tile_w / tile_h - size[0] / size[1]) < 0.02
     pipe.disable_goca()
 
 
@@ -129,6 +132,27 @@ def test_segment_is_seeded_and_method_changes_result(make):
     pipe.disable_goca()
 
 
+def test_image_values_are_read_in_their_dtypes_range():
+    """uint8 and other integers are 0–255, floats 0–1, for arrays and tensors alike; a range that fits neither raises
+    instead of being clipped into a white or black image."""
+    from diffusers_goca.mixin import _as_rgb
+
+    pixels = np.random.RandomState(2).randint(0, 256, (5, 7, 3)).astype(np.uint8)
+    expected = np.asarray(Image.fromarray(pixels))
+    for image in (pixels.astype(np.int64), pixels / 255.0, pixels.astype(np.float16) / 255,
+                  torch.from_numpy(pixels).permute(2, 0, 1), torch.from_numpy(pixels / 255.0).permute(2, 0, 1)[None],
+                  torch.from_numpy(pixels).permute(2, 0, 1).bfloat16() / 255):
+        got = np.asarray(_as_rgb(image)).astype(int)
+        assert np.abs(got - expected).max() <= (1 if getattr(image, "dtype", None) == torch.bfloat16 else 0)
+    assert np.asarray(_as_rgb(np.eye(3, dtype=bool)))[0, 0].tolist() == [255] * 3
+    for image, message in ((pixels.astype(np.float32), r"\[0, 1\], got \d"),
+                           (torch.from_numpy(pixels / 127.5 - 1).permute(2, 0, 1), r"\(x \+ 1\) / 2"),
+                           (pixels.astype(np.int32) * 257, "16-bit"),
+                           (np.full((4, 4), np.nan), "finite")):
+        with pytest.raises(ValueError, match=message):
+            _as_rgb(image)
+
+
 def test_bad_inputs_raise_and_leave_nothing_patched(tiny_sd):
     pipe = goca.goca_class(type(tiny_sd)).from_pipe(tiny_sd)
     before = dict(pipe.unet.attn_processors)
@@ -151,6 +175,20 @@ def test_bad_inputs_raise_and_leave_nothing_patched(tiny_sd):
 
     with pytest.raises(ValueError, match="does not support NotSupported"):
         goca.from_pipe(NotSupported())
+
+    # A UNet whose attention is DeepFloyd IF's added-KV kind (no transformer blocks): refused by name.
+    from diffusers import UNet2DConditionModel
+
+    if_like = NotSupported()
+    if_like.unet = UNet2DConditionModel(
+        sample_size=8, in_channels=3, out_channels=6, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"), mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        cross_attention_dim=16, attention_head_dim=8, encoder_hid_dim=16, encoder_hid_dim_type="text_proj",
+        resnet_time_scale_shift="scale_shift", norm_num_groups=8)
+    if_like.tokenizer = pipe.tokenizer
+    with pytest.raises(ValueError, match="AttnAddedKVProcessor2_0.*added-KV attention are not supported"):
+        goca.from_pipe(if_like)
 
 
 def test_adapter_layers_follow_the_algorithm(tiny_sd, tiny_sdxl):
@@ -341,7 +379,8 @@ def test_sdxl_pipeline_classes_segment_alike(tiny_sdxl, class_name):
 
 def test_sdxl_refiner_with_only_the_second_text_encoder():
     """The refiner layout: no first tokenizer or text encoder (the second one's tokens sit at the same positions),
-    time ids with the aesthetic score."""
+    time ids with the aesthetic score. Its encoder reads `prompt` (a prompt_2 goes unread), while SDXL's two encoders
+    lay `prompt` and `prompt_2` at the same positions, so a differing prompt_2 is refused there."""
     from diffusers import StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -362,7 +401,11 @@ def test_sdxl_refiner_with_only_the_second_text_encoder():
     gp = goca.from_pipe(refiner)
     assert np.array_equal(generate(gp, goca_masks="last", **kw), reference)
     assert gp.goca_masks[0].results[1].classes == ["cat", "dog", "sand"]
+    assert np.array_equal(generate(gp, goca_masks="last", prompt_2="a bird", **kw), reference)
+    assert gp.goca_masks[0].results[1].classes == ["cat", "dog", "sand"]
     assert gp.segment(IMAGE_48x32, ["cat", "dog"]).labels.shape == (32, 48)
+    with pytest.raises(ValueError, match="prompt_2 that differs"):
+        generate(goca.from_pipe(sdxl), goca_masks="last", prompt_2="a bird")
 
 
 def test_flux_kontext_masks_are_the_generated_images():
@@ -913,7 +956,8 @@ def test_generation_and_options_refuse_clearly(tiny_sd):
 def test_masks_read_the_prompt_the_text_keys_hold():
     """Flux's transformer attends to the T5 tokens of `prompt_2` when given (`prompt` gives CLIP's pooled vector
     only): a class in `prompt_2` alone is found there. SD3 reads `prompt` in its CLIP and T5 parts: a class past the
-    77 CLIP tokens comes from the T5 part, and a differing `prompt_3` is refused."""
+    77 CLIP tokens comes from the T5 part; a `prompt_3` of its own (what T5 encodes) is read in the T5 part, and a
+    differing `prompt_2` (CLIP-G, at CLIP-L's positions) is refused."""
     flux = goca.from_pipe(make_tiny_flux())
     flux(prompt="a photo", prompt_2="a cat on grass", goca_classes=["cat"], goca_masks="last", num_inference_steps=2,
          height=32, width=32, max_sequence_length=32)
@@ -927,5 +971,15 @@ def test_masks_read_the_prompt_the_text_keys_hold():
     call = dict(num_inference_steps=2, height=32, width=32, goca_masks="last", max_sequence_length=256)
     sd3(long, goca_classes=["dog"], **call)
     assert sd3.goca_masks[0].results[0].classes == ["dog"]
-    with pytest.raises(ValueError, match="prompt_3"):
-        sd3("a cat", prompt_3="a dog", goca_classes=["cat"], **call)
+    adapter = sd3._goca.adapter
+    index = adapter.token_index("a cat", ["cat", "grass"], part_texts=("a dog on grass",), max_length=256)
+    t5_ids = sd3.tokenizer_3("a dog on grass")["input_ids"]
+    cat, grass = index.class_tokens
+    assert cat and max(cat) < 77 and sd3.tokenizer.decode([sd3.tokenizer("a cat")["input_ids"][p] for p in cat]) == "cat"
+    assert grass and min(grass) >= 77 and sd3.tokenizer_3.decode([t5_ids[p - 77] for p in grass]) == "grass"
+    with pytest.raises(ValueError, match="no tokens in any text encoder's part"):
+        adapter.token_index("a cat", ["sky"], part_texts=("a dog on grass",))
+    sd3(["a cat", "a cow"], prompt_3=["a dog on grass", "a cow on grass"], goca_classes=["grass"], **call)
+    assert [r.classes for r in sd3.goca_masks[0].results] == [["grass"]] * 2
+    with pytest.raises(ValueError, match="prompt_2"):
+        sd3("a cat", prompt_2="a dog", goca_classes=["cat"], **call)

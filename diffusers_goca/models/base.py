@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -171,8 +171,10 @@ class Adapter:
         neither segmented nor counted as a step's call."""
         return False
 
-    def token_index(self, prompt: str, classes, extra_entities=(), max_length: int | None = None, require_classes=True):
-        """Where each class sits in the text tokens the denoiser attends to."""
+    def token_index(self, prompt: str, classes, extra_entities=(), max_length: int | None = None, require_classes=True,
+                    part_texts: Sequence[str] = ()):
+        """Where each class sits in the text tokens the denoiser attends to. part_texts: `part_texts(...)` of the
+        call, the texts of later text parts that differ from `prompt` (none for a family with one text part)."""
         from ..tokens import token_index
 
         return token_index(self.tokenizer(), prompt, classes, max_length=max_length or self.text_max_length,
@@ -185,6 +187,22 @@ class Adapter:
     def call_prompt(self, args, call_kwargs: dict):
         """The prompt (a string or a list) of a pipeline call whose tokens the denoiser's text keys hold."""
         return call_kwargs.get("prompt", args[0] if args else None)
+
+    @staticmethod
+    def same_positions_prompt(call_kwargs: dict, prompt, name: str = "prompt_2"):
+        """`prompt`, after checking that the call's `name` (a second CLIP encoder's text, whose tokens the pipeline
+        lays at the same positions as the first's, features side by side: SDXL, SD3) is absent or the same: the maps
+        at a position could not be told apart between two texts."""
+        other = call_kwargs.get(name)
+        if other is not None and other != prompt:
+            raise ValueError(f"GoCA reads both CLIP encoders' tokens at the same positions, from `prompt`: a {name} "
+                             f"that differs from it is not supported")
+        return prompt
+
+    def part_texts(self, call_kwargs: dict, i: int, n: int) -> tuple[str, ...]:
+        """For the i-th of the call's n prompts, the texts that later parts of the text sequence encode instead of the
+        prompt (SD3: `prompt_3` for its T5 part); () where every part encodes the prompt."""
+        return ()
 
     def prompt_text(self, prompt: str, call_kwargs: dict) -> str:
         """The text the pipeline actually tokenizes for `prompt` (token positions are read from it)."""

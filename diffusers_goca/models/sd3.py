@@ -52,28 +52,35 @@ class SD3Adapter(Adapter):
         self.native_resolution = model.config.sample_size * pipe.vae_scale_factor
         self.t5_length = 256
 
-    def token_index(self, prompt, classes, extra_entities=(), max_length=None, require_classes=True):
+    def token_index(self, prompt, classes, extra_entities=(), max_length=None, require_classes=True, part_texts=()):
         from ..tokens import concat_token_indices, token_index
 
         t5_length = max_length or self.t5_length
         has_t5 = getattr(self.pipe, "tokenizer_3", None) is not None  # without T5 its part of the sequence is zeros
-        # A class past the 77 CLIP tokens is read from the T5 part alone; it must be in one of them.
+        t5_text = part_texts[0] if part_texts else prompt
+        # A class past the 77 CLIP tokens is read from the T5 part alone, and with a prompt_3 of its own a class may
+        # be in either text; it must have tokens in one of them.
+        apart = has_t5 and t5_text != prompt
         clip = token_index(self.pipe.tokenizer, prompt, classes, max_length=_CLIP_TOKENS, extra_entities=extra_entities,
-                           require_classes=require_classes, allow_cut_off=has_t5)
+                           require_classes=require_classes, allow_cut_off=has_t5, allow_absent=apart)
         if not has_t5:
             return concat_token_indices([clip], [_CLIP_TOKENS + t5_length])
-        t5 = token_index(self.pipe.tokenizer_3, prompt, classes, max_length=t5_length, extra_entities=extra_entities,
-                         require_classes=require_classes, allow_cut_off=True)
+        t5 = token_index(self.pipe.tokenizer_3, t5_text, classes, max_length=t5_length, extra_entities=extra_entities,
+                         require_classes=require_classes, allow_cut_off=True, allow_absent=apart)
         return concat_token_indices([clip, t5], [_CLIP_TOKENS, t5_length])
 
     def call_prompt(self, args, call_kwargs):
-        prompt = super().call_prompt(args, call_kwargs)
-        for name in ("prompt_2", "prompt_3"):  # CLIP-G's tokens share the CLIP positions; T5's follow them
-            other = call_kwargs.get(name)
-            if other is not None and other != prompt:
-                raise ValueError(f"GoCA reads the token positions of `prompt` in every text encoder's part: a {name} "
-                                 f"that differs from it is not supported")
-        return prompt
+        return self.same_positions_prompt(call_kwargs, super().call_prompt(args, call_kwargs))
+
+    def part_texts(self, call_kwargs, i, n):
+        t5 = call_kwargs.get("prompt_3")  # what T5 encodes, when given; its tokens follow the 77 CLIP positions
+        if t5 is None:
+            return ()
+        if isinstance(t5, str):
+            return (t5,)
+        if len(t5) != n:
+            raise ValueError(f"prompt_3 has {len(t5)} texts for {n} prompts")
+        return (t5[i],)
 
     def guidance_forward(self, args, kwargs):
         return kwargs.get("skip_layers") is not None  # skip-layer guidance: a cond-only call with blocks left out

@@ -36,6 +36,12 @@ class UNetAdapter(Adapter):
     def tokenizer(self):
         return self.text_tokenizer(self.pipe)
 
+    def call_prompt(self, args, call_kwargs):
+        prompt = super().call_prompt(args, call_kwargs)
+        # SDXL's two CLIP encoders; the refiner has only the second, which encodes `prompt` (prompt_2 goes unread).
+        two_encoders = all(getattr(self.pipe, n, None) is not None for n in ("text_encoder", "text_encoder_2"))
+        return self.same_positions_prompt(call_kwargs, prompt) if two_encoders else prompt
+
     def __init__(self, pipe):
         super().__init__(pipe)
         unet = pipe.unet
@@ -55,7 +61,10 @@ class UNetAdapter(Adapter):
             role = "cross" if which == "attn2" and module.is_cross_attention else "self"
             self.layers[name] = LayerInfo(name, role, name.rsplit(".", 1)[0], 2**level)
         if not self.cross_layers:
-            raise ValueError("this UNet has no cross-attention layers: GoCA needs a text-conditioned UNet")
+            kinds = sorted({type(p).__name__ for p in unet.attn_processors.values()})
+            raise ValueError("GoCA reads the cross-attention (attn2) of the UNet's transformer blocks, and this UNet has "
+                             f"none (its attention processors: {', '.join(kinds) or 'none'}); layouts such as "
+                             "DeepFloyd IF's added-KV attention are not supported")
         # The map grid is the finest grid with cross-attention (64×64 for SD 1.5 at 512 px and SDXL at 1024 px).
         self.map_factor = min(self.layers[n].factor for n in self.cross_layers)
         self.native_resolution = unet.config.sample_size * getattr(pipe, "vae_scale_factor", 8)
