@@ -484,6 +484,7 @@ class GoCAMixin:
             extra = ["background"] if goca_background and "background" not in classes else []
             return adapter.token_index(text, classes, extra, max_length, part_texts=part_texts)
 
+        adapter.check_mask_prompt(kwargs, adapter.call_prompt(args, kwargs))
         indices = self._goca_prompt_indices(adapter, args, kwargs, "masks during generation", index_for)
         request = _Request(
             wants=self._goca_step_filter(goca_masks), n_images=len(indices), indices=indices, method=goca_method,

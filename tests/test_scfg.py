@@ -82,6 +82,8 @@ def test_scfg_off_is_the_stock_pipeline_and_on_changes_the_image(make, tmp_path)
     goca.save_scfg_maps(pipe.scfg_maps, tmp_path / "maps.gif")
     goca.save_scfg_maps(pipe.scfg_maps, tmp_path / "maps.png")
     assert (tmp_path / "maps.gif").stat().st_size > 0 and (tmp_path / "maps.png").stat().st_size > 0
+    if hasattr(stock, "text_encoder_2"):  # regions are per token position: a prompt_2 of its own is no obstacle
+        assert run(pipe, guidance_scale=5.0, prompt_2=["a bird", "a fish"]).shape == reference.shape
     pipe.disable_goca()
 
 

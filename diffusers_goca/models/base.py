@@ -45,6 +45,7 @@ class Adapter:
     # carry no probability, and the capture reads only the prompt's (`Capture.start`'s text_keys).
     text_padding_masked: bool = False
     segment_timestep: int | None = 100  # ALGORITHMS §5: t = 100 of 1000 for SD / SDXL / PixArt; None: the family's rule
+    shared_clip_positions: bool = False  # two CLIP encoders' tokens at the same positions (see `check_mask_prompt`)
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -188,16 +189,16 @@ class Adapter:
         """The prompt (a string or a list) of a pipeline call whose tokens the denoiser's text keys hold."""
         return call_kwargs.get("prompt", args[0] if args else None)
 
-    @staticmethod
-    def same_positions_prompt(call_kwargs: dict, prompt, name: str = "prompt_2"):
-        """`prompt`, after checking that the call's `name` (a second CLIP encoder's text, whose tokens the pipeline
-        lays at the same positions as the first's, features side by side: SDXL, SD3) is absent or the same: the maps
-        at a position could not be told apart between two texts."""
-        other = call_kwargs.get(name)
+    def check_mask_prompt(self, call_kwargs: dict, prompt) -> None:
+        """Refuse a call whose masks could not be read by class: where a second CLIP encoder lays its text's tokens
+        at the first's positions (SDXL, SD3), a `prompt_2` that differs from `prompt` would mix two texts' words at
+        each position. S-CFG's regions, which are per position, not per class, do not ask this."""
+        if not self.shared_clip_positions:
+            return
+        other = call_kwargs.get("prompt_2")
         if other is not None and other != prompt:
-            raise ValueError(f"GoCA reads both CLIP encoders' tokens at the same positions, from `prompt`: a {name} "
-                             f"that differs from it is not supported")
-        return prompt
+            raise ValueError("GoCA reads both CLIP encoders' tokens at the same positions, from `prompt`: masks for a "
+                             "prompt_2 that differs from it are not supported")
 
     def part_texts(self, call_kwargs: dict, i: int, n: int) -> tuple[str, ...]:
         """For the i-th of the call's n prompts, the texts that later parts of the text sequence encode instead of the

@@ -34,6 +34,7 @@ class SD3Adapter(Adapter):
     denoiser_class = "SD3Transformer2DModel"
     segment_timestep = None
     segment_steps, segment_from_end = 28, 8  # Seg4Diff: FlowMatch, 28 steps, the 8th timestep from the end
+    shared_clip_positions = True  # CLIP-L ⊕ CLIP-G features at each of the 77 CLIP positions
 
     def __init__(self, pipe):
         super().__init__(pipe)
@@ -68,9 +69,6 @@ class SD3Adapter(Adapter):
         t5 = token_index(self.pipe.tokenizer_3, t5_text, classes, max_length=t5_length, extra_entities=extra_entities,
                          require_classes=require_classes, allow_cut_off=True, allow_absent=apart)
         return concat_token_indices([clip, t5], [_CLIP_TOKENS, t5_length])
-
-    def call_prompt(self, args, call_kwargs):
-        return self.same_positions_prompt(call_kwargs, super().call_prompt(args, call_kwargs))
 
     def part_texts(self, call_kwargs, i, n):
         t5 = call_kwargs.get("prompt_3")  # what T5 encodes, when given; its tokens follow the 77 CLIP positions

@@ -36,16 +36,12 @@ class UNetAdapter(Adapter):
     def tokenizer(self):
         return self.text_tokenizer(self.pipe)
 
-    def call_prompt(self, args, call_kwargs):
-        prompt = super().call_prompt(args, call_kwargs)
-        # SDXL's two CLIP encoders; the refiner has only the second, which encodes `prompt` (prompt_2 goes unread).
-        two_encoders = all(getattr(self.pipe, n, None) is not None for n in ("text_encoder", "text_encoder_2"))
-        return self.same_positions_prompt(call_kwargs, prompt) if two_encoders else prompt
-
     def __init__(self, pipe):
         super().__init__(pipe)
         unet = pipe.unet
         self.is_sdxl = unet.config.addition_embed_type == "text_time"
+        # SDXL's two CLIP encoders; the refiner has only the second, which encodes `prompt` (prompt_2 goes unread).
+        self.shared_clip_positions = all(getattr(pipe, n, None) is not None for n in ("text_encoder", "text_encoder_2"))
         n_down, n_up = len(unet.down_blocks), len(unet.up_blocks)
         from diffusers.models.attention_processor import Attention
 
