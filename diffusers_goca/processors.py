@@ -7,6 +7,8 @@ hand them to the capture. When the capture does not want the layer, no hook is s
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from contextlib import contextmanager
 
 import torch
@@ -138,6 +140,15 @@ class GoCAWrappedProcessor(_Tapping, torch.nn.Module):
         super().__init__()
         self.inner = inner
         self.capture, self.layer = capture, layer
+        # The attention module passes on only the cross-attention kwargs that `processor.__call__` names (IP-Adapter's
+        # `ip_adapter_masks`, Flux IP-Adapter's `ip_hidden_states`, a custom processor's own): name the inner's.
+        try:
+            signature = inspect.signature(inner.__call__)
+        except (TypeError, ValueError):  # a callable without a readable signature: every kwarg is passed on
+            return
+        call = functools.partial(type(self).__call__, self)
+        call.__signature__ = signature
+        object.__setattr__(self, "__call__", call)
 
     @property
     def original(self):

@@ -47,17 +47,21 @@ def test_disable_restores_identical_objects_and_custom_processors_run(tiny_sd):
             self.gain = torch.nn.Parameter(torch.tensor(1.5))
             self.calls = 0
 
-        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kw):
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, gain_scale=1.0):
             self.calls += 1
-            return AttnProcessor()(attn, hidden_states, encoder_hidden_states, attention_mask) * self.gain
+            return AttnProcessor()(attn, hidden_states, encoder_hidden_states, attention_mask) * self.gain * gain_scale
 
     custom = {k: (Scaled() if k.endswith("attn2.processor") else AttnProcessor2_0()) for k in before}
     unet.set_attn_processor(dict(custom))
-    reference = generate(pipe)
+    # The attention module passes on only the cross-attention kwargs its processor's __call__ names.
+    own_kwarg = dict(cross_attention_kwargs={"gain_scale": 0.5})
+    reference, reference_own_kwarg = generate(pipe), generate(pipe, **own_kwarg)
+    assert not np.array_equal(reference, reference_own_kwarg)
     pipe.enable_goca()
     wrapped = unet.attn_processors
     assert isinstance(wrapped[next(k for k in custom if k.endswith("attn2.processor"))], goca.GoCAWrappedProcessor)
     assert np.array_equal(generate(pipe, goca_masks="last"), reference)
+    assert np.array_equal(generate(pipe, goca_masks="last", **own_kwarg), reference_own_kwarg)
     assert all(p.calls > 0 for k, p in custom.items() if k.endswith("attn2.processor"))
     pipe.disable_goca()
     assert all(unet.attn_processors[k] is custom[k] for k in custom)
@@ -347,6 +351,10 @@ DERIVED = {
     # One image embedding each for the unconditional and the conditional half.
     "sd-ip-adapter": (with_ip_adapter, dict(ip_adapter_image_embeds=[
         torch.randn(2, 1, 16, generator=torch.Generator().manual_seed(1))])),
+    # Its masks reach the processors through cross_attention_kwargs, which pass on only the parameters they name.
+    "sd-ip-adapter-masks": (with_ip_adapter, dict(
+        ip_adapter_image_embeds=[torch.randn(2, 1, 16, generator=torch.Generator().manual_seed(1))],
+        cross_attention_kwargs={"ip_adapter_masks": [(torch.arange(48) < 24).float().expand(1, 1, 32, 48)]})),
 }
 
 
