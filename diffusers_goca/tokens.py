@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 STOPWORDS = frozenset({"a", "an", "the", "and", ",", ".", "-"})
 # Words that separate entities when classes are taken from a prompt ("a red circle on grass" → red circle, grass).
@@ -95,6 +95,7 @@ def _overlaps(a: tuple[int, int], b: tuple[int, int]) -> bool:
 def token_index(
     tokenizer, prompt: str, classes: Sequence[str], max_length: int | None = None, extra_entities: Sequence[str] = (),
     require_classes: bool = True, allow_cut_off: bool = False, allow_absent: bool = False,
+    phrases: Mapping[str, str] | None = None,
 ) -> TokenIndex:
     """Map each class to its token positions in `prompt`.
 
@@ -103,7 +104,8 @@ def token_index(
     Raises ValueError for an empty class list (unless `require_classes` is False: then only the special and content
     positions are indexed), a class absent from the prompt (unless `allow_absent`), or one cut off by the token limit
     (unless `allow_cut_off`). The allowances leave the class without positions here, for one part of a longer
-    sequence whose other parts hold it (`concat_token_indices`).
+    sequence whose other parts hold it (`concat_token_indices`). phrases: the text to find for a class or entity
+    where it is not its name (a multi-vector textual-inversion token, spelled out as the pipeline spells it).
     """
     classes = [c.strip() for c in classes]
     if not classes and require_classes:
@@ -132,8 +134,9 @@ def token_index(
     names = list(classes) + [e for e in extra_entities if e not in classes]
     claimed: list[tuple[int, int]] = []
     spans: dict[str, list[tuple[int, int]]] = {}
-    for name in sorted(names, key=lambda c: -len(c)):
-        found = _find_spans(prompt, name)
+    phrases = {name: (phrases or {}).get(name, name) for name in names}
+    for name in sorted(names, key=lambda c: -len(phrases[c])):
+        found = _find_spans(prompt, phrases[name])
         free = [s for s in found if not any(_overlaps(s, c) for c in claimed)]
         spans[name] = free or found
         claimed.extend(free)

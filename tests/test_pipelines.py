@@ -991,3 +991,24 @@ def test_masks_read_the_prompt_the_text_keys_hold():
     assert [r.classes for r in sd3.goca_masks[0].results] == [["grass"]] * 2
     with pytest.raises(ValueError, match="prompt_2"):
         sd3("a cat", prompt_2="a dog", goca_classes=["cat"], **call)
+
+
+def test_multi_vector_textual_inversion_tokens_are_read_where_the_encoder_puts_them():
+    """The pipeline spells a multi-vector textual-inversion token out as one token per vector before tokenizing, which
+    moves every later token: the class positions follow, the token as a class reads all its vectors, and the default
+    classes keep the name the prompt uses."""
+    pipe = make_tiny_sd()
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    pipe.load_textual_inversion({"<cat-toy>": torch.randn(3, width, generator=torch.Generator().manual_seed(0))},
+                                token="<cat-toy>")
+    prompt = "a <cat-toy> on grass"
+    reference = generate(pipe)
+    gp = goca.from_pipe(pipe)
+    index = gp._goca.adapter.token_index(prompt, ["<cat-toy>", "grass"])
+    ids = pipe.tokenizer(pipe.maybe_convert_prompt(prompt, pipe.tokenizer))["input_ids"]
+    assert [pipe.tokenizer.convert_ids_to_tokens([ids[p] for p in ps]) for ps in index.class_tokens] == [
+        ["<cat-toy>", "<cat-toy>_1", "<cat-toy>_2"], ["grass</w>"]]
+    assert np.array_equal(generate(gp, goca_masks="last"), reference)
+    gp([prompt], num_inference_steps=2, height=32, width=32, goca_masks="last", output_type="np")
+    assert gp.goca_masks[0].results[0].classes == ["<cat-toy>", "grass"]
+    assert gp.segment(IMAGE_48x32, ["<cat-toy>", "grass"]).labels.shape == (32, 48)

@@ -178,8 +178,21 @@ class Adapter:
         call, the texts of later text parts that differ from `prompt` (none for a family with one text part)."""
         from ..tokens import token_index
 
-        return token_index(self.tokenizer(), prompt, classes, max_length=max_length or self.text_max_length,
-                           extra_entities=extra_entities, require_classes=require_classes)
+        tokenizer = self.tokenizer()
+        names = list(classes) + [e for e in extra_entities if e not in classes]
+        return token_index(tokenizer, self.textual_inversion_text(prompt, tokenizer), classes,
+                           max_length=max_length or self.text_max_length, extra_entities=extra_entities,
+                           require_classes=require_classes,
+                           phrases={n: self.textual_inversion_text(n, tokenizer) for n in names})
+
+    def textual_inversion_text(self, text: str, tokenizer) -> str:
+        """`text` as the pipeline tokenizes it: a multi-vector textual-inversion token ("<cat-toy>") spelled out as its
+        vectors' tokens ("<cat-toy> <cat-toy>_1 <cat-toy>_2"), which shifts the positions of every token after it."""
+        from diffusers.loaders import TextualInversionLoaderMixin
+
+        if not isinstance(self.pipe, TextualInversionLoaderMixin):
+            return text
+        return self.pipe.maybe_convert_prompt(text, tokenizer)
 
     # -- pipeline specifics -------------------------------------------------------------------------------------------
     def tokenizer(self):
