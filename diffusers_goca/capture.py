@@ -261,6 +261,7 @@ class Capture:
         if self._stream is not None:
             torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
 
+    @torch.no_grad()  # the side path never needs gradients, and under grad its maps would hold the forward's graph
     def stop(self) -> StepCapture | None:
         """End of the denoiser forward: finish the joint layers held for it and hand the capture over."""
         step, self.step = self.step, None
@@ -274,6 +275,7 @@ class Capture:
         self.step = None
         self._join_copies()
 
+    @torch.no_grad()
     def record(self, layer: str, attn, tap, attention_mask, output, call_kwargs: dict) -> None:
         info = self.adapter.layers[layer]
         if tap.query is None or tap.key is None:

@@ -1012,3 +1012,45 @@ def test_multi_vector_textual_inversion_tokens_are_read_where_the_encoder_puts_t
     gp([prompt], num_inference_steps=2, height=32, width=32, goca_masks="last", output_type="np")
     assert gp.goca_masks[0].results[0].classes == ["<cat-toy>", "grass"]
     assert gp.segment(IMAGE_48x32, ["<cat-toy>", "grass"]).labels.shape == (32, 48)
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_a_forward_under_grad_leaves_no_graph_in_the_capture(family):
+    """A denoiser called with gradients on (a training loop, gradient guidance): the capture holds no tensor that
+    requires grad, so it keeps no part of the forward's graph alive."""
+    pipe = goca.from_pipe(make_tiny_sd() if family == "sd" else make_tiny_sd3())
+    denoiser = pipe._goca.adapter.denoiser
+    if family == "sd":
+        x = torch.randn(1, 4, 8, 8)
+        embeds = pipe.encode_prompt("a cat", "cpu", 1, False)[0]
+        run = lambda: denoiser(x, torch.tensor([10]), encoder_hidden_states=embeds)  # noqa: E731
+    else:
+        x = torch.randn(1, denoiser.config.in_channels, 8, 8)
+        embeds, _, pooled, _ = pipe.encode_prompt("a cat", None, None, device="cpu", do_classifier_free_guidance=False,
+                                                  max_sequence_length=32)
+        run = lambda: denoiser(hidden_states=x, timestep=torch.tensor([10.0]), encoder_hidden_states=embeds,  # noqa: E731
+                               pooled_projections=pooled)
+    with torch.enable_grad():
+        step = pipe.capture_forward(run)
+    held, seen = [], set()
+
+    def walk(obj, path):
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            held.append((path, obj.requires_grad))
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{path}.{k}")
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, f"{path}[{i}]")
+        elif hasattr(obj, "__dict__") and not isinstance(obj, torch.nn.Module):
+            for k, v in vars(obj).items():
+                walk(v, f"{path}.{k}")
+
+    walk(step, "step")
+    assert any(p.startswith("step.cross") for p, _ in held)
+    assert [p for p, grad in held if grad] == []
+    pipe.disable_goca()
