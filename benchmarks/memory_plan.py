@@ -80,7 +80,7 @@ def extra_flops(adapter, latent_hw, text_len: int, row_stride: int = 1) -> dict[
     flops = dict.fromkeys(("text maps", "head weights", "text share", "layer weights", "refinement"), 0)
     for name in adapter.cross_layers:
         n, c = grid(name), inner(name)
-        width = adapter.output_weight(name, adapter.denoiser.get_submodule(name)).shape[0]
+        width = adapter.output_projection(name, adapter.denoiser.get_submodule(name)).out_features
         joint = adapter.layers[name].role == "joint"
         # A joint layer on the reference grid gets its text shares from its layer-weight call (text keys included).
         merged = joint and adapter.on_reference_grid(name)

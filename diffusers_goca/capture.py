@@ -25,6 +25,7 @@ from .functional.joint import joint_text_attention
 from .functional.self_attention import (
     CHUNK_ELEMENTS, compute_dtype, joint_frobenius_with_reference, logits, reference_weights,
 )
+from .models.base import OutputProjection
 
 
 @dataclass
@@ -88,7 +89,7 @@ class JointText:
 
     key: torch.Tensor
     value: torch.Tensor
-    out_weight: torch.Tensor | None
+    out_projection: OutputProjection
     other_key: torch.Tensor | None = None
 
 
@@ -317,11 +318,12 @@ class Capture:
             probs = probs.index_select(-1, columns)
         maps = {"average": probs.mean(1)}
         if tap.head_out is not None:
-            projection = attn.to_out[0]
+            projection = self.adapter.output_projection(layer, attn)
+            head_out = step.take(tap.head_out)
             out = step.take(tap.projected)  # the forward's own projection of head_out, bias removed
-            out = out if projection.bias is None else out - projection.bias
-            w, degenerate = head_weights(step.take(tap.head_out), projection.weight, heads, self.head_weighting,
-                                         return_degenerate=True, out=out)
+            out = out if projection.linear.bias is None else out - projection.linear.bias
+            weight = None if self.head_weighting == "average" else projection.weight(like=head_out)
+            w, degenerate = head_weights(head_out, weight, heads, self.head_weighting, return_degenerate=True, out=out)
             step.degenerate_masks.append(degenerate)
             maps["auto"] = aggregate_heads(probs, w)
         else:
@@ -348,7 +350,7 @@ class Capture:
         k_other = None if inputs.other_key is None else step.take(inputs.other_key).detach()  # read in this call only
         grid = step.grids[layer] = adapter.grid(layer, q.shape[1], step.latent_hw)
         heads, scale = attn.heads, adapter.attention_scale(attn)
-        text = JointText(k_txt, v_txt, adapter.output_weight(layer, attn), k_other)
+        text = JointText(k_txt, v_txt, adapter.output_projection(layer, attn), k_other)
         if layer == adapter.reference_layer:
             step.reference = step.take(adapter.reference_feature(layer, tap, output, step), keep=True).detach()
             step.reference_grid = grid
@@ -366,8 +368,9 @@ class Capture:
 
     def _joint_row(self, step: StepCapture, qk: SelfQK, text: JointText, row: int, inputs: dict, text_share=None):
         """(image share [heads, N], average map, auto map) of one image of a joint layer; `inputs`: `qk.image(row)`."""
+        out_weight = None if self.head_weighting == "average" else text.out_projection.weight(like=text.value)
         mass, maps, bad = joint_text_attention(
-            inputs["q"], inputs["k"], text.key[row], text.value[row], qk.heads, qk.scale, text.out_weight,
+            inputs["q"], inputs["k"], text.key[row], text.value[row], qk.heads, qk.scale, out_weight,
             self.head_weighting, step.column_index(inputs["q"].device), text_share,
             k_other=None if text.other_key is None else text.other_key[row])
         step.degenerate_masks.append(bad)

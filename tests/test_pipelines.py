@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from PIL import Image
 
@@ -909,7 +910,7 @@ def test_captured_joint_maps_are_the_formula_on_the_layers_inputs(family):
         for name in adapter.layers:
             attn = model.get_submodule(name)
             auto, mean, mass = literal_joint_maps(attn, *inputs[name], t, "sd3" if family == "sd35" else "flux",
-                                                  adapter.output_weight(name, attn), n)
+                                                  adapter.output_projection(name, attn).weight(like=attn.to_q.weight), n)
             assert torch.allclose(step.cross[name]["average"], mean[1:], atol=1e-6), name
             assert torch.allclose(step.cross[name]["auto"], auto[1:], atol=1e-5), name
             assert torch.allclose(step.selfs[name].image_mass, mass[1:], atol=1e-5), name
@@ -1054,3 +1055,47 @@ def test_a_forward_under_grad_leaves_no_graph_in_the_capture(family):
     assert any(p.startswith("step.cross") for p, _ in held)
     assert [p for p, grad in held if grad] == []
     pipe.disable_goca()
+
+
+class Int8Linear(torch.nn.Linear):
+    """Weight-only int8 quantization as torchao, bitsandbytes or GGUF keep it: the weight is not a float tensor, and
+    the forward dequantizes it (per-row scale). No bias, so that the weight read off the forward is exact (a bias
+    added and taken away again would round it by an ulp, which the unclamped head weights of a tiny random model
+    can amplify to 1e-3 in the scores)."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__(linear.in_features, linear.out_features, bias=False)
+        scale = linear.weight.detach().abs().amax(1, keepdim=True) / 127
+        del self.weight
+        self.register_buffer("weight", (linear.weight.detach() / scale).round().to(torch.int8))
+        self.register_buffer("scale", scale)
+
+    def dequantized(self) -> torch.nn.Linear:
+        plain = torch.nn.Linear(self.in_features, self.out_features, bias=False)
+        plain.weight.data = self.weight.float() * self.scale
+        return plain
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype) * self.scale, self.bias)
+
+
+@pytest.mark.parametrize("make", [make_tiny_sd, make_tiny_flux], ids=["sd", "flux"])
+def test_quantized_output_projections_give_the_dequantized_models_scores(make):
+    """The head weights read the weight that an attention output's projection applies. Quantized, it is no float
+    tensor (it was read as raw integers, or failed); it is read off the layer's own forward, so the scores equal those
+    of the same model with the dequantized weights as plain layers."""
+    quantized, plain = make(), make()
+    denoiser = goca.adapter_for(quantized).denoiser
+    names = [n for n, m in denoiser.named_modules()
+             if type(m) is torch.nn.Linear and (n.endswith("to_out.0") or n.endswith("proj_out"))]
+    assert len(names) >= 3
+    for name in names:
+        parent, attr = name.rsplit(".", 1) if "." in name else ("", name)
+        q = Int8Linear(denoiser.get_submodule(name))
+        setattr(denoiser.get_submodule(parent), attr, q)
+        other = goca.adapter_for(plain).denoiser
+        setattr(other.get_submodule(parent), attr, q.dequantized())
+    image = Image.fromarray((np.random.RandomState(3).rand(32, 32, 3) * 255).astype(np.uint8))
+    a = goca.from_pipe(quantized).segment(image, ["cat", "grass"], resolution=32)
+    b = goca.from_pipe(plain).segment(image, ["cat", "grass"], resolution=32)
+    assert torch.equal(a.scores, b.scores)

@@ -25,6 +25,29 @@ class LayerInfo:
     factor: int
 
 
+class OutputProjection(NamedTuple):
+    """The linear layer that an attention output goes through, and how many of its inputs that output fills (all, or
+    the first `inputs`: Flux's single blocks feed [attention, MLP] to one `proj_out`)."""
+
+    linear: torch.nn.Module
+    inputs: int | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
+
+    def weight(self, like: torch.Tensor) -> torch.Tensor:
+        """[out, inputs]: the weight the layer applies to those inputs. A plain weight as it is (a view); a quantized
+        one (torchao, bitsandbytes, GGUF: not a plain float tensor) read off the layer's own forward on unit vectors in
+        `like`'s dtype and device, so the head weights see what the forward computes (a transient [out, inputs])."""
+        w = getattr(self.linear, "weight", None)
+        if type(w) in (torch.Tensor, torch.nn.Parameter) and w.is_floating_point():
+            return w if self.inputs is None else w[:, : self.inputs]
+        width = self.linear.in_features
+        units = torch.eye(self.inputs or width, width, dtype=like.dtype, device=like.device)
+        return (self.linear(units) - self.linear(units[:1] * 0)).T  # less the bias: the formula excludes it
+
+
 class JointInputs(NamedTuple):
     """One joint attention call's inputs as the capture reads them, each [B, n, heads·d] after the model's per-head
     norms and RoPE."""
@@ -143,9 +166,9 @@ class Adapter:
         """The image queries and keys, text keys and values (and other keys) of `layer`'s attention call."""
         raise NotImplementedError(f"{self.family} has no joint attention")
 
-    def output_weight(self, layer: str, attn) -> torch.Tensor | None:
-        """The projection applied to the attention output of `layer` ([D, heads·d]), for the head weights."""
-        return attn.to_out[0].weight
+    def output_projection(self, layer: str, attn) -> "OutputProjection":
+        """The linear layer applied to the attention output of `layer`, for the head weights."""
+        return OutputProjection(attn.to_out[0])
 
     def attention_scale(self, attn) -> float:
         return attn.scale

@@ -16,7 +16,7 @@ import re
 import numpy as np
 import torch
 
-from .base import Adapter, JointInputs, LayerInfo, call_default, relative_block
+from .base import Adapter, JointInputs, LayerInfo, OutputProjection, call_default, relative_block
 
 _NAME = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.attn$")
 _REFERENCE_SINGLE, _SINGLE_DEPTH = 27, 38
@@ -103,11 +103,10 @@ class FluxAdapter(Adapter):
         other = k[:, t + n:].flatten(2) if k.shape[1] > t + n else None
         return JointInputs(q.flatten(2), k[:, t:t + n].flatten(2), k[:, :t].flatten(2), v_txt.flatten(2), other)
 
-    def output_weight(self, layer, attn):
+    def output_projection(self, layer, attn):
         if isinstance(getattr(attn, "to_out", None), torch.nn.ModuleList):
-            return attn.to_out[0].weight
-        block = self.submodule(layer.rsplit(".", 1)[0])
-        return block.proj_out.weight[:, : attn.inner_dim]
+            return OutputProjection(attn.to_out[0])
+        return OutputProjection(self.submodule(layer.rsplit(".", 1)[0]).proj_out, attn.inner_dim)
 
     def reference_feature(self, layer, tap, output, step):
         out = output[0] if isinstance(output, tuple) else output
