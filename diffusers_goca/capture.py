@@ -321,7 +321,8 @@ class Capture:
             projection = self.adapter.output_projection(layer, attn)
             head_out = step.take(tap.head_out)
             out = step.take(tap.projected)  # the forward's own projection of head_out, bias removed
-            out = out if projection.linear.bias is None else out - projection.linear.bias
+            bias = projection.bias(like=head_out)
+            out = out if bias is None else out - bias
             weight = None if self.head_weighting == "average" else projection.weight(like=head_out)
             w, degenerate = head_weights(head_out, weight, heads, self.head_weighting, return_degenerate=True, out=out)
             step.degenerate_masks.append(degenerate)

@@ -1099,3 +1099,25 @@ def test_quantized_output_projections_give_the_dequantized_models_scores(make):
     a = goca.from_pipe(quantized).segment(image, ["cat", "grass"], resolution=32)
     b = goca.from_pipe(plain).segment(image, ["cat", "grass"], resolution=32)
     assert torch.equal(a.scores, b.scores)
+
+
+@pytest.mark.parametrize("make", [make_tiny_sd, make_tiny_flux], ids=["sd", "flux"])
+def test_sequential_cpu_offload_gives_the_resident_models_scores(make):
+    """Under sequential offload (accelerate's `cpu_offload`, what `enable_sequential_cpu_offload` puts on each
+    model) the parameters wait on the meta device outside their forward: the output projections' weights and biases
+    are read off their forward. The images stay the same and the scores are the resident model's, up to the
+    rounding of the bias taken off that forward again (which the tiny random SD amplifies to about 1e-3)."""
+    from accelerate import cpu_offload
+
+    image = Image.fromarray((np.random.RandomState(3).rand(32, 32, 3) * 255).astype(np.uint8))
+    resident = goca.from_pipe(make()).segment(image, ["cat", "grass"], resolution=32)
+    pipe = make()
+    reference = generate(pipe)
+    for name in ("unet", "transformer", "text_encoder", "text_encoder_2", "vae"):
+        if getattr(pipe, name, None) is not None:
+            cpu_offload(getattr(pipe, name), execution_device=torch.device("cpu"))
+    gp = goca.from_pipe(pipe)
+    assert gp._goca.adapter.denoiser.get_submodule(gp._goca.adapter.cross_layers[0]).to_q.weight.device.type == "meta"
+    offloaded = gp.segment(image, ["cat", "grass"], resolution=32)
+    assert torch.allclose(offloaded.scores, resident.scores, atol=5e-3)
+    assert np.array_equal(generate(gp, goca_masks="last"), reference)

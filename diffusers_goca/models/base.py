@@ -27,7 +27,11 @@ class LayerInfo:
 
 class OutputProjection(NamedTuple):
     """The linear layer that an attention output goes through, and how many of its inputs that output fills (all, or
-    the first `inputs`: Flux's single blocks feed [attention, MLP] to one `proj_out`)."""
+    the first `inputs`: Flux's single blocks feed [attention, MLP] to one `proj_out`).
+
+    Its weight and bias are read as they are where they are plain float tensors. Otherwise they are read off the
+    layer's own forward: quantized (torchao, bitsandbytes, GGUF), the weight is no float tensor; under sequential CPU
+    offload, the parameters wait on the meta device and only the forward's hook brings them in."""
 
     linear: torch.nn.Module
     inputs: int | None = None
@@ -37,15 +41,25 @@ class OutputProjection(NamedTuple):
         return self.linear.out_features
 
     def weight(self, like: torch.Tensor) -> torch.Tensor:
-        """[out, inputs]: the weight the layer applies to those inputs. A plain weight as it is (a view); a quantized
-        one (torchao, bitsandbytes, GGUF: not a plain float tensor) read off the layer's own forward on unit vectors in
-        `like`'s dtype and device, so the head weights see what the forward computes (a transient [out, inputs])."""
+        """[out, inputs]: the weight the layer applies to those inputs, read off its forward on unit vectors in
+        `like`'s dtype and device where it is not plain (a transient [out, inputs])."""
         w = getattr(self.linear, "weight", None)
-        if type(w) in (torch.Tensor, torch.nn.Parameter) and w.is_floating_point():
+        if _plain(w):
             return w if self.inputs is None else w[:, : self.inputs]
         width = self.linear.in_features
         units = torch.eye(self.inputs or width, width, dtype=like.dtype, device=like.device)
         return (self.linear(units) - self.linear(units[:1] * 0)).T  # less the bias: the formula excludes it
+
+    def bias(self, like: torch.Tensor) -> torch.Tensor | None:
+        """[out]: the layer's bias (None without one), read off its forward on zeros where it is not plain."""
+        b = getattr(self.linear, "bias", None)
+        if b is None or _plain(b):
+            return b
+        return self.linear(like.new_zeros(1, self.linear.in_features))[0]
+
+
+def _plain(t) -> bool:
+    return type(t) in (torch.Tensor, torch.nn.Parameter) and t.is_floating_point() and t.device.type != "meta"
 
 
 class JointInputs(NamedTuple):
