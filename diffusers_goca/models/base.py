@@ -29,7 +29,8 @@ class OutputProjection(NamedTuple):
     """The linear layer that an attention output goes through, and how many of its inputs that output fills (all, or
     the first `inputs`: Flux's single blocks feed [attention, MLP] to one `proj_out`).
 
-    Its weight and bias are read as they are where they are plain float tensors. Otherwise they are read off the
+    Its weight and bias are read as they are where they are plain float tensors (brought to the attention output's
+    device, where group offloading keeps them on the host between forwards). Otherwise they are read off the
     layer's own forward: quantized (torchao, bitsandbytes, GGUF), the weight is no float tensor; under sequential CPU
     offload, the parameters wait on the meta device and only the forward's hook brings them in."""
 
@@ -45,7 +46,7 @@ class OutputProjection(NamedTuple):
         `like`'s dtype and device where it is not plain (a transient [out, inputs])."""
         w = getattr(self.linear, "weight", None)
         if _plain(w):
-            return w if self.inputs is None else w[:, : self.inputs]
+            return (w if self.inputs is None else w[:, : self.inputs]).to(like.device)
         width = self.linear.in_features
         units = torch.eye(self.inputs or width, width, dtype=like.dtype, device=like.device)
         return (self.linear(units) - self.linear(units[:1] * 0)).T  # less the bias: the formula excludes it
@@ -54,7 +55,7 @@ class OutputProjection(NamedTuple):
         """[out]: the layer's bias (None without one), read off its forward on zeros where it is not plain."""
         b = getattr(self.linear, "bias", None)
         if b is None or _plain(b):
-            return b
+            return None if b is None else b.to(like.device)
         return self.linear(like.new_zeros(1, self.linear.in_features))[0]
 
 
