@@ -68,7 +68,8 @@ def main(argv=None) -> int:
     s.add_argument("--out", default="overlay.png")
     s.add_argument("--heatmaps", default=None, help="also save a per-class heat-map grid here")
     s.add_argument("--method", default="goca")
-    s.add_argument("--timestep", type=int, default=None, help="noise timestep (default: the family's rule, 100 for SD)")
+    s.add_argument("--timestep", type=float, default=None,
+                   help="noise timestep (default: the family's rule, 100 for SD; SD3 / Flux take fractions)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     s.add_argument("--dtype", default="float32", choices=sorted(DTYPES))

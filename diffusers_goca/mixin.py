@@ -375,8 +375,8 @@ class GoCAMixin:
         image,
         classes: Sequence[str],
         method: str | Sequence[str] = "goca",
-        timestep: int | None = None,
-        seed: int = 0,
+        timestep: int | float | None = None,
+        seed: int | None = 0,
         background: bool = True,
         background_offset: float = 0.0,
         resolution: int | None = None,
@@ -387,6 +387,8 @@ class GoCAMixin:
         prompt "class1, class2, ..., background", then the aggregation `method`
         ("goca", "vanilla", "manual", "diffsegmenter"). `options` override GoCA's switches (see `GoCAOptions`).
 
+        timestep: SD / SDXL / PixArt an integer in 0…999, SD3 / Flux a number in [0, 1000] (σ = t / 1000); seed: the
+        noise's seed (None: unseeded).
         background: add a "background" word to the prompt and a background channel (its map + `background_offset`).
         Returns a `GoCASegmentation` whose labels have the input image's size; with a list of methods, a dict
         method → result, all read from the same single forward.
@@ -403,13 +405,17 @@ class GoCAMixin:
             check_method(adapter, m)
         index = adapter.token_index(adapter.segment_text(prompt), classes,
                                     extra_entities=["background"] if use_background else [])
-        timestep = adapter.segment_timestep if timestep is None else timestep  # None: the family's own rule
+        # None: the family's own rule
+        timestep = adapter.segment_timestep if timestep is None else adapter.checked_timestep(timestep)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed must be an integer or None (unseeded), got {seed!r}")
         resolution = resolution or adapter.native_resolution
         latents = self._goca_encode(rgb, resolution, adapter)
         text_keys = _text_keys(adapter, [index])
 
         def capture(scale_classes: float | None = None) -> StepCapture:
-            forward = lambda: adapter.segment_forward(latents, prompt, timestep, torch.Generator().manual_seed(seed))
+            generator = None if seed is None else torch.Generator().manual_seed(seed)
+            forward = lambda: adapter.segment_forward(latents, prompt, timestep, generator)  # noqa: E731
             if scale_classes is None:
                 return self.capture_forward(forward, columns=index.needed(), text_keys=text_keys)
             positions = sorted({p for ps in index.class_tokens for p in ps})

@@ -1121,3 +1121,21 @@ def test_sequential_cpu_offload_gives_the_resident_models_scores(make):
     offloaded = gp.segment(image, ["cat", "grass"], resolution=32)
     assert torch.allclose(offloaded.scores, resident.scores, atol=5e-3)
     assert np.array_equal(generate(gp, goca_masks="last"), reference)
+
+
+@pytest.mark.parametrize("make", [make_tiny_sd, make_tiny_flux], ids=["sd", "flux"])
+def test_segment_checks_its_timestep_and_takes_an_unseeded_call(make):
+    """DDPM's timestep indexes its noise schedule (a negative one wrapped around to t ≈ 1000, 1000 or 100.5 failed
+    deep inside); flow matching takes any t in [0, 1000]. seed=None draws unseeded noise."""
+    pipe = goca.from_pipe(make())
+    image = Image.fromarray((np.random.RandomState(4).rand(32, 32, 3) * 255).astype(np.uint8))
+    flow = make is make_tiny_flux
+    for bad in ([-5, 1000.5, "soon"] if flow else [-5, 1000, 100.5, "soon"]):
+        with pytest.raises(ValueError, match="timestep must be"):
+            pipe.segment(image, ["cat"], timestep=bad, resolution=32)
+    assert torch.equal(pipe.segment(image, ["cat"], timestep=torch.tensor(100), resolution=32).scores,
+                       pipe.segment(image, ["cat"], timestep=100, resolution=32).scores)
+    assert pipe.segment(image, ["cat"], seed=None, resolution=32).scores.isfinite().all()
+    with pytest.raises(ValueError, match="seed must be"):
+        pipe.segment(image, ["cat"], seed="0", resolution=32)
+    pipe.disable_goca()

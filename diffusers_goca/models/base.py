@@ -83,6 +83,7 @@ class Adapter:
     # carry no probability, and the capture reads only the prompt's (`Capture.start`'s text_keys).
     text_padding_masked: bool = False
     segment_timestep: int | None = 100  # ALGORITHMS §5: t = 100 of 1000 for SD / SDXL / PixArt; None: the family's rule
+    flow_matching: bool = False  # noised by `flow_noised` at any t in [0, T] (SD3, Flux), else by DDPM at t in 0…T−1
     shared_clip_positions: bool = False  # two CLIP encoders' tokens at the same positions (see `check_mask_prompt`)
 
     def __init__(self, pipe):
@@ -271,6 +272,23 @@ class Adapter:
     def denoiser_batch(self, args, kwargs) -> int:
         sample = kwargs.get("sample", kwargs.get("hidden_states", args[0] if args else None))
         return sample.shape[0]
+
+    def checked_timestep(self, timestep):
+        """`timestep` for `segment_forward`, or ValueError: DDPM's an integer in 0…T−1 (an index into its noise
+        schedule, where a negative one would wrap around), flow matching's a number in [0, T]."""
+        n = self.pipe.scheduler.config.get("num_train_timesteps", 1000)
+        try:
+            value = float(timestep)
+        except (TypeError, ValueError, RuntimeError):
+            value = None
+        if self.flow_matching:
+            if value is None or not 0 <= value <= n:
+                raise ValueError(f"timestep must be a number in [0, {n}] (σ = t / {n}), got {timestep!r}")
+            return value
+        if value is None or value != int(value) or not 0 <= value < n:
+            raise ValueError(f"timestep must be an integer in 0…{n - 1} (a step of the DDPM noise schedule), "
+                             f"got {timestep!r}")
+        return int(value)
 
     def flow_noised(self, latents: torch.Tensor, noise: torch.Tensor, timestep) -> torch.Tensor:
         """The flow-matching forward process at any timestep t (SD3, Flux): σ = t / num_train_timesteps,

@@ -27,6 +27,7 @@ class FluxAdapter(Adapter):
     family = "flux"
     denoiser_class = "FluxTransformer2DModel"
     segment_timestep = None
+    flow_matching = True
     segment_steps, segment_strength, segment_guidance = 28, 0.15, 3.5  # official: img2img strength 0.15, default shift
     cfg_batch = False  # guidance distilled into the model; true CFG runs the unconditional call apart
 

@@ -33,6 +33,7 @@ class SD3Adapter(Adapter):
     family = "sd3"
     denoiser_class = "SD3Transformer2DModel"
     segment_timestep = None
+    flow_matching = True
     segment_steps, segment_from_end = 28, 8  # Seg4Diff: FlowMatch, 28 steps, the 8th timestep from the end
     shared_clip_positions = True  # CLIP-L ⊕ CLIP-G features at each of the 77 CLIP positions
 
