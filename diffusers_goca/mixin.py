@@ -139,6 +139,23 @@ def _as_rgb(image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _classes_per_prompt(goca_classes, n_prompts: int | None) -> list[list[str]] | None:
+    """`goca_classes` as one class list per prompt: a list of names serves every prompt, a list of lists gives each
+    prompt its own (as many as there are prompts)."""
+    if goca_classes is None or n_prompts is None:
+        return None
+    if isinstance(goca_classes, str):
+        raise ValueError(f"goca_classes must be a list of class names (or one list per prompt), got {goca_classes!r}")
+    items = list(goca_classes)
+    nested = [not isinstance(c, str) for c in items]
+    if not any(nested):
+        return [items] * n_prompts
+    if not all(nested) or len(items) != n_prompts:
+        raise ValueError(f"goca_classes must be a list of class names, or one list of names for each of the "
+                         f"{n_prompts} prompts, got {goca_classes!r}")
+    return [list(c) for c in items]
+
+
 def _is_ours(proc, state: _GoCAState) -> bool:
     """Whether `proc` is one of the processors that `state`'s capture wrapped."""
     return getattr(proc, "capture", None) is state.capture
@@ -334,15 +351,20 @@ class GoCAMixin:
 
     def _goca_prompt_indices(self, adapter, args, kwargs, what: str, index_for) -> list:
         """One TokenIndex per generated image (prompts × num_images_per_prompt), read from the text the pipeline
-        encodes. index_for(text, max_length, part_texts) builds one."""
+        encodes. index_for(i, text, max_length, part_texts) builds the i-th prompt's."""
         prompt = adapter.call_prompt(args, kwargs)
         if prompt is None:
             raise ValueError(f"{what} needs the prompt text (prompt_embeds alone cannot be segmented)")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         per_prompt = kwargs.get("num_images_per_prompt", 1) or 1
         max_length = kwargs.get("max_sequence_length", adapter.text_max_length)
-        return [index_for(adapter.prompt_text(p, kwargs), max_length, adapter.part_texts(kwargs, i, len(prompts)))
+        return [index_for(i, adapter.prompt_text(p, kwargs), max_length, adapter.part_texts(kwargs, i, len(prompts)))
                 for i, p in enumerate(prompts) for _ in range(per_prompt)]
+
+    @staticmethod
+    def _goca_n_prompts(adapter, args, kwargs) -> int | None:
+        prompt = adapter.call_prompt(args, kwargs)
+        return None if prompt is None else 1 if isinstance(prompt, str) else len(prompt)
 
     def capture_forward(self, run: Callable[[], object], n_images: int = 1, columns: Sequence[int] | None = None,
                         text_keys: int | None = None) -> StepCapture:
@@ -459,7 +481,7 @@ class GoCAMixin:
         self,
         *args,
         goca_masks: bool | str | Sequence[int] = False,
-        goca_classes: Sequence[str] | None = None,
+        goca_classes: Sequence[str] | Sequence[Sequence[str]] | None = None,
         goca_method: str = "goca",
         goca_callback: Callable | None = None,
         goca_background: bool = False,
@@ -471,7 +493,8 @@ class GoCAMixin:
 
         goca_masks: False (default: nothing extra is computed), True / "all" (every step), "last", or step indices
         (negative ones count from the end: -1 is the last step).
-        goca_classes: classes to segment (default: the entities of each prompt, see `tokens.entities_from_prompt`).
+        goca_classes: classes to segment, for every prompt, or one list per prompt (default: the entities of each
+        prompt, see `tokens.entities_from_prompt`).
         goca_callback: called as `goca_callback(pipe, step, timestep, masks: GoCAStepMasks)` after each segmented step.
         After the call, `pipe.goca_masks` holds the list of `GoCAStepMasks` of that call.
         """
@@ -485,8 +508,10 @@ class GoCAMixin:
         check_method(state.adapter, goca_method)
         adapter = state.adapter
 
-        def index_for(text, max_length, part_texts):
-            classes = list(goca_classes) if goca_classes is not None else entities_from_prompt(text)
+        per_prompt = _classes_per_prompt(goca_classes, self._goca_n_prompts(adapter, args, kwargs))
+
+        def index_for(i, text, max_length, part_texts):
+            classes = list(per_prompt[i]) if per_prompt is not None else entities_from_prompt(text)
             extra = ["background"] if goca_background and "background" not in classes else []
             return adapter.token_index(text, classes, extra, max_length, part_texts=part_texts)
 

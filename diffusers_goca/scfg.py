@@ -114,8 +114,8 @@ class SCFGMixin(GoCAMixin):
         adapter = state.adapter
         indices = self._goca_prompt_indices(
             adapter, args, kwargs, "S-CFG",
-            lambda text, max_length, part_texts: adapter.token_index(text, [], max_length=max_length,
-                                                                     require_classes=False, part_texts=part_texts))
+            lambda i, text, max_length, part_texts: adapter.token_index(text, [], max_length=max_length,
+                                                                        require_classes=False, part_texts=part_texts))
         n = len(indices)
         self.scfg_maps: list[SCFGStepMaps] = []
         # All token columns are kept: S-CFG's foreground reads the start token's share of every token's attention.

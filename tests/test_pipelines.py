@@ -1139,3 +1139,15 @@ def test_segment_checks_its_timestep_and_takes_an_unseeded_call(make):
     with pytest.raises(ValueError, match="seed must be"):
         pipe.segment(image, ["cat"], seed="0", resolution=32)
     pipe.disable_goca()
+
+
+def test_goca_classes_per_prompt(tiny_sd):
+    """One class list for every prompt, or one per prompt (repeated for num_images_per_prompt); anything else raises
+    before the generation starts."""
+    pipe = goca.from_pipe(tiny_sd)
+    generate(pipe, goca_masks="last", goca_classes=[["red circle", "grass"], ["dog"]], num_images_per_prompt=2)
+    assert [r.classes for r in pipe.goca_masks[0].results] == [["red circle", "grass"]] * 2 + [["dog"]] * 2
+    for bad in ("cat", [["grass"]], [["grass"], "sand"]):
+        with pytest.raises(ValueError, match="goca_classes must be"):
+            generate(pipe, goca_masks="last", goca_classes=bad)
+    pipe.disable_goca()
