@@ -139,11 +139,12 @@ def _as_rgb(image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _classes_per_prompt(goca_classes, n_prompts: int | None) -> list[list[str]] | None:
-    """`goca_classes` as one class list per prompt: a list of names serves every prompt, a list of lists gives each
-    prompt its own (as many as there are prompts)."""
-    if goca_classes is None or n_prompts is None:
+def _classes_per_prompt(goca_classes, prompt) -> list[list[str]] | None:
+    """`goca_classes` as one class list per prompt of the call (`prompt`: a string or a list): a list of names serves
+    every prompt, a list of lists gives each prompt its own (as many as there are prompts)."""
+    if goca_classes is None or prompt is None:
         return None
+    n_prompts = 1 if isinstance(prompt, str) else len(prompt)
     if isinstance(goca_classes, str):
         raise ValueError(f"goca_classes must be a list of class names (or one list per prompt), got {goca_classes!r}")
     items = list(goca_classes)
@@ -361,11 +362,6 @@ class GoCAMixin:
         return [index_for(i, adapter.prompt_text(p, kwargs), max_length, adapter.part_texts(kwargs, i, len(prompts)))
                 for i, p in enumerate(prompts) for _ in range(per_prompt)]
 
-    @staticmethod
-    def _goca_n_prompts(adapter, args, kwargs) -> int | None:
-        prompt = adapter.call_prompt(args, kwargs)
-        return None if prompt is None else 1 if isinstance(prompt, str) else len(prompt)
-
     def capture_forward(self, run: Callable[[], object], n_images: int = 1, columns: Sequence[int] | None = None,
                         text_keys: int | None = None) -> StepCapture:
         """Run `run()`, which calls the denoiser once, with the capture on; return what it captured.
@@ -508,14 +504,15 @@ class GoCAMixin:
         check_method(state.adapter, goca_method)
         adapter = state.adapter
 
-        per_prompt = _classes_per_prompt(goca_classes, self._goca_n_prompts(adapter, args, kwargs))
+        prompt = adapter.call_prompt(args, kwargs)
+        adapter.check_mask_prompt(kwargs, prompt)
+        per_prompt = _classes_per_prompt(goca_classes, prompt)
 
         def index_for(i, text, max_length, part_texts):
             classes = list(per_prompt[i]) if per_prompt is not None else entities_from_prompt(text)
             extra = ["background"] if goca_background and "background" not in classes else []
             return adapter.token_index(text, classes, extra, max_length, part_texts=part_texts)
 
-        adapter.check_mask_prompt(kwargs, adapter.call_prompt(args, kwargs))
         indices = self._goca_prompt_indices(adapter, args, kwargs, "masks during generation", index_for)
         request = _Request(
             wants=self._goca_step_filter(goca_masks), n_images=len(indices), indices=indices, method=goca_method,

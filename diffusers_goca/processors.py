@@ -142,12 +142,8 @@ class GoCAWrappedProcessor(_Tapping, torch.nn.Module):
         self.capture, self.layer = capture, layer
         # The attention module passes on only the cross-attention kwargs that `processor.__call__` names (IP-Adapter's
         # `ip_adapter_masks`, Flux IP-Adapter's `ip_hidden_states`, a custom processor's own): name the inner's.
-        try:
-            signature = inspect.signature(inner.__call__)
-        except (TypeError, ValueError):  # a callable without a readable signature: every kwarg is passed on
-            return
         call = functools.partial(type(self).__call__, self)
-        call.__signature__ = signature
+        call.__signature__ = inspect.signature(inner.__call__)
         object.__setattr__(self, "__call__", call)
 
     @property

@@ -134,7 +134,8 @@ def token_index(
     names = list(classes) + [e for e in extra_entities if e not in classes]
     claimed: list[tuple[int, int]] = []
     spans: dict[str, list[tuple[int, int]]] = {}
-    phrases = {name: (phrases or {}).get(name, name) for name in names}
+    given = {name.strip(): phrase for name, phrase in (phrases or {}).items()}
+    phrases = {name: given.get(name, name) for name in names}
     for name in sorted(names, key=lambda c: -len(phrases[c])):
         found = _find_spans(prompt, phrases[name])
         free = [s for s in found if not any(_overlaps(s, c) for c in claimed)]

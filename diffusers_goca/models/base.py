@@ -182,7 +182,7 @@ class Adapter:
         """The image queries and keys, text keys and values (and other keys) of `layer`'s attention call."""
         raise NotImplementedError(f"{self.family} has no joint attention")
 
-    def output_projection(self, layer: str, attn) -> "OutputProjection":
+    def output_projection(self, layer: str, attn) -> OutputProjection:
         """The linear layer applied to the attention output of `layer`, for the head weights."""
         return OutputProjection(attn.to_out[0])
 
