@@ -121,7 +121,7 @@ def least_flops(adapter, latent_hw, text_len: int) -> int:
 
 def forward_flops(name: str, px: int) -> int:
     """The denoiser forward's FLOPs for one image, counted on the meta device."""
-    args = argparse.Namespace(model=name, resolution=px, layers=None, device="meta")
+    args = argparse.Namespace(model=name, resolution=px, layers=None, device="meta", cfg=False)
     _, run = build(args, torch.bfloat16)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         run()

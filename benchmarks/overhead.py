@@ -8,6 +8,7 @@ for the real configs (public layer counts, widths, heads) with random weights.
     python benchmarks/overhead.py --model sd3-medium --resolution 256 --layers 4     # CPU: reduced depth, full width
     python benchmarks/overhead.py --model pixart-sigma --resolution 1024 --kernel both  # fused call vs Triton kernel
     python benchmarks/overhead.py --model pixart-sigma --resolution 256 --launches      # kernel launches per forward
+    python benchmarks/overhead.py --model sd15 --resolution 512 --cfg    # a generation step's [uncond, cond] batch
 
 Prints ratios measured in the same run: capture forward / plain forward, enabled-but-idle forward / plain forward,
 and the extra peak memory of the capture step (CUDA: allocator peak; CPU: the capture's own byte accounting).
@@ -41,21 +42,23 @@ class Host(GoCAMixin):
 
 
 def build(args, dtype):
-    """(host, forward closure) for the chosen model, random weights, one image at `args.resolution`."""
+    """(host, forward closure) for the chosen model, random weights, one image at `args.resolution` (with `args.cfg`
+    a batch of two, [uncond, cond], as a generation step with classifier-free guidance runs it)."""
     import diffusers
 
     dev, side = args.device, args.resolution // 8
+    b = 2 if args.cfg else 1
     torch.manual_seed(0)
     if args.model in UNETS:
         with torch.device(dev):  # "meta": no weights at all (the FLOP count of benchmarks/memory_plan.py)
             unet = diffusers.UNet2DConditionModel(**UNETS[args.model]).to(dev, dtype).eval()
         host = Host(unet=unet, tokenizer=build_clip_tokenizer(), vae_scale_factor=8)
-        x = torch.randn(1, 4, side, side, device=dev, dtype=dtype)
-        ehs = torch.randn(1, 77, unet.config.cross_attention_dim, device=dev, dtype=dtype)
+        x = torch.randn(b, 4, side, side, device=dev, dtype=dtype)
+        ehs = torch.randn(b, 77, unet.config.cross_attention_dim, device=dev, dtype=dtype)
         extra = {}
         if unet.config.addition_embed_type == "text_time":
-            extra["added_cond_kwargs"] = {"text_embeds": torch.randn(1, 1280, device=dev, dtype=dtype),
-                                          "time_ids": torch.tensor([[args.resolution] * 2 + [0, 0] + [args.resolution] * 2],
+            extra["added_cond_kwargs"] = {"text_embeds": torch.randn(b, 1280, device=dev, dtype=dtype),
+                                          "time_ids": torch.tensor([[args.resolution] * 2 + [0, 0] + [args.resolution] * 2] * b,
                                                                    device=dev, dtype=dtype)}
         return host, lambda: unet(x, torch.tensor([100], device=dev), encoder_hidden_states=ehs, return_dict=False, **extra)
     cls_name, depth_key, config = TRANSFORMERS[args.model]
@@ -68,18 +71,20 @@ def build(args, dtype):
         model = getattr(diffusers, cls_name)(**config).to(dev, dtype).eval()
     host = Host(transformer=model, vae_scale_factor=8, default_sample_size=128)
     t = TEXT_TOKENS[args.model]
-    ehs = torch.randn(1, t, 4096, device=dev, dtype=dtype)
+    ehs = torch.randn(b, t, 4096, device=dev, dtype=dtype)
     if args.model == "pixart-sigma":
-        x = torch.randn(1, 4, side, side, device=dev, dtype=dtype)
-        mask = (torch.arange(t, device=dev) < PROMPT.length).float()[None]  # T5 padding after the prompt, masked
+        x = torch.randn(b, 4, side, side, device=dev, dtype=dtype)
+        mask = (torch.arange(t, device=dev) < PROMPT.length).float()[None].repeat(b, 1)  # T5 padding: masked
         return host, lambda: model(x, encoder_hidden_states=ehs, encoder_attention_mask=mask,
-                                   timestep=torch.tensor([100], device=dev),
+                                   timestep=torch.tensor([100] * b, device=dev),
                                    added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
     if args.model == "sd3-medium":
-        x = torch.randn(1, 16, side, side, device=dev, dtype=dtype)
-        pooled = torch.randn(1, 2048, device=dev, dtype=dtype)
+        x = torch.randn(b, 16, side, side, device=dev, dtype=dtype)
+        pooled = torch.randn(b, 2048, device=dev, dtype=dtype)
         return host, lambda: model(x, encoder_hidden_states=ehs, pooled_projections=pooled,
-                                   timestep=torch.tensor([500.0], device=dev), return_dict=False)
+                                   timestep=torch.tensor([500.0] * b, device=dev), return_dict=False)
+    if args.cfg:
+        raise SystemExit("--cfg: Flux.1 has no [uncond, cond] batch (its guidance is distilled into the model)")
     h = side // 2
     ids = torch.zeros(h, h, 3, device=dev)
     ids[..., 1], ids[..., 2] = torch.arange(h, device=dev)[:, None], torch.arange(h, device=dev)[None, :]
@@ -173,6 +178,9 @@ def main(argv=None):
     p.add_argument("--compare-text-keys", action="store_true",
                    help="also time the capture over every text key (PixArt: the masked T5 padding too), in the same "
                         "rounds")
+    p.add_argument("--cfg", action="store_true",
+                   help="time the capture step of a generation with classifier-free guidance: the forward runs "
+                        "[uncond, cond] and the conditional image is segmented (not Flux: no CFG batch)")
     p.add_argument("--launches", action="store_true",
                    help="also count the operators that launch device work (no views, no bare allocations) in the plain "
                         "forward, the capture forward and the reductions: where the forward is short, each one costs "
@@ -190,7 +198,8 @@ def main(argv=None):
                                                   every_text_key=True)
     parts = variants[f"layer weights by {kernels[-1]}"]
     depth = f", {args.layers} layers" if args.layers else ""
-    print(f"model {args.model} (real config{depth}, random weights), {args.resolution} px, {args.device}, {args.dtype}, "
+    batch = ", CFG batch [uncond, cond], the cond image segmented" if args.cfg else ""
+    print(f"model {args.model} (real config{depth}, random weights{batch}), {args.resolution} px, {args.device}, {args.dtype}, "
           f"offload above {'never' if offload is None else f'{offload:g} MiB'}, "
           f"layer_weight_stride {args.layer_weight_stride}")
     if args.repeats > 0:
