@@ -3,12 +3,13 @@
 #
 #   bash benchmarks/device_checks.sh checks   # gpu_checks.py: images bit-identical, offload, GPU = CPU, Triton = fused
 #   bash benchmarks/device_checks.sh speed    # overhead.py at the real configs' native resolution, every family
+#   bash benchmarks/device_checks.sh cfg      # the same at a generation step's [uncond, cond] batch (--cfg)
 #
 # Packages the device lacks (diffusers, open_clip_torch, ...) can be put as wheels in .whl/ (`pip download` them for
 # the device's Python); they are installed to /tmp/site first. Each step's log goes to $OUT (default outputs/device),
 # and its tail is printed.
 set -uo pipefail
-part="${1:?usage: device_checks.sh checks|speed}"
+part="${1:?usage: device_checks.sh checks|speed|cfg}"
 OUT="${OUT:-outputs/device}"
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -42,8 +43,17 @@ case "$part" in
       --kernel both "${common[@]}"
     step overhead_sd15 40 benchmarks/overhead.py --model sd15 --resolution 512 --dtype float16 --kernel both "${common[@]}"
     ;;
+  cfg)
+    common=(--device cuda --cfg)
+    step overhead_cfg_pixart-sigma 120 benchmarks/overhead.py --model pixart-sigma --resolution 1024 --dtype bfloat16 \
+      "${common[@]}"
+    step overhead_cfg_sd3-medium 120 benchmarks/overhead.py --model sd3-medium --resolution 1024 --dtype bfloat16 \
+      "${common[@]}"
+    step overhead_cfg_sdxl 150 benchmarks/overhead.py --model sdxl --resolution 1024 --dtype float16 "${common[@]}"
+    step overhead_cfg_sd15 60 benchmarks/overhead.py --model sd15 --resolution 512 --dtype float16 "${common[@]}"
+    ;;
   *)
-    echo "usage: device_checks.sh checks|speed" >&2
+    echo "usage: device_checks.sh checks|speed|cfg" >&2
     exit 2
     ;;
 esac
