@@ -350,10 +350,10 @@ class GoCAMixin:
             state.request = None
             state.capture.abandon()
 
-    def _goca_prompt_indices(self, adapter, args, kwargs, what: str, index_for) -> list:
+    def _goca_prompt_indices(self, adapter, prompt, kwargs, what: str, index_for) -> list:
         """One TokenIndex per generated image (prompts × num_images_per_prompt), read from the text the pipeline
-        encodes. index_for(i, text, max_length, part_texts) builds the i-th prompt's."""
-        prompt = adapter.call_prompt(args, kwargs)
+        encodes; `prompt`: the call's `adapter.call_prompt`. index_for(i, text, max_length, part_texts) builds the
+        i-th prompt's."""
         if prompt is None:
             raise ValueError(f"{what} needs the prompt text (prompt_embeds alone cannot be segmented)")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -513,7 +513,7 @@ class GoCAMixin:
             extra = ["background"] if goca_background and "background" not in classes else []
             return adapter.token_index(text, classes, extra, max_length, part_texts=part_texts)
 
-        indices = self._goca_prompt_indices(adapter, args, kwargs, "masks during generation", index_for)
+        indices = self._goca_prompt_indices(adapter, prompt, kwargs, "masks during generation", index_for)
         request = _Request(
             wants=self._goca_step_filter(goca_masks), n_images=len(indices), indices=indices, method=goca_method,
             background="background" if goca_background else None, background_offset=goca_background_offset,

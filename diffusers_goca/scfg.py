@@ -113,7 +113,7 @@ class SCFGMixin(GoCAMixin):
         state = self._goca_attached() if self._goca is not None else self.enable_goca()._goca
         adapter = state.adapter
         indices = self._goca_prompt_indices(
-            adapter, args, kwargs, "S-CFG",
+            adapter, adapter.call_prompt(args, kwargs), kwargs, "S-CFG",
             lambda i, text, max_length, part_texts: adapter.token_index(text, [], max_length=max_length,
                                                                         require_classes=False, part_texts=part_texts))
         n = len(indices)
