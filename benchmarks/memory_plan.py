@@ -140,7 +140,8 @@ def families(resolution: int | None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--columns", type=int, default=16, help="token columns kept (content + special tokens)")
+    p.add_argument("--columns", type=int, default=16, help="token columns kept by the joint families "
+                   "(content + special tokens); cross-attention families keep all")
     p.add_argument("--resolution", type=int, default=None, help="default: each family's native resolution")
     p.add_argument("--offload-above-mib", type=float, default=256)
     args = p.parse_args(argv)
@@ -149,8 +150,9 @@ def main(argv=None):
           "| store every map (official) |")
     print("|---|---|---|---|---|---|---|---|")
     for name, adapter, px, latent_hw in families(args.resolution):
-        plan = memory_plan(adapter, latent_hw, args.columns, TEXT_TOKENS[name],
-                           offload_above=int(args.offload_above_mib * mib))
+        # Cross-attention families keep every text column their softmax reads (the clamp and L1 sum run over all).
+        columns = args.columns if adapter.joint else TEXT_TOKENS[name]
+        plan = memory_plan(adapter, latent_hw, columns, TEXT_TOKENS[name], offload_above=int(args.offload_above_mib * mib))
         everything = store_everything(adapter, latent_hw, TEXT_TOKENS[name], 2)
         bound = f"≤ {BOUNDS[name]} GiB" if name in BOUNDS else "–"
         print(f"| {name} | {px} | {plan['held'] / mib:.0f} MiB | {plan['offloaded'] / mib:.0f} MiB "
@@ -164,8 +166,7 @@ def main(argv=None):
         extra, forward = extra_flops(adapter, latent_hw, TEXT_TOKENS[name]), forward_flops(name, px)
         parts = " | ".join(f"{v / 1e12:.2f} TFLOP" for v in extra.values())
         least = least_flops(adapter, latent_hw, TEXT_TOKENS[name])
-        joint = any(adapter.layers[n].role == "joint" for n in adapter.cross_layers)  # the option is refused there
-        strided = "–" if joint else f"{sum(extra_flops(adapter, latent_hw, TEXT_TOKENS[name], 2).values()) / forward:.2f}×"
+        strided = "–" if adapter.joint else f"{sum(extra_flops(adapter, latent_hw, TEXT_TOKENS[name], 2).values()) / forward:.2f}×"
         print(f"| {name} | {px} | {forward / 1e12:.2f} TFLOP | {parts} | {sum(extra.values()) / forward:.2f}× "
               f"| {least / forward:.2f}× | {strided} |")
 

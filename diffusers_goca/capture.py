@@ -10,7 +10,7 @@ R = the batch rows segmented (the conditional half of a CFG batch).
 Offload: once the queries and keys held on an accelerator would pass `offload_above` bytes, further layers' are
 copied to host memory as they arrive (on a side CUDA stream, overlapping the forward) and brought back one layer at a
 time when reduced (`brought_back`: the next layer's copies overlap the current one's reductions). That keeps the
-accelerator-side capture bounded when the reference layer comes late (Flux: single block 27 of 38, after 46 of the
+accelerator-side capture bounded when the reference layer comes late (Flux: single block 8 of 38, after 27 of the
 57 attention layers).
 """
 from __future__ import annotations
@@ -97,15 +97,15 @@ class Reference:
     """One image's pseudo self-attention A_p and, per layer grid, what the layer weights read from it
     (`reference_weights`), each made on first use."""
 
-    def __init__(self, feature: torch.Tensor, grid: tuple[int, int]):
-        self.feature, self.grid = feature, grid
+    def __init__(self, feature: torch.Tensor, grid: tuple[int, int], mode: str = "paper"):
+        self.feature, self.grid, self.mode = feature, grid, mode
         self._attention = None
         self._on_grid = {}
 
     @property
     def attention(self) -> torch.Tensor:
         if self._attention is None:
-            self._attention = pseudo_self_attention(self.feature)  # [N_ref, N_ref]
+            self._attention = pseudo_self_attention(self.feature, self.mode)  # [N_ref, N_ref]
         return self._attention
 
     def on(self, grid: tuple[int, int], row_stride: int = 1):
@@ -122,9 +122,12 @@ class StepCapture:
     rows: list[int]
     text_len: int | None = None
     head_weighting: str = "auto"  # how the "auto" maps were weighted over heads
+    pseudo_attention: str = "paper"  # the A_p of the joint layers' weights taken in the forward (layer_weight_terms)
     columns: list[int] | None = None  # token positions kept in the maps (None: all)
     text_keys: int | None = None  # leading text keys read by the cross maps (None: all; see Capture.start)
-    cross: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # layer → {"auto", "average"}: [R, N, T']
+    # layer → {"auto", "average"}: [R, N, T'] maps; joint layers also {"auto mass", "average mass"}: [R, N], each
+    # pixel's map summed over all T text tokens (its text share), for the L1 sum over the columns not kept.
+    cross: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     grids: dict[str, tuple[int, int]] = field(default_factory=dict)
     selfs: dict[str, SelfQK] = field(default_factory=dict)
     reference: torch.Tensor | None = None  # [R, N_ref, C]
@@ -182,8 +185,9 @@ class StepCapture:
             self._columns[device] = torch.tensor(self.columns).to(device, non_blocking=True)
         return self._columns[device]
 
-    def reference_of(self, row: int) -> Reference:
-        return Reference(self.reference[row], self.reference_grid)
+    def reference_of(self, row: int, pseudo_attention: str | None = None) -> Reference:
+        """Row `row`'s reference; pseudo_attention: its A_p's formula (default: the capture's)."""
+        return Reference(self.reference[row], self.reference_grid, pseudo_attention or self.pseudo_attention)
 
     def index(self, index):
         """A TokenIndex over this capture's maps (positions → kept columns)."""
@@ -213,17 +217,18 @@ class Capture:
         return self.step is not None and layer in self.adapter.layers
 
     def start(self, latent_hw: tuple[int, int], rows: list[int], text_len: int | None = None,
-              columns: list[int] | None = None, text_keys: int | None = None) -> None:
+              columns: list[int] | None = None, text_keys: int | None = None, pseudo_attention: str = "paper") -> None:
         """Capture the next forward's rows `rows`, keeping the maps' token `columns` (None: all). text_keys: where the
         text's padding is masked, the number of leading text keys that may be unmasked (the longest captured
-        prompt's tokens); the cross maps are computed over those keys only, the rest carrying no probability."""
+        prompt's tokens); the cross maps are computed over those keys only, the rest carrying no probability.
+        pseudo_attention: the A_p formula of the layer weights that joint layers take in the forward."""
         rows = list(rows)
         if rows != list(range(rows[0], rows[0] + len(rows))):
             raise ValueError(f"the captured rows must be a contiguous range of the batch, got {rows}")
         if text_keys is not None and columns is not None and max(columns, default=0) >= text_keys:
             raise ValueError(f"token columns {sorted(c for c in columns if c >= text_keys)} lie past the {text_keys} "
                              f"text keys read")
-        self.step = StepCapture(tuple(latent_hw), rows, text_len, self.head_weighting,
+        self.step = StepCapture(tuple(latent_hw), rows, text_len, self.head_weighting, pseudo_attention,
                                 None if columns is None else sorted(set(columns)), text_keys)
 
     def _keep_self(self, layer: str, qk: SelfQK) -> None:
@@ -368,18 +373,19 @@ class Capture:
         self._store_joint(step, layer, qk, per_row)
 
     def _joint_row(self, step: StepCapture, qk: SelfQK, text: JointText, row: int, inputs: dict, text_share=None):
-        """(image share [heads, N], average map, auto map) of one image of a joint layer; `inputs`: `qk.image(row)`."""
+        """(image share [heads, N], average map, auto map, average text mass, auto text mass) of one image of a joint
+        layer; `inputs`: `qk.image(row)`."""
         out_weight = None if self.head_weighting == "average" else text.out_projection.weight(like=text.value)
         mass, maps, bad = joint_text_attention(
             inputs["q"], inputs["k"], text.key[row], text.value[row], qk.heads, qk.scale, out_weight,
             self.head_weighting, step.column_index(inputs["q"].device), text_share,
             k_other=None if text.other_key is None else text.other_key[row])
         step.degenerate_masks.append(bad)
-        return mass, maps["average"], maps["auto"]
+        return mass, maps["average"], maps["auto"], maps["average mass"], maps["auto mass"]
 
     def _store_joint(self, step: StepCapture, layer: str, qk: SelfQK, per_row: list) -> None:
-        masses, avgs, autos = (batched(parts) for parts in zip(*per_row))
-        step.cross[layer] = {"average": avgs, "auto": autos}
+        masses, avgs, autos, avg_text, auto_text = (batched(parts) for parts in zip(*per_row))
+        step.cross[layer] = {"average": avgs, "auto": autos, "average mass": avg_text, "auto mass": auto_text}
         qk.image_mass = masses.to(qk.query.device, non_blocking=True)
         if layer not in step.selfs:
             self._keep_self(layer, qk)
@@ -431,7 +437,7 @@ def memory_plan(adapter, latent_hw: tuple[int, int], n_columns: int, text_len: i
             held += rows * 2 * n * n_columns * 4
             forward_transient = max(forward_transient, 3 * rows * heads * n * text_len * 4)
         if info.role == "joint":  # the keys and the text-indicator values of the fused call, plus row chunks
-            held += rows * 2 * n * n_columns * 4
+            held += rows * 2 * n * (n_columns + 1) * 4  # two maps and their text masses
             forward_transient = max(forward_transient, 2 * (n + text_len) * inner * dtype_bytes + chunk)
             if adapter.on_reference_grid(name):  # its text keys and values are held to the end of the forward
                 pending += rows * 2 * text_len * inner * dtype_bytes

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .capture import StepCapture, brought_back
-from .functional.aggregation import aggregate_layers, normalize_layer_weights, weighted_layer_sum
+from .functional.aggregation import PSEUDO_ATTENTIONS, aggregate_layers, normalize_layer_weights
 from .functional.maps import gaussian_blur, minmax, per_pixel_rescale, propagate, resize_maps, token_class_maps
 from .functional.self_attention import apply_self_attention, frobenius_with_reference, head_mean_self_attention
 from .tokens import TokenIndex
@@ -25,9 +25,13 @@ class GoCAOptions:
     head_weighting: "auto" | "average" | "dot-product" (chosen when the capture is made: None reads the capture's,
     `enable_goca(head_weighting=...)`; "average" is read from any capture);
     layer_weighting: "auto" (pseudo self-attention) | "uniform"; renormalize_rows: renormalise resized self-attention
-    rows in the layer weights (the official code does not); rescale: per-pixel rescaling over content tokens
-    (False = "renorm+", blur and min-max only); refine_order: k of S^k·M (None = the model's default);
-    layers: "all" or "manual" (SD 1.5's hand-picked set); layer_weight_stride: s > 1 sums the layer weights' Frobenius
+    rows in the layer weights (the official code does not); pseudo_attention: the reference's A_p, "paper"
+    (softmax(F Fᵀ/√C)) or "official-code" (softmax(f₀ f₀ᵀ) from channel 0 of F, what the released code computes);
+    rescale: per-pixel rescaling over content tokens (False = "renorm+": the clamped, per-pixel L1-normalised maps,
+    blur and min-max); refine_order: k of S^k·M (None = the model's default);
+    layers: "all", "subset" (the official vanilla's layers, maps and refinement: PixArt cross blocks 10–17, Flux
+    blocks 8, 28 and 47 of its running numbering; every layer elsewhere) or "manual" (SD 1.5's hand-picked set);
+    layer_weight_stride: s > 1 sums the layer weights' Frobenius
     products over the reference rows at every s-th row and column only (about 1/s² of their work, the largest part of
     the reductions; not the official method, which reads every row: see the README for its effect).
     """
@@ -35,6 +39,7 @@ class GoCAOptions:
     head_weighting: str | None = None
     layer_weighting: str = "auto"
     renormalize_rows: bool = False
+    pseudo_attention: str = "paper"
     rescale: bool = True
     refine_order: int | None = None
     layers: str = "all"
@@ -42,7 +47,7 @@ class GoCAOptions:
     layer_weight_stride: int = 1
 
 
-VANILLA = GoCAOptions(head_weighting="average", layer_weighting="uniform", rescale=False)
+VANILLA = GoCAOptions(head_weighting="average", layer_weighting="uniform", rescale=False, layers="subset")
 PRESETS = {"goca": GoCAOptions(), "vanilla": VANILLA, "manual": replace(VANILLA, layers="manual")}
 
 
@@ -50,6 +55,21 @@ def options_for(method: str, **overrides) -> GoCAOptions:
     if method not in PRESETS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     return replace(PRESETS[method], **overrides)
+
+
+def capture_pseudo_attention(adapter, methods, options: dict) -> str:
+    """The A_p formula a capture takes its joint layers' weights with (they are taken in the forward), after checking
+    `options` for each of `methods`: a ValueError (TypeError for an unknown field) before any forward."""
+    chosen = GoCAOptions.pseudo_attention
+    for method in methods:
+        if method not in PRESETS:
+            continue
+        checked = options_for(method, **options)
+        if checked.pseudo_attention not in PSEUDO_ATTENTIONS:
+            raise ValueError(f"pseudo_attention must be one of {PSEUDO_ATTENTIONS}, got {checked.pseudo_attention!r}")
+        adapter.layer_set(checked.layers)
+        chosen = checked.pseudo_attention
+    return chosen
 
 
 def reads_head_weighted_maps(method: str, options: dict) -> bool:
@@ -84,16 +104,22 @@ def refinement_operator(step: StepCapture, row: int, layers: list[str], map_hw: 
 
 
 def layer_weights(step: StepCapture, row: int, adapter, layers: list[str], renormalize_rows: bool,
-                  row_stride: int = 1) -> torch.Tensor:
-    """Normalised w_l for `layers` from the pseudo self-attention of the reference feature (ALGORITHMS §2); with
-    `row_stride` > 1 over the reference rows at every row_stride-th row and column (`frobenius_with_reference`)."""
+                  row_stride: int = 1, pseudo_attention: str | None = None) -> torch.Tensor:
+    """Normalised w_l for `layers` from the pseudo self-attention of the reference feature; with `row_stride` > 1
+    over the reference rows at every row_stride-th row and column (`frobenius_with_reference`). pseudo_attention:
+    A_p's formula (`pseudo_self_attention`; None: the capture's)."""
     if step.reference is None:
         raise RuntimeError(f"the reference layer {adapter.reference_layer} was not captured")
     if not isinstance(row_stride, int) or row_stride < 1:
         raise ValueError(f"layer_weight_stride must be an integer ≥ 1, got {row_stride!r}")
-    reference = step.reference_of(row)  # A_p and its per-grid weights, made once and only if a layer needs them
+    pseudo_attention = pseudo_attention or step.pseudo_attention
+    reference = step.reference_of(row, pseudo_attention)  # A_p and its per-grid weights, made only if a layer needs them
     terms = {} if renormalize_rows else step.layer_weight_terms  # taken at the end of the forward (joint layers)
     taken = {n: terms[n][row] for n in layers if n in terms}
+    if taken and pseudo_attention != step.pseudo_attention:
+        raise ValueError(f"pseudo_attention={pseudo_attention!r}: the joint layers' weights were taken in the forward "
+                         f"with {step.pseudo_attention!r}; pass it to the call that captures (segment's or the "
+                         f"generation's goca_options)")
     if taken and row_stride > 1:
         raise ValueError("layer_weight_stride > 1 applies to cross-attention models (UNet, PixArt): a joint attention "
                          "layer (SD3, Flux) reads every row in the forward, for its text shares")
@@ -111,11 +137,7 @@ def goca_scores(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """GoCA (and, through `options`, vanilla and manual): class scores [K, N_map] and the background entity's [N_map]."""
     map_hw = adapter.map_grid(step.latent_hw)
-    if options.layers not in ("all", "manual"):
-        raise ValueError(f"layers must be 'all' or 'manual', got {options.layers!r}")
-    layers = adapter.cross_layers if options.layers == "all" else adapter.manual_layers
-    if layers is None:
-        raise ValueError(f"layers='manual' (SD 1.5's hand-picked layers) is not defined for {adapter.family} models")
+    layers, refinement = adapter.layer_set(options.layers)
     head_weighting = options.head_weighting or step.head_weighting
     if head_weighting not in ("average", step.head_weighting):
         raise ValueError(f"head_weighting={head_weighting!r} needs a capture made with it: "
@@ -123,24 +145,36 @@ def goca_scores(
     maps = [step.cross[n]["average" if head_weighting == "average" else "auto"][row] for n in layers]
     grids = [step.grids[n] for n in layers]
     if options.layer_weighting == "auto":
-        weights = layer_weights(step, row, adapter, layers, options.renormalize_rows, options.layer_weight_stride)
+        weights = layer_weights(step, row, adapter, layers, options.renormalize_rows, options.layer_weight_stride,
+                                options.pseudo_attention)
     elif options.layer_weighting == "uniform":
         weights = torch.full((len(layers),), 1.0 / len(layers))
     else:
         raise ValueError(f"layer_weighting must be 'auto' or 'uniform', got {options.layer_weighting!r}")
     entities = _entities(index, background)
+    # Clamped and L1-normalised per pixel over all text tokens in every mode, as the official code does: a no-op
+    # only where each pixel's maps are ≥ 0 and sum to 1 (not under a joint softmax, nor with negative head weights).
+    masses = text_masses(step, layers, head_weighting, row)
+    token_maps = aggregate_layers(maps, grids, weights, map_hw, masses)
     if options.rescale:
-        token_maps = aggregate_layers(maps, grids, weights, map_hw)
         scores = per_pixel_rescale(token_maps, entities, index.content)
     else:
-        token_maps = weighted_layer_sum(maps, grids, weights, map_hw)
         scores = token_class_maps(token_maps, entities)
     scores = minmax(gaussian_blur(scores, map_hw, options.blur_kernel))
     order = adapter.refine_order if options.refine_order is None else options.refine_order
     if order > 0:
-        s = refinement_operator(step, row, adapter.refinement_layers, map_hw, order)
+        s = refinement_operator(step, row, refinement, map_hw, order)
         scores = minmax(propagate(s, scores, order))
     return _split_background(scores, background)
+
+
+def text_masses(step: StepCapture, layers: list[str], head_weighting: str, row: int) -> list[torch.Tensor] | None:
+    """Per layer, each pixel's map summed over all text tokens ([N_l]), where the capture keeps them (joint layers,
+    whose maps keep only the columns read); None where the maps keep every column the softmax reads."""
+    key = "average mass" if head_weighting == "average" else "auto mass"
+    if not all(key in step.cross[n] for n in layers):
+        return None
+    return [step.cross[n][key][row] for n in layers]
 
 
 # DiffSegmenter's weights per grid size at SD 1.5's 512 px, i.e. per downsampling from the finest grid.

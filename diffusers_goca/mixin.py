@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 
 from .capture import Capture, StepCapture
 from .functional.maps import scores_to_labels
-from .methods import check_method, method_scores, reads_head_weighted_maps
+from .methods import capture_pseudo_attention, check_method, method_scores, reads_head_weighted_maps
 from .models.base import adapter_for
 from .processors import unwrap_processor, wrap_processor
 from .result import GoCASegmentation
@@ -49,8 +49,13 @@ def _scaled_text_tokens(denoiser: torch.nn.Module, positions: list[int], scale: 
         handle.remove()
 
 
-def needed_columns(indices) -> list[int]:
-    """The text positions any of `indices` reads (the maps of other tokens are not kept)."""
+def kept_columns(adapter, indices) -> list[int] | None:
+    """The text positions whose maps a capture keeps for `indices`. Cross-attention families keep every column their
+    softmax reads (CLIP's 77, or PixArt's unmasked prompt tokens: None), since the per-pixel clamp and L1 sum run over
+    all text tokens and auto head weights can make any column negative. Joint families (333 or 512 text tokens at
+    every layer) keep the columns the methods read; their layers' text masses give the rest of the L1 sum."""
+    if not adapter.joint:
+        return None
     return sorted({p for index in indices for p in index.needed()})
 
 
@@ -72,6 +77,7 @@ class _Request:
     keep_capture: bool = False  # keep the raw capture instead of segmenting (segment(), capture_forward())
     columns: list[int] | None = None  # text positions whose maps are kept (None: all)
     text_keys: int | None = None  # leading text keys the cross maps read (None: all; see `Capture.start`)
+    pseudo_attention: str = "paper"  # A_p of the joint layers' weights taken in the forward (`Capture.start`)
     output_resize: Callable | None = None  # scores at the generated size → the returned image's (Adapter.output_resize)
     transform: Callable | None = None  # (capture, denoiser output) → replacement output (S-CFG)
     captured: list[StepCapture] = field(default_factory=list)
@@ -266,7 +272,7 @@ class GoCAMixin:
         rows = self._goca_rows(adapter.denoiser_batch(args, kwargs), req.n_images)
         self._goca_wrap_replaced(state)
         state.capture.start(adapter.denoiser_latent_hw(args, kwargs), rows, adapter.denoiser_text_len(args, kwargs),
-                            req.columns, req.text_keys)
+                            req.columns, req.text_keys, req.pseudo_attention)
         req.timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         return None
 
@@ -363,19 +369,21 @@ class GoCAMixin:
                 for i, p in enumerate(prompts) for _ in range(per_prompt)]
 
     def capture_forward(self, run: Callable[[], object], n_images: int = 1, columns: Sequence[int] | None = None,
-                        text_keys: int | None = None) -> StepCapture:
+                        text_keys: int | None = None, pseudo_attention: str = "paper") -> StepCapture:
         """Run `run()`, which calls the denoiser once, with the capture on; return what it captured.
 
         The conditional rows of the denoiser batch are captured (`n_images` of them: the last ones of a CFG batch);
         `columns`: the text positions whose maps are kept (default all; `TokenIndex.needed()` is what the methods read);
         `text_keys`: for a family that masks the text's padding, the prompts' token count (`_text_keys`), past
-        which no key is read (default all). GoCA is enabled for the call if it was not, and left as it was afterwards,
+        which no key is read (default all); `pseudo_attention`: the A_p formula of the layer weights that joint layers
+        take in the forward (`GoCAOptions.pseudo_attention`). GoCA is enabled for the call if it was not, and left as it was afterwards,
         also on error. `segment` and the benchmarks are built on this.
         """
         was_enabled = self._goca is not None
         state = self._goca_attached() if was_enabled else self.enable_goca()._goca
         request = _Request(wants=lambda i: True, n_images=n_images, keep_capture=True,
-                           columns=None if columns is None else list(columns), text_keys=text_keys)
+                           columns=None if columns is None else list(columns), text_keys=text_keys,
+                           pseudo_attention=pseudo_attention)
         try:
             with self._goca_request(state, request):
                 run()
@@ -398,6 +406,7 @@ class GoCAMixin:
         background: bool = True,
         background_offset: float = 0.0,
         resolution: int | None = None,
+        guidance_scale: float | None = None,
         **options,
     ) -> GoCASegmentation:
         """Segment an existing image into `classes` (ALGORITHMS §5): resize to the model's native square resolution,
@@ -407,6 +416,8 @@ class GoCAMixin:
 
         timestep: SD / SDXL / PixArt an integer in 0…999, SD3 / Flux a number in [0, 1000] (σ = t / 1000); seed: the
         noise's seed (None: unseeded).
+        guidance_scale: for guidance-distilled models (Flux dev), the guidance embedding's value; default 1.0, as the
+        official extractor runs. Other families run one forward without guidance and refuse it.
         background: add a "background" word to the prompt and a background channel (its map + `background_offset`).
         Returns a `GoCASegmentation` whose labels have the input image's size; with a list of methods, a dict
         method → result, all read from the same single forward.
@@ -421,6 +432,8 @@ class GoCAMixin:
         adapter = self._goca.adapter if self._goca is not None else adapter_for(self)
         for m in methods:
             check_method(adapter, m)
+        pseudo_attention = capture_pseudo_attention(adapter, methods, options)
+        adapter.check_segment_guidance(guidance_scale)
         index = adapter.token_index(adapter.segment_text(prompt), classes,
                                     extra_entities=["background"] if use_background else [])
         # None: the family's own rule
@@ -433,12 +446,13 @@ class GoCAMixin:
 
         def capture(scale_classes: float | None = None) -> StepCapture:
             generator = None if seed is None else torch.Generator().manual_seed(seed)
-            forward = lambda: adapter.segment_forward(latents, prompt, timestep, generator)  # noqa: E731
+            forward = lambda: adapter.segment_forward(latents, prompt, timestep, generator, guidance_scale)  # noqa: E731
+            settings = dict(columns=kept_columns(adapter, [index]), text_keys=text_keys, pseudo_attention=pseudo_attention)
             if scale_classes is None:
-                return self.capture_forward(forward, columns=index.needed(), text_keys=text_keys)
+                return self.capture_forward(forward, **settings)
             positions = sorted({p for ps in index.class_tokens for p in ps})
             with _scaled_text_tokens(adapter.denoiser, positions, scale_classes):
-                return self.capture_forward(forward, columns=index.needed(), text_keys=text_keys)
+                return self.capture_forward(forward, **settings)
 
         # iSeg reads a forward whose class-token embeddings are scaled; every other method shares one plain forward.
         steps = {}
@@ -503,6 +517,7 @@ class GoCAMixin:
         state = self._goca_attached() if self._goca is not None else self.enable_goca()._goca
         check_method(state.adapter, goca_method)
         adapter = state.adapter
+        pseudo_attention = capture_pseudo_attention(adapter, [goca_method], dict(goca_options or {}))
 
         prompt = adapter.call_prompt(args, kwargs)
         adapter.check_mask_prompt(kwargs, prompt)
@@ -518,7 +533,8 @@ class GoCAMixin:
             wants=self._goca_step_filter(goca_masks), n_images=len(indices), indices=indices, method=goca_method,
             background="background" if goca_background else None, background_offset=goca_background_offset,
             options=dict(goca_options or {}), callback=goca_callback, forwards_per_step=adapter.forwards_per_step(kwargs),
-            columns=needed_columns(indices), text_keys=_text_keys(adapter, indices),
+            columns=kept_columns(adapter, indices), text_keys=_text_keys(adapter, indices),
+            pseudo_attention=pseudo_attention,
             output_resize=adapter.output_resize(kwargs),
         )
         self.goca_masks = request.delivered

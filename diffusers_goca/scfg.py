@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .functional.aggregation import aggregate_layers
+from .functional.aggregation import PSEUDO_ATTENTIONS, aggregate_layers
 from .functional.maps import gaussian_blur, minmax, per_pixel_rescale, propagate, resize_maps
 from .functional.scfg import guidance_norm, rate_map, scfg_cond
-from .methods import layer_weights, refinement_operator
+from .methods import GoCAOptions, layer_weights, refinement_operator
 from .mixin import GoCAMixin, _Request
 from .models.base import call_default
 from .result import palette
@@ -91,12 +91,13 @@ def original_regions(step, adapter, cond_row: int, uncond_row: int, index, varia
 class SCFGMixin(GoCAMixin):
     """Adds S-CFG to a GoCA pipeline: the pipeline's call with `scfg=True` (default), `segmentor="goca"` or
     `"original"`, `scfg_variant` ("code" / "paper", for the original segmenter), `rate_bounds=(0.8, 3.0)` and
-    `max_guidance=15.0`. `guidance_scale` keeps its meaning; at `guidance_scale ≤ 1` it is plain sampling.
+    `max_guidance=15.0`, `pseudo_attention` (the GoCA regions' layer weights, as `GoCAOptions.pseudo_attention`;
+    None: its default). `guidance_scale` keeps its meaning; at `guidance_scale ≤ 1` it is plain sampling.
     `scfg_keep_maps=True` keeps every step's regions and rates in `pipe.scfg_maps` (see `save_scfg_maps`)."""
 
     def __call__(self, *args, scfg: bool = True, segmentor: str = "goca", scfg_variant: str = "code",
                  rate_bounds: tuple[float, float] = (0.8, 3.0), max_guidance: float = 15.0,
-                 scfg_keep_maps: bool = False, **kwargs):
+                 scfg_keep_maps: bool = False, pseudo_attention: str | None = None, **kwargs):
         guidance = kwargs.get("guidance_scale", call_default(type(self), "guidance_scale", 7.5))
         if not scfg or guidance <= 1:
             return super().__call__(*args, **kwargs)
@@ -110,6 +111,9 @@ class SCFGMixin(GoCAMixin):
         lo, hi = rate_bounds
         if not 0 < lo <= hi:
             raise ValueError(f"rate_bounds must satisfy 0 < low <= high, got {rate_bounds}")
+        pseudo_attention = pseudo_attention or GoCAOptions.pseudo_attention
+        if pseudo_attention not in PSEUDO_ATTENTIONS:
+            raise ValueError(f"pseudo_attention must be one of {PSEUDO_ATTENTIONS}, got {pseudo_attention!r}")
         state = self._goca_attached() if self._goca is not None else self.enable_goca()._goca
         adapter = state.adapter
         indices = self._goca_prompt_indices(
@@ -119,7 +123,8 @@ class SCFGMixin(GoCAMixin):
         n = len(indices)
         self.scfg_maps: list[SCFGStepMaps] = []
         # All token columns are kept: S-CFG's foreground reads the start token's share of every token's attention.
-        request = _Request(wants=lambda i: True, n_images=2 * n, forwards_per_step=adapter.forwards_per_step(kwargs))
+        request = _Request(wants=lambda i: True, n_images=2 * n, forwards_per_step=adapter.forwards_per_step(kwargs),
+                           pseudo_attention=pseudo_attention)
 
         def transform(step, output):
             return self._scfg_step(step, output, indices, request, segmentor, scfg_variant, guidance, lo, hi,

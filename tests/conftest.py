@@ -9,6 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffusers_goca.clip_bpe import CLIP_VOCAB_SIZE, build_clip_tokenizer
+from diffusers_goca.t5_spm import build_t5_tokenizer
 
 torch.set_num_threads(int(os.environ.get("GOCA_TEST_THREADS", "2")))
 
@@ -106,19 +107,9 @@ def make_tiny_sdxl(pipeline_class=None, seed=0):
 @functools.lru_cache(maxsize=None)
 def t5_tokenizer(model_max_length: int = 300):
     """A T5 tokenizer built in memory: a small SentencePiece unigram model, `</s>` appended, no extra ids."""
-    from tokenizers import SentencePieceUnigramTokenizer
-    from tokenizers.processors import TemplateProcessing
-    from transformers import T5TokenizerFast
-
     words = ("a photo of the traffic light and person background cat dog grass sand water sky wall red yellow purple "
              "white black circle square triangle on in with car carpet next to another").split()
-    corpus = [" ".join(words[i:] + words[:i]) for i in range(len(words))] * 4
-    sp = SentencePieceUnigramTokenizer()
-    sp.train_from_iterator(corpus, vocab_size=200, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
-                           show_progress=False)
-    sp.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", sp.token_to_id("</s>"))])
-    return T5TokenizerFast(tokenizer_object=sp._tokenizer, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-                           extra_ids=0, model_max_length=model_max_length)
+    return build_t5_tokenizer(words, model_max_length)
 
 
 def tiny_t5(seed=0, d_model=32):

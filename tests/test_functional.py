@@ -337,7 +337,7 @@ def test_maps_and_refinement_in_bfloat16_keep_fp32_logits():
     refined_half = apply_self_attention(bf["q"], bf["k"], heads, d ** -0.5, hw, hw, x, dtype=torch.bfloat16)
     assert (refined_half - refined).abs().max() < 0.02
     f = torch.randn(n, 32)
-    assert (pseudo_self_attention(f.bfloat16(), torch.bfloat16) - pseudo_self_attention(f)).abs().max() < 0.02
+    assert (pseudo_self_attention(f.bfloat16(), dtype=torch.bfloat16) - pseudo_self_attention(f)).abs().max() < 0.02
 
 
 @pytest.mark.parametrize("renorm", [False, True])

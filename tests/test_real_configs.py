@@ -56,8 +56,16 @@ def test_full_depth_layers():
     assert len(sd3.cross_layers) == 24 and sd3.seg4diff_layer == "transformer_blocks.9.attn"
     assert sd3.reference_layer == "transformer_blocks.11.attn"
     assert len(flux.cross_layers) == 57 and flux.native_resolution == 1024
-    assert flux.reference_layer == "single_transformer_blocks.27.attn"
+    # The official `vit-block27` counts on from the 19 double blocks: single block 8.
+    assert flux.reference_layer == "single_transformer_blocks.8.attn"
     assert flux.refinement_layers == ["transformer_blocks.12.attn", "transformer_blocks.18.attn"]
+    # The official vanilla's layers: PixArt-Σ cross blocks 10–17; Flux blocks 8, 28 and 47 of the running numbering.
+    assert pixart.layer_set("subset") == ([f"transformer_blocks.{i}.attn2" for i in range(10, 18)],
+                                          pixart.refinement_layers)
+    flux_vanilla = ["transformer_blocks.8.attn", "single_transformer_blocks.9.attn", "single_transformer_blocks.28.attn"]
+    assert flux.layer_set("subset") == (flux_vanilla, flux_vanilla)
+    assert flux.layer_set("all") == (flux.cross_layers, flux.refinement_layers)
+    assert sd.layer_set("subset") == (sd.cross_layers, sd.refinement_layers)
 
 
 def _shapes(step, layer, adapter):
@@ -98,7 +106,7 @@ def test_full_width_shapes_at_real_head_counts(family):
         assert step.selfs[layer].image_mass.shape == (1, heads, h * w)
     else:
         assert step.selfs["transformer_blocks.0.attn1"].image_mass is None
-    assert all(v.shape[-1] == t for maps in step.cross.values() for v in maps.values())
+    assert all(maps[kind].shape[-1] == t for maps in step.cross.values() for kind in ("auto", "average"))
 
 
 class LargestTensor(TorchDispatchMode):
@@ -135,10 +143,11 @@ def test_no_heads_by_n_by_n_tensor(monkeypatch):
             method_scores(step, 0, index, pipe._goca.adapter, method)
     assert captured.largest < heads * n * n // 2, (captured.largest, heads * n * n)
     assert captured.largest <= max(plain.largest, n * n)  # at most the head-mean S at the map grid
-    # What it holds is the memory plan's formula, O(N·(C + T)), not O(N²): per joint layer two fp32 maps [N, T], the
-    # queries and keys [N, C] and the image-key shares [heads, N]; plus the reference feature [N, C].
+    # What it holds is the memory plan's formula, O(N·(C + T)), not O(N²): per joint layer two fp32 maps [N, T] and
+    # their text masses [N], the queries and keys [N, C] and the image-key shares [heads, N]; plus the reference
+    # feature [N, C].
     layers, t, c = 2, 77 + 32, 32
-    assert step.nbytes() == layers * (2 * n * t * 4 + 2 * n * c * 4 + heads * n * 4) + n * c * 4
+    assert step.nbytes() == layers * (2 * n * (t + 1) * 4 + 2 * n * c * 4 + heads * n * 4) + n * c * 4
 
 
 @pytest.mark.parametrize("family", ["sd", "pixart", "sd3", "flux"])

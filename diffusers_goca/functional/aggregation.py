@@ -52,11 +52,20 @@ def aggregate_heads(probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bhnt,bhn->bnt", probs.float(), weights.float())
 
 
-def pseudo_self_attention(feature: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A_p = softmax(F Fᵀ / √C) over rows. feature: [N, C] → [N, N] fp32 (64 MiB for a 64×64 reference grid); the
-    product in `compute_dtype(feature, dtype)`, the logits and the softmax in fp32."""
-    f = feature[None]
-    return logits(f, f.transpose(1, 2), compute_dtype(feature, dtype), feature.shape[-1] ** -0.5)[0].softmax(-1)
+PSEUDO_ATTENTIONS = ("paper", "official-code")
+
+
+def pseudo_self_attention(feature: torch.Tensor, mode: str = "paper", dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The pseudo self-attention A_p of the reference feature F [N, C] → [N, N] fp32 (64 MiB for a 64×64 grid).
+
+    mode "paper": softmax(F Fᵀ / √C) over rows. "official-code": what the released code computes, softmax(f₀ f₀ᵀ)
+    from channel 0 of F alone with scale 1 (its feature is reduced to batch 0, then indexed [0] again), a rank-one
+    affinity. The product in `compute_dtype(feature, dtype)`, the logits and the softmax in fp32."""
+    if mode not in PSEUDO_ATTENTIONS:
+        raise ValueError(f"pseudo_attention must be one of {PSEUDO_ATTENTIONS}, got {mode!r}")
+    f = (feature if mode == "paper" else feature[:, :1])[None]
+    scale = f.shape[-1] ** -0.5
+    return logits(f, f.transpose(1, 2), compute_dtype(feature, dtype), scale)[0].softmax(-1)
 
 
 def layer_weight(pseudo: torch.Tensor, self_attn: torch.Tensor) -> torch.Tensor:
@@ -73,14 +82,25 @@ def normalize_layer_weights(raw: torch.Tensor) -> torch.Tensor:
 
 
 def aggregate_layers(
-    maps: Sequence[torch.Tensor], grids: Sequence[tuple[int, int]], weights: torch.Tensor, out_hw: tuple[int, int]
+    maps: Sequence[torch.Tensor], grids: Sequence[tuple[int, int]], weights: torch.Tensor, out_hw: tuple[int, int],
+    text_mass: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """M = Σ_l w_l · resize_bilinear(C_l → out grid), clamped ≥ 0, L1-normalised per pixel over all T tokens.
 
-    maps: per layer [N_l, T] (N_l = h_l·w_l of `grids[l]`); weights: [L]. Returns [out_h·out_w, T] fp32.
+    maps: per layer [N_l, T'] (N_l = h_l·w_l of `grids[l]`); weights: [L]. Returns [out_h·out_w, T'] fp32.
+    text_mass: per layer [N_l], Σ_t C_l(p, t) over **all** T text tokens, when the maps keep only T' < T of them
+    (joint attention, where a pixel's text share of the softmax is anywhere in 0…1). The L1 sum is then
+    Σ_t max(M, 0) = Σ_t M + Σ_t max(−M, 0), the first term from the masses and the second over the kept columns:
+    exact when the columns not kept are ≥ 0 (always, unless head weights are negative there). None: the maps
+    keep every token column (cross-attention), and the sum runs over them.
     """
-    total = weighted_layer_sum(maps, grids, weights, out_hw).clamp_min(0)
-    return total / total.sum(-1, keepdim=True).clamp_min(1e-12)
+    total = weighted_layer_sum(maps, grids, weights, out_hw)
+    if text_mass is None:
+        denominator = total.clamp_min(0).sum(-1, keepdim=True)
+    else:
+        mass = weighted_layer_sum([m[:, None] for m in text_mass], grids, weights, out_hw)
+        denominator = mass + (-total).clamp_min(0).sum(-1, keepdim=True)
+    return total.clamp_min(0) / denominator.clamp_min(1e-12)
 
 
 def weighted_layer_sum(

@@ -57,8 +57,9 @@ def joint_text_attention(
     reference image), computed in that call; their share is then in neither the maps nor the image share.
     The products run in `compute_dtype(q, dtype)` with fp32 results; softmaxes and sums in fp32.
     Returns (image_mass [heads, N]: the share of each query's joint softmax that falls on the image keys k_img,
-             {"average": [N, T'], "auto": [N, T']} fp32, bool [N]: the pixels whose text output was ≈ 0, left on
-             q's device so that no caller waits for the device to count them).
+             {"average": [N, T'], "auto": [N, T'], "average mass": [N], "auto mass": [N]} fp32 (the masses: each map
+             summed over all T text tokens, i.e. the head-weighted text share), bool [N]: the pixels whose text
+             output was ≈ 0, left on q's device so that no caller waits for the device to count them).
     """
     n, hd = q.shape
     d = hd // heads
@@ -75,6 +76,7 @@ def joint_text_attention(
     kx = k_txt.to(dtype).view(-1, heads, d).permute(1, 2, 0)  # [heads, d, T]
     vx = v_txt.to(dtype).view(-1, heads, d).transpose(0, 1)  # [heads, T, d]
     avgs, autos, degenerate = [], [], []
+    avg_mass, auto_mass = m_text.mean(0), []
     for a, b in row_chunks(n, heads, kx.shape[2]):
         qc = q[a:b].view(b - a, heads, d).transpose(0, 1)  # [heads, c, d]
         probs = logits(qc, kx, dtype, scale).softmax(-1).mul_(m_text[:, a:b, None])  # [heads, c, T], joint softmax
@@ -82,13 +84,16 @@ def joint_text_attention(
         avgs.append(kept.mean(0))
         if out_weight is None or head_weighting == "average":
             autos.append(avgs[-1])
+            auto_mass.append(avg_mass[a:b])
             degenerate.append(torch.zeros(b - a, dtype=torch.bool, device=q.device))
             continue
         text_out = logits(probs, vx, dtype).transpose(0, 1).reshape(1, b - a, hd)  # [1, c, heads·d]
         w, bad = head_weights(text_out, out_weight, heads, head_weighting, return_degenerate=True, dtype=dtype)
         autos.append(torch.einsum("hct,hc->ct", kept, w[0]))
+        auto_mass.append(torch.einsum("hc,hc->c", m_text[:, a:b], w[0]))
         degenerate.append(bad[0])
-    return image_mass, {"average": joined(avgs), "auto": joined(autos)}, joined(degenerate)
+    maps = {"average": joined(avgs), "auto": joined(autos), "average mass": avg_mass, "auto mass": joined(auto_mass)}
+    return image_mass, maps, joined(degenerate)
 
 
 def joined(chunks: list[torch.Tensor]) -> torch.Tensor:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
@@ -93,6 +94,10 @@ class Adapter:
         self.refinement_layers: list[str] = []
         self.refine_order: int = 2
         self.manual_layers: list[str] | None = None
+        # The official vanilla baseline's layers, for its maps and its refinement (None: every cross layer, and the
+        # refinement layers of goca).
+        self.vanilla_layers: list[str] | None = None
+        self.vanilla_refinement_layers: list[str] | None = None
         self.map_factor: int = 1
         self.native_resolution: int = 512
         self._submodules: dict[str, torch.nn.Module] = {}
@@ -138,8 +143,41 @@ class Adapter:
         return [n for n in self.cross_layers if self.layers[n].block in blocks]
 
     @property
+    def joint(self) -> bool:
+        """Whether the image attends to the text in joint attention (SD3, Flux) rather than in cross-attention."""
+        return any(i.role == "joint" for i in self.layers.values())
+
+    # guidance-distilled families: the guidance embedding's value in `segment` (None: the family has no such input)
+    segment_guidance: float | None = None
+
+    def check_segment_guidance(self, guidance_scale) -> None:
+        if guidance_scale is None:
+            return
+        if self.segment_guidance is None or not self.denoiser.config.get("guidance_embeds", False):
+            raise ValueError(f"guidance_scale: segment runs {self.family} models without guidance (one forward, no "
+                             f"CFG); it applies to guidance-distilled models (Flux dev) only")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+
+    @property
     def self_layers(self) -> list[str]:
         return [n for n, i in self.layers.items() if i.role in ("self", "joint")]
+
+    LAYER_SETS = ("all", "subset", "manual")
+
+    def layer_set(self, name: str) -> tuple[list[str], list[str]]:
+        """(cross layers of the maps, self layers of the refinement) of a `GoCAOptions.layers` value: "all",
+        "subset" (the official vanilla's) or "manual" (SD 1.5's hand-picked maps)."""
+        if name not in self.LAYER_SETS:
+            raise ValueError(f"layers must be one of {self.LAYER_SETS}, got {name!r}")
+        if name == "manual":
+            if self.manual_layers is None:
+                raise ValueError(f"layers='manual' (SD 1.5's hand-picked layers) is not defined for {self.family} "
+                                 f"models; use 'all' or 'subset'")
+            return self.manual_layers, self.refinement_layers
+        if name == "subset" and self.vanilla_layers is not None:
+            return self.vanilla_layers, self.vanilla_refinement_layers or self.refinement_layers
+        return self.cross_layers, self.refinement_layers
 
     def self_of(self, cross_layer: str) -> str:
         """The self-attention layer of the same transformer block as `cross_layer`."""
@@ -306,7 +344,8 @@ class Adapter:
         t = torch.tensor([timestep], device=latents.device)
         return noising.add_noise(latents, noise, t), t
 
-    def segment_forward(self, latents: torch.Tensor, prompt: str, timestep: int, generator: torch.Generator) -> None:
+    def segment_forward(self, latents: torch.Tensor, prompt: str, timestep: int, generator: torch.Generator,
+                        guidance_scale: float | None = None) -> None:
         """Noise `latents` (clean, scaled) to `timestep` and run the denoiser once on `prompt`, without CFG."""
         raise NotImplementedError
 

@@ -4,8 +4,10 @@
 sequence, one softmax. 19 double-stream blocks (text projected by `add_*_proj`) and 38 single-stream blocks (text and
 image concatenated before the call, `encoder_hidden_states=None`: the text length comes from the denoiser pre-hook).
 Single blocks have no `to_out`: their attention output goes through the block's `proj_out` (its first `dim` columns).
-Reference: image tokens of the attention output of single block 27; refinement: double blocks 12 and 18, k = 2
-(same relative depths in a model of another depth). Latents are packed 2×2: the token grid comes from `img_ids`.
+Reference: image tokens of the attention output of the official code's `vit-block27`, whose numbering runs on from
+the 19 double blocks into the single blocks: single block 8. Refinement: double blocks 12 and 18, k = 2. The official
+vanilla reads blocks 8, 28 and 47 of that running numbering (double 8, single 9 and 28) for its maps and refinement.
+A model of another depth gets the same relative depths. Latents are packed 2×2: the token grid comes from `img_ids`.
 Flux Kontext appends a reference image's tokens (`img_ids` first coordinate 1) to the generated image's: they share
 the softmax, so they take part in the text shares, and the maps and grids are the generated image's.
 """
@@ -19,8 +21,9 @@ import torch
 from .base import Adapter, JointInputs, LayerInfo, OutputProjection, call_default, relative_block
 
 _NAME = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.attn$")
-_REFERENCE_SINGLE, _SINGLE_DEPTH = 27, 38
+_REFERENCE_SINGLE, _SINGLE_DEPTH = 8, 38
 _REFINE_DOUBLE, _DOUBLE_DEPTH = (12, 18), 19
+_VANILLA_DOUBLE, _VANILLA_SINGLE = (8,), (9, 28)
 
 
 class FluxAdapter(Adapter):
@@ -28,7 +31,8 @@ class FluxAdapter(Adapter):
     denoiser_class = "FluxTransformer2DModel"
     segment_timestep = None
     flow_matching = True
-    segment_steps, segment_strength, segment_guidance = 28, 0.15, 3.5  # official: img2img strength 0.15, default shift
+    # The official extractor: img2img at strength 0.15 with the default shift, and guidance_scale=1 (not dev's 3.5).
+    segment_steps, segment_strength, segment_guidance = 28, 0.15, 1.0
     cfg_batch = False  # guidance distilled into the model; true CFG runs the unconditional call apart
 
     def __init__(self, pipe):
@@ -46,6 +50,10 @@ class FluxAdapter(Adapter):
         self.refinement_layers = list(dict.fromkeys(
             f"transformer_blocks.{relative_block(i, n_double, _DOUBLE_DEPTH)}.attn" for i in _REFINE_DOUBLE))
         self.refine_order = 2
+        vanilla = [f"transformer_blocks.{relative_block(i, n_double, _DOUBLE_DEPTH)}.attn" for i in _VANILLA_DOUBLE]
+        if n_single:
+            vanilla += [f"single_transformer_blocks.{relative_block(i, n_single, _SINGLE_DEPTH)}.attn" for i in _VANILLA_SINGLE]
+        self.vanilla_layers = self.vanilla_refinement_layers = list(dict.fromkeys(vanilla))
         self.native_resolution = pipe.default_sample_size * pipe.vae_scale_factor
         self.text_max_length = call_default(type(pipe), "max_sequence_length", 512)
 
@@ -114,7 +122,7 @@ class FluxAdapter(Adapter):
         image = out[:, step.text_len:] if out.shape[1] > step.text_len and tap.added_key is None else out
         return image[:, :step.latent_hw[0] * step.latent_hw[1]]  # not Kontext's reference image
 
-    def segment_forward(self, latents, prompt, timestep, generator):
+    def segment_forward(self, latents, prompt, timestep, generator, guidance_scale=None):
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         pipe, model = self.pipe, self.pipe.transformer
@@ -136,7 +144,8 @@ class FluxAdapter(Adapter):
         else:
             t = torch.tensor(float(timestep), device=device)
         noisy = self.flow_noised(packed, noise, t)
-        guidance = torch.full([b], self.segment_guidance, device=device) if model.config.guidance_embeds else None
+        guidance_scale = self.segment_guidance if guidance_scale is None else guidance_scale
+        guidance = torch.full([b], float(guidance_scale), device=device) if model.config.guidance_embeds else None
         model(hidden_states=noisy.to(model.dtype), timestep=t.reshape(1).expand(b) / 1000, guidance=guidance,
               pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=img_ids,
               return_dict=False)

@@ -1,8 +1,9 @@
 """PixArtTransformer2DModel: PixArt-α and PixArt-Σ.
 
 Each `BasicTransformerBlock` holds attn1 (self) and attn2 (cross, T5 text with the padding mask as an additive bias).
-All layers share one token grid, the latent after 2×2 patching. Reference block 13, refinement blocks 10–17, k = 5
-(of 28 blocks; a model of another depth gets the same relative positions).
+All layers share one token grid, the latent after patching. Reference block 13, refinement blocks 10–17, k = 5; the
+official vanilla reads the cross maps of blocks 10–17 too (of 28 blocks; a model of another depth gets the same
+relative positions).
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ class PixArtAdapter(Adapter):
         self.reference_layer = f"transformer_blocks.{relative_block(_REFERENCE, depth, _DEPTH)}.attn2"
         self.refinement_layers = list(dict.fromkeys(f"transformer_blocks.{relative_block(i, depth, _DEPTH)}.attn1" for i in _REFINE))
         self.refine_order = 5
+        # The official vanilla reads the cross maps of the refinement blocks only.
+        self.vanilla_layers = list(dict.fromkeys(f"transformer_blocks.{relative_block(i, depth, _DEPTH)}.attn2" for i in _REFINE))
         self.native_resolution = model.config.sample_size * pipe.vae_scale_factor
         # PixArt-α encodes 120 T5 tokens, PixArt-Σ 300: the default of the pipeline's `max_sequence_length`.
         self.text_max_length = call_default(type(pipe), "max_sequence_length", 120)
@@ -61,7 +64,7 @@ class PixArtAdapter(Adapter):
     def segment_text(self, prompt: str) -> str:
         return self.prompt_text(prompt, {"clean_caption": False})  # as `segment_forward` encodes it (lower case)
 
-    def segment_forward(self, latents, prompt, timestep, generator):
+    def segment_forward(self, latents, prompt, timestep, generator, guidance_scale=None):
         pipe, model = self.pipe, self.pipe.transformer
         noisy, t = self.ddpm_noised(latents, timestep, generator)
         embeds, mask, _, _ = pipe.encode_prompt(

@@ -90,7 +90,7 @@ class SD3Adapter(Adapter):
                            split_heads_norm(tap.key, h, attn.norm_k, tap.normed_key),
                            split_heads_norm(tap.added_key, h, attn.norm_added_k, tap.normed_added_key), tap.added_value)
 
-    def segment_forward(self, latents, prompt, timestep, generator):
+    def segment_forward(self, latents, prompt, timestep, generator, guidance_scale=None):
         pipe, model = self.pipe, self.pipe.transformer
         sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
         sched.set_timesteps(self.segment_steps, device=latents.device)

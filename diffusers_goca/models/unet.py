@@ -124,7 +124,7 @@ class UNetAdapter(Adapter):
         last = (6.0,) if self.pipe.config.get("requires_aesthetics_score", False) else size
         return torch.tensor([[*size, 0, 0, *last]], dtype=dtype, device=latents.device)
 
-    def segment_forward(self, latents, prompt, timestep, generator):
+    def segment_forward(self, latents, prompt, timestep, generator, guidance_scale=None):
         pipe, unet = self.pipe, self.pipe.unet
         noisy, t = self.ddpm_noised(latents, timestep, generator)
         kwargs = {}

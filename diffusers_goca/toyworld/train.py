@@ -2,6 +2,8 @@
 
     python -m diffusers_goca.toyworld.train --out toy_runs/sd --steps 6000
     python -m diffusers_goca.toyworld.train --arch sd3 --vae-from toy_runs/sd --out toy_runs/sd3 --steps 3000
+    python -m diffusers_goca.toyworld.train --arch pixart --blocks 6 --vae-from diffusers_goca/toyworld/model ...
+    python -m diffusers_goca.toyworld.train --arch flux --vae-from diffusers_goca/toyworld/model ...
 
 The result is a stock `StableDiffusionPipeline` folder (`save_pretrained`), rewritten every `--save-every` steps with
 `training_log.json` (seed, wall time, loss curve) beside it, so an interrupted run still leaves a usable model.
@@ -160,23 +162,127 @@ class SD3Recipe:
     def loss(self, x0, captions, g):
         embeds, _, pooled, _ = self._pipe.encode_prompt(captions, None, None, device=x0.device,
                                                         do_classifier_free_guidance=False, max_sequence_length=256)
-        sigma = torch.sigmoid(torch.randn(len(x0), generator=g)).view(-1, 1, 1, 1)  # logit-normal, as SD3
-        noise = torch.randn(x0.shape, generator=g)
-        pred = self.transformer((1 - sigma) * x0 + sigma * noise, encoder_hidden_states=embeds, pooled_projections=pooled,
-                                timestep=sigma.flatten() * 1000).sample
-        return F.mse_loss(pred, noise - x0)
+        noisy, sigma, target = flow_matching_sample(x0, g)
+        pred = self.transformer(noisy, encoder_hidden_states=embeds, pooled_projections=pooled,
+                                timestep=sigma * 1000).sample
+        return F.mse_loss(pred, target)
 
     def pipeline(self):
         return self._pipe
 
 
-RECIPES = {"sd": SDRecipe, "sd3": SD3Recipe}
+def build_t5_toy(tokenizer_words=None, d_model: int = 64):
+    """The toy world's T5 encoder (2 layers × `d_model`) and its tokenizer (a unigram model over the world's words and
+    common prompt words; 32 tokens, more than any toy caption takes)."""
+    from transformers import T5Config, T5EncoderModel
+
+    from ..t5_spm import build_t5_tokenizer
+    from .scenes import BACKGROUNDS, COLOURS, SHAPES
+
+    words = list(tokenizer_words or [*BACKGROUNDS, *COLOURS, *SHAPES, "a", "an", "the", "on", "with", "and", "of", "in",
+                                     "photo", "background", "next", "to"])
+    tokenizer = build_t5_tokenizer(words, model_max_length=32)
+    config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_ff=2 * d_model, d_kv=16, num_layers=2, num_heads=4,
+                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return T5EncoderModel(config), tokenizer
+
+
+def flow_matching_sample(x0: torch.Tensor, g: torch.Generator):
+    """(noisy, sigma [B], velocity target) of rectified flow at logit-normal σ, as SD3 and Flux are trained."""
+    sigma = torch.sigmoid(torch.randn(len(x0), generator=g))
+    noise = torch.randn(x0.shape, generator=g)
+    s = sigma.view(-1, *[1] * (x0.ndim - 1))
+    return (1 - s) * x0 + s * noise, sigma, noise - x0
+
+
+class PixArtRecipe:
+    """A `PixArtSigmaPipeline` in miniature: cross-attention DiT (patch 1 on the 16×16 latent, so a 16×16 token grid),
+    T5-style text with its padding mask, DDPM ε-prediction. `blocks` sets the depth (6 or 12 in the shipped runs)."""
+
+    def __init__(self, vae, tokenizer, blocks: int = 6, width: int = 96):
+        from diffusers import PixArtTransformer2DModel
+
+        self.vae = vae
+        self.text_encoder, self.tokenizer = build_t5_toy()
+        heads = width // 16
+        self.transformer = PixArtTransformer2DModel(
+            sample_size=16, num_layers=blocks, patch_size=1, attention_head_dim=16, num_attention_heads=heads,
+            caption_channels=self.text_encoder.config.d_model, in_channels=4, out_channels=4, cross_attention_dim=width,
+            attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+            norm_elementwise_affine=False, norm_eps=1e-6, use_additional_conditions=False,
+        )
+        self.alphas = build_scheduler().alphas_cumprod
+
+    @property
+    def modules(self):
+        return [self.transformer, self.text_encoder]
+
+    def loss(self, x0, captions, g):
+        text = self.tokenizer(captions, padding="max_length", max_length=32, truncation=True, return_tensors="pt")
+        embeds = self.text_encoder(text.input_ids, attention_mask=text.attention_mask).last_hidden_state
+        t = torch.randint(0, 1000, (len(x0),), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        a = self.alphas[t].view(-1, 1, 1, 1)
+        pred = self.transformer(a.sqrt() * x0 + (1 - a).sqrt() * noise, encoder_hidden_states=embeds,
+                                encoder_attention_mask=text.attention_mask, timestep=t,
+                                added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        return F.mse_loss(pred, noise)
+
+    def pipeline(self):
+        from diffusers import PixArtSigmaPipeline
+
+        return PixArtSigmaPipeline(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae,
+                                   transformer=self.transformer, scheduler=build_scheduler())
+
+
+class FluxRecipe:
+    """A `FluxPipeline` in miniature: double- and single-stream blocks with RoPE, latents packed 2×2 (an 8×8 token
+    grid), T5-style text (32 tokens) and a CLIP pooled vector, rectified flow, no guidance embedding (as schnell)."""
+
+    def __init__(self, vae, tokenizer, double: int = 2, single: int = 4, width: int = 96):
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+        self.text_encoder_2, tokenizer_2 = build_t5_toy()
+        self.text_encoder = build_text_encoder()
+        self.transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=double, num_single_layers=single, attention_head_dim=16,
+            num_attention_heads=width // 16, joint_attention_dim=self.text_encoder_2.config.d_model,
+            pooled_projection_dim=self.text_encoder.config.hidden_size, axes_dims_rope=(4, 6, 6), guidance_embeds=False,
+        )
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                    base_image_seq_len=256, max_image_seq_len=4096)
+        self._pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=self.text_encoder, tokenizer=tokenizer,
+                                  text_encoder_2=self.text_encoder_2, tokenizer_2=tokenizer_2, transformer=self.transformer)
+
+    @property
+    def modules(self):
+        return [self.transformer, self.text_encoder, self.text_encoder_2]
+
+    def loss(self, x0, captions, g):
+        pipe = self._pipe
+        b, c, h, w = x0.shape
+        embeds, pooled, text_ids = pipe.encode_prompt(captions, None, device=x0.device, max_sequence_length=32)
+        packed = pipe._pack_latents(x0, b, c, h, w)
+        img_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, x0.device, x0.dtype)
+        noisy, sigma, target = flow_matching_sample(packed, g)
+        pred = self.transformer(hidden_states=noisy, timestep=sigma, pooled_projections=pooled,
+                                encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=img_ids).sample
+        return F.mse_loss(pred, target)
+
+    def pipeline(self):
+        return self._pipe
+
+
+RECIPES = {"sd": SDRecipe, "sd3": SD3Recipe, "pixart": PixArtRecipe, "flux": FluxRecipe}
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--arch", choices=sorted(RECIPES), default="sd")
+    p.add_argument("--blocks", type=int, default=6, help="pixart, flux: transformer blocks (flux: one third double-stream, "
+                   "two thirds single-stream, as Flux.1's 19 + 38)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--steps", type=int, default=5000)
     p.add_argument("--vae-steps", type=int, default=1000)
     p.add_argument("--vae-from", default=None, help="a trained toy pipeline folder whose VAE to reuse (no VAE training)")
@@ -189,6 +295,8 @@ def main(argv=None) -> None:
                    help="float16 keeps the shipped folder small; loading with torch_dtype=float32 restores full precision")
     args = p.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
@@ -210,7 +318,8 @@ def main(argv=None) -> None:
     log["vae_seconds"] = round(time.time() - start, 1)
     log["scaling_factor"] = vae.config.scaling_factor
 
-    recipe = RECIPES[args.arch](vae, build_clip_tokenizer())
+    depth = {"pixart": {"blocks": args.blocks}, "flux": {"double": args.blocks // 3, "single": args.blocks - args.blocks // 3}}
+    recipe = RECIPES[args.arch](vae, build_clip_tokenizer(), **depth.get(args.arch, {}))
     params = [q for m in recipe.modules for q in m.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps,
