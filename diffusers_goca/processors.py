@@ -151,6 +151,11 @@ class GoCAWrappedProcessor(_Tapping, torch.nn.Module):
         return self.inner
 
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        names = list(inspect.signature(self.inner.__call__).parameters)[4:4 + len(args)]
+        if args and len(names) == len(args) and not set(names) & set(kwargs):
+            # Named, so that the capture reads them as it does the drop-ins' (FluxAttention passes image_rotary_emb
+            # positionally: unnamed, a wrapped Flux processor's maps were computed without RoPE).
+            args, kwargs = (), {**dict(zip(names, args)), **kwargs}
         return self._run(self.inner, attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
 
     def __call__(self, *args, **kwargs):
