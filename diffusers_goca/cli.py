@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -39,19 +40,33 @@ def _segment(args) -> int:
     from .methods import METHODS
 
     if args.method not in METHODS:
-        raise SystemExit(f"--method must be one of {', '.join(METHODS)}")
+        raise SystemExit(f"goca: error: --method must be one of {', '.join(METHODS)}")
+    if not os.path.exists(args.image):  # before the model loads, which takes long for a real one
+        raise SystemExit(f"goca: error: image file not found: {args.image}")
+    if args.model is None:  # a real photo would be segmented by a 32-px model of toy scenes without a word
+        from .toyworld import BACKGROUNDS
+
+        print(f"goca: note: no --model given: using the embedded toy model (32 px, toy-world classes only: "
+              f"{', '.join(BACKGROUNDS)} and coloured shapes such as 'red circle'); for a real image pass --model "
+              f"with a hub id or a local pipeline folder, e.g. --model stable-diffusion-v1-5/stable-diffusion-v1-5",
+              file=sys.stderr)
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
-    pipe = load_pipeline(args.model, args.device, DTYPES[args.dtype])
     options = {} if args.layer_weight_stride is None else {"layer_weight_stride": args.layer_weight_stride}
-    result = pipe.segment(  # opens the file upright; the pictures below draw on the image it segmented
-        args.image, classes, method=args.method, timestep=args.timestep, seed=args.seed,
-        background=not args.no_background, background_offset=args.background_offset, **options,
-    )
-    result.overlay().save(args.out)
-    print(f"saved {args.out}")
-    if args.heatmaps:
-        result.heatmaps().save(args.heatmaps)
-        print(f"saved {args.heatmaps}")
+    # Ordinary mistakes (an argument the model refuses, a model that cannot be loaded, an unwritable output) end in
+    # one line, as argparse's own errors do, instead of a traceback.
+    try:
+        pipe = load_pipeline(args.model, args.device, DTYPES[args.dtype])
+        result = pipe.segment(  # opens the file upright; the pictures below draw on the image it segmented
+            args.image, classes, method=args.method, timestep=args.timestep, seed=args.seed,
+            background=not args.no_background, background_offset=args.background_offset, **options,
+        )
+        result.overlay().save(args.out)
+        print(f"saved {args.out}")
+        if args.heatmaps:
+            result.heatmaps().save(args.heatmaps)
+            print(f"saved {args.heatmaps}")
+    except (ValueError, OSError) as error:  # FileNotFoundError is an OSError
+        raise SystemExit(f"goca: error: {error}") from None
     total = result.labels.numel()
     for k, name in enumerate(result.classes):
         print(f"  {name:>20s}: {100.0 * (result.labels == k).sum().item() / total:5.1f}% of pixels")

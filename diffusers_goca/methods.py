@@ -5,6 +5,7 @@ asked for. The formulas are those of `functional`; this module only picks the la
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, replace
 
 import torch
@@ -30,7 +31,8 @@ class GoCAOptions:
     rescale: per-pixel rescaling over content tokens (False = "renorm+": the clamped, per-pixel L1-normalised maps,
     blur and min-max); refine_order: k of S^k·M (None = the model's default);
     layers: "all", "subset" (the official vanilla's layers, maps and refinement: PixArt cross blocks 10–17, Flux
-    blocks 8, 28 and 47 of its running numbering; every layer elsewhere) or "manual" (SD 1.5's hand-picked set);
+    blocks 8, 28 and 47 of its running numbering; every layer elsewhere), "manual" (SD 1.5's hand-picked set) or a
+    tuple of cross layer names;
     layer_weight_stride: s > 1 sums the layer weights' Frobenius
     products over the reference rows at every s-th row and column only (about 1/s² of their work, the largest part of
     the reductions; not the official method, which reads every row: see the README for its effect).
@@ -42,7 +44,7 @@ class GoCAOptions:
     pseudo_attention: str = "paper"
     rescale: bool = True
     refine_order: int | None = None
-    layers: str = "all"
+    layers: str | tuple[str, ...] = "all"
     blur_kernel: int = 5
     layer_weight_stride: int = 1
 
@@ -65,6 +67,10 @@ def capture_pseudo_attention(adapter, methods, options: dict) -> str:
         if method not in PRESETS:
             continue
         checked = options_for(method, **options)
+        order = checked.refine_order
+        if order is not None and (isinstance(order, bool) or not isinstance(order, numbers.Integral) or order < 0):
+            # a negative one was taken as 0 without a word, a fraction failed deep inside the refinement
+            raise ValueError(f"refine_order must be None (the model's default) or an integer ≥ 0, got {order!r}")
         if checked.pseudo_attention not in PSEUDO_ATTENTIONS:
             raise ValueError(f"pseudo_attention must be one of {PSEUDO_ATTENTIONS}, got {checked.pseudo_attention!r}")
         adapter.layer_set(checked.layers)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from .methods import capture_pseudo_attention, check_method, method_scores, read
 from .models.base import adapter_for
 from .processors import unwrap_processor, wrap_processor
 from .result import GoCASegmentation
-from .tokens import entities_from_prompt, segmentation_prompt
+from .tokens import entities_from_prompt, has_class, segmentation_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -113,21 +114,41 @@ def _pixels_uint8(a: np.ndarray) -> np.ndarray:
     return (np.clip(a.astype(np.float32), 0, 1) * 255).round().astype(np.uint8)
 
 
+def _wide_grey(image: Image.Image) -> np.ndarray:
+    """A 16- or 32-bit grey PIL image (modes I;16*, I, F) as an array `_as_rgb` reads: integers as 16-bit values
+    (0–65535, what a 16-bit PNG holds) scaled to uint8, floats as they are (values in [0, 1]). PIL's own
+    `convert("RGB")` clips them to 0–255, which turns every such image (nearly) white."""
+    a = np.asarray(image)
+    if a.dtype.kind == "f":
+        return a
+    lo, hi = int(a.min()), int(a.max())
+    if lo < 0 or hi > 65535:
+        raise ValueError(f"a PIL image of mode {image.mode} must hold values in 0–65535 (16 bit), got {lo}…{hi}")
+    return (a / 257).round().astype(np.uint8)
+
+
 def _as_rgb(image) -> Image.Image:
-    """A PIL RGB image from a PIL image (any mode; alpha composited on white), an array [H, W(, C)] or a tensor
-    [C, H, W] / [1, C, H, W] (uint8 or integers in 0–255, floats in [0, 1]), or a file path (turned upright by its
-    EXIF orientation, as viewers show it)."""
+    """A PIL RGB image from a PIL image (any mode; alpha composited on white; 16-bit grey as 0–65535, mode F as
+    [0, 1]), an array [H, W(, C)] or a tensor [C, H, W] / [1, C, H, W] / [H, W, C] / [1, H, W, C] (uint8 or integers
+    in 0–255, floats in [0, 1]), or a file path (turned upright by its EXIF orientation, as viewers show it).
+
+    A tensor is read as [H, W, C] only where that layout is unambiguous: C in (1, 3, 4) last and a first dimension
+    that no channel count has (a [3, 4, 4] tensor stays [C, H, W], as torch and diffusers lay images out)."""
     if isinstance(image, (str, os.PathLike)):
         if not os.path.exists(image):
             raise ValueError(f"image path does not exist: {image}")
         image = ImageOps.exif_transpose(Image.open(image))
+    if isinstance(image, Image.Image) and (image.mode == "F" or image.mode.startswith("I")):
+        image = _wide_grey(image)
     if isinstance(image, torch.Tensor):
         t = image.detach().cpu()
         if t.ndim == 4 and t.shape[0] == 1:
             t = t[0]
-        if t.ndim != 3 or t.shape[0] not in (1, 3, 4):
-            raise ValueError(f"a tensor image must be [C, H, W] or [1, C, H, W] with C in (1, 3, 4), got {tuple(image.shape)}")
-        t = t.permute(1, 2, 0)
+        channels_last = t.ndim == 3 and t.shape[0] not in (1, 3, 4) and t.shape[-1] in (1, 3, 4)
+        if t.ndim != 3 or not (channels_last or t.shape[0] in (1, 3, 4)):
+            raise ValueError(f"a tensor image must be [C, H, W], [H, W, C] or either with a leading batch of 1, with "
+                             f"C in (1, 3, 4), got {tuple(image.shape)}")
+        t = t if channels_last else t.permute(1, 2, 0)
         image = (t.float() if t.is_floating_point() else t).numpy()  # numpy has no bfloat16
     if isinstance(image, np.ndarray):
         a = image
@@ -143,6 +164,23 @@ def _as_rgb(image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def _is_integer(value) -> bool:
+    """Whether `value` is a Python or numpy integer (a bool is not one)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _finite(name: str, value) -> float:
+    """`value` as a float, or a ValueError naming the argument `name`: a NaN or infinite background offset labelled
+    every pixel background."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return number
 
 
 def _classes_per_prompt(goca_classes, prompt) -> list[list[str]] | None:
@@ -418,7 +456,8 @@ class GoCAMixin:
         noise's seed (None: unseeded).
         guidance_scale: for guidance-distilled models (Flux dev), the guidance embedding's value; default 1.0, as the
         official extractor runs. Other families run one forward without guidance and refuse it.
-        background: add a "background" word to the prompt and a background channel (its map + `background_offset`).
+        background: add a "background" word to the prompt and a background channel (its map + `background_offset`),
+        unless a class is named background (in any case).
         Returns a `GoCASegmentation` whose labels have the input image's size; with a list of methods, a dict
         method → result, all read from the same single forward.
         """
@@ -427,25 +466,26 @@ class GoCAMixin:
             classes = [c.strip() for c in classes.split(",") if c.strip()]
         rgb = _as_rgb(image)
         classes = list(classes)
-        use_background = background and "background" not in classes
+        use_background = background and not has_class(classes, "background")
         prompt = segmentation_prompt(classes, use_background)
         adapter = self._goca.adapter if self._goca is not None else adapter_for(self)
         for m in methods:
             check_method(adapter, m)
         pseudo_attention = capture_pseudo_attention(adapter, methods, options)
+        background_offset = _finite("background_offset", background_offset)
         adapter.check_segment_guidance(guidance_scale)
         index = adapter.token_index(adapter.segment_text(prompt), classes,
                                     extra_entities=["background"] if use_background else [])
         # None: the family's own rule
         timestep = adapter.segment_timestep if timestep is None else adapter.checked_timestep(timestep)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        if seed is not None and not _is_integer(seed):
             raise ValueError(f"seed must be an integer or None (unseeded), got {seed!r}")
         resolution = resolution or adapter.native_resolution
         latents = self._goca_encode(rgb, resolution, adapter)
         text_keys = _text_keys(adapter, [index])
 
         def capture(scale_classes: float | None = None) -> StepCapture:
-            generator = None if seed is None else torch.Generator().manual_seed(seed)
+            generator = None if seed is None else torch.Generator().manual_seed(int(seed))
             forward = lambda: adapter.segment_forward(latents, prompt, timestep, generator, guidance_scale)  # noqa: E731
             settings = dict(columns=kept_columns(adapter, [index]), text_keys=text_keys, pseudo_attention=pseudo_attention)
             if scale_classes is None:
@@ -518,6 +558,7 @@ class GoCAMixin:
         check_method(state.adapter, goca_method)
         adapter = state.adapter
         pseudo_attention = capture_pseudo_attention(adapter, [goca_method], dict(goca_options or {}))
+        goca_background_offset = _finite("goca_background_offset", goca_background_offset)
 
         prompt = adapter.call_prompt(args, kwargs)
         adapter.check_mask_prompt(kwargs, prompt)
@@ -525,7 +566,7 @@ class GoCAMixin:
 
         def index_for(i, text, max_length, part_texts):
             classes = list(per_prompt[i]) if per_prompt is not None else entities_from_prompt(text)
-            extra = ["background"] if goca_background and "background" not in classes else []
+            extra = ["background"] if goca_background and not has_class(classes, "background") else []
             return adapter.token_index(text, classes, extra, max_length, part_texts=part_texts)
 
         indices = self._goca_prompt_indices(adapter, prompt, kwargs, "masks during generation", index_for)

@@ -1,6 +1,7 @@
 """Segmentation results and their pictures."""
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +15,14 @@ _PALETTE = np.array([
     (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128), (128, 128, 128),
 ], dtype=np.uint8)
 _BACKGROUND_COLOUR = np.array((40, 40, 40), dtype=np.uint8)
+
+
+def _picture(image) -> Image.Image | None:
+    """`image` as a PIL RGB image, read as `segment` reads its input: a PIL image, a path, or an array / tensor (the
+    images of `output_type="np"` or `"pt"`: floats in [0, 1])."""
+    from .mixin import _as_rgb  # the mixin imports this module
+
+    return None if image is None else _as_rgb(image)
 
 
 def palette(classes: list[str]) -> np.ndarray:
@@ -38,21 +47,25 @@ class GoCASegmentation:
         """The label map in the class palette."""
         return Image.fromarray(palette(self.classes)[self.labels.cpu().numpy()])
 
-    def overlay(self, image: Image.Image | None = None, alpha: float = 0.5, legend: bool = True) -> Image.Image:
-        """The labels blended over `image` (default: the segmented image), with a legend of the classes present."""
-        image = image if image is not None else self.image
+    def overlay(self, image=None, alpha: float = 0.5, legend: bool = True) -> Image.Image:
+        """The labels blended over `image` (default: the segmented image; any image `segment` takes, such as a
+        generated one of any `output_type`), with a legend of the classes present."""
+        image = _picture(image if image is not None else self.image)
         colours = self.colorize()
         if image is None:
             out = colours
         else:
-            base = image.convert("RGB").resize(colours.size, Image.BILINEAR)
+            base = image.resize(colours.size, Image.BILINEAR)
             out = Image.blend(base, colours, alpha)
         return _with_legend(out, self.classes, self.labels) if legend else out
 
-    def heatmaps(self, image: Image.Image | None = None, columns: int = 4, cell: int = 192) -> Image.Image:
-        """A grid with one heat map per class (scores in [0, 1] as a blue→red ramp over the image), titled; each
-        tile fits in `cell`×`cell` pixels at the image's aspect ratio."""
-        image = image if image is not None else self.image
+    def heatmaps(self, image=None, columns: int = 4, cell: int = 192) -> Image.Image:
+        """A grid with one heat map per class (scores in [0, 1] as a blue→red ramp over `image`, taken as in
+        `overlay`), titled, `columns` (≥ 1) per row; each tile fits in `cell`×`cell` pixels at the image's aspect
+        ratio."""
+        if not isinstance(columns, numbers.Integral) or columns < 1:
+            raise ValueError(f"columns must be an integer ≥ 1, got {columns!r}")
+        image = _picture(image if image is not None else self.image)
         n = len(self.classes)
         columns = min(columns, n)
         rows = -(-n // columns)
@@ -67,7 +80,7 @@ class GoCASegmentation:
             heat = np.stack([s, 1 - np.abs(2 * s - 1), 1 - s], -1) * 255
             tile = Image.fromarray(heat.astype(np.uint8)).resize(tile_size, Image.BILINEAR)
             if image is not None:
-                tile = Image.blend(image.convert("RGB").resize(tile_size, Image.BILINEAR), tile, 0.6)
+                tile = Image.blend(image.resize(tile_size, Image.BILINEAR), tile, 0.6)
             x, y = (k % columns) * width, (k // columns) * (height + 16)
             grid.paste(tile, (x, y + 16))
             draw.text((x + 4, y + 2), name, fill="black")

@@ -7,6 +7,8 @@ negative prompts, `guidance_rescale`, callbacks) is the pipeline's own code.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -111,6 +113,9 @@ class SCFGMixin(GoCAMixin):
         lo, hi = rate_bounds
         if not 0 < lo <= hi:
             raise ValueError(f"rate_bounds must satisfy 0 < low <= high, got {rate_bounds}")
+        if not (isinstance(max_guidance, numbers.Real) and 0 < max_guidance < math.inf):
+            raise ValueError(f"max_guidance must be a finite number > 0 (the cap on guidance × rate), got "
+                             f"{max_guidance!r}")
         pseudo_attention = pseudo_attention or GoCAOptions.pseudo_attention
         if pseudo_attention not in PSEUDO_ATTENTIONS:
             raise ValueError(f"pseudo_attention must be one of {PSEUDO_ATTENTIONS}, got {pseudo_attention!r}")

@@ -112,8 +112,9 @@ def token_index(
         raise ValueError("classes is empty: give at least one class name")
     if any(not c for c in classes):
         raise ValueError(f"class names must be non-empty strings, got {list(classes)!r}")
-    if len(set(classes)) != len(classes):
-        raise ValueError(f"class names must be unique, got {list(classes)!r}")
+    if len({_match_key(c) for c in classes}) != len(classes):
+        raise ValueError(f"class names must be unique, compared case-insensitively (names that differ only in case "
+                         f"or spacing read the same tokens), got {list(classes)!r}")
     max_length = max_length or tokenizer.model_max_length
     ids, offsets = encode_with_offsets(tokenizer, prompt)
     special = set(tokenizer.all_special_ids)
@@ -131,7 +132,7 @@ def token_index(
         word = next((w for w in words if w[0] < e and s < w[1]), (s, e))
         return prompt[word[0]:word[1]].lower() not in STOPWORDS
 
-    names = list(classes) + [e for e in extra_entities if e not in classes]
+    names = list(classes) + [e for e in extra_entities if not has_class(classes, e)]
     claimed: list[tuple[int, int]] = []
     spans: dict[str, list[tuple[int, int]]] = {}
     given = {name.strip(): phrase for name, phrase in (phrases or {}).items()}
@@ -172,22 +173,34 @@ def entities_from_prompt(prompt: str) -> list[str]:
     """Entity phrases of a prompt by a simple rule: split at commas and linking words, drop articles.
 
     "a red circle and a blue square on grass" → ["red circle", "blue square", "grass"]. Pass classes explicitly
-    when the prompt is more complex than a list of things.
+    when the prompt is more complex than a list of things. Phrases that differ only in case are one entity (its
+    first spelling): they read the same tokens.
     """
     parts = re.split(_ENTITY_SEPARATORS, prompt, flags=re.IGNORECASE)
     out = []
     for part in parts:
         phrase = _ARTICLES.sub("", " ".join(part.split())).strip()
-        if phrase and phrase.lower() not in STOPWORDS and phrase not in out:
+        if phrase and phrase.lower() not in STOPWORDS and not has_class(out, phrase):
             out.append(phrase)
     if not out:
         raise ValueError(f"no entity found in the prompt {prompt!r}; pass classes explicitly")
     return out
 
 
+def _match_key(name: str) -> str:
+    """`name` as `_find_spans` matches it in a prompt: in any case, with any spacing."""
+    return " ".join(name.lower().split())
+
+
+def has_class(classes: Sequence[str], name: str) -> bool:
+    """Whether `name` is among `classes` as the prompt is matched (any case, any spacing): both read the same tokens."""
+    return _match_key(name) in {_match_key(c) for c in classes}
+
+
 def segmentation_prompt(classes: Sequence[str], background: bool) -> str:
-    """The prompt used to segment an existing image: class names joined with ", " (official form), plus "background"."""
-    names = list(classes) + (["background"] if background and "background" not in classes else [])
+    """The prompt used to segment an existing image: class names joined with ", " (official form), plus "background"
+    (unless a class already is, in any case)."""
+    names = list(classes) + (["background"] if background and not has_class(classes, "background") else [])
     return ", ".join(names)
 
 

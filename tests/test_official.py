@@ -298,3 +298,52 @@ def test_segment_equals_the_official_computation(family):
         assert (spread > 0.5).all(), (case, "the maps are flat: sharpen the attention")
         assert (got - want).abs().max() < 5e-3, (case, (got - want).abs().max().item())
     pipe.disable_goca()
+
+
+def _count_forwards(denoiser) -> list:
+    calls = []
+    denoiser.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs), with_kwargs=True)
+    return calls
+
+
+def test_options_a_family_cannot_take_are_refused_before_any_forward():
+    image = Image.new("RGB", (32, 32), "green")
+    sd, pixart = goca.from_pipe(make_tiny_sd()), goca.from_pipe(make_tiny_pixart())
+    forwards = _count_forwards(sd.unet) + _count_forwards(pixart.transformer)
+    with pytest.raises(ValueError, match="pseudo_attention must be one of .*official-code"):
+        sd.segment(image, CLASSES, pseudo_attention="channel-0")
+    with pytest.raises(ValueError, match="layers='manual'.*'all' or 'subset'"):
+        pixart.segment(image, CLASSES, method="vanilla", layers="manual")
+    with pytest.raises(ValueError, match="layers must be one of"):
+        sd.segment(image, CLASSES, method="vanilla", layers="official")
+    with pytest.raises(ValueError, match="not cross-attention layers"):
+        sd.segment(image, CLASSES, layers=("down_blocks.0.attentions.0.transformer_blocks.0.attn1",))
+    with pytest.raises(ValueError, match="guidance_scale.*guidance-distilled"):
+        sd.segment(image, CLASSES, guidance_scale=3.5)
+    with pytest.raises(ValueError, match="pseudo_attention must be one of"):
+        sd("a cat on grass", num_inference_steps=2, goca_masks="last", goca_options={"pseudo_attention": "x"})
+    scfg = goca.scfg_from_pipe(make_tiny_sd())
+    forwards += _count_forwards(scfg.unet)
+    with pytest.raises(ValueError, match="pseudo_attention must be one of"):
+        scfg("a cat on grass", num_inference_steps=2, pseudo_attention="x")
+    assert forwards == []
+
+
+def test_flux_segments_with_guidance_one_as_the_official_extractor():
+    pipe = goca.from_pipe(make_tiny_flux(guidance_embeds=True))
+    forwards = _count_forwards(pipe.transformer)
+    image = Image.new("RGB", (32, 32), "green")
+    pipe.segment(image, CLASSES, resolution=32)
+    pipe.segment(image, CLASSES, resolution=32, guidance_scale=3.5)
+    assert [float(kw["guidance"][0]) for kw in forwards] == [1.0, 3.5]
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
+        pipe.segment(image, CLASSES, guidance_scale=float("nan"))
+    pipe.disable_goca()
+
+
+def test_official_code_pseudo_attention_is_channel_zero_at_scale_one():
+    from diffusers_goca.functional import pseudo_self_attention
+
+    f = torch.randn(20, 8)
+    assert torch.allclose(pseudo_self_attention(f, "official-code"), (f[:, :1] @ f[:, :1].T).softmax(-1), atol=1e-6)
+    assert torch.allclose(pseudo_self_attention(f, "paper"), (f @ f.T / 8**0.5).softmax(-1), atol=1e-6)

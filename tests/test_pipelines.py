@@ -1153,7 +1153,7 @@ def test_segment_checks_its_timestep_and_takes_an_unseeded_call(make):
     pipe = goca.from_pipe(make())
     image = Image.fromarray((np.random.RandomState(4).rand(32, 32, 3) * 255).astype(np.uint8))
     flow = make is make_tiny_flux
-    for bad in ([-5, 1000.5, "soon"] if flow else [-5, 1000, 100.5, "soon"]):
+    for bad in ([-5, 1000.5, "soon", float("nan")] if flow else [-5, 1000, 100.5, "soon", float("nan"), float("inf")]):
         with pytest.raises(ValueError, match="timestep must be"):
             pipe.segment(image, ["cat"], timestep=bad, resolution=32)
     assert torch.equal(pipe.segment(image, ["cat"], timestep=torch.tensor(100), resolution=32).scores,

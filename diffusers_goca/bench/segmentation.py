@@ -137,11 +137,12 @@ class ClipClassFilter:
 
 
 def chunked_scores(pipe, image, chunks: list[list[str]], methods: Sequence[str], background: bool, timestep, seed,
-                   resolution) -> dict[str, torch.Tensor]:
+                   resolution, **options) -> dict[str, torch.Tensor]:
     """Per method, scores [K (+1 background), H, W] over all chunks' classes in order: one forward per chunk; the
-    background channel is the mean of the chunks' background channels (at offset 0)."""
+    background channel is the mean of the chunks' background channels (at offset 0). options: GoCAOptions fields
+    for the methods that take them."""
     parts = [pipe.segment(image, chunk, method=list(methods), timestep=timestep, seed=seed, background=background,
-                          resolution=resolution) for chunk in chunks]
+                          resolution=resolution, **options) for chunk in chunks]
     out = {}
     for m in methods:
         scores = [p[m].scores for p in parts]
@@ -161,7 +162,7 @@ def labels_for_offset(scores: torch.Tensor, background: bool, offset: float) -> 
 
 # -- one image --------------------------------------------------------------------------------------------------------
 def evaluate_item(pipe, views: dict, key: str, methods, prompts: str, background: bool, offsets: Sequence[float],
-                  timestep, seed, resolution, clip_filter=None, max_classes=None) -> dict:
+                  timestep, seed, resolution, clip_filter=None, max_classes=None, options: dict | None = None) -> dict:
     """Segment one image and return its JSON record: per protocol, method and offset, sparse confusion counts."""
     official = views["official"].sample(key)
     image = official.image
@@ -176,7 +177,7 @@ def evaluate_item(pipe, views: dict, key: str, methods, prompts: str, background
     h, w = official.label.shape
     if chosen:
         chunks = class_chunks(adapter, chosen, background, max_classes)
-        scores = chunked_scores(pipe, image, chunks, methods, background, timestep, seed, resolution)
+        scores = chunked_scores(pipe, image, chunks, methods, background, timestep, seed, resolution, **(options or {}))
     else:  # nothing but background in the ground truth: the prediction is all background
         scores = {m: torch.zeros(1, h, w) for m in methods}
     record = {"classes": chosen, "confusion": {}}
@@ -265,6 +266,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="background channel; auto: on when the dataset has a background class")
     p.add_argument("--background-offset", type=float, default=0.0, help="the fixed default offset")
     p.add_argument("--offset-sweep", default="", help="extra offsets, e.g. -0.2:0.4:0.05 or 0.1,0.2 (reported as oracle)")
+    p.add_argument("--pseudo-attention", default=None, choices=("paper", "official-code"),
+                   help="GoCA's A_p (GoCAOptions.pseudo_attention); default: 'official-code' on the real datasets, "
+                   "what the released code computes and its published numbers come from; the library default on "
+                   "toyworld")
     p.add_argument("--timestep", type=int, default=None)
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -307,12 +312,15 @@ def run(args: argparse.Namespace, pipe=None, clip_filter=None, progress: bool = 
         vocabulary = [c for c in views["official"].classes if c != "background"]
         clip_filter = ClipClassFilter.load(vocabulary, args.open_clip_filter, args.clip_model, args.clip_pretrained,
                                            str(pipe.device))
+    pseudo_attention = args.pseudo_attention or ("official-code" if args.dataset != "toyworld" else None)
+    options = {} if pseudo_attention is None or not set(methods) & {"goca", "vanilla", "manual"} else {
+        "pseudo_attention": pseudo_attention}
     model_name = args.model or "toy"
     settings = {"dataset": args.dataset, "root": str(args.root), "split": args.split, "model": model_name,
                 "dtype": args.dtype, "methods": methods, "prompts": args.prompts, "background": background,
                 "offsets": offsets, "timestep": args.timestep, "resolution": args.resolution, "seed": args.seed,
                 "open_max_classes": args.open_max_classes, "open_clip_filter": args.open_clip_filter,
-                "clip_model": args.clip_model if args.open_clip_filter else None}
+                "clip_model": args.clip_model if args.open_clip_filter else None, "options": options}
     out = Path(args.out or f"outputs/seg-{args.dataset}-{Path(model_name).name}")
     log = ResultLog(out, settings, shard)
     pending = log.pending(keys)
@@ -322,7 +330,7 @@ def run(args: argparse.Namespace, pipe=None, clip_filter=None, progress: bool = 
     for key in bar:
         start = time.perf_counter()
         record = evaluate_item(pipe, views, key, methods, args.prompts, background, offsets, args.timestep, args.seed,
-                               args.resolution, clip_filter, args.open_max_classes)
+                               args.resolution, clip_filter, args.open_max_classes, options)
         record["seconds"] = round(time.perf_counter() - start, 3)
         log.append(key, record)
     wait_for_everyone()

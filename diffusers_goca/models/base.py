@@ -165,9 +165,17 @@ class Adapter:
 
     LAYER_SETS = ("all", "subset", "manual")
 
-    def layer_set(self, name: str) -> tuple[list[str], list[str]]:
+    def layer_set(self, name) -> tuple[list[str], list[str]]:
         """(cross layers of the maps, self layers of the refinement) of a `GoCAOptions.layers` value: "all",
-        "subset" (the official vanilla's) or "manual" (SD 1.5's hand-picked maps)."""
+        "subset" (the official vanilla's), "manual" (SD 1.5's hand-picked maps), or a sequence of cross layer names
+        (refined as "all")."""
+        if not isinstance(name, str):
+            names = list(name)
+            unknown = [n for n in names if n not in self.cross_layers]
+            if not names or unknown:
+                raise ValueError(f"layers: {unknown or 'an empty list'} are not cross-attention layers of this "
+                                 f"{self.family} model; it has {self.cross_layers}")
+            return names, self.refinement_layers
         if name not in self.LAYER_SETS:
             raise ValueError(f"layers must be one of {self.LAYER_SETS}, got {name!r}")
         if name == "manual":
@@ -323,7 +331,7 @@ class Adapter:
             if value is None or not 0 <= value <= n:
                 raise ValueError(f"timestep must be a number in [0, {n}] (σ = t / {n}), got {timestep!r}")
             return value
-        if value is None or value != int(value) or not 0 <= value < n:
+        if value is None or not 0 <= value < n or value != int(value):  # the range first: int(nan) would raise
             raise ValueError(f"timestep must be an integer in 0…{n - 1} (a step of the DDPM noise schedule), "
                              f"got {timestep!r}")
         return int(value)

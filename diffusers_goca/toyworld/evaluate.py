@@ -13,24 +13,33 @@ from .scenes import CLASS_NAMES, make_scene, scene_seeds
 
 
 def evaluate_segmentation(
-    pipe, n: int = 100, methods: Sequence[str] = ("goca", "vanilla", "manual", "diffsegmenter"), timestep: int = 100,
-    seed: int = 0, start: int = 0, progress: bool = True, keep: int = 0, **options,
+    pipe, n: int = 100, methods: Sequence[str] = ("goca", "vanilla", "manual", "diffsegmenter"), timestep: int | None = 100,
+    seed: int = 0, start: int = 0, progress: bool = True, keep: int = 0, configs: dict | None = None, **options,
 ) -> dict:
     """mIoU (standard protocol over the world's classes) of each method on test scenes `start`..`start+n`.
 
     Oracle classes as a user names them (the background, then "colour shape" for each visible object), no extra
     background channel (the scene's background is a class). Also reports the all-background baseline (chance level).
+    configs: name → (method, options) to compare settings (default: each of `methods` with `options`); the configs
+    that share their options share one forward per scene. timestep None: each family's own rule.
     keep: return the first `keep` scenes with their predictions, for pictures.
     """
+    configs = configs or {m: (m, options) for m in methods}
+    groups: dict[tuple, list[tuple[str, str]]] = {}
+    for name, (method, opts) in configs.items():
+        groups.setdefault(tuple(sorted(opts.items())), []).append((name, method))
     k = len(CLASS_NAMES)
-    conf = {m: torch.zeros(k, k, dtype=torch.long) for m in list(methods) + ["all-background"]}
+    conf = {m: torch.zeros(k, k, dtype=torch.long) for m in list(configs) + ["all-background"]}
     examples = []
     for s in tqdm(scene_seeds("test", n, start), desc="held-out scenes", disable=not progress):
         scene = make_scene(s)
         target = torch.from_numpy(scene.labels)
         ids = torch.tensor([CLASS_NAMES.index(c) for c in scene.classes])
-        results = pipe.segment(Image.fromarray(scene.image), scene.classes, method=list(methods), timestep=timestep,
-                               seed=seed, background=False, **options)
+        results = {}
+        for opts, members in groups.items():
+            got = pipe.segment(Image.fromarray(scene.image), scene.classes, method=[m for _, m in members],
+                               timestep=timestep, seed=seed, background=False, **dict(opts))
+            results.update({name: got[method] for name, method in members})
         for m, r in results.items():
             conf[m] += confusion_matrix(ids[r.labels], target, k)
         conf["all-background"] += confusion_matrix(torch.full_like(target, CLASS_NAMES.index(scene.background)), target, k)

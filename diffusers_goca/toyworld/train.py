@@ -176,12 +176,12 @@ def build_t5_toy(tokenizer_words=None, d_model: int = 64):
     common prompt words; 32 tokens, more than any toy caption takes)."""
     from transformers import T5Config, T5EncoderModel
 
-    from ..t5_spm import build_t5_tokenizer
+    from ..t5_spm import build_t5_word_tokenizer
     from .scenes import BACKGROUNDS, COLOURS, SHAPES
 
     words = list(tokenizer_words or [*BACKGROUNDS, *COLOURS, *SHAPES, "a", "an", "the", "on", "with", "and", "of", "in",
-                                     "photo", "background", "next", "to"])
-    tokenizer = build_t5_tokenizer(words, model_max_length=32)
+                                     "photo", "background", "next", "to", "cat", "dog", "object", "thing"])
+    tokenizer = build_t5_word_tokenizer(words, model_max_length=32)
     config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_ff=2 * d_model, d_kv=16, num_layers=2, num_heads=4,
                       decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
     return T5EncoderModel(config), tokenizer
@@ -291,8 +291,9 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=500)
-    p.add_argument("--save-dtype", choices=["float16", "float32"], default="float16",
-                   help="float16 keeps the shipped folder small; loading with torch_dtype=float32 restores full precision")
+    p.add_argument("--save-dtype", choices=["float16", "float32"], default="float32",
+                   help="float32 (default) loads in the stock pipelines with no dtype given; a float16 folder must be "
+                   "loaded with torch_dtype set (transformers keeps the text encoder's stored dtype, diffusers does not)")
     args = p.parse_args(argv)
 
     if args.threads:

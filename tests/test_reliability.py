@@ -1,0 +1,150 @@
+"""Defects of the public API (issue #19): inputs read wrongly, invalid arguments accepted or refused deep inside, the
+shipped toy model with the stock pipeline, and the command line's errors and notes."""
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import diffusers_goca as goca
+from conftest import make_tiny_sd
+from diffusers_goca.mixin import _as_rgb
+from diffusers_goca.toyworld import TOY_MODEL_DIR
+
+IMAGE = Image.fromarray((np.random.RandomState(5).rand(32, 32, 3) * 255).astype(np.uint8))
+
+
+def run(pipe, prompt, **kw):
+    """One seeded 32×32 step of `pipe`."""
+    return pipe(prompt, num_inference_steps=1, height=32, width=32, generator=torch.Generator().manual_seed(0), **kw)
+
+
+@contextmanager
+def no_denoising(pipe):
+    """Asserts that the denoiser did not run in the block: a refusal comes before any denoising work."""
+    calls = []
+    handle = pipe.unet.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        yield
+    finally:
+        handle.remove()
+    assert not calls, "the denoiser ran before the refusal"
+
+
+def test_wide_grey_pil_images_are_read_in_their_range(tmp_path):
+    """A 16-bit grey PNG (mode I;16), mode I and mode F were converted by PIL's clipping `convert("RGB")`: a dark
+    16-bit image came out white. Integers are 16-bit values, floats values in [0, 1], as for arrays."""
+    grey = np.random.RandomState(1).randint(0, 256, (6, 5)).astype(np.uint8)
+    expected = np.repeat(grey[..., None], 3, -1)
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "grey16.png")
+    for image in (str(tmp_path / "grey16.png"), Image.fromarray(grey.astype(np.int32) * 257, mode="I"),
+                  Image.fromarray(grey.astype(np.float32) / 255, mode="F")):
+        assert np.array_equal(np.asarray(_as_rgb(image)), expected)
+    with pytest.raises(ValueError, match="mode I must hold values in 0–65535"):
+        _as_rgb(Image.fromarray(np.full((4, 4), 70000, np.int32), mode="I"))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        _as_rgb(Image.fromarray(np.full((4, 4), 3.0, np.float32), mode="F"))
+
+
+def test_case_duplicate_classes_are_refused_or_merged(tiny_sd):
+    """Names that differ in case read the same tokens, so one of them never got a pixel: refused when given, merged
+    when taken from the prompt; a class "Background" is the background channel, as "background" is."""
+    pipe = goca.from_pipe(tiny_sd)
+    with no_denoising(pipe):
+        with pytest.raises(ValueError, match="unique, compared case-insensitively"):
+            pipe.segment(IMAGE, ["cat", "Cat"], resolution=32)
+        with pytest.raises(ValueError, match="unique, compared case-insensitively"):
+            run(pipe, "a cat and a Cat on grass", goca_masks="last", goca_classes=["cat", "Cat"])
+    assert pipe.segment(IMAGE, ["cat", "Background"], resolution=32).classes == ["cat", "Background"]
+    assert goca.entities_from_prompt("a cat and a Cat on grass") == ["cat", "grass"]
+    run(pipe, "a cat and a Cat on grass", goca_masks="last")
+    assert pipe.goca_masks[0].results[0].classes == ["cat", "grass"]
+    run(pipe, "a cat on a Background", goca_masks="last", goca_background=True)
+    assert pipe.goca_masks[0].results[0].classes == ["cat", "Background"]
+    pipe.disable_goca()
+
+
+def test_the_shipped_toy_model_runs_in_the_stock_pipeline_without_a_dtype():
+    """Its text encoder was stored in fp16, which transformers keeps and diffusers casts away for the other
+    components: "mat1 and mat2 must have the same dtype" at the first step."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(TOY_MODEL_DIR, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    assert {pipe.text_encoder.dtype, pipe.unet.dtype, pipe.vae.dtype} == {torch.float32}
+    image = pipe("a red circle on grass", num_inference_steps=2, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (32, 32, 3) and np.isfinite(image).all()
+
+
+def test_invalid_numbers_are_refused_before_denoising(tiny_sd):
+    """A NaN or infinite background offset labelled every pixel background; refine_order -1 was taken as 0 and 2.5
+    failed deep inside; a numpy integer seed was refused."""
+    pipe = goca.from_pipe(tiny_sd)
+    with no_denoising(pipe):
+        for offset in (float("nan"), float("inf")):
+            with pytest.raises(ValueError, match="background_offset must be a finite number"):
+                pipe.segment(IMAGE, ["cat"], background_offset=offset, resolution=32)
+            with pytest.raises(ValueError, match="goca_background_offset must be a finite number"):
+                run(pipe, "a cat on grass", goca_masks="last", goca_background_offset=offset)
+        for order in (-1, 2.5, True):
+            with pytest.raises(ValueError, match="refine_order must be None .* or an integer ≥ 0"):
+                pipe.segment(IMAGE, ["cat"], refine_order=order, resolution=32)
+            with pytest.raises(ValueError, match="refine_order must be"):
+                run(pipe, "a cat on grass", goca_masks="last", goca_options={"refine_order": order})
+    assert torch.equal(pipe.segment(IMAGE, ["cat"], seed=np.int64(3), resolution=32).scores,
+                       pipe.segment(IMAGE, ["cat"], seed=3, resolution=32).scores)
+    assert pipe.segment(IMAGE, ["cat"], refine_order=np.int64(0), resolution=32).scores.isfinite().all()
+    pipe.disable_goca()
+
+
+def test_scfg_refuses_a_max_guidance_that_is_not_a_finite_positive_number():
+    """NaN gave a NaN image, 0 unconditional sampling and a negative one negative guidance."""
+    pipe = goca.scfg_from_pipe(make_tiny_sd())
+    with no_denoising(pipe):
+        for bad in (float("nan"), 0, -1.0, float("inf"), "15"):
+            with pytest.raises(ValueError, match="max_guidance must be a finite number > 0"):
+                run(pipe, "a cat on grass", guidance_scale=5.0, max_guidance=bad)
+
+
+def test_result_pictures_take_generated_images_of_every_output_type(tiny_sd):
+    """overlay(image) and heatmaps(image) read an image as `segment` does (they called PIL's `convert` on arrays and
+    tensors); columns < 1 is refused; an [H, W, C] tensor is read as the same array is."""
+    pipe = goca.from_pipe(tiny_sd)
+    pictures = {}
+    for output_type in ("pil", "np", "pt"):
+        image = run(pipe, "a cat on grass", goca_masks="last", output_type=output_type).images[0]
+        result = pipe.goca_masks[0].results[0]
+        pictures[output_type] = (np.asarray(result.overlay(image)), np.asarray(result.heatmaps(image, columns=1)))
+    for output_type in ("np", "pt"):
+        for got, expected in zip(pictures[output_type], pictures["pil"]):
+            assert np.abs(got.astype(int) - expected).max() <= 1
+    with pytest.raises(ValueError, match="columns must be an integer ≥ 1, got 0"):
+        result.heatmaps(columns=0)
+    pixels = np.asarray(IMAGE)
+    assert torch.equal(pipe.segment(torch.from_numpy(pixels), ["cat"], resolution=32).scores,
+                       pipe.segment(pixels, ["cat"], resolution=32).scores)
+    assert np.array_equal(np.asarray(_as_rgb(torch.from_numpy(pixels)[None])), pixels)
+    square = torch.arange(3 * 4 * 4, dtype=torch.uint8).reshape(3, 4, 4)  # [3, 4, 4]: channels first, as in torch
+    assert np.array_equal(np.asarray(_as_rgb(square)), square.permute(1, 2, 0).numpy())
+    pipe.disable_goca()
+
+
+def test_cli_mistakes_end_in_one_line_and_the_toy_model_is_announced(tmp_path, capsys):
+    """A timestep or method the model refuses, a missing image, a hub id not reachable offline: `goca: error: ...`
+    and a non-zero exit instead of a traceback. Without --model a note says the toy model is used."""
+    from diffusers_goca.cli import main
+
+    IMAGE.save(tmp_path / "in.png")
+    image, out = str(tmp_path / "in.png"), str(tmp_path / "overlay.png")
+    assert main(["segment", image, "--classes", "grass", "--out", out]) == 0
+    note = capsys.readouterr().err
+    assert "toy model (32 px" in note and "--model" in note
+    for args, message in ((["--timestep", "100.5"], "timestep must be an integer"),
+                          (["--method", "seg4diff"], "'seg4diff' is not defined for unet"),
+                          (["--model", "someone/not-cached-model"], "model_index.json")):
+        with pytest.raises(SystemExit, match=f"^goca: error: .*{message}"):
+            main(["segment", image, "--classes", "grass", "--out", out, *args])
+    with pytest.raises(SystemExit, match="^goca: error: image file not found"):
+        main(["segment", str(tmp_path / "missing.png"), "--classes", "grass"])
