@@ -56,11 +56,13 @@ class FluxAdapter(Adapter):
         self.vanilla_layers = self.vanilla_refinement_layers = list(dict.fromkeys(vanilla))
         # FluxPipeline fixes its default size at 1024 px; the VAE's config says the size the model was made for
         # (Flux.1's: 1024; the toy Flux's: 32).
-        self.native_resolution = getattr(pipe.vae.config, "sample_size", None) or pipe.default_sample_size * pipe.vae_scale_factor
+        vae = getattr(pipe, "vae", None)
+        self.native_resolution = (getattr(vae.config, "sample_size", None) if vae is not None else None
+                                  ) or pipe.default_sample_size * pipe.vae_scale_factor
         # The pipeline's default (512), or the T5 tokenizer's own limit where it is shorter (the toy Flux: 32 tokens,
         # the length it was trained with).
         self.text_max_length = min(call_default(type(pipe), "max_sequence_length", 512),
-                                   getattr(pipe.tokenizer_2, "model_max_length", 512) or 512)
+                                   getattr(getattr(pipe, "tokenizer_2", None), "model_max_length", 512) or 512)
 
     def tokenizer(self):
         return self.pipe.tokenizer_2  # the transformer attends to the T5 tokens; CLIP gives only the pooled vector

@@ -1,11 +1,12 @@
 """The toy world: synthetic scenes with pixel ground truth, and the tiny text-to-image model trained on them.
 
-`load_toy_pipeline()` returns the shipped model as a stock `StableDiffusionPipeline`; `make_scene(seed)` draws a scene.
+`load_toy_pipeline()` returns the shipped UNet model as a stock `StableDiffusionPipeline`,
+`load_toy_pipeline(TOY_DIT_MODEL_DIR)` the transformer one as a `PixArtSigmaPipeline`; `make_scene(seed)` draws a scene.
 """
 from .scenes import BACKGROUNDS, COLOURS, SHAPES, CLASS_NAMES, Scene, make_scene, scene_seeds
-from .model import TOY_MODEL_DIR, load_toy_pipeline
+from .model import TOY_DIT_MODEL_DIR, TOY_MODEL_DIR, load_toy_pipeline
 
 __all__ = [
     "BACKGROUNDS", "COLOURS", "SHAPES", "CLASS_NAMES", "Scene", "make_scene", "scene_seeds",
-    "TOY_MODEL_DIR", "load_toy_pipeline",
+    "TOY_MODEL_DIR", "TOY_DIT_MODEL_DIR", "load_toy_pipeline",
 ]

@@ -2,7 +2,8 @@
 
 1. generates a few scenes from held-out captions with masks at every step, and saves the images, the last-step
    overlays and the per-step masks; 2. compares CFG with S-CFG (GoCA masks, and S-CFG's own segmenter);
-3. segments held-out scenes and prints the mIoU table of every method; 4. saves a grid of segmentations.
+3. segments held-out scenes and prints the mIoU table of every method; 4. saves a grid of segmentations; 5. the same
+table for the transformer toy (PixArt layout).
 """
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..pipelines import GoCAStableDiffusionPipeline
+from ..pipelines import GoCAStableDiffusionPipeline, from_pipe
 from ..result import palette
 from .evaluate import evaluate_segmentation, markdown_table, upscale
-from .model import load_toy_pipeline
+from .model import TOY_DIT_MODEL_DIR, load_toy_pipeline
 from .scenes import CLASS_NAMES, make_scene, scene_seeds
 
 METHODS = ("goca", "vanilla", "manual", "diffsegmenter")
+DIT_METHODS = ("goca", "vanilla", "diffsegmenter")
 
 
 def _titled(rows: list[list[Image.Image]], titles: list[str]) -> Image.Image:
@@ -95,5 +97,10 @@ def run_demo(out: str = "outputs/demo", n_eval: int = 100) -> dict:
     print(table)
     with open(os.path.join(out, "miou.json"), "w") as f:
         json.dump({"miou": report["miou"], "n": n_eval, "timestep": report["timestep"]}, f, indent=1)
-    print(f"pictures and table in {out}/ ({time.time() - start:.0f} s)")
+    dit = evaluate_segmentation(from_pipe(load_toy_pipeline(TOY_DIT_MODEL_DIR)), n=n_eval, methods=DIT_METHODS,
+                                timestep=None)
+    print("The transformer toy (PixArt layout):\n" + markdown_table(dit["miou"], n_eval))
+    with open(os.path.join(out, "miou_dit.json"), "w") as f:
+        json.dump({"miou": dit["miou"], "n": n_eval}, f, indent=1)
+    print(f"pictures and tables in {out}/ ({time.time() - start:.0f} s)")
     return report

@@ -1,4 +1,4 @@
-"""The shipped toy model: a stock `StableDiffusionPipeline` folder inside the package."""
+"""The shipped toy models: a stock `StableDiffusionPipeline` folder and a `PixArtSigmaPipeline` one, inside the package."""
 from __future__ import annotations
 
 import os
@@ -6,6 +6,8 @@ import os
 import torch
 
 TOY_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model")
+# The transformer toy: a `PixArtSigmaPipeline` folder (cross-attention DiT, T5-style text), trained on the same world.
+TOY_DIT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dit_model")
 
 
 def load_toy_pipeline(path: str | None = None, pipeline_class=None, torch_dtype: torch.dtype = torch.float32):
