@@ -40,6 +40,8 @@ def configs_for(pipe) -> dict:
     configs = {
         "goca (paper A_p)": ("goca", {"pseudo_attention": "paper"}),
         "goca (official-code A_p)": ("goca", {"pseudo_attention": "official-code"}),
+        "goca (official-code A_p, S̃ rows renormalised)": ("goca", {"pseudo_attention": "official-code",
+                                                                   "renormalize_rows": True}),
     }
     if adapter.joint:  # Flux's official config averages the heads (its captured output mixes text and image keys)
         configs["goca, heads averaged (official-code A_p)"] = ("goca", {"pseudo_attention": "official-code",

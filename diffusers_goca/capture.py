@@ -97,7 +97,7 @@ class Reference:
     """One image's pseudo self-attention A_p and, per layer grid, what the layer weights read from it
     (`reference_weights`), each made on first use."""
 
-    def __init__(self, feature: torch.Tensor, grid: tuple[int, int], mode: str = "paper"):
+    def __init__(self, feature: torch.Tensor, grid: tuple[int, int], mode: str = "official-code"):
         self.feature, self.grid, self.mode = feature, grid, mode
         self._attention = None
         self._on_grid = {}
@@ -122,7 +122,7 @@ class StepCapture:
     rows: list[int]
     text_len: int | None = None
     head_weighting: str = "auto"  # how the "auto" maps were weighted over heads
-    pseudo_attention: str = "paper"  # the A_p of the joint layers' weights taken in the forward (layer_weight_terms)
+    pseudo_attention: str = "official-code"  # the A_p of the joint layers' weights taken in the forward (layer_weight_terms)
     columns: list[int] | None = None  # token positions kept in the maps (None: all)
     text_keys: int | None = None  # leading text keys read by the cross maps (None: all; see Capture.start)
     # layer → {"auto", "average"}: [R, N, T'] maps; joint layers also {"auto mass", "average mass"}: [R, N], each
@@ -217,7 +217,7 @@ class Capture:
         return self.step is not None and layer in self.adapter.layers
 
     def start(self, latent_hw: tuple[int, int], rows: list[int], text_len: int | None = None,
-              columns: list[int] | None = None, text_keys: int | None = None, pseudo_attention: str = "paper") -> None:
+              columns: list[int] | None = None, text_keys: int | None = None, pseudo_attention: str = "official-code") -> None:
         """Capture the next forward's rows `rows`, keeping the maps' token `columns` (None: all). text_keys: where the
         text's padding is masked, the number of leading text keys that may be unmasked (the longest captured
         prompt's tokens); the cross maps are computed over those keys only, the rest carrying no probability.

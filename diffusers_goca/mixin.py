@@ -78,7 +78,7 @@ class _Request:
     keep_capture: bool = False  # keep the raw capture instead of segmenting (segment(), capture_forward())
     columns: list[int] | None = None  # text positions whose maps are kept (None: all)
     text_keys: int | None = None  # leading text keys the cross maps read (None: all; see `Capture.start`)
-    pseudo_attention: str = "paper"  # A_p of the joint layers' weights taken in the forward (`Capture.start`)
+    pseudo_attention: str = "official-code"  # A_p of the joint layers' weights taken in the forward (`Capture.start`)
     output_resize: Callable | None = None  # scores at the generated size → the returned image's (Adapter.output_resize)
     transform: Callable | None = None  # (capture, denoiser output) → replacement output (S-CFG)
     captured: list[StepCapture] = field(default_factory=list)
@@ -407,7 +407,7 @@ class GoCAMixin:
                 for i, p in enumerate(prompts) for _ in range(per_prompt)]
 
     def capture_forward(self, run: Callable[[], object], n_images: int = 1, columns: Sequence[int] | None = None,
-                        text_keys: int | None = None, pseudo_attention: str = "paper") -> StepCapture:
+                        text_keys: int | None = None, pseudo_attention: str = "official-code") -> StepCapture:
         """Run `run()`, which calls the denoiser once, with the capture on; return what it captured.
 
         The conditional rows of the denoiser batch are captured (`n_images` of them: the last ones of a CFG batch);
