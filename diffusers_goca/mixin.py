@@ -234,6 +234,10 @@ class GoCAMixin:
         README's memory table). None keeps everything on the accelerator: faster where memory allows (Flux at
         1024 px then holds about 2.7 GiB more).
         """
+        from .functional.aggregation import HEAD_WEIGHTINGS
+
+        if head_weighting not in HEAD_WEIGHTINGS:  # else every later call would fail, after its denoising
+            raise ValueError(f"head_weighting must be one of {HEAD_WEIGHTINGS}, got {head_weighting!r}")
         if offload_above_mib is not None and offload_above_mib < 0:
             raise ValueError(f"offload_above_mib must be None or ≥ 0, got {offload_above_mib}")
         offload_above = None if offload_above_mib is None else int(offload_above_mib * 2**20)
@@ -352,7 +356,8 @@ class GoCAMixin:
             results = self._goca_results(state.adapter, step, req.indices, req.method, req.background,
                                          req.background_offset, req.options, output_resize=req.output_resize)
             t = req.timestep
-            masks = GoCAStepMasks(index, float(t.flatten()[0]) if torch.is_tensor(t) else float(t or 0), results)
+            t = float(t.flatten()[0]) if torch.is_tensor(t) else float(t or 0)
+            masks = GoCAStepMasks(index, state.adapter.scheduler_timestep(t), results)
             req.delivered.append(masks)
             if req.callback is not None:
                 req.callback(self, index, masks.timestep, masks)
@@ -480,7 +485,7 @@ class GoCAMixin:
         timestep = adapter.segment_timestep if timestep is None else adapter.checked_timestep(timestep)
         if seed is not None and not _is_integer(seed):
             raise ValueError(f"seed must be an integer or None (unseeded), got {seed!r}")
-        resolution = resolution or adapter.native_resolution
+        resolution = adapter.checked_resolution(resolution)
         latents = self._goca_encode(rgb, resolution, adapter)
         text_keys = _text_keys(adapter, [index])
 

@@ -148,3 +148,33 @@ def test_cli_mistakes_end_in_one_line_and_the_toy_model_is_announced(tmp_path, c
             main(["segment", image, "--classes", "grass", "--out", out, *args])
     with pytest.raises(SystemExit, match="^goca: error: image file not found"):
         main(["segment", str(tmp_path / "missing.png"), "--classes", "grass"])
+
+
+def test_enable_goca_refuses_an_unknown_head_weighting():
+    pipe = goca.from_pipe(make_tiny_sd(), enable=False)
+    with pytest.raises(ValueError, match="head_weighting must be one of"):
+        pipe.enable_goca(head_weighting="bogus")
+    assert not pipe.goca_enabled
+
+
+def test_segment_refuses_a_resolution_that_cuts_a_token():
+    from conftest import make_tiny_pixart
+
+    pipe = goca.from_pipe(make_tiny_pixart())  # VAE factor 2, patch 2: multiples of 4
+    for bad in (34, 30, 6, 0, 32.0, True):
+        with pytest.raises(ValueError, match="resolution must be a positive multiple of 4"):
+            pipe.segment(IMAGE, ["cat"], resolution=bad)
+    assert pipe.segment(IMAGE, ["cat"], resolution=np.int64(36)).labels.shape == (32, 32)
+    pipe.disable_goca()
+
+
+def test_flux_masks_report_the_schedulers_timesteps():
+    from conftest import make_tiny_flux
+
+    pipe = goca.from_pipe(make_tiny_flux())
+    seen = []
+    pipe("a cat on grass", num_inference_steps=3, height=32, width=32, max_sequence_length=32, goca_masks="all",
+         goca_classes=["cat"], generator=torch.Generator().manual_seed(0),
+         callback_on_step_end=lambda p, i, t, kw: seen.append(float(t)) or {})
+    assert [m.timestep for m in pipe.goca_masks] == pytest.approx(seen) and seen[0] > 1
+    pipe.disable_goca()

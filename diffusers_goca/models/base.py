@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
@@ -218,6 +219,22 @@ class Adapter:
     def image_hw(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
         """Pixel size of a generated image whose denoiser input has spatial size `latent_hw`."""
         return tuple(s * self.pipe.vae_scale_factor for s in latent_hw)
+
+    def checked_resolution(self, resolution) -> int:
+        """`segment`'s square size: the native resolution for None, else a positive multiple of the pixels one token
+        covers (the VAE's factor times the patch or packing size); other sizes would cut a token, which the
+        denoiser's patching drops."""
+        if resolution is None:
+            return self.native_resolution
+        step = self.image_hw((1, 1))[0] * self.map_factor
+        if isinstance(resolution, bool) or not isinstance(resolution, numbers.Integral) or resolution <= 0 or resolution % step:
+            raise ValueError(f"resolution must be a positive multiple of {step} for this {self.family} model (its VAE "
+                             f"and patch size), e.g. {self.native_resolution}; got {resolution!r}")
+        return int(resolution)
+
+    def scheduler_timestep(self, t: float) -> float:
+        """The timestep the denoiser was called with, in the scheduler's units (what `callback_on_step_end` sees)."""
+        return t
 
     def map_grid(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
         f = self.map_factor

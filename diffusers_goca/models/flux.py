@@ -92,6 +92,9 @@ class FluxAdapter(Adapter):
             and call_kwargs.get("negative_pooled_prompt_embeds") is not None)
         return 2 if call_kwargs.get("true_cfg_scale", 1.0) > 1 and negative else 1  # cond, then uncond
 
+    def scheduler_timestep(self, t: float) -> float:
+        return t * 1000  # the pipeline calls the transformer with timestep / 1000
+
     def attention_scale(self, attn):
         return attn.head_dim**-0.5
 
