@@ -16,14 +16,17 @@ def pretrained(path: str, dtype: torch.dtype):
     """`DiffusionPipeline.from_pretrained(path)` with no safety checker, and with the components the saved pipeline
     lists as absent ([null, null] in model_index.json, e.g. SD3 saved without T5) passed as None, which diffusers
     otherwise refuses for required components."""
+    import inspect
+
+    import diffusers
     from diffusers import DiffusionPipeline
 
-    absent = {name: None for name, entry in DiffusionPipeline.load_config(path).items() if entry == [None, None]}
-    kwargs = {**absent, "torch_dtype": dtype}
-    try:
-        return DiffusionPipeline.from_pretrained(path, **{"safety_checker": None, **kwargs})
-    except TypeError:  # a pipeline without a safety_checker argument
-        return DiffusionPipeline.from_pretrained(path, **kwargs)
+    config = DiffusionPipeline.load_config(path)
+    kwargs = {name: None for name, entry in config.items() if entry == [None, None]}
+    cls = getattr(diffusers, config.get("_class_name", ""), None)
+    if cls is not None and "safety_checker" in inspect.signature(cls.__init__).parameters:
+        kwargs["safety_checker"] = None
+    return DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, **kwargs)
 
 
 def load_pipeline(model: str | None, device: str, dtype: torch.dtype):

@@ -15,7 +15,7 @@ from PIL import Image, ImageOps
 from .capture import Capture, StepCapture
 from .functional.maps import scores_to_labels
 from .methods import capture_pseudo_attention, check_method, method_scores, reads_head_weighted_maps
-from .models.base import adapter_for
+from .models.base import adapter_for, call_default
 from .processors import unwrap_processor, wrap_processor
 from .result import GoCASegmentation
 from .tokens import entities_from_prompt, has_class, segmentation_prompt
@@ -553,15 +553,15 @@ class GoCAMixin:
         goca_callback: called as `goca_callback(pipe, step, timestep, masks: GoCAStepMasks)` after each segmented step.
         After the call, `pipe.goca_masks` holds the list of `GoCAStepMasks` of that call.
         """
-        if not goca_masks:
+        if goca_masks is None or goca_masks is False or (isinstance(goca_masks, (list, tuple)) and not goca_masks):
             self.goca_masks = []
             return super().__call__(*args, **kwargs)
         if goca_method == "iseg":  # its maps come from a forward with scaled class-token embeddings
             raise ValueError("goca_method='iseg' needs a denoiser forward of its own, which would change the images: "
                              "segment the generated image with pipe.segment(image, classes, method='iseg')")
-        state = self._goca_attached() if self._goca is not None else self.enable_goca()._goca
-        check_method(state.adapter, goca_method)
-        adapter = state.adapter
+        # Every check before GoCA is attached: a refused call leaves a disabled pipeline as it was.
+        adapter = self._goca.adapter if self._goca is not None else adapter_for(self)
+        check_method(adapter, goca_method)
         pseudo_attention = capture_pseudo_attention(adapter, [goca_method], dict(goca_options or {}))
         goca_background_offset = _finite("goca_background_offset", goca_background_offset)
 
@@ -575,8 +575,12 @@ class GoCAMixin:
             return adapter.token_index(text, classes, extra, max_length, part_texts=part_texts)
 
         indices = self._goca_prompt_indices(adapter, prompt, kwargs, "masks during generation", index_for)
+        schedule = kwargs.get("timesteps") if kwargs.get("timesteps") is not None else kwargs.get("sigmas")
+        steps = len(schedule) if schedule is not None else kwargs.get(
+            "num_inference_steps", call_default(type(self), "num_inference_steps", 50))
+        wants = self._goca_step_filter(goca_masks, steps)
         request = _Request(
-            wants=self._goca_step_filter(goca_masks), n_images=len(indices), indices=indices, method=goca_method,
+            wants=wants, n_images=len(indices), indices=indices, method=goca_method,
             background="background" if goca_background else None, background_offset=goca_background_offset,
             options=dict(goca_options or {}), callback=goca_callback, forwards_per_step=adapter.forwards_per_step(kwargs),
             columns=kept_columns(adapter, indices), text_keys=_text_keys(adapter, indices),
@@ -584,18 +588,29 @@ class GoCAMixin:
             output_resize=adapter.output_resize(kwargs),
         )
         self.goca_masks = request.delivered
+        state = self._goca_attached() if self._goca is not None else self.enable_goca()._goca
         with self._goca_request(state, request):
             return super().__call__(*args, **kwargs)
 
-    def _goca_step_filter(self, goca_masks) -> Callable[[int], bool]:
-        """Whether step i is segmented; negative indices count from the end of the call's denoising loop."""
-        if goca_masks is True or goca_masks == "all":
+    def _goca_step_filter(self, goca_masks, num_inference_steps: int) -> Callable[[int], bool]:
+        """Whether step i is segmented; negative indices count from the end of the call's denoising loop. Steps are
+        integers (Python or numpy, or an integer array / tensor), checked against the call's `num_inference_steps`
+        (a pipeline may run fewer: img2img's strength, SDXL's denoising_end; steps past those give no mask)."""
+        if goca_masks is True or (isinstance(goca_masks, str) and goca_masks == "all"):
             return lambda i: True
-        if goca_masks == "last":
+        if isinstance(goca_masks, str) and goca_masks == "last":
             goca_masks = [-1]
+        if isinstance(goca_masks, (np.ndarray, torch.Tensor)):
+            goca_masks = goca_masks.tolist() if goca_masks.ndim == 1 else goca_masks
         if isinstance(goca_masks, str) or not isinstance(goca_masks, Iterable):
             raise ValueError(f"goca_masks must be True, 'all', 'last' or a list of step indices (one step: [i]), "
                              f"got {goca_masks!r}")
+        goca_masks = list(goca_masks)
+        n = num_inference_steps
+        bad = [i for i in goca_masks if not _is_integer(i) or not -n <= i < n]
+        if bad:
+            raise ValueError(f"goca_masks: steps must be integers in -{n}…{n - 1} (this call runs "
+                             f"num_inference_steps={n}), got {bad}")
         wanted = {int(i) for i in goca_masks}
 
         def steps() -> int:

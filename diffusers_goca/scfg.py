@@ -22,7 +22,7 @@ from .functional.maps import gaussian_blur, minmax, per_pixel_rescale, propagate
 from .functional.scfg import guidance_norm, rate_map, scfg_cond
 from .methods import GoCAOptions, layer_weights, refinement_operator
 from .mixin import GoCAMixin, _Request
-from .models.base import call_default
+from .models.base import adapter_for, call_default
 from .result import palette
 
 SEGMENTORS = ("goca", "original")
@@ -119,8 +119,8 @@ class SCFGMixin(GoCAMixin):
         pseudo_attention = pseudo_attention or GoCAOptions.pseudo_attention
         if pseudo_attention not in PSEUDO_ATTENTIONS:
             raise ValueError(f"pseudo_attention must be one of {PSEUDO_ATTENTIONS}, got {pseudo_attention!r}")
-        state = self._goca_attached() if self._goca is not None else self.enable_goca()._goca
-        adapter = state.adapter
+        # Every check before GoCA is attached: a refused call leaves a disabled pipeline as it was.
+        adapter = self._goca.adapter if self._goca is not None else adapter_for(self)
         indices = self._goca_prompt_indices(
             adapter, adapter.call_prompt(args, kwargs), kwargs, "S-CFG",
             lambda i, text, max_length, part_texts: adapter.token_index(text, [], max_length=max_length,
@@ -136,6 +136,7 @@ class SCFGMixin(GoCAMixin):
                                    max_guidance, scfg_keep_maps)
 
         request.transform = transform
+        state = self._goca_attached() if self._goca is not None else self.enable_goca()._goca
         with self._goca_request(state, request):
             return super(GoCAMixin, self).__call__(*args, **kwargs)
 

@@ -178,3 +178,27 @@ def test_flux_masks_report_the_schedulers_timesteps():
          callback_on_step_end=lambda p, i, t, kw: seen.append(float(t)) or {})
     assert [m.timestep for m in pipe.goca_masks] == pytest.approx(seen) and seen[0] > 1
     pipe.disable_goca()
+
+
+def test_a_refused_call_leaves_a_disabled_pipeline_as_it_was():
+    pipe = goca.from_pipe(make_tiny_sd(), enable=False)
+    before = dict(pipe.unet.attn_processors)
+    with no_denoising(pipe), pytest.raises(ValueError, match="dog"):
+        run(pipe, "a cat on grass", goca_masks="last", goca_classes=["dog"])
+    scfg = goca.scfg_from_pipe(pipe, enable=False)
+    with no_denoising(scfg), pytest.raises(ValueError):
+        run(scfg, "a cat on grass", guidance_scale=5.0, pseudo_attention="bogus")
+    assert not pipe.goca_enabled and not scfg.goca_enabled
+    assert all(pipe.unet.attn_processors[k] is p for k, p in before.items())
+    assert not pipe.unet._forward_pre_hooks and not pipe.unet._forward_hooks
+
+
+def test_goca_masks_steps_are_integers_of_the_call_checked_before_it_runs():
+    pipe = goca.from_pipe(make_tiny_sd())
+    for steps in ([0], np.array([0]), torch.tensor([0]), [np.int64(0)]):
+        run(pipe, "a cat on grass", goca_masks=steps, goca_classes=["cat"])
+        assert [m.step for m in pipe.goca_masks] == [0], steps
+    for bad in ([5], [-2], [1.5], [True], 0):
+        with no_denoising(pipe), pytest.raises(ValueError, match="goca_masks"):
+            run(pipe, "a cat on grass", goca_masks=bad, goca_classes=["cat"])
+    pipe.disable_goca()
