@@ -112,11 +112,16 @@ def test_a_folder_of_other_settings_is_refused(toy_pipe, tmp_path):
         run(_args(tmp_path, "--limit", "1", "--methods", "goca"), pipe=toy_pipe, progress=False)
 
 
-def test_two_shards_give_the_one_process_totals(toy_pipe, tmp_path):
+@pytest.mark.parametrize("order", [("1/2", "0/2"), ("0/2", "1/2")], ids=["main-last", "main-first"])
+def test_two_shards_give_the_one_process_totals(toy_pipe, tmp_path, order):
+    """Shards run apart (separate machines, one folder): whichever finishes last writes the full table; the main
+    shard finishing first writes a partial one."""
     one = run(_args(tmp_path / "one"), pipe=toy_pipe, progress=False)
-    for shard in ("1/2", "0/2"):
-        two = run(_args(tmp_path / "two", "--shard", shard), pipe=toy_pipe, progress=False)
+    first = run(_args(tmp_path / "two", "--shard", order[0]), pipe=toy_pipe, progress=False)
+    assert first is None if order[0] != "0/2" else first["images"] == 2
+    two = run(_args(tmp_path / "two", "--shard", order[1]), pipe=toy_pipe, progress=False)
     assert two["table"] == one["table"] and two["images"] == 4
+    assert json.loads((tmp_path / "two" / "table.json").read_text())["images"] == 4
     assert len(list((tmp_path / "two").glob("results.*-of-2.jsonl"))) == 2
 
 

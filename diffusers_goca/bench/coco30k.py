@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .generation import ClipScorer, clean_fid_extractor, fid_from_folders
-from .runlog import ResultLog, Shard, wait_for_everyone, write_table
+from .runlog import ResultLog, Shard, wait_for_everyone, write_table, writes_table
 
 CONFIGS = {"cfg": {"scfg": False}, "scfg": {"scfg": True, "segmentor": "original"},
            "goca-scfg": {"scfg": True, "segmentor": "goca"}}
@@ -146,7 +146,7 @@ def run(args: argparse.Namespace, pipe=None, clip: ClipScorer | None = None, ext
             record["clip"] = clip.score([image], [text[image_id]])[0]
         log.append(key, record)
     wait_for_everyone()
-    if not shard.is_main:
+    if not writes_table(shard, len(set(log.records()) & set(keys)), len(keys)):
         return None
     return summarize(args, log, keys, configs, scales, extractor, progress)
 

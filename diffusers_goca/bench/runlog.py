@@ -144,6 +144,15 @@ def write_table(folder: str | os.PathLike, summary: dict, markdown: str, done: i
     print(markdown)
 
 
+def writes_table(shard: "Shard", done: int, total: int) -> bool:
+    """Whether this process writes the table. Under `accelerate launch` the main process, after the barrier. Shards
+    run apart (`--shard i/n` on separate machines sharing the run folder): the main one (a partial table, which says
+    what is missing) and whichever finds every item done, so that the last shard to finish writes the full table."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return shard.is_main
+    return shard.is_main or done >= total
+
+
 def wait_for_everyone() -> None:
     """Barrier across the processes of `accelerate launch`; nothing when there is one process."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

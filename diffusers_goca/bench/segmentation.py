@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..functional.metrics import miou
 from ..tokens import segmentation_prompt
-from .runlog import ResultLog, Shard, wait_for_everyone, write_table
+from .runlog import ResultLog, Shard, wait_for_everyone, write_table, writes_table
 
 PROTOCOLS = ("official", "standard")
 
@@ -334,9 +334,9 @@ def run(args: argparse.Namespace, pipe=None, clip_filter=None, progress: bool = 
         record["seconds"] = round(time.perf_counter() - start, 3)
         log.append(key, record)
     wait_for_everyone()
-    if not shard.is_main:
-        return None
     records = {k: r for k, r in log.records().items() if k in set(keys)}
+    if not writes_table(shard, len(records), len(keys)):
+        return None
     table = totals(records, views, methods, offsets, args.background_offset)
     paper_key = args.paper_model or paper_model_key(pipe)
     paper = PAPER_MIOU.get(paper_key) if args.prompts == "oracle" else None
