@@ -294,8 +294,8 @@ def test_segment_equals_the_official_computation(family):
                                    t5=family != "sd")
     for case, (got, want) in results.items():
         assert got.shape == want.shape, case
-        spread = want.amax((1, 2)) - want.amin((1, 2))
-        assert (spread > 0.5).all(), (case, "the maps are flat: sharpen the attention")
+        shares = torch.bincount(want.argmax(0).flatten(), minlength=len(CLASSES)) / want[0].numel()
+        assert shares.min() > 0.02, (case, shares, "one class takes the image: sharpen the attention")
         assert (got - want).abs().max() < 5e-3, (case, (got - want).abs().max().item())
     pipe.disable_goca()
 
