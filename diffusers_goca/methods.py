@@ -21,8 +21,8 @@ METHODS = ("goca", "vanilla", "manual", "diffsegmenter", "iseg", "seg4diff")
 
 @dataclass(frozen=True)
 class GoCAOptions:
-    """The switches of GoCA; the defaults are the official method (what the released code computes, which beats the
-    paper's A_p on every toy layout: docs/toy_families.md), the others its ablations and baselines.
+    """The switches of GoCA; the defaults are the official method (what the released code computes, whose A_p beats
+    the paper's on three of the four toys: docs/toy_families.md), the others its ablations and baselines.
 
     head_weighting: "auto" | "average" | "dot-product" (chosen when the capture is made: None reads the capture's,
     `enable_goca(head_weighting=...)`; "average" is read from any capture);
