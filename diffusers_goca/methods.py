@@ -1,4 +1,4 @@
-"""Aggregations over one capture: GoCA and the baselines of ALGORITHMS §7, all reading the same `StepCapture`.
+"""Aggregations over one capture: GoCA and the baselines of docs/official_code.md, all reading the same `StepCapture`.
 
 Each method returns class scores at the map grid, [K, h·w] in [0, 1], plus the background entity's score when one is
 asked for. The formulas are those of `functional`; this module only picks the layers and the options.
@@ -80,7 +80,7 @@ def capture_pseudo_attention(adapter, methods, options: dict) -> str:
 
 
 def reads_head_weighted_maps(method: str, options: dict) -> bool:
-    """Whether `method` with `options` reads the capture's head-weighted maps ("auto" or "dot-product", ALGORITHMS §1)
+    """Whether `method` with `options` reads the capture's head-weighted maps ("auto" or "dot-product", docs/official_code.md)
     rather than the head mean."""
     return method in PRESETS and options_for(method, **options).head_weighting != "average"
 
@@ -241,7 +241,7 @@ def _split_background(scores: torch.Tensor, background: str | None):
     return scores, None
 
 
-# iSeg (ALGORITHMS §7): cross maps of two levels, relative to the finest map grid, and their weights; the class-token
+# iSeg (docs/official_code.md): cross maps of two levels, relative to the finest map grid, and their weights; the class-token
 # embedding scale of its own forward; the entropy reduction of the finest self-attention and its iterations (VOC).
 ISEG_LEVEL_WEIGHTS = {4: 0.7, 2: 0.3}
 ISEG_EMBEDDING_SCALE = 1.6

@@ -385,7 +385,7 @@ class GoCAMixin:
         degenerate = step.degenerate_pixels if reads_head_weighted_maps(method, options) else 0
         if degenerate:
             logger.warning("GoCA: %d pixel(s), summed over the layers and images of this forward, had an attention "
-                           "output of norm ≈ 0; their head weights fell back to the head mean (ALGORITHMS §1)",
+                           "output of norm ≈ 0; their head weights fell back to the head mean (docs/official_code.md)",
                            degenerate)
         return results
 
@@ -452,7 +452,7 @@ class GoCAMixin:
         guidance_scale: float | None = None,
         **options,
     ) -> GoCASegmentation:
-        """Segment an existing image into `classes` (ALGORITHMS §5): resize to the model's native square resolution,
+        """Segment an existing image into `classes` (docs/official_code.md): resize to the model's native square resolution,
         VAE-encode, add seeded noise at `timestep` (default 100 of 1000), one denoiser forward without CFG on the
         prompt "class1, class2, ..., background", then the aggregation `method`
         ("goca", "vanilla", "manual", "diffsegmenter"). `options` override GoCA's switches (see `GoCAOptions`).

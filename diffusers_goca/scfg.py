@@ -1,4 +1,4 @@
-"""S-CFG with GoCA masks: semantic-aware classifier-free guidance (ALGORITHMS §6).
+"""S-CFG with GoCA masks: semantic-aware classifier-free guidance (docs/official_code.md).
 
 At every denoising step the denoiser's batch [uncond, cond] is captured; after its forward, region maps are computed
 (GoCA's, or S-CFG's own segmenter) and the conditional prediction is replaced by ε_u + rate·(ε_c − ε_u), so the
@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .functional.aggregation import PSEUDO_ATTENTIONS, aggregate_layers
+from .functional.aggregation import aggregate_layers
 from .functional.maps import gaussian_blur, minmax, per_pixel_rescale, propagate, resize_maps
 from .functional.scfg import guidance_norm, rate_map, scfg_cond
-from .methods import GoCAOptions, layer_weights, refinement_operator
+from .methods import capture_pseudo_attention, layer_weights, refinement_operator
 from .mixin import GoCAMixin, _Request
 from .models.base import adapter_for, call_default
 from .result import palette
@@ -116,11 +116,10 @@ class SCFGMixin(GoCAMixin):
         if not (isinstance(max_guidance, numbers.Real) and 0 < max_guidance < math.inf):
             raise ValueError(f"max_guidance must be a finite number > 0 (the cap on guidance × rate), got "
                              f"{max_guidance!r}")
-        pseudo_attention = pseudo_attention or GoCAOptions.pseudo_attention
-        if pseudo_attention not in PSEUDO_ATTENTIONS:
-            raise ValueError(f"pseudo_attention must be one of {PSEUDO_ATTENTIONS}, got {pseudo_attention!r}")
         # Every check before GoCA is attached: a refused call leaves a disabled pipeline as it was.
         adapter = self._goca.adapter if self._goca is not None else adapter_for(self)
+        pseudo_attention = capture_pseudo_attention(
+            adapter, ["goca"], {} if pseudo_attention is None else {"pseudo_attention": pseudo_attention})
         indices = self._goca_prompt_indices(
             adapter, adapter.call_prompt(args, kwargs), kwargs, "S-CFG",
             lambda i, text, max_length, part_texts: adapter.token_index(text, [], max_length=max_length,

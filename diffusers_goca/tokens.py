@@ -1,4 +1,4 @@
-"""Class names → token positions, through the tokenizer's offset mapping (ALGORITHMS §3).
+"""Class names → token positions, through the tokenizer's offset mapping (docs/official_code.md).
 
 Works for any tokenizer with an offset mapping: CLIP (SD 1.x/2.x, SDXL), T5 (PixArt); slow tokenizers are converted to
 their fast form once. Positions are those of the text encoder's input (position 0 = CLIP's `<|startoftext|>`).

@@ -744,7 +744,7 @@ def test_iseg_runs_its_own_forward_with_scaled_class_embeddings(tiny_sd):
 
 
 def literal_cross_maps(attn, hidden_states, context, bias):
-    """Head-weighted and head-mean image→text maps of one cross-attention call, by the book (ALGORITHMS §1), from the
+    """Head-weighted and head-mean image→text maps of one cross-attention call, by the book (docs/official_code.md), from the
     layer's inputs: per head softmax(q kᵀ·scale + bias), o_h = (A_h V_h) W_hᵀ, w_h = ⟨o_h, Σ o⟩ / Σ_h' ⟨o_h', Σ o⟩."""
     q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
     heads, w_out = attn.heads, attn.to_out[0].weight
@@ -849,7 +849,7 @@ def test_pixels_with_a_zero_attention_output_are_reported(caplog):
 def literal_joint_maps(attn, hidden_states, context, rope, text_len, family, out_weight, n_image):
     """Image→text maps of one joint attention call by the book, from the layer's inputs: the projections, the per-head
     norms and RoPE as the processor applies them, one softmax over all keys per head; the head weights from each
-    head's text output o_h = (A_h V_h) W_hᵀ against their sum (ALGORITHMS §1 extension). The image is the first
+    head's text output o_h = (A_h V_h) W_hᵀ against their sum (docs/official_code.md, our extension). The image is the first
     `n_image` image tokens (Flux Kontext: then the reference image's). Returns (auto [B, N, T], head-mean [B, N, T],
     image mass [B, heads, N])."""
     from diffusers.models.embeddings import apply_rotary_emb

@@ -1,6 +1,6 @@
 """The real model configs (public layer counts, widths, heads) with random weights.
 
-Full depth on the meta device: the adapters find the layers ALGORITHMS.md names. Full width at reduced depth: the
+Full depth on the meta device: the adapters find the layers docs/official_code.md names. Full width at reduced depth: the
 captured maps have the right shapes at the real head counts. And the chunked reductions never form a [heads, N, N]
 tensor, checked on every tensor any op creates during a capture step.
 """

@@ -1,4 +1,4 @@
-"""COCO-30k generation benchmark: FID and CLIP score of CFG, S-CFG and GoCA+S-CFG (ALGORITHMS §8).
+"""COCO-30k generation benchmark: FID and CLIP score of CFG, S-CFG and GoCA+S-CFG (docs/official_code.md).
 
 Captions: 30,000 of COCO 2014 val, one per image (sampled with a fixed seed from `captions_val2014.json`, or the
 official list as a CSV `image_id,text`). Every (config, scale, caption) is one work item: the image is saved under

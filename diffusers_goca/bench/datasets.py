@@ -1,4 +1,4 @@
-"""Segmentation datasets over their standard on-disk layouts, under two label protocols (ALGORITHMS §8).
+"""Segmentation datasets over their standard on-disk layouts, under two label protocols (docs/official_code.md).
 
 standard: the benchmark's usual convention, 255 = ignore. official: the GoCA code's own, a "background" class at
 index 0 that takes every ignore / void / unlabelled / "other" pixel (no 255 is left).

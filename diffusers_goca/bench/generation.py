@@ -1,4 +1,4 @@
-"""Generation metrics for the COCO-30k benchmark (ALGORITHMS §8): FID and CLIP score.
+"""Generation metrics for the COCO-30k benchmark (docs/official_code.md): FID and CLIP score.
 
 FID: features of the generated and reference images, Fréchet distance of their Gaussians. The features are clean-fid's
 Inception ("clean" resize) when it is installed, or any callable (tests use a tiny local network). CLIP score:

@@ -1,4 +1,4 @@
-"""Segmentation benchmark: mIoU of every aggregation method on a dataset, resumable and shardable (ALGORITHMS §8).
+"""Segmentation benchmark: mIoU of every aggregation method on a dataset, resumable and shardable (docs/official_code.md).
 
 One denoiser forward per image (per class chunk with open prompts) serves every method. Each finished image appends
 its sparse confusion counts (both protocols, every background offset of the sweep) to the run's JSONL log, so a rerun
@@ -26,7 +26,7 @@ from .runlog import ResultLog, Shard, wait_for_everyone, write_table, writes_tab
 
 PROTOCOLS = ("official", "standard")
 
-# GoCA paper, official protocol (ALGORITHMS §8): model → method → dataset → mIoU.
+# GoCA paper, official protocol (docs/official_code.md): model → method → dataset → mIoU.
 PAPER_MIOU = {
     "sd15": {"goca": {"voc": 60.7, "context": 40.4, "coco-object": 39.2, "cityscapes": 16.1, "ade20k": 22.0},
              "vanilla": {"voc": 44.3, "context": 32.3, "coco-object": 32.3, "cityscapes": 11.8, "ade20k": 18.0}},

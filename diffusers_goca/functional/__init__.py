@@ -1,4 +1,4 @@
-"""GoCA as pure tensor functions (ALGORITHMS.md §1–4, §7). No state, no diffusers imports."""
+"""GoCA as pure tensor functions (docs/official_code.md–4, §7). No state, no diffusers imports."""
 from .aggregation import (
     aggregate_heads,
     aggregate_layers,

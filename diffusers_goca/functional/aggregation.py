@@ -1,4 +1,4 @@
-"""Head-wise and layer-wise auto aggregation (ALGORITHMS §1–2)."""
+"""Head-wise and layer-wise auto aggregation (docs/official_code.md–2)."""
 from __future__ import annotations
 
 from typing import Sequence

@@ -1,4 +1,4 @@
-"""The layer weights' per-query sums in one pass over the scores (ALGORITHMS §2), as a Triton kernel.
+"""The layer weights' per-query sums in one pass over the scores (docs/official_code.md), as a Triton kernel.
 
 For head h and query i, with s_ik = q_i·k_k·scale, the kernel streams the keys once and keeps a running maximum and
 the sums Σ_k e^{s_ik}, Σ_k W_ik e^{s_ik}, Σ_k c_k e^{s_ik} and, over text keys, Σ_t e^{s_it}. Against the fused

@@ -50,7 +50,7 @@ def joint_text_attention(
 
     q, k_img: [N, heads·d] image queries / keys; k_txt, v_txt: [T, heads·d] text keys / values (after norms and RoPE).
     out_weight: [D, heads·d], the projection applied to the attention output (for the head weights).
-    Head weights (ALGORITHMS §1 extension): the text part of each head's output, o_h^text(p) = Σ_t A_h(p, t) V_h(t) W_hᵀ,
+    Head weights (docs/official_code.md, our extension): the text part of each head's output, o_h^text(p) = Σ_t A_h(p, t) V_h(t) W_hᵀ,
     against Σ_h o_h^text(p). columns: text positions to keep in the maps (default all T). m_text: each query's text
     share [heads, N] when already known (`joint_frobenius_with_reference` gives it), else one fused call here.
     k_other: [T_o, heads·d], keys that join the softmax but are neither the image's nor the text's (Flux Kontext's

@@ -1,4 +1,4 @@
-"""From token maps to class scores and labels (ALGORITHMS §3–4)."""
+"""From token maps to class scores and labels (docs/official_code.md–4)."""
 from __future__ import annotations
 
 from typing import Sequence

@@ -1,4 +1,4 @@
-"""mIoU from a dataset-level confusion matrix (ALGORITHMS §8)."""
+"""mIoU from a dataset-level confusion matrix (docs/official_code.md)."""
 from __future__ import annotations
 
 import torch

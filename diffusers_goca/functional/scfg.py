@@ -1,4 +1,4 @@
-"""Semantic-aware classifier-free guidance (S-CFG, ALGORITHMS §6): per-region guidance rates."""
+"""Semantic-aware classifier-free guidance (S-CFG, docs/official_code.md): per-region guidance rates."""
 from __future__ import annotations
 
 import torch

@@ -212,7 +212,7 @@ def frobenius_with_reference(
     reference_attention: torch.Tensor, ref_hw: tuple[int, int], renormalize_rows: bool = False,
     image_mass: torch.Tensor | None = None, dtype: torch.dtype | None = None, prepared=None, row_stride: int = 1,
 ) -> torch.Tensor:
-    """w_l before normalisation (ALGORITHMS §2): Σ_ij A_p[i, j] · S̃_l[i, j], through the fused attention kernel.
+    """w_l before normalisation (docs/official_code.md): Σ_ij A_p[i, j] · S̃_l[i, j], through the fused attention kernel.
     With `row_stride` s > 1, the sum runs over the rows i at every s-th row and column of the reference grid (about
     1/s² of the work; an estimate of w_l up to a factor common to all layers, which their normalisation removes).
 

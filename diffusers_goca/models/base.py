@@ -84,7 +84,7 @@ class Adapter:
     # Whether the cross-attention masks the text's padding (PixArt's T5 mask): then the keys past a prompt's tokens
     # carry no probability, and the capture reads only the prompt's (`Capture.start`'s text_keys).
     text_padding_masked: bool = False
-    segment_timestep: int | None = 100  # ALGORITHMS §5: t = 100 of 1000 for SD / SDXL / PixArt; None: the family's rule
+    segment_timestep: int | None = 100  # docs/official_code.md: t = 100 of 1000 for SD / SDXL / PixArt; None: the family's rule
     flow_matching: bool = False  # noised by `flow_noised` at any t in [0, T] (SD3, Flux), else by DDPM at t in 0…T−1
     shared_clip_positions: bool = False  # two CLIP encoders' tokens at the same positions (see `check_mask_prompt`)
 

@@ -2,7 +2,7 @@
 
 Every `JointTransformerBlock` has one joint attention `attn` (`JointAttnProcessor2_0`): image tokens first, then
 77 CLIP + 256 T5 text tokens, one softmax, no mask. SD 3.5's extra image-only `attn2` is left untouched.
-Reference and refinement blocks: ALGORITHMS names none for SD3, so the PixArt rule at the same relative depth
+Reference and refinement blocks: docs/official_code.md names none for SD3, so the PixArt rule at the same relative depth
 (reference 13/28 of the depth, refinement 10–17 of 28), k = 2. Seg4Diff reads block 9.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """UNet2DConditionModel: Stable Diffusion 1.x / 2.x (incl. 768-v) and SDXL.
 
 Every `Transformer2DModel` block holds attn1 (self) and attn2 (cross). Grids: down_blocks.i at 1/2^i of the latent,
-the mid block at the coarsest level, up_blocks.i mirrored. Reference and refinement layers follow ALGORITHMS §2 and §4.
+the mid block at the coarsest level, up_blocks.i mirrored. Reference and refinement layers follow docs/official_code.md and §4.
 """
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ class UNetAdapter(Adapter):
         half = [n for n in self._up_cross(2 * self.map_factor) if int(n.split(".")[3]) in (0, 1)]
         return coarse + half
 
-    # -- segmentation of an existing image (ALGORITHMS §5) --------------------------------------------------------------
+    # -- segmentation of an existing image (docs/official_code.md) --------------------------------------------------------------
     def time_ids(self, latents, dtype):
         """SDXL's micro-conditioning for an uncropped image at the latents' size: (size, crop (0, 0), size), or with
         the refiner's aesthetic score (size, crop, 6.0: the pipelines' default), as the pipelines build it. Built here,
