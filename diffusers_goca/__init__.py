@@ -16,7 +16,8 @@ from .pipelines import (
 from .scfg import SCFGMixin, SCFGStepMaps, save_scfg_maps
 from .processors import GoCAAttnProcessor2_0, GoCAWrappedProcessor
 from .result import GoCASegmentation
-from .tokens import TokenIndex, entities_from_prompt, token_index
+from .prompt_classes import entities_from_prompt
+from .tokens import TokenIndex, token_index
 
 __version__ = "0.1.0"
 

@@ -61,7 +61,7 @@ def _segment(args) -> int:
         pipe = load_pipeline(args.model, args.device, DTYPES[args.dtype])
         result = pipe.segment(  # opens the file upright; the pictures below draw on the image it segmented
             args.image, classes, method=args.method, timestep=args.timestep, seed=args.seed,
-            background=not args.no_background, background_offset=args.background_offset, **options,
+            background=args.background, background_offset=args.background_offset, **options,
         )
         result.overlay().save(args.out)
         print(f"saved {args.out}")
@@ -91,7 +91,8 @@ def main(argv=None) -> int:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     s.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    s.add_argument("--no-background", action="store_true", help="no background channel")
+    s.add_argument("--background", action="store_true", help="add a background channel (the word's map), for when "
+                   "only objects are named; off by default, as in segment()")
     s.add_argument("--background-offset", type=float, default=0.0)
     s.add_argument("--layer-weight-stride", type=int, default=None,
                    help="goca: layer weights over every s-th reference row and column (faster; default: all rows)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -13,12 +13,15 @@ import torch
 from PIL import Image, ImageOps
 
 from .capture import Capture, StepCapture
-from .functional.maps import scores_to_labels
+from .class_encoding import CLASS_ENCODINGS, separately_encoded
+from .functional.maps import labels_without, scores_to_labels
 from .methods import capture_pseudo_attention, check_method, method_scores, reads_head_weighted_maps
 from .models.base import adapter_for, call_default
 from .processors import unwrap_processor, wrap_processor
+from .presence import PRESENCE_THRESHOLD, denoiser_presence
+from .prompt_classes import entities_from_prompt
 from .result import GoCASegmentation
-from .tokens import entities_from_prompt, has_class, segmentation_prompt
+from .tokens import has_class, segmentation_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -364,10 +367,11 @@ class GoCAMixin:
         return None
 
     def _goca_results(self, adapter, step: StepCapture, indices, method: str, background: str | None,
-                      background_offset: float, options: dict, out_hw=None, output_resize=None
-                      ) -> list[GoCASegmentation]:
+                      background_offset: float, options: dict, out_hw=None, output_resize=None,
+                      absent: Sequence[str] = ()) -> list[GoCASegmentation]:
         """One segmentation per captured row; labels at `out_hw` (default: the generated image's size), then through
-        `output_resize` (what the pipeline does to its image after generating it, if anything)."""
+        `output_resize` (what the pipeline does to its image after generating it, if anything). Classes in `absent`
+        take no pixel (unless every class is absent and there is no background channel)."""
         map_hw = adapter.map_grid(step.latent_hw)
         out_hw = out_hw or adapter.image_hw(step.latent_hw)
         results = []
@@ -379,7 +383,9 @@ class GoCAMixin:
                 up = output_resize(up)
                 labels = up.argmax(0)
             classes = list(index.classes) + (["background"] if bg else [])
-            results.append(GoCASegmentation(labels.cpu(), up.cpu(), classes))
+            if absent:
+                labels = labels_without(up, [classes.index(c) for c in absent])
+            results.append(GoCASegmentation(labels.cpu(), up.cpu(), classes, absent=list(absent)))
         # Read after the labels came to the host, so the checks and counts cost no wait of their own.
         step.check_text_keys()
         degenerate = step.degenerate_pixels if reads_head_weighted_maps(method, options) else 0
@@ -446,10 +452,13 @@ class GoCAMixin:
         method: str | Sequence[str] = "goca",
         timestep: int | float | None = None,
         seed: int | None = 0,
-        background: bool = True,
+        background: bool = False,
         background_offset: float = 0.0,
         resolution: int | None = None,
         guidance_scale: float | None = None,
+        presence: bool = False,
+        presence_threshold: float = PRESENCE_THRESHOLD,
+        class_encoding: str = "prompt",
         **options,
     ) -> GoCASegmentation:
         """Segment an existing image into `classes` (docs/official_code.md): resize to the model's native square resolution,
@@ -462,7 +471,16 @@ class GoCAMixin:
         guidance_scale: for guidance-distilled models (Flux dev), the guidance embedding's value; default 1.0, as the
         official extractor runs. Other families run one forward without guidance and refuse it.
         background: add a "background" word to the prompt and a background channel (its map + `background_offset`),
-        unless a class is named background (in any case).
+        unless a class is named background (in any case). Off by default: where the surface is named, the channel
+        takes part of it (the toy models' protocol table in docs/protocols.md); turn it on when only objects are named.
+        presence: first ask the denoiser which classes are in the image (`presence.denoiser_presence`: each class
+        left out of the prompt in turn, 3·(K+1) more forwards); a class whose absence raises the denoising error by
+        no more than `presence_threshold` is judged absent and takes no pixel (`result.absent`; its scores stay in
+        `result.scores`). Every class absent: all background with a background channel, else the plain argmax; a
+        warning names them.
+        class_encoding: "prompt" (the classes' tokens as the text encoder reads them in the prompt) or "separate"
+        (each class encoded on its own, `class_encoding.separately_encoded`: the result no longer depends on the
+        order of the classes, which a causal text encoder such as CLIP otherwise imposes; see docs/protocols.md).
         Returns a `GoCASegmentation` whose labels have the input image's size; with a list of methods, a dict
         method → result, all read from the same single forward.
         """
@@ -478,6 +496,9 @@ class GoCAMixin:
             check_method(adapter, m)
         pseudo_attention = capture_pseudo_attention(adapter, methods, options)
         background_offset = _finite("background_offset", background_offset)
+        presence_threshold = _finite("presence_threshold", presence_threshold)
+        if class_encoding not in CLASS_ENCODINGS:
+            raise ValueError(f"class_encoding must be one of {CLASS_ENCODINGS}, got {class_encoding!r}")
         adapter.check_segment_guidance(guidance_scale)
         index = adapter.token_index(adapter.segment_text(prompt), classes,
                                     extra_entities=["background"] if use_background else [])
@@ -493,12 +514,27 @@ class GoCAMixin:
             generator = None if seed is None else torch.Generator().manual_seed(int(seed))
             forward = lambda: adapter.segment_forward(latents, prompt, timestep, generator, guidance_scale)  # noqa: E731
             settings = dict(columns=kept_columns(adapter, [index]), text_keys=text_keys, pseudo_attention=pseudo_attention)
-            if scale_classes is None:
-                return self.capture_forward(forward, **settings)
-            positions = sorted({p for ps in index.class_tokens for p in ps})
-            with _scaled_text_tokens(adapter.denoiser, positions, scale_classes):
-                return self.capture_forward(forward, **settings)
+            with ExitStack() as stack:
+                if class_encoding == "separate":
+                    missing = stack.enter_context(separately_encoded(self, classes, adapter.segment_text))
+                if scale_classes is not None:
+                    positions = sorted({p for ps in index.class_tokens for p in ps})
+                    stack.enter_context(_scaled_text_tokens(adapter.denoiser, positions, scale_classes))
+                step = self.capture_forward(forward, **settings)
+            if class_encoding == "separate" and missing:
+                logger.warning("GoCA: class_encoding='separate' did not find the tokens of %s in the prompt as "
+                               "tokenized; they keep the prompt's encoding", ", ".join(sorted(missing)))
+            return step
 
+        absent = []
+        if presence:
+            gains = denoiser_presence(lambda text, t, g: adapter.segment_forward(latents, text, t, g, guidance_scale),
+                                      classes, use_background, seed)
+            absent = [c for c, gain in zip(classes, gains.tolist()) if gain <= presence_threshold]
+            if len(absent) == len(classes):
+                logger.warning("GoCA: the presence test judged every class absent (%s): %s", ", ".join(absent),
+                               "all pixels are background" if use_background else
+                               "the labels are the plain argmax over them (pass background=True to get background)")
         # iSeg reads a forward whose class-token embeddings are scaled; every other method shares one plain forward.
         steps = {}
         if any(m != "iseg" for m in methods):
@@ -511,7 +547,7 @@ class GoCAMixin:
         for m in methods:
             step = steps["iseg" if m == "iseg" else "plain"]
             results[m] = self._goca_results(adapter, step, [index], m, "background" if use_background else None,
-                                            background_offset, options, (rgb.height, rgb.width))[0]
+                                            background_offset, options, (rgb.height, rgb.width), absent=absent)[0]
             results[m].image = rgb
         return results[method] if isinstance(method, str) else results
 
@@ -572,7 +608,13 @@ class GoCAMixin:
         def index_for(i, text, max_length, part_texts):
             classes = list(per_prompt[i]) if per_prompt is not None else entities_from_prompt(text)
             extra = ["background"] if goca_background and not has_class(classes, "background") else []
-            return adapter.token_index(text, classes, extra, max_length, part_texts=part_texts)
+            index = adapter.token_index(text, classes, extra, max_length, part_texts=part_texts)
+            if extra and "background" not in index.extra_entities:
+                # the channel is the word's map: without the word there is none, and the masks would silently lack it
+                raise ValueError(f"goca_background=True reads the map of the word 'background' in the prompt, and "
+                                 f"{text!r} has none: add it to the prompt (which changes the image), or segment the "
+                                 f"generated image with pipe.segment(image, classes, background=True)")
+            return index
 
         indices = self._goca_prompt_indices(adapter, prompt, kwargs, "masks during generation", index_for)
         schedule = kwargs.get("timesteps") if kwargs.get("timesteps") is not None else kwargs.get("sigmas")

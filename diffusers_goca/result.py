@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -36,12 +36,14 @@ def palette(classes: list[str]) -> np.ndarray:
 @dataclass
 class GoCASegmentation:
     """labels: LongTensor [H, W] of indices into `classes`; scores: FloatTensor [len(classes), H, W];
-    classes: the requested classes, plus "background" when a background channel is used."""
+    classes: the requested classes, plus "background" when a background channel is used; absent: the classes that
+    the presence test (`segment(..., presence=True)`) judged absent, which take no pixel (their scores are kept)."""
 
     labels: torch.Tensor
     scores: torch.Tensor
     classes: list[str]
     image: Image.Image | None = None
+    absent: list[str] = field(default_factory=list)
 
     def colorize(self) -> Image.Image:
         """The label map in the class palette."""

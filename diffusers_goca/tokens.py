@@ -9,10 +9,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+
 STOPWORDS = frozenset({"a", "an", "the", "and", ",", ".", "-"})
-# Words that separate entities when classes are taken from a prompt ("a red circle on grass" → red circle, grass).
-_ENTITY_SEPARATORS = r",|;|\.|\band\b|\bwith\b|\bon\b|\bin\b|\bof\b|\bat\b|\bnear\b|\bunder\b|\bover\b|\bbeside\b|\bby\b|\bnext to\b"
-_ARTICLES = re.compile(r"^(?:(?:a|an|the|some|two|three|four|photo|picture|image)\s+)+", re.IGNORECASE)
 
 
 @dataclass
@@ -167,24 +165,6 @@ def token_index(
     if truncated and tokenizer.eos_token_id is not None:
         eos = kept  # the encoder's last position, after the kept tokens, holds the end token
     return TokenIndex(prompt, list(classes), class_tokens, content, min(len(ids), max_length), extra, bos, eos)
-
-
-def entities_from_prompt(prompt: str) -> list[str]:
-    """Entity phrases of a prompt by a simple rule: split at commas and linking words, drop articles.
-
-    "a red circle and a blue square on grass" → ["red circle", "blue square", "grass"]. Pass classes explicitly
-    when the prompt is more complex than a list of things. Phrases that differ only in case are one entity (its
-    first spelling): they read the same tokens.
-    """
-    parts = re.split(_ENTITY_SEPARATORS, prompt, flags=re.IGNORECASE)
-    out = []
-    for part in parts:
-        phrase = _ARTICLES.sub("", " ".join(part.split())).strip()
-        if phrase and phrase.lower() not in STOPWORDS and not has_class(out, phrase):
-            out.append(phrase)
-    if not out:
-        raise ValueError(f"no entity found in the prompt {prompt!r}; pass classes explicitly")
-    return out
 
 
 def _match_key(name: str) -> str:

@@ -183,3 +183,14 @@ def test_end_to_end_table_on_the_toy_world(toy_pipe, tmp_path, capsys):
     assert set(rows) == {"goca", "vanilla", "manual", "diffsegmenter", "iseg"}
     assert rows["goca"]["miou"] > 30 and rows["goca"]["miou"] > rows["vanilla"]["miou"]
     assert (tmp_path / "table.md").read_text().startswith("| method |")
+
+
+def test_protocols_from_the_command_line(toy_pipe, tmp_path, capsys):
+    """`--protocols` runs the toy-world protocols through the same entry point; it needs the toy world."""
+    summary = run(parse_args(["--dataset", "toyworld", "--protocols", "oracle,shuffled", "--limit", "3",
+                              "--methods", "goca", "--out", str(tmp_path)]), pipe=toy_pipe, progress=False)
+    assert set(summary["table"]) == {"oracle", "shuffled"} and summary["methods"] == ["goca"]
+    assert 0 <= summary["table"]["shuffled"]["goca"]["agreement"] <= 100
+    assert "| shuffled |" in (tmp_path / "table.md").read_text() and "| oracle |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        parse_args(["--dataset", "voc", "--root", str(tmp_path), "--protocols", "all"])

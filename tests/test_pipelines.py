@@ -100,7 +100,7 @@ def test_segment_sizes_and_modes(tiny_sd, size, mode, method):
     rng = np.random.RandomState(0)
     arr = (rng.rand(size[1], size[0], len(mode)) * 255).astype(np.uint8)
     img = Image.fromarray(arr[..., 0] if mode == "L" else arr, mode)
-    r = pipe.segment(img, ["cat", "grass"], method=method)
+    r = pipe.segment(img, ["cat", "grass"], method=method, background=True)
     assert r.labels.shape == (size[1], size[0]) and r.labels.dtype == torch.long
     assert r.scores.shape == (3, size[1], size[0])
     assert r.classes == ["cat", "grass", "background"]
@@ -128,8 +128,8 @@ def test_a_photo_path_is_segmented_upright(tiny_sd, tmp_path):
 def test_segment_is_seeded_and_method_changes_result(make):
     pipe = goca.from_pipe(make())
     img = Image.fromarray((np.random.RandomState(1).rand(30, 41, 3) * 255).astype(np.uint8))
-    a = pipe.segment(img, ["cat", "grass"], seed=3, resolution=64)
-    b = pipe.segment(img, ["cat", "grass"], seed=3, resolution=64)
+    a = pipe.segment(img, ["cat", "grass"], seed=3, resolution=64, background=True)
+    b = pipe.segment(img, ["cat", "grass"], seed=3, resolution=64, background=True)
     v = pipe.segment(img, ["cat", "grass"], seed=3, method="vanilla", resolution=64)
     assert a.labels.shape == (30, 41) and a.classes == ["cat", "grass", "background"]
     assert torch.equal(a.scores, b.scores)
@@ -537,7 +537,7 @@ def test_pixart_maps_read_only_the_prompts_text_keys(sigma, monkeypatch):
     read = []
     start = Capture.start
     monkeypatch.setattr(Capture, "start", lambda self, *a: read.append(a[4]) or start(self, *a))  # text_keys
-    pipe.segment(Image.new("RGB", (32, 32), "green"), ["cat", "grass"])
+    pipe.segment(Image.new("RGB", (32, 32), "green"), ["cat", "grass"], background=True)
     generate(pipe, goca_masks=[1])
     lengths = [adapter.token_index(adapter.prompt_text(p, {}), [], require_classes=False).length for p in PROMPTS]
     assert read == [index.length, max(lengths)]
@@ -620,9 +620,9 @@ def test_head_weighting_ablation_needs_its_capture(tiny_sd):
     with pytest.raises(ValueError, match="enable_goca\\(head_weighting='dot-product'\\)"):
         pipe.segment(img, ["cat"], head_weighting="dot-product")
     pipe.enable_goca(head_weighting="dot-product")
-    clamped = pipe.segment(img, ["cat"], head_weighting="dot-product")
+    clamped = pipe.segment(img, ["cat"], head_weighting="dot-product", background=True)
     pipe.enable_goca()
-    assert not torch.equal(clamped.scores, pipe.segment(img, ["cat"]).scores)
+    assert not torch.equal(clamped.scores, pipe.segment(img, ["cat"], background=True).scores)
     pipe.disable_goca()
 
 
@@ -632,7 +632,7 @@ def test_strided_layer_weights_option():
     img = Image.fromarray((np.random.RandomState(2).rand(32, 32, 3) * 255).astype(np.uint8))
     for make in (make_tiny_sd, make_tiny_pixart):
         pipe = goca.from_pipe(make())
-        out = pipe.segment(img, ["cat", "dog"], method=["goca", "vanilla"], layer_weight_stride=2)
+        out = pipe.segment(img, ["cat", "dog"], method=["goca", "vanilla"], layer_weight_stride=2, background=True)
         assert out["goca"].scores.shape == (3, 32, 32)
         assert torch.equal(pipe.segment(img, ["cat", "dog"], layer_weight_stride=1).scores,
                            pipe.segment(img, ["cat", "dog"]).scores)
@@ -694,7 +694,7 @@ def test_cross_attention_families_keep_every_text_column(make):
     assert kept_columns(adapter, [index]) is None
     steps = []
     pipe.capture_forward = lambda run, **kw: steps.append(type(pipe).capture_forward(pipe, run, **kw)) or steps[-1]
-    pipe.segment(Image.new("RGB", (32, 32), "green"), ["cat", "green grass"])
+    pipe.segment(Image.new("RGB", (32, 32), "green"), ["cat", "green grass"], background=True)
     del pipe.capture_forward
     width = index.length if adapter.text_padding_masked else 77
     assert all(m["auto"].shape[-1] == width for m in steps[0].cross.values())
@@ -723,7 +723,7 @@ def test_iseg_runs_its_own_forward_with_scaled_class_embeddings(tiny_sd):
         lambda m, a, kw: seen.append(kw["encoder_hidden_states"].clone()), with_kwargs=True)
     img = Image.fromarray((np.random.RandomState(2).rand(24, 20, 3) * 255).astype(np.uint8))
     try:
-        out = pipe.segment(img, ["cat", "grass"], method=["goca", "iseg"], resolution=64)
+        out = pipe.segment(img, ["cat", "grass"], method=["goca", "iseg"], resolution=64, background=True)
     finally:
         handle.remove()
     plain, scaled = seen  # one forward for goca, one for iseg
@@ -945,8 +945,8 @@ def test_captured_joint_maps_are_the_formula_on_the_layers_inputs(family):
 def test_pixart_segment_reads_the_lower_cased_text_it_encodes():
     """PixArt's pipelines lower-case the prompt before T5 tokenizes it: the class names' case changes nothing."""
     pipe = goca.from_pipe(make_tiny_pixart(sigma=True))
-    upper = pipe.segment(IMAGE_48x32, ["CAT", "Grass"], resolution=32)
-    lower = pipe.segment(IMAGE_48x32, ["cat", "grass"], resolution=32)
+    upper = pipe.segment(IMAGE_48x32, ["CAT", "Grass"], resolution=32, background=True)
+    lower = pipe.segment(IMAGE_48x32, ["cat", "grass"], resolution=32, background=True)
     assert upper.classes == ["CAT", "Grass", "background"]
     assert torch.equal(upper.scores, lower.scores)
 

@@ -2,7 +2,8 @@
 import pytest
 
 from conftest import clip_tokenizer, t5_tokenizer
-from diffusers_goca.tokens import entities_from_prompt, segmentation_prompt, token_index
+from diffusers_goca.prompt_classes import entities_from_prompt
+from diffusers_goca.tokens import segmentation_prompt, token_index
 
 
 def ids_at(prompt, positions):
@@ -60,6 +61,32 @@ def test_entities_and_segmentation_prompt():
     assert entities_from_prompt("grass with a white triangle") == ["grass", "white triangle"]
     assert segmentation_prompt(["cat", "grass"], True) == "cat, grass, background"
     assert segmentation_prompt(["cat", "background"], True) == "cat, background"
+
+
+@pytest.mark.parametrize("prompt, classes", [
+    ("a photo of a cat sitting on the grass", ["cat", "grass"]),
+    ("an astronaut riding a horse on mars", ["astronaut", "horse", "mars"]),
+    ("a red car parked next to a tree, highly detailed, 4k", ["red car", "tree"]),
+    ("two dogs playing in the snow", ["dogs", "snow"]),
+    ("a man wearing a hat and holding an umbrella", ["man", "hat", "umbrella"]),
+    ("the cat is sleeping on a red sofa", ["cat", "red sofa"]),
+    ("a group of people standing in front of a tall building", ["people", "tall building"]),
+    ("running shoes on a wooden floor, trending on artstation, octane render", ["running shoes", "wooden floor"]),
+    ("a spotted dog next to a bright colored bird", ["spotted dog", "bright colored bird"]),
+    ("a painting of a lighthouse by the sea, masterpiece, best quality", ["lighthouse", "sea"]),
+    ("sky with a yellow circle, a black square and a white triangle",
+     ["sky", "yellow circle", "black square", "white triangle"]),
+])
+def test_classes_from_a_prompt_are_what_a_user_would_name(prompt, classes):
+    """Noun phrases with their modifiers; no framing words, verbs, counts or quality tags."""
+    assert entities_from_prompt(prompt) == classes
+    index = token_index(clip_tokenizer(), prompt, classes)  # every class is found in the prompt's tokens
+    assert all(index.class_tokens)
+
+
+def test_a_prompt_with_no_class_is_refused():
+    with pytest.raises(ValueError, match="no class found"):
+        entities_from_prompt("highly detailed, 4k, trending on artstation")
 
 
 def test_t5_positions_skip_lone_spaces_and_eos():

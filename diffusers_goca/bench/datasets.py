@@ -355,7 +355,7 @@ class ADE20K(SegDataset):
 class ToyWorld(SegDataset):
     """The project's synthetic scenes (`diffusers_goca.toyworld`): every pixel labelled with one of its 20 classes
     (the scene's background among them), so both protocols are the same and there is no background class. `root`
-    is unused; split "test" (held out, default) or "train"; `limit` scenes (default 100)."""
+    is unused; split "test" (held out, default), "validation" (held out, for tuning) or "train"; `limit` scenes (default 100)."""
 
     name = "toyworld"
 
@@ -364,8 +364,8 @@ class ToyWorld(SegDataset):
         from ..toyworld.scenes import CLASS_NAMES, make_scene, scene_seeds
 
         split = split or "test"
-        if split not in ("test", "train"):
-            raise ValueError(f"toyworld split must be 'test' or 'train', got {split!r}")
+        if split not in ("test", "train", "validation"):
+            raise ValueError(f"toyworld split must be 'test', 'validation' or 'train', got {split!r}")
         self.classes = list(CLASS_NAMES)
         scenes = {f"scene-{s:07d}": s for s in scene_seeds(split, limit or 100)}
         self._finish({k: (lambda s=s: Image.fromarray(make_scene(s).image),

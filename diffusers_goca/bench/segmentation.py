@@ -278,7 +278,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="output folder (default outputs/seg-<dataset>-<model>)")
     p.add_argument("--shard", default=None, help="'i/n': this machine's share (accelerate launch sets it itself)")
     p.add_argument("--paper-model", default=None, help="paper row to print beside: sd15, sdxl, pixart-sigma, flux")
-    return p.parse_args(argv)
+    p.add_argument("--protocols", default=None, help="toyworld only: comma-separated protocols without oracle "
+                   "classes, or 'all' (see diffusers_goca.bench.protocols): oracle, shuffled, distractors-1, "
+                   "distractors-2, objects-only")
+    p.add_argument("--presence", action="store_true", help="segment(presence=True): the denoiser's presence test "
+                   "drops classes it judges absent")
+    p.add_argument("--presence-threshold", type=float, default=None, help="default: the library's")
+    p.add_argument("--class-encoding", default="prompt", choices=("prompt", "separate"),
+                   help="segment(class_encoding=...): 'separate' encodes each class on its own (order-free)")
+    args = p.parse_args(argv)
+    if args.protocols and args.dataset != "toyworld":
+        p.error("--protocols needs --dataset toyworld (its scenes know every class, present or not)")
+    return args
 
 
 def parse_offsets(default: float, sweep: str) -> list[float]:
@@ -297,6 +308,8 @@ def run(args: argparse.Namespace, pipe=None, clip_filter=None, progress: bool = 
     Returns the table on the main process (None on the others)."""
     from .datasets import load_dataset
 
+    if args.protocols:
+        return run_protocols(args, pipe, progress)
     shard = Shard.from_environment(args.shard)
     views = {p: load_dataset(args.dataset, args.root, args.split, protocol=p, limit=args.limit) for p in PROTOCOLS}
     keys = views["official"].keys()
@@ -345,6 +358,37 @@ def run(args: argparse.Namespace, pipe=None, clip_filter=None, progress: bool = 
     text = markdown(table, args.dataset, len(records), paper, len(offsets) > 1)
     write_table(out, summary, text, len(records), len(keys))
     return summary
+
+
+def run_protocols(args: argparse.Namespace, pipe=None, progress: bool = True) -> dict:
+    """The toy-world protocols (`bench.protocols`) on `--limit` scenes of `--split`; writes table.md / table.json."""
+    from .protocols import PROTOCOLS, evaluate_protocols, protocol_markdown
+
+    protocols = PROTOCOLS if args.protocols == "all" else tuple(p.strip() for p in args.protocols.split(","))
+    if pipe is None:
+        pipe = _load(args, Shard.from_environment(args.shard))
+    from ..methods import available_methods
+
+    methods = (["goca", "vanilla"] if args.methods == "all" else [m.strip() for m in args.methods.split(",")])
+    for m in methods:
+        if m not in available_methods(pipe._goca.adapter):
+            raise SystemExit(f"segmentation: error: method {m!r} is not available for this model")
+    segment_kwargs = {"presence": args.presence, "class_encoding": args.class_encoding}
+    if args.presence_threshold is not None:
+        segment_kwargs["presence_threshold"] = args.presence_threshold
+    if args.timestep is not None:
+        segment_kwargs["timestep"] = args.timestep
+    background = {"on": True, "off": False}.get(args.background)
+    n = args.limit or 100
+    result = evaluate_protocols(pipe, n=n, split=args.split or "test", methods=methods, protocols=protocols,
+                                background=background, progress=progress, seed=args.seed, **segment_kwargs)
+    model_name = args.model or "toy"
+    out = Path(args.out or f"outputs/protocols-{Path(model_name).name}")
+    out.mkdir(parents=True, exist_ok=True)
+    result["settings"] = {"model": model_name, "segment": segment_kwargs, "background": background}
+    text = f"{n} {result['split']} scenes, {model_name}, segment({segment_kwargs})\n\n" + protocol_markdown(result)
+    write_table(out, result, text + "\n", n, n)
+    return result
 
 
 def _load(args, shard: Shard):

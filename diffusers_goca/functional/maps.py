@@ -87,3 +87,12 @@ def scores_to_labels(
         scores = torch.cat([scores, (background + background_offset)[None]])
     up = F.interpolate(scores.float().reshape(1, -1, *map_hw), size=tuple(out_hw), mode="bilinear", align_corners=False)[0]
     return up.argmax(0), up
+
+
+def labels_without(scores: torch.Tensor, excluded: Sequence[int] = ()) -> torch.Tensor:
+    """Argmax over the channels of scores [C, H, W] that are not `excluded` (all of them excluded: over every
+    channel). Returns LongTensor [H, W]."""
+    keep = [c for c in range(scores.shape[0]) if c not in set(excluded)]
+    if not keep or len(keep) == scores.shape[0]:
+        return scores.argmax(0)
+    return torch.tensor(keep, device=scores.device)[scores[keep].argmax(0)]

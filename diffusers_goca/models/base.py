@@ -361,17 +361,26 @@ class Adapter:
         return sigma * noise + (1 - sigma) * latents
 
     def ddpm_noised(self, latents: torch.Tensor, timestep: int, generator: torch.Generator):
-        """(x_t, t) for DDPM-family models: seeded noise at `timestep` with the pipeline scheduler's betas."""
+        """(x_t, t, target) for DDPM-family models: seeded noise at `timestep` with the pipeline scheduler's betas,
+        and what the denoiser is trained to predict there (the noise, the velocity or the sample, as the scheduler's
+        `prediction_type` says)."""
         from diffusers import DDPMScheduler
 
         noising = DDPMScheduler.from_config(self.pipe.scheduler.config)
         noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
         t = torch.tensor([timestep], device=latents.device)
-        return noising.add_noise(latents, noise, t), t
+        kind = noising.config.prediction_type
+        target = {"epsilon": lambda: noise, "v_prediction": lambda: noising.get_velocity(latents, noise, t),
+                  "sample": lambda: latents}[kind]()
+        return noising.add_noise(latents, noise, t), t, target
 
     def segment_forward(self, latents: torch.Tensor, prompt: str, timestep: int, generator: torch.Generator,
-                        guidance_scale: float | None = None) -> None:
-        """Noise `latents` (clean, scaled) to `timestep` and run the denoiser once on `prompt`, without CFG."""
+                        guidance_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise `latents` (clean, scaled) to `timestep` and run the denoiser once on `prompt`, without CFG.
+
+        Returns (prediction, target): the denoiser's output and what it is trained to output there (noise,
+        velocity or flow), in the same layout; their distance is the denoising error (`presence.denoiser_presence`).
+        """
         raise NotImplementedError
 
 

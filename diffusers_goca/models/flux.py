@@ -156,6 +156,7 @@ class FluxAdapter(Adapter):
         noisy = self.flow_noised(packed, noise, t)
         guidance_scale = self.segment_guidance if guidance_scale is None else guidance_scale
         guidance = torch.full([b], float(guidance_scale), device=device) if model.config.guidance_embeds else None
-        model(hidden_states=noisy.to(model.dtype), timestep=t.reshape(1).expand(b) / 1000, guidance=guidance,
-              pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=img_ids,
-              return_dict=False)
+        out = model(hidden_states=noisy.to(model.dtype), timestep=t.reshape(1).expand(b) / 1000, guidance=guidance,
+                    pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=img_ids,
+                    return_dict=False)
+        return out[0], noise - packed  # the flow's velocity, in the packed layout

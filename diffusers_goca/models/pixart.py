@@ -66,7 +66,7 @@ class PixArtAdapter(Adapter):
 
     def segment_forward(self, latents, prompt, timestep, generator, guidance_scale=None):
         pipe, model = self.pipe, self.pipe.transformer
-        noisy, t = self.ddpm_noised(latents, timestep, generator)
+        noisy, t, target = self.ddpm_noised(latents, timestep, generator)
         embeds, mask, _, _ = pipe.encode_prompt(
             prompt, do_classifier_free_guidance=False, device=latents.device, clean_caption=False,
             max_sequence_length=self.text_max_length,
@@ -76,5 +76,6 @@ class PixArtAdapter(Adapter):
             h, w = latents.shape[-2] * pipe.vae_scale_factor, latents.shape[-1] * pipe.vae_scale_factor
             added = {"resolution": torch.tensor([[h, w]], device=latents.device, dtype=embeds.dtype),
                      "aspect_ratio": torch.tensor([[h / w]], device=latents.device, dtype=embeds.dtype)}
-        model(noisy.to(model.dtype), encoder_hidden_states=embeds, encoder_attention_mask=mask, timestep=t,
-              added_cond_kwargs=added, return_dict=False)
+        out = model(noisy.to(model.dtype), encoder_hidden_states=embeds, encoder_attention_mask=mask, timestep=t,
+                    added_cond_kwargs=added, return_dict=False)[0]
+        return out[:, :latents.shape[1]], target  # a learned variance fills the other half of the channels

@@ -99,5 +99,6 @@ class SD3Adapter(Adapter):
         noisy = self.flow_noised(latents, noise, t)
         embeds, _, pooled, _ = pipe.encode_prompt(prompt, None, None, device=latents.device, num_images_per_prompt=1,
                                                   do_classifier_free_guidance=False)
-        model(hidden_states=noisy.to(model.dtype), timestep=t.reshape(1).to(latents.device), encoder_hidden_states=embeds,
-              pooled_projections=pooled, return_dict=False)
+        out = model(hidden_states=noisy.to(model.dtype), timestep=t.reshape(1).to(latents.device),
+                    encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)
+        return out[0], noise - latents  # the flow's velocity

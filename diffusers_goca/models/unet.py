@@ -126,7 +126,7 @@ class UNetAdapter(Adapter):
 
     def segment_forward(self, latents, prompt, timestep, generator, guidance_scale=None):
         pipe, unet = self.pipe, self.pipe.unet
-        noisy, t = self.ddpm_noised(latents, timestep, generator)
+        noisy, t, target = self.ddpm_noised(latents, timestep, generator)
         kwargs = {}
         if self.is_sdxl:
             embeds, _, pooled, _ = pipe.encode_prompt(
@@ -135,4 +135,5 @@ class UNetAdapter(Adapter):
             kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": self.time_ids(latents, embeds.dtype)}
         else:
             embeds, _ = pipe.encode_prompt(prompt, latents.device, 1, False)
-        unet(noisy.to(unet.dtype), t, encoder_hidden_states=embeds.to(unet.dtype), return_dict=False, **kwargs)
+        out = unet(noisy.to(unet.dtype), t, encoder_hidden_states=embeds.to(unet.dtype), return_dict=False, **kwargs)
+        return out[0], target

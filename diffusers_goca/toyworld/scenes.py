@@ -20,13 +20,14 @@ COLOURS = {
 SHAPES = ("circle", "square", "triangle")
 CLASS_NAMES = list(BACKGROUNDS) + [f"{c} {s}" for c in COLOURS for s in SHAPES]
 
-# Train and test seeds come from disjoint ranges, so the splits never share a scene.
-_SPLIT_OFFSET = {"train": 0, "test": 1_000_000_000}
+# Train, test and validation seeds come from disjoint ranges, so the splits never share a scene. Settings are tuned
+# on "validation", never on "test".
+_SPLIT_OFFSET = {"train": 0, "test": 1_000_000_000, "validation": 2_000_000_000}
 _SPLIT_SIZE = 1_000_000_000
 
 
 def scene_seeds(split: str, n: int, start: int = 0) -> list[int]:
-    """The first `n` seeds (after `start`) of a split: "train" or "test"."""
+    """The first `n` seeds (after `start`) of a split: "train", "test" or "validation"."""
     if split not in _SPLIT_OFFSET:
         raise ValueError(f"split must be one of {sorted(_SPLIT_OFFSET)}, got {split!r}")
     if start + n > _SPLIT_SIZE:

@@ -1,0 +1,190 @@
+"""Masks without oracle classes: the denoiser's presence test, the toy-world protocols, the background channel."""
+import logging
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import diffusers_goca as goca
+from conftest import make_tiny_flux, make_tiny_pixart, make_tiny_sd, make_tiny_sd3, make_tiny_sdxl
+from diffusers_goca.class_encoding import CLASS_TEMPLATE, separately_encoded
+from diffusers_goca.bench.protocols import PROTOCOLS, evaluate_protocols, protocol_classes
+from diffusers_goca.presence import leave_one_out_gain
+from diffusers_goca.toyworld import BACKGROUNDS, CLASS_NAMES, load_toy_pipeline, make_scene, scene_seeds
+
+IMAGE = Image.fromarray((np.random.RandomState(5).rand(32, 32, 3) * 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def toy():
+    pipe = goca.from_pipe(load_toy_pipeline())
+    yield pipe
+    pipe.disable_goca()
+
+
+def test_leave_one_out_gain_against_a_plain_loop():
+    without, full = torch.tensor([[2.0, 3.0], [1.0, 1.5]]), torch.tensor([1.0, 2.0])
+    expected = [np.mean([(2 - 1) / 1, (3 - 2) / 2]), np.mean([(1 - 1) / 1, (1.5 - 2) / 2])]
+    assert torch.allclose(leave_one_out_gain(without, full), torch.tensor(expected, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_segment_forward_returns_the_training_target(prediction_type):
+    from diffusers import DDPMScheduler
+
+    pipe = goca.from_pipe(make_tiny_sd())
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
+    adapter = pipe._goca.adapter
+    latents = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    prediction, target = adapter.segment_forward(latents, "a cat", 500, torch.Generator().manual_seed(1))
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([500])
+    expected = noise if prediction_type == "epsilon" else DDPMScheduler.from_config(
+        pipe.scheduler.config).get_velocity(latents, noise, t)
+    assert prediction.shape == latents.shape and torch.equal(target, expected)
+    pipe.disable_goca()
+
+
+def test_presence_test_tells_present_from_absent_classes_on_the_toy(toy):
+    """Validation scenes (the split the threshold was chosen on is not the test split) with one absent world class
+    named beside the present ones."""
+    kept, rejected, n_present, n_absent = 0, 0, 0, 0
+    for seed in scene_seeds("validation", 16, start=100):
+        scene = make_scene(seed)
+        rng = random.Random(seed)
+        classes = scene.classes + rng.sample([c for c in CLASS_NAMES if c not in scene.classes], 1)
+        absent = set(toy.segment(Image.fromarray(scene.image), classes, presence=True).absent)
+        kept += len(set(scene.classes) - absent)
+        rejected += len(absent - set(scene.classes))
+        n_present += len(scene.classes)
+        n_absent += 1
+    # measured: 44 of 45 present classes kept, 12 of 16 absent ones rejected
+    assert kept / n_present >= 0.85 and rejected / n_absent >= 0.5, (kept, n_present, rejected, n_absent)
+
+
+def test_presence_keeps_scores_and_handles_every_class_absent(toy, caplog):
+    scene = make_scene(scene_seeds("validation", 1)[0])
+    image = Image.fromarray(scene.image)
+    plain = toy.segment(image, scene.classes)
+    with caplog.at_level(logging.WARNING, logger="diffusers_goca"):
+        off = toy.segment(image, scene.classes, presence=True, presence_threshold=1e9)
+    assert off.absent == scene.classes and "judged every class absent" in caplog.text
+    assert torch.equal(off.scores, plain.scores) and torch.equal(off.labels, plain.labels)  # the plain argmax
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="diffusers_goca"):
+        bg = toy.segment(image, scene.classes, presence=True, presence_threshold=1e9, background=True)
+    assert "all pixels are background" in caplog.text
+    assert bg.classes[-1] == "background" and bool((bg.labels == len(scene.classes)).all())
+    assert bg.scores.shape[0] == len(scene.classes) + 1  # a dropped class keeps its scores
+    kept = toy.segment(image, scene.classes, presence=True, presence_threshold=-1e9)
+    assert kept.absent == [] and torch.equal(kept.labels, plain.labels)
+    with pytest.raises(ValueError, match="presence_threshold must be a finite number"):
+        toy.segment(image, scene.classes, presence=True, presence_threshold=float("nan"))
+
+
+def test_protocol_classes():
+    scene = next(make_scene(s) for s in scene_seeds("validation", 50) if len(make_scene(s).classes) >= 3)
+    rng = random.Random(0)
+    assert protocol_classes(scene, "oracle", rng) == (scene.classes, False)
+    shuffled, bg = protocol_classes(scene, "shuffled", rng)
+    assert sorted(shuffled) == sorted(scene.classes) and not bg
+    with_two, _ = protocol_classes(scene, "distractors-2", rng)
+    assert len(with_two) == len(scene.classes) + 2 and set(scene.classes) < set(with_two)
+    objects, bg = protocol_classes(scene, "objects-only", rng)
+    assert bg and objects and not set(objects) & set(BACKGROUNDS)
+
+
+# Measured on the shipped toy (24 test scenes, presence off): goca oracle 47.6, shuffled 28.5 (61.7 % order
+# agreement), distractors-1 24.0, distractors-2 15.8 (absent classes take 31.8 % of the pixels), objects-only 18.4;
+# docs/protocols.md has 100 scenes. The floors hold today's behaviour: the targets of a trustworthy default are not met.
+PROTOCOL_FLOORS = {"oracle": 40, "shuffled": 24, "distractors-1": 18, "distractors-2": 12, "objects-only": 15}
+
+
+def test_protocol_floors_on_the_shipped_toy(toy):
+    result = evaluate_protocols(toy, n=24, methods=("goca", "vanilla"), progress=False)
+    table = result["table"]
+    assert set(table) == set(PROTOCOLS)
+    for protocol, floor in PROTOCOL_FLOORS.items():
+        assert table[protocol]["goca"]["miou"] >= floor, (protocol, table[protocol])
+    assert table["oracle"]["goca"]["absent_share"] == 0 and table["distractors-2"]["goca"]["absent_share"] > 0
+    assert 0 < table["shuffled"]["goca"]["agreement"] < 100
+
+
+def test_generation_background_without_the_word_is_refused():
+    pipe = goca.from_pipe(make_tiny_sd())
+    calls = []
+    handle = pipe.unet.register_forward_pre_hook(lambda *args: calls.append(1))
+    with pytest.raises(ValueError, match="reads the map of the word 'background'"):
+        pipe("a cat on grass", num_inference_steps=1, height=32, width=32, goca_masks="last", goca_background=True)
+    handle.remove()
+    assert not calls
+    pipe("a cat on a background", num_inference_steps=1, height=32, width=32, goca_masks="last", goca_background=True)
+    assert pipe.goca_masks[0].results[0].classes == ["cat", "background"]
+    pipe.disable_goca()
+
+
+def test_segment_has_no_background_channel_by_default(toy):
+    assert toy.segment(IMAGE, ["red circle", "grass"]).classes == ["red circle", "grass"]
+
+
+@pytest.mark.parametrize("make", [make_tiny_sdxl, make_tiny_pixart, make_tiny_sd3, make_tiny_flux],
+                         ids=["sdxl", "pixart", "sd3", "flux"])
+def test_separate_class_encoding_gives_each_class_its_own_states(make):
+    """Under `separately_encoded`, every text encoder of the pipeline (CLIP, both of SDXL's, T5) returns at a class's
+    tokens, in every layer's states, what it returns for the class alone in CLASS_TEMPLATE, whatever the order."""
+    pipe = make()
+    pairs = [(getattr(pipe, f"text_encoder{s}"), getattr(pipe, f"tokenizer{s}")) for s in ("", "_2", "_3")
+             if getattr(pipe, f"text_encoder{s}", None) is not None]
+    for encoder, tokenizer in pairs:
+        special = set(tokenizer.all_special_ids)
+        grass = [t for t in tokenizer("grass").input_ids if t not in special]
+        phrase = tokenizer(CLASS_TEMPLATE.format("grass"), return_tensors="pt").input_ids
+        start = next(i for i in range(phrase.shape[1]) if phrase[0, i:i + len(grass)].tolist() == grass)
+        with torch.no_grad():
+            alone = encoder(phrase, output_hidden_states=True).hidden_states[-2][0, start:start + len(grass)]
+            seen = []
+            for prompt in ("cat, grass", "grass, cat"):
+                ids = tokenizer(prompt, return_tensors="pt").input_ids
+                at = next(i for i in range(ids.shape[1]) if ids[0, i:i + len(grass)].tolist() == grass)
+                with separately_encoded(pipe, ["cat", "grass"]) as missing:
+                    out = encoder(ids, output_hidden_states=True)
+                assert not missing
+                seen.append(out.hidden_states[-2][0, at:at + len(grass)])
+                plain = encoder(ids, output_hidden_states=True).hidden_states[-2][0, at:at + len(grass)]
+        assert torch.equal(seen[0], alone) and torch.equal(seen[1], alone)
+        assert not torch.equal(plain, alone)  # the hooks are gone after the block
+
+
+@pytest.mark.parametrize("make", [make_tiny_sd, make_tiny_sdxl, make_tiny_pixart, make_tiny_sd3, make_tiny_flux],
+                         ids=["sd", "sdxl", "pixart", "sd3", "flux"])
+def test_segment_with_separate_class_encoding(make):
+    pipe = goca.from_pipe(make())
+    encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
+    hooks_before = [len(m._forward_hooks) for m in encoders]
+    plain = pipe.segment(IMAGE, ["cat", "grass"], resolution=32)
+    separate = pipe.segment(IMAGE, ["cat", "grass"], resolution=32, class_encoding="separate")
+    assert separate.scores.shape == plain.scores.shape and not torch.equal(separate.scores, plain.scores)
+    assert [len(m._forward_hooks) for m in encoders] == hooks_before
+    with pytest.raises(ValueError, match="class_encoding must be one of"):
+        pipe.segment(IMAGE, ["cat"], resolution=32, class_encoding="alone")
+    pipe.disable_goca()
+
+
+def test_separate_class_encoding_makes_orders_agree_on_the_toy(toy):
+    """Measured on 40 validation scenes: two random orders agree on 57.2 % of the pixels with the prompt's encoding
+    and on 94.1 % with each class encoded alone."""
+    same = total = 0
+    for seed in scene_seeds("validation", 12, start=200):
+        scene = make_scene(seed)
+        rng = random.Random(seed)
+        image = Image.fromarray(scene.image)
+        labels = []
+        for _ in range(2):
+            order = rng.sample(scene.classes, len(scene.classes))
+            result = toy.segment(image, order, class_encoding="separate")
+            labels.append(torch.tensor([CLASS_NAMES.index(c) for c in order])[result.labels])
+        same += int((labels[0] == labels[1]).sum())
+        total += labels[0].numel()
+    assert same / total >= 0.9, same / total
