@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import weakref
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
@@ -16,7 +17,7 @@ from .capture import Capture, StepCapture
 from .class_encoding import CLASS_ENCODINGS, separately_encoded
 from .functional.maps import labels_without, scores_to_labels
 from .methods import capture_pseudo_attention, check_method, method_scores, reads_head_weighted_maps
-from .models.base import adapter_for, call_default
+from .models.base import adapter_for, call_default, check_one_call_per_step
 from .processors import unwrap_processor, wrap_processor
 from .presence import PRESENCE_THRESHOLD, denoiser_presence
 from .prompt_classes import entities_from_prompt
@@ -86,6 +87,17 @@ class _Request:
     transform: Callable | None = None  # (capture, denoiser output) → replacement output (S-CFG)
     captured: list[StepCapture] = field(default_factory=list)
     delivered: list[GoCAStepMasks] = field(default_factory=list)
+
+
+# The requests running on each denoiser, innermost last. A forward belongs to the innermost one only: a segmentation
+# asked for inside a generation's callback runs its own forward, which the generation must not take for a step (also
+# when the segmenting pipeline is another one sharing the denoiser).
+_RUNNING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _owns_forward(state: "_GoCAState") -> bool:
+    running = _RUNNING.get(state.adapter.denoiser)
+    return state.request is not None and bool(running) and running[-1] is state.request
 
 
 @dataclass
@@ -297,19 +309,24 @@ class GoCAMixin:
         return self._goca is not None
 
     def _goca_attached(self) -> _GoCAState:
-        """The state, re-attaching when something replaced the processors since `enable_goca` (attention slicing,
-        IP-Adapter loading, or another pipeline sharing the denoiser through `from_pipe`)."""
-        if self._goca is None:
+        """The state, with the capture's processors wrapped again where something replaced them since `enable_goca`
+        (attention slicing, IP-Adapter loading, or another pipeline sharing the denoiser through `from_pipe`): the
+        new ones become the originals that `disable_goca` restores. The hooks stay registered: this may run inside
+        one of them (a segmentation asked for in a generation's callback)."""
+        state = self._goca
+        if state is None:
             raise RuntimeError("GoCA is not enabled: call pipe.enable_goca() first")
-        if _replaced_layers(self._goca):
-            self._goca_attach(self._goca.capture)  # the same capture: its head weighting and offload setting stay
-        return self._goca
+        for layer in _replaced_layers(state):
+            original = unwrap_processor(state.adapter.submodule(layer).processor)
+            state.originals[f"{layer}.processor"] = original
+            state.adapter.submodule(layer).set_processor(wrap_processor(original, state.capture, layer))
+        return state
 
     # -- hooks --------------------------------------------------------------------------------------------------------
     @torch.compiler.disable  # the capture's bookkeeping stays out of a compiled denoiser
     def _goca_pre_forward(self, module, args, kwargs):
         state = self._goca
-        req = state.request if state else None
+        req = state.request if state and _owns_forward(state) else None
         if (req is None or state.adapter.guidance_forward(args, kwargs) or req.forward % req.forwards_per_step
                 or not req.wants(req.forward // req.forwards_per_step)):
             return None
@@ -345,7 +362,7 @@ class GoCAMixin:
     @torch.compiler.disable  # the capture's bookkeeping stays out of a compiled denoiser
     def _goca_post_forward(self, module, args, kwargs, output):
         state = self._goca
-        req = state.request if state else None
+        req = state.request if state and _owns_forward(state) else None
         if req is None or state.adapter.guidance_forward(args, kwargs):
             return None
         step = state.capture.stop()
@@ -397,12 +414,17 @@ class GoCAMixin:
 
     @contextmanager
     def _goca_request(self, state: _GoCAState, request: _Request):
-        """Hand `request` to the denoiser hooks for the duration of the block; the capture is off afterwards."""
+        """Hand `request` to the denoiser hooks for the duration of the block, then back the request it was nested in
+        (a segmentation inside a generation's callback), if any; the capture is off afterwards."""
+        running = _RUNNING.setdefault(state.adapter.denoiser, [])
+        outer = state.request
         state.request = request
+        running.append(request)
         try:
             yield request
         finally:
-            state.request = None
+            running.remove(request)
+            state.request = outer
             state.capture.abandon()
 
     def _goca_prompt_indices(self, adapter, prompt, kwargs, what: str, index_for) -> list:
@@ -596,6 +618,7 @@ class GoCAMixin:
             raise ValueError("goca_method='iseg' needs a denoiser forward of its own, which would change the images: "
                              "segment the generated image with pipe.segment(image, classes, method='iseg')")
         # Every check before GoCA is attached: a refused call leaves a disabled pipeline as it was.
+        check_one_call_per_step(self, "goca_masks")
         adapter = self._goca.adapter if self._goca is not None else adapter_for(self)
         check_method(adapter, goca_method)
         pseudo_attention = capture_pseudo_attention(adapter, [goca_method], dict(goca_options or {}))
@@ -620,7 +643,7 @@ class GoCAMixin:
         schedule = kwargs.get("timesteps") if kwargs.get("timesteps") is not None else kwargs.get("sigmas")
         steps = len(schedule) if schedule is not None else kwargs.get(
             "num_inference_steps", call_default(type(self), "num_inference_steps", 50))
-        wants = self._goca_step_filter(goca_masks, steps)
+        wants = self._goca_step_filter(goca_masks, adapter.steps_run(kwargs, steps), steps)
         request = _Request(
             wants=wants, n_images=len(indices), indices=indices, method=goca_method,
             background="background" if goca_background else None, background_offset=goca_background_offset,
@@ -634,10 +657,10 @@ class GoCAMixin:
         with self._goca_request(state, request):
             return super().__call__(*args, **kwargs)
 
-    def _goca_step_filter(self, goca_masks, num_inference_steps: int) -> Callable[[int], bool]:
+    def _goca_step_filter(self, goca_masks, steps_run: int, num_inference_steps: int) -> Callable[[int], bool]:
         """Whether step i is segmented; negative indices count from the end of the call's denoising loop. Steps are
-        integers (Python or numpy, or an integer array / tensor), checked against the call's `num_inference_steps`
-        (a pipeline may run fewer: img2img's strength, SDXL's denoising_end; steps past those give no mask)."""
+        integers (Python or numpy, or an integer array / tensor), checked against the `steps_run` steps the call
+        runs of its `num_inference_steps` (img2img's strength, SDXL's denoising_start / denoising_end run fewer)."""
         if goca_masks is True or (isinstance(goca_masks, str) and goca_masks == "all"):
             return lambda i: True
         if isinstance(goca_masks, str) and goca_masks == "last":
@@ -648,11 +671,13 @@ class GoCAMixin:
             raise ValueError(f"goca_masks must be True, 'all', 'last' or a list of step indices (one step: [i]), "
                              f"got {goca_masks!r}")
         goca_masks = list(goca_masks)
-        n = num_inference_steps
+        n = steps_run
         bad = [i for i in goca_masks if not _is_integer(i) or not -n <= i < n]
         if bad:
-            raise ValueError(f"goca_masks: steps must be integers in -{n}…{n - 1} (this call runs "
-                             f"num_inference_steps={n}), got {bad}")
+            cut = "" if n == num_inference_steps else f" of num_inference_steps={num_inference_steps}, the rest cut " \
+                                                       f"by strength / denoising_start / denoising_end"
+            raise ValueError(f"goca_masks: steps must be integers in -{n}…{n - 1} (this call runs {n} steps{cut}), "
+                             f"got {bad}")
         wanted = {int(i) for i in goca_masks}
 
         def steps() -> int:

@@ -22,7 +22,7 @@ from .functional.maps import gaussian_blur, minmax, per_pixel_rescale, propagate
 from .functional.scfg import guidance_norm, rate_map, scfg_cond
 from .methods import capture_pseudo_attention, layer_weights, refinement_operator
 from .mixin import GoCAMixin, _Request
-from .models.base import adapter_for, call_default
+from .models.base import adapter_for, call_default, check_one_call_per_step
 from .result import palette
 
 SEGMENTORS = ("goca", "original")
@@ -117,6 +117,7 @@ class SCFGMixin(GoCAMixin):
             raise ValueError(f"max_guidance must be a finite number > 0 (the cap on guidance × rate), got "
                              f"{max_guidance!r}")
         # Every check before GoCA is attached: a refused call leaves a disabled pipeline as it was.
+        check_one_call_per_step(self, "S-CFG")
         adapter = self._goca.adapter if self._goca is not None else adapter_for(self)
         pseudo_attention = capture_pseudo_attention(
             adapter, ["goca"], {} if pseudo_attention is None else {"pseudo_attention": pseudo_attention})

@@ -509,6 +509,11 @@ def test_pixart_resolution_binning_masks_have_the_returned_size():
     for got, at_bin in zip(binned.results, gp.goca_masks[0].results):
         want = pipe.image_processor.resize_and_crop_tensor(at_bin.scores[None], 150, 100)[0]
         assert torch.allclose(got.scores, want) and torch.equal(got.labels, want.argmax(0))
+    # Latents are returned at the bin's size, not resized: so are their masks (they were at the requested size).
+    latents = gp(PROMPTS, height=100, width=150, goca_masks="last", generator=torch.Generator().manual_seed(0),
+                 num_inference_steps=2, output_type="latent").images
+    scale = pipe.vae_scale_factor
+    assert gp.goca_masks[0].results[0].labels.shape == (latents.shape[-2] * scale, latents.shape[-1] * scale) == (h, w)
     gp.disable_goca()
 
 

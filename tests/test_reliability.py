@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import diffusers_goca as goca
-from conftest import make_tiny_sd
+from conftest import make_tiny_sd, make_tiny_sdxl
 from diffusers_goca.mixin import _as_rgb
 from diffusers_goca.toyworld import TOY_MODEL_DIR
 
@@ -201,4 +201,106 @@ def test_goca_masks_steps_are_integers_of_the_call_checked_before_it_runs():
     for bad in ([5], [-2], [1.5], [True], 0):
         with no_denoising(pipe), pytest.raises(ValueError, match="goca_masks"):
             run(pipe, "a cat on grass", goca_masks=bad, goca_classes=["cat"])
+    pipe.disable_goca()
+
+
+@pytest.mark.parametrize("cut", ["strength", "denoising_end", "denoising_start"])
+def test_goca_masks_steps_are_those_the_call_runs(cut):
+    """img2img's strength and SDXL's denoising_start / denoising_end run fewer steps than num_inference_steps: a step
+    past them gave no mask, silently; now it is refused before the call, and "all" / -1 count the steps run."""
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    if cut == "strength":
+        pipe = goca.from_pipe(make_tiny_sd(StableDiffusionImg2ImgPipeline))
+        kw = dict(image=IMAGE, strength=0.5)
+    else:
+        make = StableDiffusionXLImg2ImgPipeline if cut == "denoising_start" else StableDiffusionXLPipeline
+        pipe = goca.from_pipe(make_tiny_sdxl(make))
+        kw = {cut: 0.5, **({"image": IMAGE} if cut == "denoising_start" else {"height": 32, "width": 32})}
+    call = dict(prompt="a cat on grass", num_inference_steps=4, generator=_gen(), output_type="np", **kw)
+    with no_denoising(pipe), pytest.raises(ValueError, match="this call runs 2 steps of num_inference_steps=4"):
+        pipe(goca_masks=[3], **call)
+    pipe(goca_masks="all", **call)
+    assert [m.step for m in pipe.goca_masks] == [0, 1]
+    pipe(goca_masks=[-1], **call)
+    assert [m.step for m in pipe.goca_masks] == [1]
+    pipe.disable_goca()
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+STEPS = dict(num_inference_steps=3, height=32, width=32, output_type="np")
+
+
+def test_segment_inside_a_generation_callback_keeps_the_outer_masks(tiny_sd):
+    """A segmentation asked for inside `goca_callback` or `callback_on_step_end` ran as a nested request that
+    replaced the outer one: the outer call kept masks for step 0 only."""
+    pipe = goca.from_pipe(tiny_sd)
+    plain = pipe("a cat on grass", goca_masks="all", generator=_gen(), **STEPS)
+    reference = [m.results[0].scores for m in pipe.goca_masks]
+    inner = []
+
+    def on_masks(p, step, t, masks):
+        inner.append(p.segment(IMAGE, ["cat"], resolution=32))
+
+    def on_step_end(p, i, t, kwargs):
+        inner.append(p.segment(IMAGE, ["cat"], resolution=32))
+        return kwargs
+
+    for callbacks in ({"goca_callback": on_masks}, {"callback_on_step_end": on_step_end}):
+        out = pipe("a cat on grass", goca_masks="all", generator=_gen(), **STEPS, **callbacks)
+        assert len(pipe.goca_masks) == 3, callbacks
+        assert all(torch.equal(a, m.results[0].scores) for a, m in zip(reference, pipe.goca_masks))
+        assert np.array_equal(out.images, plain.images)
+    assert len(inner) == 6 and all(torch.equal(r.scores, inner[0].scores) for r in inner)
+    pipe.disable_goca()
+
+
+def test_segment_inside_an_scfg_callback_leaves_scfg_on(tiny_sd):
+    pipe = goca.scfg_from_pipe(tiny_sd)
+    kw = dict(STEPS, guidance_scale=5.0)
+    reference = pipe("a cat on grass", generator=_gen(), **kw).images
+
+    def on_step_end(p, i, t, kwargs):
+        p.segment(IMAGE, ["cat"], resolution=32)
+        return kwargs
+
+    nested = pipe("a cat on grass", generator=_gen(), callback_on_step_end=on_step_end, **kw).images
+    assert np.array_equal(nested, reference)
+    assert not np.array_equal(reference, pipe("a cat on grass", generator=_gen(), scfg=False, **kw).images)
+    pipe.disable_goca()
+
+
+def test_a_second_pipeline_on_the_same_denoiser_segmenting_inside_a_callback():
+    """Two GoCA pipelines sharing one UNet: the second one's forward, run inside the first one's callback, was taken
+    by the first one's hooks as a step of its own (8 masks for 4 steps)."""
+    first = goca.from_pipe(make_tiny_sd())
+    second = goca.from_pipe(first)
+    plain = first("a cat on grass", goca_masks="all", generator=_gen(), **STEPS)
+    reference = [m.results[0].scores for m in first.goca_masks]
+    inner = []
+    out = first("a cat on grass", goca_masks="all", generator=_gen(), **STEPS,
+                goca_callback=lambda p, step, t, masks: inner.append(second.segment(IMAGE, ["cat"], resolution=32)))
+    assert len(first.goca_masks) == 3 and [m.step for m in first.goca_masks] == [0, 1, 2]
+    assert all(torch.equal(a, m.results[0].scores) for a, m in zip(reference, first.goca_masks))
+    assert np.array_equal(out.images, plain.images) and len(inner) == 3
+    first.disable_goca()
+    second.disable_goca()
+
+
+@pytest.mark.parametrize("name", ["StableDiffusionSAGPipeline", "StableDiffusionAttendAndExcitePipeline"])
+def test_pipelines_with_several_denoiser_calls_per_step_are_refused_masks(name):
+    """SAG gave masks labelled steps 0–5 for 3 steps, Attend-and-Excite 27: the per-step masks of a pipeline whose
+    step is not one denoiser call are refused by name, before any denoising; `segment` still works on it."""
+    import diffusers
+
+    pipe = goca.from_pipe(make_tiny_sd(getattr(diffusers, name)))
+    with no_denoising(pipe), pytest.raises(ValueError, match=f"goca_masks is not supported on {name}"):
+        run(pipe, "a cat on grass", goca_masks="all")
+    scfg = goca.scfg_from_pipe(pipe)
+    with no_denoising(scfg), pytest.raises(ValueError, match=f"S-CFG is not supported on {name}"):
+        run(scfg, "a cat on grass", guidance_scale=5.0)
+    assert pipe.segment(IMAGE, ["cat"], resolution=32).labels.shape == (32, 32)
     pipe.disable_goca()

@@ -260,6 +260,16 @@ class Adapter:
         ehs = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
         return None if ehs is None else int(ehs.shape[1])
 
+    def steps_run(self, call_kwargs: dict, steps: int) -> int:
+        """The denoising steps a call of the pipeline runs, of the `steps` it is asked for: img2img and inpainting
+        pipelines start late by their `strength`."""
+        strength = call_kwargs.get("strength", call_default(type(self.pipe), "strength", None))
+        if strength is None or call_kwargs.get("denoising_start") is not None:
+            return steps
+        if not self.flow_matching:  # SD / SDXL floor the steps kept, SD3 / Flux the steps skipped
+            return min(int(steps * strength), steps)
+        return steps - int(max(steps - min(steps * strength, steps), 0))
+
     def forwards_per_step(self, call_kwargs: dict) -> int:
         """Denoiser calls per denoising step; the first is the one segmented (Flux's true CFG adds an uncond call)."""
         return 1
@@ -382,6 +392,24 @@ class Adapter:
         velocity or flow), in the same layout; their distance is the denoising error (`presence.denoiser_presence`).
         """
         raise NotImplementedError
+
+
+# Pipelines whose denoising step is not one denoiser call on [uncond, cond] rows of the images: SAG and Pix2Pix-Zero
+# add guidance calls, Attend-and-Excite refines the latents with calls of its own, Panorama and Paradigms run windows
+# or several timesteps per call, Semantic SD adds edit-concept rows. Their masks per step could not be labelled.
+MULTI_CALL_PIPELINES = frozenset({
+    "StableDiffusionSAGPipeline", "StableDiffusionAttendAndExcitePipeline", "StableDiffusionPanoramaPipeline",
+    "StableDiffusionPix2PixZeroPipeline", "StableDiffusionParadigmsPipeline", "SemanticStableDiffusionPipeline",
+})
+
+
+def check_one_call_per_step(pipe, what: str) -> None:
+    """ValueError naming the pipeline if it is one of `MULTI_CALL_PIPELINES` (`what`: the feature refused)."""
+    for cls in type(pipe).__mro__:
+        if cls.__name__ in MULTI_CALL_PIPELINES:
+            raise ValueError(f"{what} is not supported on {cls.__name__}: its denoising steps are not one denoiser "
+                             f"call on the images' [uncond, cond] rows, so a call's masks could not be tied to its "
+                             f"steps; segment its images with pipe.segment(image, classes) instead")
 
 
 def call_default(pipeline_class: type, name: str, fallback):

@@ -45,8 +45,8 @@ class PixArtAdapter(Adapter):
 
     def output_resize(self, call_kwargs):
         # Resolution binning (the pipelines' default) generates at the nearest bin of the requested aspect ratio, then
-        # resizes and centre-crops the image to the requested size.
-        if not call_kwargs.get("use_resolution_binning", True):
+        # resizes and centre-crops the decoded image to the requested size; latents are returned at the bin's size.
+        if not call_kwargs.get("use_resolution_binning", True) or call_kwargs.get("output_type") == "latent":
             return None
         height = call_kwargs.get("height") or self.native_resolution
         width = call_kwargs.get("width") or self.native_resolution

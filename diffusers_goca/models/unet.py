@@ -124,6 +124,23 @@ class UNetAdapter(Adapter):
         last = (6.0,) if self.pipe.config.get("requires_aesthetics_score", False) else size
         return torch.tensor([[*size, 0, 0, *last]], dtype=dtype, device=latents.device)
 
+    def steps_run(self, call_kwargs, steps):
+        """SDXL's pipelines also cut the schedule at `denoising_start` / `denoising_end` (fractions of the training
+        timesteps), as they compute it: the timesteps below / at or above the cutoff."""
+        start, end = call_kwargs.get("denoising_start"), call_kwargs.get("denoising_end")
+        steps = super().steps_run(call_kwargs, steps)
+        if start is None and end is None:
+            return steps
+        schedule = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
+        schedule.set_timesteps(steps)
+        timesteps = schedule.timesteps
+        total = schedule.config.num_train_timesteps
+        if isinstance(start, float) and 0 < start < 1:
+            timesteps = timesteps[timesteps < int(round(total - start * total))]
+        if isinstance(end, float) and 0 < end < 1:
+            timesteps = timesteps[timesteps >= int(round(total - end * total))]
+        return len(timesteps)
+
     def segment_forward(self, latents, prompt, timestep, generator, guidance_scale=None):
         pipe, unet = self.pipe, self.pipe.unet
         noisy, t, target = self.ddpm_noised(latents, timestep, generator)
