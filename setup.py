@@ -8,7 +8,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["diffusers_goca", "diffusers_goca.*"]),
-    package_data={"diffusers_goca.toyworld": ["model/**/*", "model/*", "dit_model/**/*", "dit_model/*"]},
+    package_data={"diffusers_goca.toyworld": ["model/**/*", "model/*", "dit_model/**/*", "dit_model/*", "classifier/*"]},
     include_package_data=True,
     python_requires=">=3.9",
     install_requires=[

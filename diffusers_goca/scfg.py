@@ -111,8 +111,8 @@ class SCFGMixin(GoCAMixin):
             raise ValueError("S-CFG sets the guidance of the [uncond, cond] batch; it does not combine with PAG's "
                              "perturbed rows: pass pag_scale=0, or scfg=False")
         lo, hi = rate_bounds
-        if not 0 < lo <= hi:
-            raise ValueError(f"rate_bounds must satisfy 0 < low <= high, got {rate_bounds}")
+        if not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in (lo, hi)) or not 0 < lo <= hi:
+            raise ValueError(f"rate_bounds must be finite numbers with 0 < low <= high, got {rate_bounds}")
         if not (isinstance(max_guidance, numbers.Real) and 0 < max_guidance < math.inf):
             raise ValueError(f"max_guidance must be a finite number > 0 (the cap on guidance × rate), got "
                              f"{max_guidance!r}")

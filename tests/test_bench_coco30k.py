@@ -136,3 +136,31 @@ def test_end_to_end_on_the_toy_model_resumes_and_shards(toy_scfg, tmp_path):
     for a, b in zip(summary["rows"], two["rows"]):
         assert a["images"] == b["images"] and a["clip"] == pytest.approx(b["clip"]) and a["fid"] == pytest.approx(b["fid"])
     assert len(folder_features(tmp_path / "two" / "images" / "cfg-w4", tiny_extractor, progress=False)) == 3
+
+
+def test_toy_classifier_reads_held_out_scenes_and_their_captions():
+    """The shipped toy classifier (the toy FID's features and the toy caption score) on real held-out scenes."""
+    from diffusers_goca.toyworld.classifier import ToySceneScorer, caption_contents, load_classifier, measure
+    from diffusers_goca.toyworld.scenes import make_scene, scene_seeds
+
+    accuracy = measure(load_classifier(), scene_seeds("validation", 300))
+    assert accuracy["background"] >= 0.98 and accuracy["object presence (per class)"] >= 0.95, accuracy
+    assert caption_contents("a red circle and a red circle, sand") == ("sand", ["red circle"], 2)
+    scorer = ToySceneScorer()
+    scenes = [make_scene(s) for s in scene_seeds("validation", 40, start=300)]
+    images = [Image.fromarray(s.image) for s in scenes]
+    own = scorer.score(images, [s.caption for s in scenes])
+    swapped = scorer.score(images, [s.caption for s in scenes[1:] + scenes[:1]])
+    assert np.mean(own) >= 85 and np.mean(own) > np.mean(swapped) + 30, (np.mean(own), np.mean(swapped))
+    assert scorer.features(images[:3]).shape == (3, 192)
+
+
+def test_toy_run_uses_the_toy_classifier_with_intervals(toy_scfg, tmp_path):
+    summary = run(parse_args(["--toy", "--limit", "4", "--steps", "3", "--configs", "cfg,goca-scfg", "--scales", "4",
+                              "--batch", "3", "--bootstrap", "20", "--out", str(tmp_path)]), pipe=toy_scfg,
+                  progress=False)
+    assert summary["settings"]["clip"] == "toy classifier"
+    for row in summary["rows"]:
+        assert row["images"] == 4 and 0 <= row["clip"] <= 100 and row["fid"] >= 0
+        assert row["clip_ci"][0] <= row["clip"] <= row["clip_ci"][1] and row["fid_ci"][0] <= row["fid_ci"][1]
+    assert (tmp_path / "toy_reference_stats.npz").exists() and "toy score" in (tmp_path / "table.md").read_text()

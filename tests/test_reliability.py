@@ -106,6 +106,9 @@ def test_scfg_refuses_a_max_guidance_that_is_not_a_finite_positive_number():
         for bad in (float("nan"), 0, -1.0, float("inf"), "15"):
             with pytest.raises(ValueError, match="max_guidance must be a finite number > 0"):
                 run(pipe, "a cat on grass", guidance_scale=5.0, max_guidance=bad)
+        for bad in ((0.8, float("inf")), (float("nan"), 3.0), (3.0, 0.8), (0, 3.0), ("1", 3.0)):
+            with pytest.raises(ValueError, match="rate_bounds must be finite numbers"):
+                run(pipe, "a cat on grass", guidance_scale=5.0, rate_bounds=bad)
 
 
 def test_result_pictures_take_generated_images_of_every_output_type(tiny_sd):

@@ -102,8 +102,18 @@ def test_protocol_classes():
 PROTOCOL_FLOORS = {"oracle": 40, "shuffled": 24, "distractors-1": 18, "distractors-2": 12, "objects-only": 15}
 
 
-def test_protocol_floors_on_the_shipped_toy(toy):
+def test_protocol_floors_on_the_shipped_toy(toy, monkeypatch):
+    named = []
+    segment = toy.segment
+    monkeypatch.setattr(toy, "segment", lambda image, classes, **kw: named.append(list(classes)) or segment(
+        image, classes, **kw))
     result = evaluate_protocols(toy, n=24, methods=("goca", "vanilla"), progress=False)
+    runs = len(PROTOCOLS) + 1  # distractors-2 twice, in two orders of the same classes
+    assert len(named) == 24 * runs
+    for scene in range(24):
+        calls = named[scene * runs:(scene + 1) * runs]
+        assert sorted(calls[-1]) == sorted(calls[PROTOCOLS.index("distractors-2")])
+        assert sorted(calls[PROTOCOLS.index("shuffled")]) == sorted(calls[PROTOCOLS.index("oracle")])
     table = result["table"]
     assert set(table) == set(PROTOCOLS)
     for protocol, floor in PROTOCOL_FLOORS.items():

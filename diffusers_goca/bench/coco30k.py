@@ -10,7 +10,11 @@ paper's numbers.
 
     python benchmarks/coco30k.py --captions coco/annotations/captions_val2014.json --fid-ref coco/val2014 --out runs/coco30k
     accelerate launch --num_processes 8 benchmarks/coco30k.py --captions ... --fid-ref stats/coco_val2014_clean.npz
-    python benchmarks/coco30k.py --toy --limit 8 --steps 10 --no-fid       # offline, on CPU
+    python benchmarks/coco30k.py --toy --scales 3,5,7.5 --steps 25 --batch 50   # the toy analogue, offline on CPU
+
+With `--toy` the model is the shipped toy model, the captions those of 1000 held-out toy scenes, and the toy scene
+classifier (`toyworld.classifier`) stands in for Inception (its pooled features, through the same FID code, against
+the real scenes of those captions) and for CLIP (the caption checks it finds true in the image, 0–100).
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .generation import ClipScorer, clean_fid_extractor, fid_from_folders
+from .generation import (ClipScorer, bootstrap_interval, clean_fid_extractor, feature_statistics, fid_with_interval,
+                         save_statistics)
 from .runlog import ResultLog, Shard, wait_for_everyone, write_table, writes_table
 
 CONFIGS = {"cfg": {"scfg": False}, "scfg": {"scfg": True, "segmentor": "original"},
@@ -59,7 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sample-seed", type=int, default=2023)
     p.add_argument("--limit", type=int, default=None, help="first N captions only (quick runs)")
     p.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5", help="hub id or local folder")
-    p.add_argument("--toy", action="store_true", help="the embedded toy model, captions from held-out toy scenes")
+    p.add_argument("--toy", action="store_true", help="the embedded toy model, captions of 1000 held-out toy scenes, "
+                   "the toy scene classifier for FID features and the caption score")
     p.add_argument("--configs", default="cfg,scfg,goca-scfg", help=f"comma-separated of {', '.join(CONFIGS)}")
     p.add_argument("--scales", default="5", help="guidance scales, comma-separated")
     p.add_argument("--steps", type=int, default=50)
@@ -73,6 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fid-ref", default=None, help="folder of reference images, or an .npz with mu/sigma")
     p.add_argument("--inception", default=None, help="local inception-2015-12-05.pt for clean-fid (offline)")
     p.add_argument("--no-fid", action="store_true")
+    p.add_argument("--batch", type=int, default=1, help="captions per pipeline call (same config and scale; each "
+                   "keeps its own seed)")
+    p.add_argument("--bootstrap", type=int, default=200, help="resamples for the 95 %% intervals (0: none)")
     p.add_argument("--out", default="outputs/coco30k")
     p.add_argument("--shard", default=None, help="'i/n': this machine's share (accelerate launch sets it itself)")
     return p.parse_args(argv)
@@ -95,6 +104,32 @@ def toy_captions(n: int) -> list[tuple[str, str]]:
     return [(f"scene-{s}", make_scene(s).caption) for s in scene_seeds("test", n)]
 
 
+def toy_reference(captions: list[tuple[str, str]], extractor, path: Path) -> Path:
+    """Statistics of the real toy scenes whose captions are generated (as COCO-30k's reference is COCO val), saved to
+    `path`."""
+    from PIL import Image
+
+    from ..toyworld.scenes import make_scene
+
+    if not path.exists():
+        images = [Image.fromarray(make_scene(int(image_id.split("-")[1])).image) for image_id, _ in captions]
+        features = np.concatenate([extractor(images[i:i + 256]) for i in range(0, len(images), 256)])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_statistics(path, *feature_statistics(features))
+    return path
+
+
+def _batches(keys: list[str], size: int) -> list[list[str]]:
+    """Consecutive work items of one config and scale (the folder before "/"), at most `size` per batch."""
+    batches: list[list[str]] = []
+    for key in keys:
+        if batches and len(batches[-1]) < size and batches[-1][0].split("/")[0] == key.split("/")[0]:
+            batches[-1].append(key)
+        else:
+            batches.append([key])
+    return batches
+
+
 def run(args: argparse.Namespace, pipe=None, clip: ClipScorer | None = None, extractor=None,
         progress: bool = True) -> dict | None:
     """The benchmark; `pipe` (an S-CFG pipeline), `clip` and the FID `extractor` may be passed in. Returns the summary
@@ -103,7 +138,7 @@ def run(args: argparse.Namespace, pipe=None, clip: ClipScorer | None = None, ext
     if args.captions:
         captions = load_captions(args.captions, args.n, args.sample_seed)
     elif args.toy:
-        captions = toy_captions(args.n if args.n < 30_000 else 100)
+        captions = toy_captions(args.n if args.n < 30_000 else 1000)
     else:
         raise SystemExit("--captions is required (or --toy)")
     captions = captions[: args.limit]
@@ -115,36 +150,52 @@ def run(args: argparse.Namespace, pipe=None, clip: ClipScorer | None = None, ext
     device = shard.device(args.device)
     if pipe is None:
         pipe = load_pipeline(args, device)
+    toy_scorer = None
+    if args.toy and (clip is None or extractor is None):
+        from ..toyworld.classifier import ToySceneScorer
+
+        toy_scorer = ToySceneScorer()
+        clip = clip or (None if args.no_clip else toy_scorer)
+        extractor = extractor or toy_scorer.features
     if clip is None and not args.no_clip:
         clip = ClipScorer.load(args.clip_model, args.clip_pretrained, device)
+    score_name = "toy classifier" if toy_scorer is not None and clip is toy_scorer else [args.clip_model,
+                                                                                        str(args.clip_pretrained)]
     settings = {"captions": str(args.captions or "toy"), "n": len(captions), "sample_seed": args.sample_seed,
                 "model": "toy" if args.toy else args.model, "dtype": args.dtype, "steps": args.steps, "size": args.size,
-                "seed": args.seed, "clip": None if args.no_clip else [args.clip_model, str(args.clip_pretrained)]}
+                "seed": args.seed, "clip": None if args.no_clip else score_name}
     out = Path(args.out)
+    if args.toy and not args.fid_ref and not args.no_fid:
+        args.fid_ref = str(toy_reference(captions, extractor, out / "toy_reference_stats.npz"))
     log = ResultLog(out, settings, shard)
     seeds = {image_id: args.seed + i for i, (image_id, _) in enumerate(captions)}
     text = dict(captions)
     keys = [f"{c}-w{w:g}/{image_id}" for w in scales for c in configs for image_id, _ in captions]
     pending = log.pending(keys)
     mine = len(shard.select(keys))
-    bar = tqdm(pending, desc=f"coco30k shard {shard.index + 1}/{shard.count}", initial=mine - len(pending), total=mine,
+    bar = tqdm(desc=f"coco30k shard {shard.index + 1}/{shard.count}", initial=mine - len(pending), total=mine,
                disable=not progress, dynamic_ncols=True)
-    for key in bar:
-        folder, image_id = key.split("/")
+    kwargs = {"height": args.size, "width": args.size} if args.size else {}
+    for batch in _batches(pending, args.batch):
+        folder = batch[0].split("/")[0]
         config, scale = folder.rsplit("-w", 1)
+        ids = [key.split("/")[1] for key in batch]
         start = time.perf_counter()
-        kwargs = {"height": args.size, "width": args.size} if args.size else {}
-        image = pipe(text[image_id], num_inference_steps=args.steps, guidance_scale=float(scale),
-                     generator=torch.Generator("cpu").manual_seed(seeds[image_id]), **CONFIGS[config], **kwargs).images[0]
-        seconds = time.perf_counter() - start
-        path = out / "images" / folder / f"{image_id}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path)
-        record = {"config": config, "scale": float(scale), "image_id": image_id, "caption": text[image_id],
-                  "seconds": round(seconds, 3)}
-        if clip is not None:
-            record["clip"] = clip.score([image], [text[image_id]])[0]
-        log.append(key, record)
+        images = pipe([text[i] for i in ids], num_inference_steps=args.steps, guidance_scale=float(scale),
+                      generator=[torch.Generator("cpu").manual_seed(seeds[i]) for i in ids], **CONFIGS[config],
+                      **kwargs).images
+        seconds = (time.perf_counter() - start) / len(batch)
+        scores = clip.score(images, [text[i] for i in ids]) if clip is not None else [None] * len(batch)
+        for key, image_id, image, score in zip(batch, ids, images, scores):
+            path = out / "images" / folder / f"{image_id}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(path)
+            record = {"config": config, "scale": float(scale), "image_id": image_id, "caption": text[image_id],
+                      "seconds": round(seconds, 3)}
+            if score is not None:
+                record["clip"] = score
+            log.append(key, record)
+        bar.update(len(batch))
     wait_for_everyone()
     if not writes_table(shard, len(set(log.records()) & set(keys)), len(keys)):
         return None
@@ -161,20 +212,36 @@ def summarize(args, log: ResultLog, keys, configs, scales, extractor, progress) 
         for c in configs:
             folder = f"{c}-w{w:g}"
             mine = [r for r in records.values() if r["config"] == c and r["scale"] == w]
-            row = {"config": c, "scale": w, "images": len(mine),
-                   "clip": float(np.mean([r["clip"] for r in mine])) if mine and "clip" in mine[0] else None,
-                   "fid": None}
+            row = {"config": c, "scale": w, "images": len(mine), "clip": None, "clip_ci": None, "fid": None,
+                   "fid_ci": None}
+            if mine and "clip" in mine[0]:
+                values = np.array([r["clip"] for r in mine], np.float64)
+                row["clip"] = float(np.nanmean(values))
+                if args.bootstrap:
+                    row["clip_ci"] = bootstrap_interval(lambda i: float(np.nanmean(values[i])), len(values),
+                                                        args.bootstrap)
             if not args.no_fid and args.fid_ref and len(mine) >= 2:
-                row["fid"] = fid_from_folders(out / "images" / folder, args.fid_ref, extractor,
-                                              cache=out / "reference_stats.npz", progress=progress)
+                row["fid"], row["fid_ci"] = fid_with_interval(out / "images" / folder, args.fid_ref, extractor,
+                                                              cache=out / "reference_stats.npz",
+                                                              resamples=max(args.bootstrap, 2), progress=progress)
+                row["fid_ci"] = row["fid_ci"] if args.bootstrap else None
             row["paper_fid"], row["paper_clip"] = PAPER[c] if w == 5 else (None, None)
             rows.append(row)
-    lines = ["| config | w | images | FID | CLIP | paper FID / CLIP (SD 1.5, w = 5) |", "|---|---|---|---|---|---|"]
+    score = "toy score" if args.toy and records and "clip" in next(iter(records.values())) else "CLIP"
+    lines = [f"| config | w | images | FID (95 % CI) | {score} (95 % CI) | paper FID / CLIP (SD 1.5, w = 5) |",
+             "|---|---|---|---|---|---|"]
+
+    def cell(value, interval):
+        if value is None:
+            return "–"
+        return f"{value:.2f}" + (f" ({interval[0]:.2f}–{interval[1]:.2f})" if interval else "")
+
     for r in rows:
-        fid = f"{r['fid']:.2f}" if r["fid"] is not None else "–"
-        clip = f"{r['clip']:.2f}" if r["clip"] is not None else "–"
         paper = f"{r['paper_fid']} / {r['paper_clip']}" if r["paper_fid"] is not None else "–"
-        lines.append(f"| {CONFIG_NAMES[r['config']]} | {r['scale']:g} | {r['images']} | {fid} | {clip} | {paper} |")
+        lines.append(f"| {CONFIG_NAMES[r['config']]} | {r['scale']:g} | {r['images']} | {cell(r['fid'], r['fid_ci'])} "
+                     f"| {cell(r['clip'], r['clip_ci'])} | {paper} |")
+    if args.no_fid and args.no_clip:
+        lines.append("\n(--no-fid and --no-clip: only the images were made; the table has no metric)")
     text = "\n".join(lines) + "\n"
     summary = {"settings": json.loads((out / "settings.json").read_text()), "rows": rows,
                "done": len(records), "of": len(keys)}

@@ -112,9 +112,24 @@ def reference_statistics(reference: str | os.PathLike, extractor: Extractor, cac
     return mu, sigma
 
 
-def fid_from_folders(generated, reference, extractor: Extractor, cache=None, progress: bool = True) -> float:
-    mu, sigma = feature_statistics(folder_features(generated, extractor, progress=progress))
-    return frechet_distance(mu, sigma, *reference_statistics(reference, extractor, cache, progress))
+def bootstrap_interval(statistic: Callable[[np.ndarray], float], n: int, resamples: int = 200, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of `statistic(indices)` over `n` items drawn with replacement."""
+    rng = np.random.default_rng(seed)
+    values = [statistic(rng.integers(0, n, n)) for _ in range(resamples)]
+    return float(np.quantile(values, (1 - level) / 2)), float(np.quantile(values, (1 + level) / 2))
+
+
+def fid_with_interval(generated, reference, extractor: Extractor, cache=None, resamples: int = 200,
+                      progress: bool = True) -> tuple[float, tuple[float, float]]:
+    """FID of the images under `generated` against `reference` (a folder of images or an .npz of statistics; see
+    `reference_statistics`), and its 95 % bootstrap interval over the generated images (the reference held fixed)."""
+    features = folder_features(generated, extractor, progress=progress)
+    ref = reference_statistics(reference, extractor, cache, progress)
+    fid = frechet_distance(*feature_statistics(features), *ref)
+    interval = bootstrap_interval(lambda i: frechet_distance(*feature_statistics(features[i]), *ref), len(features),
+                                  resamples)
+    return fid, interval
 
 
 class ClipScorer:
