@@ -65,28 +65,31 @@ def original_regions(step, adapter, cond_row: int, uncond_row: int, index, varia
     """S-CFG's own segmenter: head-mean cross-attention of its layers, each refined by its own self-attention —
     (S + 3·S²)/4 · C as coded, or (S + S²)/2 · C ("paper", its text's mean of powers) — 3×3 Gaussian, each token
     map divided by its spatial mean, layers averaged; argmax over all tokens of the conditional half; foreground
-    where the unconditional half's non-start tokens together beat its start token."""
+    where the unconditional half's non-start tokens together beat its start token: their maps summed, then the sum
+    and the start token's map each divided by its spatial mean (normalising each of the 76 maps before summing, as
+    this did, made the sum ≈ 76 against ≈ 1, and every pixel foreground)."""
     if variant not in ("code", "paper"):
         raise ValueError(f"variant must be 'code' or 'paper', got {variant!r}")
     map_hw = adapter.map_grid(step.latent_hw)
     layers = adapter.scfg_layers
 
     def maps(row):
-        total = None
+        tokens, start_and_rest = 0, 0
         for name in layers:
             c, grid = step.cross[name]["average"][row].float(), step.grids[name]
             s = refinement_operator(step, row, [adapter.self_of(name)], grid)  # the layer's own S, at its grid
             sc = s(c)
             r = (sc + 3 * s(sc)) / 4 if variant == "code" else (sc + s(sc)) / 2
-            r = gaussian_blur(r.T, grid, kernel_size=3)
-            r = r / r.mean(-1, keepdim=True).clamp_min(1e-12)
-            r = resize_maps(r, grid, map_hw)
-            total = r if total is None else total + r
-        return total / len(layers)  # [T, N_map]
+            r = gaussian_blur(r.T, grid, kernel_size=3)  # [T, N]
+            pair = torch.stack([r[0], r[1:].sum(0)])  # summed before the spatial normalisation, as the code does
+            r, pair = (resize_maps(x / x.mean(-1, keepdim=True).clamp_min(1e-12), grid, map_hw) for x in (r, pair))
+            tokens, start_and_rest = tokens + r, start_and_rest + pair
+        return tokens / len(layers), start_and_rest / len(layers)  # [T, N_map], [2, N_map]
 
-    cond, uncond = maps(cond_row), maps(uncond_row)
+    cond, _ = maps(cond_row)
+    _, uncond = maps(uncond_row)
     regions = cond.argmax(0)
-    foreground = uncond[1:].sum(0) > uncond[0]
+    foreground = uncond[1] > uncond[0]
     return regions.view(map_hw), foreground.view(map_hw), cond.shape[0]
 
 

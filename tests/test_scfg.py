@@ -132,3 +132,16 @@ def test_scfg_steps_never_wait_for_the_device(segmentor, monkeypatch):
         run(pipe, guidance_scale=5.0, segmentor=segmentor)
     assert waits.ops == [], f"the capture or the S-CFG step read device values on the host: {waits.ops}"
     pipe.disable_goca()
+
+
+def test_original_foreground_is_not_every_pixel_on_the_toy():
+    """The original segmenter's foreground compares the start token's map with the sum of the others, each of the two
+    divided by its mean; dividing each of the 76 maps first made the sum ≈ 76 against ≈ 1: every pixel, every step."""
+    from diffusers_goca.toyworld import load_toy_pipeline
+
+    pipe = goca.scfg_from_pipe(load_toy_pipeline())
+    pipe(["a red circle and a white square on grass", "sky with a yellow triangle"], num_inference_steps=6,
+         guidance_scale=5.0, segmentor="original", scfg_keep_maps=True, generator=torch.Generator().manual_seed(1))
+    shares = [float(m.foreground.float().mean()) for m in pipe.scfg_maps]
+    assert len(shares) == 6 and all(0.1 < s < 0.9 for s in shares), shares
+    pipe.disable_goca()
