@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from .functional.aggregation import aggregate_layers
 from .functional.maps import gaussian_blur, minmax, per_pixel_rescale, propagate, resize_maps
@@ -31,12 +31,32 @@ SEGMENTORS = ("goca", "original")
 @dataclass
 class SCFGStepMaps:
     """One step of S-CFG: regions [B, h, w] (ids of the text tokens that own each latent pixel), foreground [B, h, w],
-    rates [B, h, w] (the smoothed per-pixel guidance rate)."""
+    rates [B, h, w] (the smoothed per-pixel guidance rate); timestep; region_names[b][k]: the token of region k of
+    image b; rate_bounds: the (low, high) the rates were clamped to."""
 
     step: int
     regions: torch.Tensor
     foreground: torch.Tensor
     rates: torch.Tensor
+    timestep: float | None = None
+    region_names: list[list[str]] = field(default_factory=list)
+    rate_bounds: tuple[float, float] = (0.8, 3.0)
+
+
+def region_names(adapter, index, segmentor: str, count: int) -> list[str]:
+    """The token each of the `count` region ids stands for: GoCA's regions are the start (or end) token, then the
+    content tokens; the original segmenter's are every token position, the padding included."""
+    from .tokens import encode_with_offsets
+
+    tokenizer = adapter.tokenizer()
+    ids, _ = encode_with_offsets(tokenizer, index.prompt)
+    tokens = [t.replace("</w>", "").lstrip("▁") for t in tokenizer.convert_ids_to_tokens(ids)]
+    if segmentor == "goca":
+        special = index.bos if index.bos is not None else index.eos
+        positions = [special] + list(index.content)
+    else:
+        positions = list(range(count))
+    return [tokens[p] if p < len(tokens) else "<pad>" for p in positions]
 
 
 def goca_regions(step, adapter, cond_row: int, uncond_row: int, index) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -166,7 +186,11 @@ class SCFGMixin(GoCAMixin):
                         max_guidance)
         if keep:
             index = (request.forward - 1) // request.forwards_per_step
-            self.scfg_maps.append(SCFGStepMaps(index, regions.cpu(), foreground.cpu(), rate[:, 0].cpu()))
+            t = request.timestep
+            t = float(t.flatten()[0]) if torch.is_tensor(t) else float(t or 0)
+            names = [region_names(adapter, i, segmentor, k) for i, k in zip(indices, counts)]
+            self.scfg_maps.append(SCFGStepMaps(index, regions.cpu(), foreground.cpu(), rate[:, 0].cpu(),
+                                               adapter.scheduler_timestep(t), names, (lo, hi)))
         guided = torch.cat([eps_u, scfg_cond(eps_u, eps_c, rate)])
         if isinstance(output, tuple):
             return (guided,) + tuple(output[1:])
@@ -174,27 +198,53 @@ class SCFGMixin(GoCAMixin):
         return output
 
 
-def save_scfg_maps(maps: Sequence[SCFGStepMaps], path: str, image: int = 0, cell: int = 128, duration_ms: int = 150):
-    """Regions (colours), foreground (white) and rate (dark→bright over [0.8, 3]) of one image, per step: a GIF when
-    `path` ends in .gif, else a grid PNG with one row per step."""
+def _rate_colours(rate: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    r = ((rate - lo) / max(hi - lo, 1e-12)).clip(0, 1)
+    return (np.stack([r, r**2, 1 - r], -1) * 255).astype(np.uint8)
+
+
+def save_scfg_maps(maps: Sequence[SCFGStepMaps], path: str, image: int = 0, cell: int = 128, duration_ms: int = 150,
+                   max_legend: int = 8):
+    """One image's S-CFG maps per step, titled with the step and timestep: the regions (a colour per token, with a
+    legend of the tokens), the foreground (white) and the rate (a colour bar over `rate_bounds`). A GIF when `path`
+    ends in .gif, else a PNG with one row per step."""
+    if not maps:
+        raise ValueError("no S-CFG maps to save: call the pipeline with scfg_keep_maps=True")
+    shown = sorted({int(k) for m in maps for k in np.unique(m.regions[image].numpy())})
+    legend_rows = min(len(shown), max_legend) + (1 if len(shown) > max_legend else 0)
+    head, bar, row_h = 28, 26, 13
+    width, height = 3 * cell, head + cell + max(bar, 4 + row_h * legend_rows)
     frames = []
     for m in maps:
+        names = m.region_names[image] if m.region_names else []
+        label = lambda k: names[k] if k < len(names) and names[k] else f"region {k}"  # noqa: E731
         regions = m.regions[image].numpy()
-        colours = palette([str(i) for i in range(int(regions.max()) + 1)])[regions]
-        fg = (m.foreground[image].numpy() * 255).astype(np.uint8)
-        rate = ((m.rates[image].numpy() - 0.8) / 2.2).clip(0, 1)
-        tiles = [Image.fromarray(colours), Image.fromarray(fg).convert("RGB"),
-                 Image.fromarray((np.stack([rate, rate ** 2, 1 - rate], -1) * 255).astype(np.uint8))]
-        row = Image.new("RGB", (3 * cell, cell))
-        for j, t in enumerate(tiles):
-            row.paste(t.resize((cell, cell), Image.NEAREST), (j * cell, 0))
-        frames.append(row)
-    if not frames:
-        raise ValueError("no S-CFG maps to save: call the pipeline with scfg_keep_maps=True")
+        colours = palette([str(i) for i in range(max(shown) + 1)])
+        lo, hi = m.rate_bounds
+        tiles = [Image.fromarray(colours[regions]), Image.fromarray((m.foreground[image].numpy() * 255).astype(np.uint8)).convert("RGB"),
+                 Image.fromarray(_rate_colours(m.rates[image].numpy(), lo, hi))]
+        frame = Image.new("RGB", (width, height), "white")
+        draw = ImageDraw.Draw(frame)
+        when = f"step {m.step}" + ("" if m.timestep is None else f" · t = {m.timestep:g}")
+        draw.text((4, 1), when, fill="black")
+        for j, (title, tile) in enumerate(zip(("regions", "foreground", "rate"), tiles)):
+            draw.text((j * cell + 4, 14), title, fill="black")
+            frame.paste(tile.resize((cell, cell), Image.NEAREST), (j * cell, head))
+        y = head + cell + 4
+        for n, k in enumerate(shown[:max_legend]):
+            draw.rectangle([4, y + n * row_h + 2, 13, y + n * row_h + 11], fill=tuple(int(c) for c in colours[k]))
+            draw.text((17, y + n * row_h), label(k)[:18], fill="black")
+        if len(shown) > max_legend:
+            draw.text((17, y + max_legend * row_h), f"+{len(shown) - max_legend} more", fill="black")
+        ramp = _rate_colours(np.linspace(lo, hi, cell - 8)[None].repeat(8, 0), lo, hi)
+        frame.paste(Image.fromarray(ramp), (2 * cell + 4, y))
+        draw.text((2 * cell + 4, y + 10), f"{lo:g}", fill="black")
+        draw.text((3 * cell - 4 - 6 * len(f"{hi:g}"), y + 10), f"{hi:g}", fill="black")
+        frames.append(frame)
     if str(path).endswith(".gif"):
         frames[0].save(path, save_all=True, append_images=frames[1:], duration=duration_ms, loop=0)
     else:
-        grid = Image.new("RGB", (3 * cell, cell * len(frames)))
+        grid = Image.new("RGB", (width, height * len(frames)), "white")
         for i, f in enumerate(frames):
-            grid.paste(f, (0, i * cell))
+            grid.paste(f, (0, i * height))
         grid.save(path)

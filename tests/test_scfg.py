@@ -79,6 +79,10 @@ def test_scfg_off_is_the_stock_pipeline_and_on_changes_the_image(make, tmp_path)
         images = run(pipe, guidance_scale=5.0, segmentor=segmentor, scfg_keep_maps=True)
         assert images.shape == reference.shape and not np.array_equal(images, reference)
         assert len(pipe.scfg_maps) == 3 and pipe.scfg_maps[0].rates.shape == (2, 16, 24)
+        first = pipe.scfg_maps[0]
+        assert first.rate_bounds == (0.8, 3.0) and first.timestep == pipe.scheduler.timesteps[0]
+        # every region id names a token (the legend of save_scfg_maps)
+        assert all(int(first.regions[b].max()) < len(first.region_names[b]) for b in range(2))
     goca.save_scfg_maps(pipe.scfg_maps, tmp_path / "maps.gif")
     goca.save_scfg_maps(pipe.scfg_maps, tmp_path / "maps.png")
     assert (tmp_path / "maps.gif").stat().st_size > 0 and (tmp_path / "maps.png").stat().st_size > 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 import time
 
 import numpy as np
@@ -25,15 +26,20 @@ METHODS = ("goca", "vanilla", "manual", "diffsegmenter")
 DIT_METHODS = ("goca", "vanilla", "diffsegmenter")
 
 
-def _titled(rows: list[list[Image.Image]], titles: list[str]) -> Image.Image:
+def _titled(rows: list[list[Image.Image]], titles: list[str], row_labels: list[str] | None = None,
+            label_width: int = 170) -> Image.Image:
+    """A grid of equal cells with a title over each column and, optionally, a (wrapped) label left of each row."""
     cell = rows[0][0].width
-    out = Image.new("RGB", (cell * len(titles), 14 + cell * len(rows)), "white")
+    left = label_width if row_labels else 0
+    out = Image.new("RGB", (left + cell * len(titles), 14 + cell * len(rows)), "white")
     draw = ImageDraw.Draw(out)
     for j, t in enumerate(titles):
-        draw.text((j * cell + 3, 1), t, fill="black")
+        draw.text((left + j * cell + 3, 1), t, fill="black")
     for i, row in enumerate(rows):
+        if row_labels:
+            draw.multiline_text((3, 14 + i * cell + 3), textwrap.fill(row_labels[i], label_width // 6), fill="black")
         for j, img in enumerate(row):
-            out.paste(img, (j * cell, 14 + i * cell))
+            out.paste(img, (left + j * cell, 14 + i * cell))
     return out
 
 
@@ -71,14 +77,15 @@ def scfg_demo(pipe, out: str, n: int = 4, steps: int = 25, guidance: float = 5.0
     scfg = scfg_from_pipe(pipe)
     captions = [make_scene(s).caption for s in scene_seeds("test", n, start=20_000)]
     rows = {}
-    for name, kw in (("CFG", {"scfg": False}), ("S-CFG + GoCA", {"segmentor": "goca", "scfg_keep_maps": True}),
-                     ("S-CFG (own)", {"segmentor": "original"})):
+    for name, kw in ((f"CFG, w = {guidance:g}", {"scfg": False}),
+                     (f"S-CFG + GoCA, w = {guidance:g}", {"segmentor": "goca", "scfg_keep_maps": True}),
+                     (f"S-CFG (own), w = {guidance:g}", {"segmentor": "original"})):
         images = scfg(captions, num_inference_steps=steps, guidance_scale=guidance,
                       generator=torch.Generator().manual_seed(0), **kw).images
         rows[name] = [upscale(img, 4) for img in images]
-        if name == "S-CFG + GoCA":
+        if kw.get("scfg_keep_maps"):
             save_scfg_maps(scfg.scfg_maps, os.path.join(out, "scfg_maps.gif"))
-    _titled([list(r) for r in zip(*rows.values())], list(rows)).save(os.path.join(out, "cfg_vs_scfg.png"))
+    _titled([list(r) for r in zip(*rows.values())], list(rows), captions).save(os.path.join(out, "cfg_vs_scfg.png"))
     scfg.disable_goca()
 
 
