@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from diffusers_goca.bench.coco30k import load_captions, parse_args, run
+from diffusers_goca.toyworld import TOY_DIT_MODEL_DIR
 from diffusers_goca.bench.generation import (
     ClipScorer, feature_statistics, folder_features, frechet_distance, load_statistics, save_statistics,
 )
@@ -164,3 +165,12 @@ def test_toy_run_uses_the_toy_classifier_with_intervals(toy_scfg, tmp_path):
         assert row["images"] == 4 and 0 <= row["clip"] <= 100 and row["fid"] >= 0
         assert row["clip_ci"][0] <= row["clip"] <= row["clip_ci"][1] and row["fid_ci"][0] <= row["fid_ci"][1]
     assert (tmp_path / "toy_reference_stats.npz").exists() and "toy score" in (tmp_path / "table.md").read_text()
+
+
+def test_toy_run_on_the_transformer_toy(tmp_path):
+    """--toy-model: the PixArt-layout toy, generated at its own 32 px (no resolution bins for toy sizes)."""
+    summary = run(parse_args(["--toy", "--toy-model", TOY_DIT_MODEL_DIR, "--limit", "2", "--steps", "2",
+                              "--configs", "cfg,goca-scfg", "--scales", "4", "--batch", "2", "--bootstrap", "5",
+                              "--device", "cpu", "--out", str(tmp_path)]), progress=False)
+    assert summary["settings"]["model"] == TOY_DIT_MODEL_DIR and [r["images"] for r in summary["rows"]] == [2, 2]
+    assert Image.open(next((tmp_path / "images" / "cfg-w4").glob("*.png"))).size == (32, 32)

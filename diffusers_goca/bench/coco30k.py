@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..models.base import call_default
 from .generation import (ClipScorer, bootstrap_interval, clean_fid_extractor, feature_statistics, fid_with_interval,
                          save_statistics)
 from .runlog import ResultLog, Shard, wait_for_everyone, write_table, writes_table
@@ -66,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5", help="hub id or local folder")
     p.add_argument("--toy", action="store_true", help="the embedded toy model, captions of 1000 held-out toy scenes, "
                    "the toy scene classifier for FID features and the caption score")
+    p.add_argument("--toy-model", default=None, help="with --toy: another toy model folder, e.g. "
+                   "diffusers_goca/toyworld/dit_model (the PixArt layout)")
     p.add_argument("--configs", default="cfg,scfg,goca-scfg", help=f"comma-separated of {', '.join(CONFIGS)}")
     p.add_argument("--scales", default="5", help="guidance scales, comma-separated")
     p.add_argument("--steps", type=int, default=50)
@@ -93,7 +96,7 @@ def load_pipeline(args, device: str):
     from ..toyworld import TOY_MODEL_DIR
 
     dtype = DTYPES[args.dtype] if device.startswith("cuda") else torch.float32
-    pipe = scfg_from_pipe(pretrained(TOY_MODEL_DIR if args.toy else args.model, dtype).to(device))
+    pipe = scfg_from_pipe(pretrained((args.toy_model or TOY_MODEL_DIR) if args.toy else args.model, dtype).to(device))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -162,7 +165,8 @@ def run(args: argparse.Namespace, pipe=None, clip: ClipScorer | None = None, ext
     score_name = "toy classifier" if toy_scorer is not None and clip is toy_scorer else [args.clip_model,
                                                                                         str(args.clip_pretrained)]
     settings = {"captions": str(args.captions or "toy"), "n": len(captions), "sample_seed": args.sample_seed,
-                "model": "toy" if args.toy else args.model, "dtype": args.dtype, "steps": args.steps, "size": args.size,
+                "model": (args.toy_model or "toy") if args.toy else args.model, "dtype": args.dtype, "steps": args.steps,
+                "size": args.size,
                 "seed": args.seed, "clip": None if args.no_clip else score_name}
     out = Path(args.out)
     if args.toy and not args.fid_ref and not args.no_fid:
@@ -176,6 +180,8 @@ def run(args: argparse.Namespace, pipe=None, clip: ClipScorer | None = None, ext
     bar = tqdm(desc=f"coco30k shard {shard.index + 1}/{shard.count}", initial=mine - len(pending), total=mine,
                disable=not progress, dynamic_ncols=True)
     kwargs = {"height": args.size, "width": args.size} if args.size else {}
+    if call_default(type(pipe), "use_resolution_binning", None) is not None:
+        kwargs["use_resolution_binning"] = False  # PixArt: generate at the size asked for (toy sizes have no bins)
     for batch in _batches(pending, args.batch):
         folder = batch[0].split("/")[0]
         config, scale = folder.rsplit("-w", 1)
