@@ -113,28 +113,29 @@ def reference_statistics(reference: str | os.PathLike, extractor: Extractor, cac
 
 
 def bootstrap_interval(statistic: Callable[[np.ndarray], float], n: int, resamples: int = 200, seed: int = 0,
-                       level: float = 0.95, basic: bool = False) -> tuple[float, float]:
-    """Bootstrap interval of `statistic(indices)` over `n` items drawn with replacement: the percentile interval, or
-    with `basic` the basic one (2·θ̂ minus the percentiles), for a statistic that resampling biases: a resample's
-    repeated images lower its feature covariance, which raises FID."""
+                       centred: bool = False) -> tuple[float, float]:
+    """95 % bootstrap interval of `statistic(indices)` over `n` items drawn with replacement: the percentile interval,
+    or with `centred` the estimate ± 1.96 bootstrap standard deviations, for a statistic that resampling biases (a
+    resample's repeated images lower its feature covariance and raise FID by more than its spread: the percentile
+    and basic intervals then miss the estimate)."""
     rng = np.random.default_rng(seed)
-    values = [statistic(rng.integers(0, n, n)) for _ in range(resamples)]
-    lo, hi = float(np.quantile(values, (1 - level) / 2)), float(np.quantile(values, (1 + level) / 2))
-    if not basic:
-        return lo, hi
-    estimate = statistic(np.arange(n))
-    return 2 * estimate - hi, 2 * estimate - lo
+    values = np.array([statistic(rng.integers(0, n, n)) for _ in range(resamples)])
+    if not centred:
+        return float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))
+    estimate, spread = statistic(np.arange(n)), 1.96 * float(values.std(ddof=1))
+    return estimate - spread, estimate + spread
 
 
 def fid_with_interval(generated, reference, extractor: Extractor, cache=None, resamples: int = 200,
                       progress: bool = True) -> tuple[float, tuple[float, float]]:
     """FID of the images under `generated` against `reference` (a folder of images or an .npz of statistics; see
-    `reference_statistics`), and its 95 % bootstrap interval over the generated images (the reference held fixed)."""
+    `reference_statistics`), and its 95 % interval from the bootstrap spread over the generated images (the
+    reference held fixed)."""
     features = folder_features(generated, extractor, progress=progress)
     ref = reference_statistics(reference, extractor, cache, progress)
     fid = frechet_distance(*feature_statistics(features), *ref)
     interval = bootstrap_interval(lambda i: frechet_distance(*feature_statistics(features[i]), *ref), len(features),
-                                  resamples, basic=True)
+                                  resamples, centred=True)
     return fid, interval
 
 
