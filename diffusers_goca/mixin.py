@@ -316,10 +316,7 @@ class GoCAMixin:
         state = self._goca
         if state is None:
             raise RuntimeError("GoCA is not enabled: call pipe.enable_goca() first")
-        for layer in _replaced_layers(state):
-            original = unwrap_processor(state.adapter.submodule(layer).processor)
-            state.originals[f"{layer}.processor"] = original
-            state.adapter.submodule(layer).set_processor(wrap_processor(original, state.capture, layer))
+        self._goca_wrap_replaced(state, adopt=True)
         return state
 
     # -- hooks --------------------------------------------------------------------------------------------------------
@@ -332,7 +329,7 @@ class GoCAMixin:
             return None
         adapter = state.adapter
         rows = self._goca_rows(adapter.denoiser_batch(args, kwargs), req.n_images)
-        self._goca_wrap_replaced(state)
+        self._goca_wrap_replaced(state, adopt=False)
         state.capture.start(adapter.denoiser_latent_hw(args, kwargs), rows, adapter.denoiser_text_len(args, kwargs),
                             req.columns, req.text_keys, req.pseudo_attention)
         req.timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
@@ -352,12 +349,16 @@ class GoCAMixin:
         raise RuntimeError(f"GoCA expected a denoiser batch of {n} images, or those with their unconditional (CFG) or "
                            f"perturbed (PAG) copies, got {batch}")
 
-    def _goca_wrap_replaced(self, state: _GoCAState) -> None:
-        """Wrap the processors that were set on the capture's layers during the call, in place (the originals that
-        `disable_goca` restores stay): PAG pipelines swap their own in for the call and restore ours after it."""
+    def _goca_wrap_replaced(self, state: _GoCAState, adopt: bool) -> None:
+        """Wrap, in place, the processors set on the capture's layers since they were wrapped. adopt: they replace
+        the originals that `disable_goca` restores (unwrapped, if another pipeline's capture wrapped them); else they
+        are the call's own (PAG swaps its processors in for the call and restores ours after it)."""
         for layer in _replaced_layers(state):
             attn = state.adapter.submodule(layer)
-            attn.set_processor(wrap_processor(attn.processor, state.capture, layer))
+            processor = attn.processor
+            if adopt:
+                processor = state.originals[f"{layer}.processor"] = unwrap_processor(processor)
+            attn.set_processor(wrap_processor(processor, state.capture, layer))
 
     @torch.compiler.disable  # the capture's bookkeeping stays out of a compiled denoiser
     def _goca_post_forward(self, module, args, kwargs, output):

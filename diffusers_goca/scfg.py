@@ -154,16 +154,19 @@ class SCFGMixin(GoCAMixin):
         request = _Request(wants=lambda i: True, n_images=2 * n, forwards_per_step=adapter.forwards_per_step(kwargs),
                            pseudo_attention=pseudo_attention)
 
+        names: list[list[str]] = []  # the regions' tokens per image, read at the first kept step
+
         def transform(step, output):
             return self._scfg_step(step, output, indices, request, segmentor, scfg_variant, guidance, lo, hi,
-                                   max_guidance, scfg_keep_maps)
+                                   max_guidance, names if scfg_keep_maps else None)
 
         request.transform = transform
         state = self._goca_attached() if self._goca is not None else self.enable_goca()._goca
         with self._goca_request(state, request):
             return super(GoCAMixin, self).__call__(*args, **kwargs)
 
-    def _scfg_step(self, step, output, indices, request, segmentor, variant, guidance, lo, hi, max_guidance, keep):
+    def _scfg_step(self, step, output, indices, request, segmentor, variant, guidance, lo, hi, max_guidance, names):
+        """One step's S-CFG; `names` (None: the maps are not kept) holds the regions' tokens once known."""
         adapter = self._goca.adapter
         out = output[0] if isinstance(output, tuple) else output.sample
         n = len(indices)
@@ -184,11 +187,11 @@ class SCFGMixin(GoCAMixin):
         norm = guidance_norm(eps_u[:, :channels], eps_c[:, :channels])
         rate = rate_map(norm, regions.to(norm.device), foreground.to(norm.device), max(counts), guidance, lo, hi,
                         max_guidance)
-        if keep:
+        if names is not None:
             index = (request.forward - 1) // request.forwards_per_step
             t = request.timestep
             t = float(t.flatten()[0]) if torch.is_tensor(t) else float(t or 0)
-            names = [region_names(adapter, i, segmentor, k) for i, k in zip(indices, counts)]
+            names[:] = names or [region_names(adapter, i, segmentor, k) for i, k in zip(indices, counts)]
             self.scfg_maps.append(SCFGStepMaps(index, regions.cpu(), foreground.cpu(), rate[:, 0].cpu(),
                                                adapter.scheduler_timestep(t), names, (lo, hi)))
         guided = torch.cat([eps_u, scfg_cond(eps_u, eps_c, rate)])

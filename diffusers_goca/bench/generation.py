@@ -113,17 +113,17 @@ def reference_statistics(reference: str | os.PathLike, extractor: Extractor, cac
 
 
 def bootstrap_interval(statistic: Callable[[np.ndarray], float], n: int, resamples: int = 200, seed: int = 0,
-                       centred: bool = False) -> tuple[float, float]:
+                       around: float | None = None) -> tuple[float, float]:
     """95 % bootstrap interval of `statistic(indices)` over `n` items drawn with replacement: the percentile interval,
-    or with `centred` the estimate ± 1.96 bootstrap standard deviations, for a statistic that resampling biases (a
-    resample's repeated images lower its feature covariance and raise FID by more than its spread: the percentile
-    and basic intervals then miss the estimate)."""
+    or, given the estimate `around`, that estimate ± 1.96 bootstrap standard deviations, for a statistic that
+    resampling biases (a resample's repeated images lower its feature covariance and raise FID by more than its
+    spread: the percentile and basic intervals then miss the estimate)."""
     rng = np.random.default_rng(seed)
     values = np.array([statistic(rng.integers(0, n, n)) for _ in range(resamples)])
-    if not centred:
+    if around is None:
         return float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))
-    estimate, spread = statistic(np.arange(n)), 1.96 * float(values.std(ddof=1))
-    return estimate - spread, estimate + spread
+    spread = 1.96 * float(values.std(ddof=1))
+    return around - spread, around + spread
 
 
 def fid_with_interval(generated, reference, extractor: Extractor, cache=None, resamples: int = 200,
@@ -135,7 +135,7 @@ def fid_with_interval(generated, reference, extractor: Extractor, cache=None, re
     ref = reference_statistics(reference, extractor, cache, progress)
     fid = frechet_distance(*feature_statistics(features), *ref)
     interval = bootstrap_interval(lambda i: frechet_distance(*feature_statistics(features[i]), *ref), len(features),
-                                  resamples, centred=True)
+                                  resamples, around=fid)
     return fid, interval
 
 

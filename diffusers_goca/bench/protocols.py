@@ -86,12 +86,13 @@ def evaluate_protocols(pipe, n: int = 100, start: int = 0, split: str = "test",
         for run in runs:
             base = run.removesuffix(" reordered")
             if base != run:  # the same classes as the protocol's own run, in another order
-                classes, bg = rng.sample(named[base], len(named[base])), named[base, "background"]
+                classes, bg = named[base]
+                classes = rng.sample(classes, len(classes))
             else:
                 classes, bg = protocol_classes(scene, run, rng)
                 if background is not None and run != "objects-only":
                     bg = background
-                named[run], named[run, "background"] = classes, bg
+                named[run] = classes, bg
             got = pipe.segment(image, classes, method=list(methods), background=bg, **segment_kwargs)
             surface = CLASS_NAMES.index(scene.background)
             channel_ids = [CLASS_NAMES.index(c) for c in classes] + ([surface if run == "objects-only" else NO_CLASS]
