@@ -5,8 +5,9 @@ S-CFG code runs (it swaps in attention processors that materialise the maps).
     python benchmarks/scfg_overhead.py --resolution 512 --device cuda --dtype float16
     python benchmarks/scfg_overhead.py --resolution 256 --steps 3          # CPU
 
-Per-step time = (time of `steps` steps − time of 1 step) / (steps − 1), each the best of two runs, so text encoding
-and decoding cancel out.
+Per-step time = (time of `steps` steps − time of 1 step) / (steps − 1), each the best of `--rounds` interleaved
+rounds, so text encoding and decoding cancel out. `--counts` adds each config's FLOPs and operator launches per step
+beyond CFG's (`torch.utils.flop_counter`; the launches counted as `overhead.py --launches` does).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import time
 
 import torch
 
-from overhead import UNETS
+from overhead import UNETS, Launches
 
 
 def build(device, dtype):
@@ -40,19 +41,43 @@ def build(device, dtype):
     return pipe
 
 
-def per_step(pipe, steps, device, **kw):
-    def call(n):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        pipe("a cat on the grass next to a red car", num_inference_steps=n, height=RES,
-             width=RES, guidance_scale=7.5, output_type="latent", generator=torch.Generator().manual_seed(0), **kw)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
+def call(pipe, n, device, **kw):
+    """Seconds of one `n`-step call."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    pipe("a cat on the grass next to a red car", num_inference_steps=n, height=RES, width=RES, guidance_scale=7.5,
+         output_type="latent", generator=torch.Generator().manual_seed(0), **kw)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
 
-    call(1)  # warm-up
-    return (min(call(steps) for _ in range(2)) - min(call(1) for _ in range(2))) / (steps - 1)
+
+def per_step_times(pipe, configs: dict, steps: int, rounds: int, device) -> dict:
+    """Per config, (time of `steps` steps − time of 1 step) / (steps − 1), each the best over `rounds` rounds that run
+    every config in turn (interleaved, so that drifts of the machine touch all alike)."""
+    for kw in configs.values():
+        call(pipe, 1, device, **kw)  # warm-up
+    full = {name: [] for name in configs}
+    one = {name: [] for name in configs}
+    for _ in range(rounds):
+        for name, kw in configs.items():
+            full[name].append(call(pipe, steps, device, **kw))
+            one[name].append(call(pipe, 1, device, **kw))
+    return {name: (min(full[name]) - min(one[name])) / (steps - 1) for name in configs}
+
+
+def per_step_counts(pipe, device, **kw) -> tuple[int, int]:
+    """(FLOPs, operators that launch device work) of one step: a 2-step call's less a 1-step call's."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def counts(n):
+        with FlopCounterMode(display=False) as flops, Launches() as launches:
+            call(pipe, n, device, **kw)
+        return flops.get_total_flops(), launches.count
+
+    (flops_2, launches_2), (flops_1, launches_1) = counts(2), counts(1)
+    return flops_2 - flops_1, launches_2 - launches_1
 
 
 def peak(pipe, device, **kw):
@@ -65,6 +90,14 @@ def peak(pipe, device, **kw):
 
 
 RES = 512
+CFG = "CFG (stock, SDPA)"
+# The layer weights taken at the first step only: a later step's time is that of a step that reuses them.
+CONFIGS = {
+    CFG: {"scfg": False},
+    "S-CFG, GoCA masks": {"segmentor": "goca"},
+    "S-CFG, GoCA masks, layer weights reused": {"segmentor": "goca", "layer_weights_every": 10**6},
+    "S-CFG, own segmenter": {"segmentor": "original"},
+}
 
 
 def main(argv=None):
@@ -74,26 +107,35 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds (the best of each is kept)")
+    p.add_argument("--counts", action="store_true",
+                   help="also the FLOPs and the operators launching device work per step, of each config")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float16" if torch.cuda.is_available() else "float32")
     args = p.parse_args(argv)
     RES = args.resolution
     pipe = build(args.device, getattr(torch, args.dtype))
-    rows = {
-        "CFG (stock, SDPA)": per_step(pipe, args.steps, args.device, scfg=False),
-        "S-CFG, GoCA masks": per_step(pipe, args.steps, args.device, segmentor="goca"),
-        "S-CFG, own segmenter": per_step(pipe, args.steps, args.device, segmentor="original"),
-    }
-    mem = {"CFG (stock, SDPA)": peak(pipe, args.device, scfg=False), "S-CFG, GoCA masks": peak(pipe, args.device)}
+    rows = per_step_times(pipe, CONFIGS, args.steps, args.rounds, args.device)
+    counts = {name: per_step_counts(pipe, args.device, **kw) for name, kw in CONFIGS.items()} if args.counts else {}
+    mem = {CFG: peak(pipe, args.device, scfg=False), "S-CFG, GoCA masks": peak(pipe, args.device)}
     pipe.disable_goca()
     pipe.unet.set_attn_processor(AttnProcessor())  # SDPA off, as the original S-CFG code runs
-    rows["CFG with SDPA off (original code's attention)"] = per_step(pipe, args.steps, args.device, scfg=False)
-    base = rows["CFG (stock, SDPA)"]
-    print(f"SD 1.5 UNet (real config, random weights), {RES} px, {args.device}, {args.dtype}, CFG batch 2")
+    sdpa_off = "CFG with SDPA off (original code's attention)"
+    rows[sdpa_off] = per_step_times(pipe, {sdpa_off: {"scfg": False}}, args.steps, args.rounds, args.device)[sdpa_off]
+    base = rows[CFG]
+    print(f"SD 1.5 UNet (real config, random weights), {RES} px, {args.device}, {args.dtype}, CFG batch 2, "
+          f"per step over {args.steps} steps, best of {args.rounds} interleaved rounds")
     for name, t in rows.items():
         print(f"  {name:<48s} {t * 1e3:9.1f} ms/step   ratio {t / base:.3f}")
-    if mem["CFG (stock, SDPA)"] is not None:
-        extra = (mem["S-CFG, GoCA masks"] - mem["CFG (stock, SDPA)"]) / 2**20
+    if counts:
+        flops, launches = counts[CFG]
+        print("  per step, beyond CFG's own: FLOPs (ratio to CFG's) and operators launching device work")
+        for name, (f, n) in counts.items():
+            if name != CFG:
+                print(f"    {name:<46s} {(f - flops) / 1e9:9.1f} GFLOP ({(f - flops) / flops:.3f})   "
+                      f"{n - launches:6d} launches ({(n - launches) / launches:.3f})")
+    if mem[CFG] is not None:
+        extra = (mem["S-CFG, GoCA masks"] - mem[CFG]) / 2**20
         print(f"  extra peak memory of S-CFG with GoCA masks: {extra:.1f} MiB")
 
 

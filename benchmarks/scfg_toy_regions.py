@@ -16,17 +16,12 @@ import torch.nn.functional as F
 
 import diffusers_goca as goca
 from diffusers_goca.toyworld import load_toy_pipeline
-from diffusers_goca.toyworld.scenes import COLOURS, make_scene, scene_seeds
-
-# A pixel within this RGB distance of an object colour is an object pixel (the backgrounds' colours lie farther).
-OBJECT_COLOUR_DISTANCE = 60
+from diffusers_goca.toyworld.scenes import COLOURS, colour_labels, make_scene, scene_seeds
 
 
 def object_pixels(images: np.ndarray, grid: tuple[int, int]) -> torch.Tensor:
     """images [B, H, W, 3] in [0, 1] → bool [B, *grid]: cells of the latent grid that are mostly object pixels."""
-    colours = np.array(list(COLOURS.values()), np.float32)
-    distance = np.linalg.norm(images[..., None, :] * 255 - colours, axis=-1).min(-1)
-    mask = torch.from_numpy((distance < OBJECT_COLOUR_DISTANCE).astype(np.float32))[:, None]
+    mask = torch.from_numpy((colour_labels(images, list(COLOURS)) > 0).astype(np.float32))[:, None]
     return F.adaptive_avg_pool2d(mask, grid)[:, 0] > 0.5
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 
@@ -139,10 +140,32 @@ def layer_weights(step: StepCapture, row: int, adapter, layers: list[str], renor
     return normalize_layer_weights(torch.stack([taken[n] for n in layers]))
 
 
+class LayerWeightReuse:
+    """Layer weights taken at one denoising step and reused for the next `every` − 1 steps (the weights are one scalar
+    per layer and change slowly over the steps). `reuse(step, key, compute)` returns the weights taken for `key` (the
+    image row and the options) at most `every` − 1 steps before `step`, else `compute()`'s, kept for the next ones."""
+
+    def __init__(self, every: int, name: str = "layer_weights_every"):
+        if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
+            raise ValueError(f"{name} must be an integer ≥ 1 (1: every step; a number ≥ the steps: once, at the "
+                             f"first masked step), got {every!r}")
+        self.every = int(every)
+        self._taken: dict = {}  # key → (step, weights)
+
+    def __call__(self, step: int, key, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        taken = self._taken.get(key)
+        if taken is None or step - taken[0] >= self.every:
+            taken = self._taken[key] = (step, compute())
+        return taken[1]
+
+
 def goca_scores(
-    step: StepCapture, row: int, index: TokenIndex, adapter, options: GoCAOptions, background: str | None = None
+    step: StepCapture, row: int, index: TokenIndex, adapter, options: GoCAOptions, background: str | None = None,
+    reuse: Callable | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """GoCA (and, through `options`, vanilla and manual): class scores [K, N_map] and the background entity's [N_map]."""
+    """GoCA (and, through `options`, vanilla and manual): class scores [K, N_map] and the background entity's [N_map].
+    reuse(key, compute): where the layer weights come from during generation (a `LayerWeightReuse` bound to the
+    step); None: computed from this capture."""
     map_hw = adapter.map_grid(step.latent_hw)
     layers, refinement = adapter.layer_set(options.layers)
     head_weighting = options.head_weighting or step.head_weighting
@@ -152,8 +175,11 @@ def goca_scores(
     maps = [step.cross[n]["average" if head_weighting == "average" else "auto"][row] for n in layers]
     grids = [step.grids[n] for n in layers]
     if options.layer_weighting == "auto":
-        weights = layer_weights(step, row, adapter, layers, options.renormalize_rows, options.layer_weight_stride,
-                                options.pseudo_attention)
+        def compute() -> torch.Tensor:
+            return layer_weights(step, row, adapter, layers, options.renormalize_rows, options.layer_weight_stride,
+                                 options.pseudo_attention)
+
+        weights = compute() if reuse is None else reuse((row, options), compute)
     elif options.layer_weighting == "uniform":
         weights = torch.full((len(layers),), 1.0 / len(layers))
     else:
@@ -286,10 +312,12 @@ def iseg_scores(
     return _split_background(minmax(x), background)
 
 
-def method_scores(step, row, index, adapter, method: str, background: str | None = None, **options):
+def method_scores(step, row, index, adapter, method: str, background: str | None = None, reuse: Callable | None = None,
+                  **options):
     """Dispatch on the method name; `options` override GoCAOptions fields for goca / vanilla / manual.
 
-    index: the prompt's TokenIndex (token positions); it is mapped onto the columns the capture kept."""
+    index: the prompt's TokenIndex (token positions); it is mapped onto the columns the capture kept. reuse: the
+    layer weights' source during generation (`goca_scores`)."""
     check_method(adapter, method)
     index = step.index(index)
     if method in ("diffsegmenter", "seg4diff", "iseg"):
@@ -297,4 +325,4 @@ def method_scores(step, row, index, adapter, method: str, background: str | None
             raise ValueError(f"{method} takes no GoCA options, got {sorted(options)}")
         fn = {"diffsegmenter": diffsegmenter_scores, "seg4diff": seg4diff_scores, "iseg": iseg_scores}[method]
         return fn(step, row, index, adapter, background)
-    return goca_scores(step, row, index, adapter, options_for(method, **options), background)
+    return goca_scores(step, row, index, adapter, options_for(method, **options), background, reuse)

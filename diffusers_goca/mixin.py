@@ -7,6 +7,7 @@ import os
 import weakref
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -16,7 +17,7 @@ from PIL import Image, ImageOps
 from .capture import Capture, StepCapture
 from .class_encoding import CLASS_ENCODINGS, separately_encoded
 from .functional.maps import labels_without, scores_to_labels
-from .methods import capture_pseudo_attention, check_method, method_scores, reads_head_weighted_maps
+from .methods import LayerWeightReuse, capture_pseudo_attention, check_method, method_scores, reads_head_weighted_maps
 from .models.base import adapter_for, call_default, check_one_call_per_step
 from .processors import unwrap_processor, wrap_processor
 from .presence import PRESENCE_THRESHOLD, denoiser_presence
@@ -85,6 +86,7 @@ class _Request:
     pseudo_attention: str = "official-code"  # A_p of the joint layers' weights taken in the forward (`Capture.start`)
     output_resize: Callable | None = None  # scores at the generated size → the returned image's (Adapter.output_resize)
     transform: Callable | None = None  # (capture, denoiser output) → replacement output (S-CFG)
+    reuse: LayerWeightReuse | None = None  # layer weights kept over steps (generation; None: taken at every step)
     captured: list[StepCapture] = field(default_factory=list)
     delivered: list[GoCAStepMasks] = field(default_factory=list)
 
@@ -374,8 +376,10 @@ class GoCAMixin:
         if step is not None and req.keep_capture:
             req.captured.append(step)
         elif step is not None:
+            reuse = None if req.reuse is None else partial(req.reuse, index)
             results = self._goca_results(state.adapter, step, req.indices, req.method, req.background,
-                                         req.background_offset, req.options, output_resize=req.output_resize)
+                                         req.background_offset, req.options, output_resize=req.output_resize,
+                                         reuse=reuse)
             t = req.timestep
             t = float(t.flatten()[0]) if torch.is_tensor(t) else float(t or 0)
             masks = GoCAStepMasks(index, state.adapter.scheduler_timestep(t), results)
@@ -386,16 +390,17 @@ class GoCAMixin:
 
     def _goca_results(self, adapter, step: StepCapture, indices, method: str, background: str | None,
                       background_offset: float, options: dict, out_hw=None, output_resize=None,
-                      absent: Sequence[str] = ()) -> list[GoCASegmentation]:
+                      absent: Sequence[str] = (), reuse: Callable | None = None) -> list[GoCASegmentation]:
         """One segmentation per captured row; labels at `out_hw` (default: the generated image's size), then through
         `output_resize` (what the pipeline does to its image after generating it, if anything). Classes in `absent`
-        take no pixel (unless every class is absent and there is no background channel)."""
+        take no pixel (unless every class is absent and there is no background channel). reuse: the layer weights'
+        source during generation (`methods.goca_scores`)."""
         map_hw = adapter.map_grid(step.latent_hw)
         out_hw = out_hw or adapter.image_hw(step.latent_hw)
         results = []
         for row, index in enumerate(indices):
             bg = background if background in index.extra_entities else None
-            scores, bg_scores = method_scores(step, row, index, adapter, method, bg, **options)
+            scores, bg_scores = method_scores(step, row, index, adapter, method, bg, reuse, **options)
             labels, up = scores_to_labels(scores, map_hw, out_hw, bg_scores, background_offset)
             if output_resize is not None:
                 up = output_resize(up)
@@ -601,6 +606,7 @@ class GoCAMixin:
         goca_background: bool = False,
         goca_background_offset: float = 0.0,
         goca_options: dict | None = None,
+        goca_layer_weights_every: int = 1,
         **kwargs,
     ):
         """The pipeline's own call, plus masks during generation.
@@ -610,6 +616,9 @@ class GoCAMixin:
         goca_classes: classes to segment, for every prompt, or one list per prompt (default: the entities of each
         prompt, see `tokens.entities_from_prompt`).
         goca_callback: called as `goca_callback(pipe, step, timestep, masks: GoCAStepMasks)` after each segmented step.
+        goca_layer_weights_every: k > 1 takes GoCA's layer weights at the first segmented step and again only once k
+        steps have passed, reusing them in between (they change slowly; the cost they save is in
+        docs/scfg_toy.md); 1 (default): at every step, the method as published.
         After the call, `pipe.goca_masks` holds the list of `GoCAStepMasks` of that call.
         """
         if goca_masks is None or goca_masks is False or (isinstance(goca_masks, (list, tuple)) and not goca_masks):
@@ -624,6 +633,7 @@ class GoCAMixin:
         check_method(adapter, goca_method)
         pseudo_attention = capture_pseudo_attention(adapter, [goca_method], dict(goca_options or {}))
         goca_background_offset = _finite("goca_background_offset", goca_background_offset)
+        reuse = LayerWeightReuse(goca_layer_weights_every, "goca_layer_weights_every")
 
         prompt = adapter.call_prompt(args, kwargs)
         adapter.check_mask_prompt(kwargs, prompt)
@@ -651,7 +661,7 @@ class GoCAMixin:
             options=dict(goca_options or {}), callback=goca_callback, forwards_per_step=adapter.forwards_per_step(kwargs),
             columns=kept_columns(adapter, indices), text_keys=_text_keys(adapter, indices),
             pseudo_attention=pseudo_attention,
-            output_resize=adapter.output_resize(kwargs),
+            output_resize=adapter.output_resize(kwargs), reuse=reuse if reuse.every > 1 else None,
         )
         self.goca_masks = request.delivered
         state = self._goca_attached() if self._goca is not None else self.enable_goca()._goca

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Sequence
 
 import numpy as np
@@ -20,7 +21,7 @@ from PIL import Image, ImageDraw
 from .functional.aggregation import aggregate_layers
 from .functional.maps import gaussian_blur, minmax, per_pixel_rescale, propagate, resize_maps
 from .functional.scfg import guidance_norm, rate_map, scfg_cond
-from .methods import capture_pseudo_attention, layer_weights, refinement_operator
+from .methods import LayerWeightReuse, capture_pseudo_attention, layer_weights, refinement_operator
 from .mixin import GoCAMixin, _Request
 from .models.base import adapter_for, call_default, check_one_call_per_step
 from .result import palette
@@ -59,23 +60,29 @@ def region_names(adapter, index, segmentor: str, count: int) -> list[str]:
     return [tokens[p] if p < len(tokens) else "<pad>" for p in positions]
 
 
-def goca_regions(step, adapter, cond_row: int, uncond_row: int, index) -> tuple[torch.Tensor, torch.Tensor, int]:
+def goca_regions(step, adapter, cond_row: int, uncond_row: int, index, reuse=None):
     """GoCA regions: per-token GoCA maps of the conditional prompt (start token + content tokens), argmax; foreground
-    where the unconditional start-token map is < 0.5 (PixArt's T5 has none: the conditional end token's map)."""
+    where the unconditional start-token map is < 0.5 (PixArt's T5 has none: the conditional end token's map).
+    reuse(key, compute): the layer weights' source (a `LayerWeightReuse` bound to the step; None: this capture).
+    Returns regions [h, w], foreground [h, w] and the number of regions."""
     map_hw = adapter.map_grid(step.latent_hw)
     layers = adapter.cross_layers
     grids = [step.grids[n] for n in layers]
 
     def token_maps(row):
-        weights = layer_weights(step, row, adapter, layers, renormalize_rows=False)
+        def compute():
+            return layer_weights(step, row, adapter, layers, renormalize_rows=False)
+
+        weights = compute() if reuse is None else reuse((row,), compute)
         return aggregate_layers([step.cross[n]["auto"][row] for n in layers], grids, weights, map_hw)
 
     cond = token_maps(cond_row)
     special = index.bos if index.bos is not None else index.eos
     channels = [[special]] + [[t] for t in index.content]
     scores = minmax(gaussian_blur(per_pixel_rescale(cond, channels, index.content), map_hw))
-    s = refinement_operator(step, cond_row, adapter.refinement_layers, map_hw)
-    regions = minmax(propagate(s, scores, 2)).argmax(0)
+    order = 2  # S²·M, the UNet's GoCA order, on every family (S-CFG's own two-step refinement)
+    s = refinement_operator(step, cond_row, adapter.refinement_layers, map_hw, order)
+    regions = minmax(propagate(s, scores, order)).argmax(0)
     reference = token_maps(uncond_row)[:, 0] if index.bos is not None else cond[:, special]
     foreground = minmax(gaussian_blur(reference[None], map_hw))[0] < 0.5
     return regions.view(map_hw), foreground.view(map_hw), len(channels)
@@ -117,12 +124,14 @@ class SCFGMixin(GoCAMixin):
     """Adds S-CFG to a GoCA pipeline: the pipeline's call with `scfg=True` (default), `segmentor="goca"` or
     `"original"`, `scfg_variant` ("code" / "paper", for the original segmenter), `rate_bounds=(0.8, 3.0)` and
     `max_guidance=15.0`, `pseudo_attention` (the GoCA regions' layer weights, as `GoCAOptions.pseudo_attention`;
-    None: its default). `guidance_scale` keeps its meaning; at `guidance_scale ≤ 1` it is plain sampling.
+    None: its default), `layer_weights_every` (k > 1: the GoCA regions' layer weights taken at the first step and
+    again once k steps have passed, reused in between; 1: every step). `guidance_scale` keeps its meaning; at `guidance_scale ≤ 1` it is plain sampling.
     `scfg_keep_maps=True` keeps every step's regions and rates in `pipe.scfg_maps` (see `save_scfg_maps`)."""
 
     def __call__(self, *args, scfg: bool = True, segmentor: str = "goca", scfg_variant: str = "code",
                  rate_bounds: tuple[float, float] = (0.8, 3.0), max_guidance: float = 15.0,
-                 scfg_keep_maps: bool = False, pseudo_attention: str | None = None, **kwargs):
+                 scfg_keep_maps: bool = False, pseudo_attention: str | None = None, layer_weights_every: int = 1,
+                 **kwargs):
         guidance = kwargs.get("guidance_scale", call_default(type(self), "guidance_scale", 7.5))
         if not scfg or guidance <= 1:
             return super().__call__(*args, **kwargs)
@@ -139,6 +148,7 @@ class SCFGMixin(GoCAMixin):
         if not (isinstance(max_guidance, numbers.Real) and 0 < max_guidance < math.inf):
             raise ValueError(f"max_guidance must be a finite number > 0 (the cap on guidance × rate), got "
                              f"{max_guidance!r}")
+        reuse = LayerWeightReuse(layer_weights_every)
         # Every check before GoCA is attached: a refused call leaves a disabled pipeline as it was.
         check_one_call_per_step(self, "S-CFG")
         adapter = self._goca.adapter if self._goca is not None else adapter_for(self)
@@ -158,24 +168,28 @@ class SCFGMixin(GoCAMixin):
 
         def transform(step, output):
             return self._scfg_step(step, output, indices, request, segmentor, scfg_variant, guidance, lo, hi,
-                                   max_guidance, names if scfg_keep_maps else None)
+                                   max_guidance, names if scfg_keep_maps else None, reuse if reuse.every > 1 else None)
 
         request.transform = transform
         state = self._goca_attached() if self._goca is not None else self.enable_goca()._goca
         with self._goca_request(state, request):
             return super(GoCAMixin, self).__call__(*args, **kwargs)
 
-    def _scfg_step(self, step, output, indices, request, segmentor, variant, guidance, lo, hi, max_guidance, names):
-        """One step's S-CFG; `names` (None: the maps are not kept) holds the regions' tokens once known."""
+    def _scfg_step(self, step, output, indices, request, segmentor, variant, guidance, lo, hi, max_guidance, names,
+                   reuse):
+        """One step's S-CFG; `names` (None: the maps are not kept) holds the regions' tokens once known; `reuse`: the
+        `LayerWeightReuse` of the call (None: layer weights at every step)."""
         adapter = self._goca.adapter
         out = output[0] if isinstance(output, tuple) else output.sample
         n = len(indices)
+        step_number = (request.forward - 1) // request.forwards_per_step
         eps_u, eps_c = out[:n], out[n:]
         channels = self.vae.config.latent_channels  # PixArt predicts [ε, variance]: guide by the ε channels
+        reuse = None if reuse is None else partial(reuse, step_number)
         regions, foreground, counts = [], [], []
         for b, index in enumerate(indices):
             if segmentor == "goca":
-                r, f, k = goca_regions(step, adapter, n + b, b, index)
+                r, f, k = goca_regions(step, adapter, n + b, b, index, reuse)
             else:
                 r, f, k = original_regions(step, adapter, n + b, b, index, variant)
             regions.append(r)
@@ -188,11 +202,10 @@ class SCFGMixin(GoCAMixin):
         rate = rate_map(norm, regions.to(norm.device), foreground.to(norm.device), max(counts), guidance, lo, hi,
                         max_guidance)
         if names is not None:
-            index = (request.forward - 1) // request.forwards_per_step
             t = request.timestep
             t = float(t.flatten()[0]) if torch.is_tensor(t) else float(t or 0)
             names[:] = names or [region_names(adapter, i, segmentor, k) for i, k in zip(indices, counts)]
-            self.scfg_maps.append(SCFGStepMaps(index, regions.cpu(), foreground.cpu(), rate[:, 0].cpu(),
+            self.scfg_maps.append(SCFGStepMaps(step_number, regions.cpu(), foreground.cpu(), rate[:, 0].cpu(),
                                                adapter.scheduler_timestep(t), names, (lo, hi)))
         guided = torch.cat([eps_u, scfg_cond(eps_u, eps_c, rate)])
         if isinstance(output, tuple):

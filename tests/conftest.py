@@ -226,14 +226,15 @@ class HostWaits(TorchDispatchMode):
 
 class Running:
     """Replaces `owner.name` (through `monkeypatch`) by a wrapper, so that `bool(self)` says whether a call to it
-    is under way."""
+    is under way; `calls` counts the calls so far."""
 
     def __init__(self, monkeypatch, owner, name: str):
-        self.depth = 0
+        self.depth = self.calls = 0
         original = getattr(owner, name)
 
         def wrapped(*args, **kwargs):
             self.depth += 1
+            self.calls += 1
             try:
                 return original(*args, **kwargs)
             finally:

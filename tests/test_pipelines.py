@@ -32,6 +32,24 @@ def test_images_bit_identical_with_goca(make):
     assert np.array_equal(generate(pipe), reference)
 
 
+def test_generation_masks_reuse_layer_weights_every_k_steps(tiny_sd, monkeypatch):
+    """goca_layer_weights_every=2 takes the layer weights at steps 0 and 2 of 3 (those steps' masks are the per-step
+    method's exactly) and reuses step 0's at step 1; the images stay untouched."""
+    from diffusers_goca import methods
+
+    gp = goca.from_pipe(tiny_sd)
+    reference = generate(gp, goca_masks=True)
+    exact = [m.results for m in gp.goca_masks]
+    taken = Running(monkeypatch, methods, "layer_weights")
+    assert np.array_equal(generate(gp, goca_masks=True, goca_layer_weights_every=2), reference)
+    assert taken.calls == 2 * 2  # two images, at steps 0 and 2
+    reused = [m.results for m in gp.goca_masks]
+    for step in (0, 2):
+        assert all(torch.equal(a.scores, b.scores) for a, b in zip(reused[step], exact[step]))
+    assert not all(torch.equal(a.scores, b.scores) for a, b in zip(reused[1], exact[1]))
+    gp.disable_goca()
+
+
 def test_disable_restores_identical_objects_and_custom_processors_run(tiny_sd):
     pipe = goca.from_pipe(tiny_sd, enable=False)
     unet = pipe.unet

@@ -109,6 +109,11 @@ def test_scfg_refuses_a_max_guidance_that_is_not_a_finite_positive_number():
         for bad in ((0.8, float("inf")), (float("nan"), 3.0), (3.0, 0.8), (0, 3.0), ("1", 3.0)):
             with pytest.raises(ValueError, match="rate_bounds must be finite numbers"):
                 run(pipe, "a cat on grass", guidance_scale=5.0, rate_bounds=bad)
+        for bad in (0, -2, 1.5, float("inf"), float("nan"), True, "2"):
+            with pytest.raises(ValueError, match="layer_weights_every must be an integer ≥ 1"):
+                run(pipe, "a cat on grass", guidance_scale=5.0, layer_weights_every=bad)
+            with pytest.raises(ValueError, match="goca_layer_weights_every must be an integer ≥ 1"):
+                run(pipe, "a cat on grass", scfg=False, goca_masks=True, goca_layer_weights_every=bad)
 
 
 def test_result_pictures_take_generated_images_of_every_output_type(tiny_sd):

@@ -64,7 +64,8 @@ def test_scfg_cond_turns_the_pipeline_line_into_scfg():
 def run(pipe, **kw):
     if "PixArt" in type(pipe).__name__:
         kw.setdefault("use_resolution_binning", False)
-    return pipe(["a cat on grass", "a red dog"], num_inference_steps=3, height=32, width=48, output_type="np",
+    kw.setdefault("num_inference_steps", 3)
+    return pipe(["a cat on grass", "a red dog"], height=32, width=48, output_type="np",
                 negative_prompt=["blurry", "dark"], generator=torch.Generator().manual_seed(0), **kw).images
 
 
@@ -135,6 +136,24 @@ def test_scfg_steps_never_wait_for_the_device(segmentor, monkeypatch):
     with HostWaits(lambda: pipe._goca.capture.active or bool(guiding)) as waits:
         run(pipe, guidance_scale=5.0, segmentor=segmentor)
     assert waits.ops == [], f"the capture or the S-CFG step read device values on the host: {waits.ops}"
+    pipe.disable_goca()
+
+
+def test_layer_weights_every_k_steps_are_taken_then_reused(monkeypatch):
+    """layer_weights_every=k takes each image's layer weights at steps 0, k, 2k… and reuses them in between: the first
+    step is the per-step method's exactly; 1 is the per-step method."""
+    from diffusers_goca import scfg
+
+    pipe = goca.scfg_from_pipe(make_tiny_sd())
+    exact = run(pipe, guidance_scale=5.0, scfg_keep_maps=True, num_inference_steps=5)
+    first_rates = pipe.scfg_maps[0].rates
+    taken = Running(monkeypatch, scfg, "layer_weights")
+    for every, steps_taken in ((1, 5), (2, 3), (10, 1)):
+        before = taken.calls
+        images = run(pipe, guidance_scale=5.0, scfg_keep_maps=True, num_inference_steps=5, layer_weights_every=every)
+        assert taken.calls - before == 2 * 2 * steps_taken  # 2 images, each its conditional and unconditional row
+        assert torch.equal(pipe.scfg_maps[0].rates, first_rates)
+        assert np.array_equal(images, exact) == (every == 1)
     pipe.disable_goca()
 
 

@@ -34,6 +34,22 @@ def toy():
     pipe.disable_goca()
 
 
+def test_colour_labels_read_the_ground_truth_of_real_scenes():
+    """Reading a scene off its colours (what the benchmarks do with generated toy images) gives its pixel ground truth
+    where the objects' colours differ."""
+    from diffusers_goca.toyworld.scenes import colour_labels, make_scene, scene_seeds
+
+    agreement = []
+    for seed in scene_seeds("test", 60):
+        scene = make_scene(seed)
+        objects = scene.classes[1:]
+        if len({c.split()[0] for c in objects}) < len(objects):
+            continue
+        world = np.array([CLASS_NAMES.index(c) for c in scene.classes])
+        agreement.append((world[colour_labels(scene.image / 255.0, [c.split()[0] for c in objects])] == scene.labels).mean())
+    assert len(agreement) > 30 and np.mean(agreement) > 0.98
+
+
 def test_loads_with_the_stock_pipeline():
     from diffusers import StableDiffusionPipeline
 

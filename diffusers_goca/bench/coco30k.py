@@ -34,8 +34,11 @@ from .generation import (ClipScorer, bootstrap_interval, clean_fid_extractor, fe
 from .runlog import ResultLog, Shard, wait_for_everyone, write_table, writes_table
 
 CONFIGS = {"cfg": {"scfg": False}, "scfg": {"scfg": True, "segmentor": "original"},
-           "goca-scfg": {"scfg": True, "segmentor": "goca"}}
-CONFIG_NAMES = {"cfg": "CFG", "scfg": "S-CFG", "goca-scfg": "GoCA+S-CFG"}
+           "goca-scfg": {"scfg": True, "segmentor": "goca"},
+           # the layer weights taken every 5 steps and reused in between (the per-step cost option)
+           "goca-scfg-every5": {"scfg": True, "segmentor": "goca", "layer_weights_every": 5}}
+CONFIG_NAMES = {"cfg": "CFG", "scfg": "S-CFG", "goca-scfg": "GoCA+S-CFG",
+                "goca-scfg-every5": "GoCA+S-CFG, layer weights every 5 steps"}
 # GoCA paper, SD 1.5, 512 px, fp16, 50 steps, w = 5: (FID, CLIP).
 PAPER = {"cfg": (19.27, 31.34), "scfg": (19.15, 31.35), "goca-scfg": (18.82, 31.42)}
 
@@ -231,7 +234,7 @@ def summarize(args, log: ResultLog, keys, configs, scales, extractor, progress) 
                                                               cache=out / "reference_stats.npz",
                                                               resamples=max(args.bootstrap, 2), progress=progress)
                 row["fid_ci"] = row["fid_ci"] if args.bootstrap else None
-            row["paper_fid"], row["paper_clip"] = PAPER[c] if w == 5 else (None, None)
+            row["paper_fid"], row["paper_clip"] = PAPER.get(c, (None, None)) if w == 5 else (None, None)
             rows.append(row)
     score = "toy score" if args.toy and records and "clip" in next(iter(records.values())) else "CLIP"
     lines = [f"| config | w | images | FID (95 % CI) | {score} (95 % CI) | paper FID / CLIP (SD 1.5, w = 5) |",

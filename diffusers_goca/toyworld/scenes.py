@@ -18,6 +18,8 @@ COLOURS = {
     "black": (15, 15, 15),
 }
 SHAPES = ("circle", "square", "triangle")
+# A pixel within this RGB distance of an object colour is drawn in it: the backgrounds' colours lie farther.
+OBJECT_COLOUR_DISTANCE = 60
 CLASS_NAMES = list(BACKGROUNDS) + [f"{c} {s}" for c in COLOURS for s in SHAPES]
 
 # Train, test and validation seeds come from disjoint ranges, so the splits never share a scene. Settings are tuned
@@ -49,6 +51,14 @@ class Scene:
         present = set(np.unique(self.labels).tolist())
         ordered = [self.background] + list(dict.fromkeys(self.objects))
         return [c for c in ordered if CLASS_NAMES.index(c) in present]
+
+
+def colour_labels(images: np.ndarray, colours: list[str]) -> np.ndarray:
+    """Pixels read off their colour: images [..., 3] in [0, 1] (generated ones, too) → int64 [...], i + 1 where the
+    nearest of `colours` (names of COLOURS) is colours[i] within OBJECT_COLOUR_DISTANCE, else 0."""
+    rgb = np.array([COLOURS[c] for c in colours], np.float32)
+    distance = np.linalg.norm(images[..., None, :] * 255 - rgb, axis=-1)
+    return np.where(distance.min(-1) < OBJECT_COLOUR_DISTANCE, distance.argmin(-1) + 1, 0)
 
 
 def _background(name: str, size: int, rng: np.random.RandomState) -> np.ndarray:
