@@ -6,7 +6,7 @@ elementwise), at real head counts and widths, on this machine. Prints both times
     python benchmarks/layer_weight_direct.py --device cuda
 
 The direct form needs a quarter of the fused call's arithmetic but writes every score chunk to memory several times;
-which is faster depends on the device. On CPU it is not faster (see the README's "Speed and memory").
+which is faster depends on the device. On CPU it is not faster (docs/performance.md).
 """
 from __future__ import annotations
 

@@ -34,9 +34,10 @@ def build(device, dtype):
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
-    pipe = goca.SCFGGoCAPipeline(vae=vae, unet=unet, text_encoder=text, tokenizer=build_clip_tokenizer(),
-                                 scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                 requires_safety_checker=False).to(device, dtype)
+    pipe = goca.SCFGGoCAStableDiffusionPipeline(vae=vae, unet=unet, text_encoder=text,
+                                                tokenizer=build_clip_tokenizer(), scheduler=scheduler,
+                                                safety_checker=None, feature_extractor=None,
+                                                requires_safety_checker=False).to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -1,5 +1,8 @@
 """Command line: `goca segment IMAGE --classes cat,grass --model ID_OR_PATH --out overlay.png`, `goca demo`,
-`goca bench-seg --dataset voc --root DIR --model ID_OR_PATH` (the segmentation benchmark)."""
+`goca bench-seg --dataset voc --root DIR --model ID_OR_PATH` (the segmentation benchmark).
+
+The pipelines load through `loading` (`load_pipeline`; `DTYPES` are the --dtype names); `segment` loads in the
+--dtype given, on any device."""
 from __future__ import annotations
 
 import argparse
@@ -8,35 +11,9 @@ import sys
 
 import torch
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+from .loading import DTYPES, load_pipeline
 
-
-def pretrained(path: str, dtype: torch.dtype):
-    """`DiffusionPipeline.from_pretrained(path)` with no safety checker, and with the components the saved pipeline
-    lists as absent ([null, null] in model_index.json, e.g. SD3 saved without T5) passed as None, which diffusers
-    otherwise refuses for required components."""
-    import inspect
-
-    import diffusers
-    from diffusers import DiffusionPipeline
-
-    config = DiffusionPipeline.load_config(path)
-    kwargs = {name: None for name, entry in config.items() if entry == [None, None]}
-    cls = getattr(diffusers, config.get("_class_name", ""), None)
-    if cls is not None and "safety_checker" in inspect.signature(cls.__init__).parameters:
-        kwargs["safety_checker"] = None
-    return DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, **kwargs)
-
-
-def load_pipeline(model: str | None, device: str, dtype: torch.dtype):
-    """A GoCA pipeline from a hub id or a local folder (`DiffusionPipeline.from_pretrained`); None = the toy model."""
-    from .pipelines import from_pipe
-    from .toyworld import TOY_MODEL_DIR
-
-    pipe = from_pipe(pretrained(model or TOY_MODEL_DIR, dtype).to(device))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+__all__ = ["main"]
 
 
 def _segment(args) -> int:

@@ -1,8 +1,12 @@
 """The real CLIP tokenizer, built offline from the BPE merges file that the open-clip-torch wheel ships.
 
+open-clip-torch is an optional dependency (the `toy`, `test` and `bench` extras): only training a toy model and the
+tests build this tokenizer; a saved pipeline folder, the shipped toy models included, has its own tokenizer files.
+
 Token ids are exactly those of `openai/clip-vit-large-patch14`'s tokenizer (49,408 entries, `<|startoftext|>` = 49406,
 `<|endoftext|>` = 49407), so code tested with it sees the token layout of Stable Diffusion's text encoders.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -17,7 +21,11 @@ def default_bpe_path() -> str:
     """Path of open_clip's `bpe_simple_vocab_16e6.txt.gz`, found without importing open_clip (and torchvision)."""
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("open-clip-torch is required to build the CLIP tokenizer offline: pip install open-clip-torch")
+        raise ImportError(
+            "building the CLIP tokenizer needs open_clip's BPE vocabulary file: install open-clip-torch with the "
+            '[toy] extra (also in [test] and [bench]): pip install "diffusers-goca[toy]" (in a checkout: '
+            'pip install -e ".[toy]"). Loading a saved pipeline, the shipped toy models included, does not need it.'
+        )
     path = os.path.join(list(spec.submodule_search_locations)[0], "bpe_simple_vocab_16e6.txt.gz")
     if not os.path.exists(path):
         raise FileNotFoundError(f"open_clip's BPE file is missing: {path}")
@@ -25,7 +33,9 @@ def default_bpe_path() -> str:
 
 
 def _bytes_to_unicode() -> dict[int, str]:
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = printable[:]
     extra = 0
     for b in range(256):

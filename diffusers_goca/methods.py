@@ -13,7 +13,15 @@ import torch
 
 from .capture import StepCapture, brought_back
 from .functional.aggregation import PSEUDO_ATTENTIONS, aggregate_layers, normalize_layer_weights
-from .functional.maps import gaussian_blur, minmax, per_pixel_rescale, propagate, resize_maps, token_class_maps
+from .functional.maps import (
+    entropy_reduced,
+    gaussian_blur,
+    minmax,
+    per_pixel_rescale,
+    propagate,
+    resize_maps,
+    token_class_maps,
+)
 from .functional.self_attention import apply_self_attention, frobenius_with_reference, head_mean_self_attention
 from .tokens import TokenIndex
 
@@ -37,7 +45,7 @@ class GoCAOptions:
     tuple of cross layer names;
     layer_weight_stride: s > 1 sums the layer weights' Frobenius
     products over the reference rows at every s-th row and column only (about 1/s² of their work, the largest part of
-    the reductions; not the official method, which reads every row: see the README for its effect).
+    the reductions; not the official method, which reads every row: docs/performance.md gives its effect).
     """
 
     head_weighting: str | None = None
@@ -273,14 +281,6 @@ ISEG_LEVEL_WEIGHTS = {4: 0.7, 2: 0.3}
 ISEG_EMBEDDING_SCALE = 1.6
 ISEG_ENTROPY_LAMBDA = 0.015
 ISEG_ITERATIONS = 8
-
-
-def entropy_reduced(attention: torch.Tensor, lam: float = ISEG_ENTROPY_LAMBDA) -> torch.Tensor:
-    """iSeg's entropy-reduced self-attention: each key column divided by its max, A + λ·log10(e·A) on non-zero
-    entries, clamped ≥ 0, rows renormalised. attention: [N, N] → [N, N]."""
-    a = attention / attention.amax(0, keepdim=True).clamp_min(1e-12)
-    a = torch.where(a > 0, a + lam * torch.log10(torch.e * a.clamp_min(1e-30)), torch.zeros_like(a)).clamp_min(0)
-    return a / a.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
 def iseg_scores(

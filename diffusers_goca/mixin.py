@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import weakref
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -12,15 +11,23 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from .capture import Capture, StepCapture
 from .class_encoding import CLASS_ENCODINGS, separately_encoded
 from .functional.maps import labels_without, scores_to_labels
-from .methods import LayerWeightReuse, capture_pseudo_attention, check_method, method_scores, reads_head_weighted_maps
+from .image_input import as_rgb
+from .methods import (
+    LayerWeightReuse,
+    available_methods,
+    capture_pseudo_attention,
+    check_method,
+    method_scores,
+    reads_head_weighted_maps,
+)
 from .models.base import adapter_for, call_default, check_one_call_per_step
-from .processors import unwrap_processor, wrap_processor
 from .presence import PRESENCE_THRESHOLD, denoiser_presence
+from .processors import unwrap_processor, wrap_processor
 from .prompt_classes import entities_from_prompt
 from .result import GoCASegmentation
 from .tokens import has_class, segmentation_prompt
@@ -66,8 +73,12 @@ def kept_columns(adapter, indices) -> list[int] | None:
 
 
 @dataclass
-class _Request:
-    """What the denoiser hooks should capture (and, during generation, segment) in one pipeline call or one forward."""
+class CaptureRequest:
+    """What the denoiser hooks of a `GoCAMixin` pipeline capture (and, during generation, segment) in one pipeline
+    call or one forward: built by `segment` / `capture_forward` (`keep_capture=True`), by the call with `goca_masks`
+    (the masks of the steps `wants`), and by `SCFGMixin`'s call (`transform`: the capture and the denoiser output →
+    the output the pipeline goes on with). Handed to the hooks with `GoCAMixin._goca_request`; the hooks fill
+    `captured` / `delivered` and count `forward`. For mixins built on `GoCAMixin`, as S-CFG is."""
 
     wants: Callable[[int], bool]
     n_images: int  # images segmented per forward: the conditional rows of the batch (`GoCAMixin._goca_rows`)
@@ -108,79 +119,15 @@ class _GoCAState:
     capture: Capture
     originals: dict
     handles: list
-    request: _Request | None = None
+    request: CaptureRequest | None = None
 
 
-def _pixels_uint8(a: np.ndarray) -> np.ndarray:
-    """Pixel values as uint8: uint8 as they are, other integers (and bools) as values in 0–255, floats as values in
-    [0, 1]. Values outside those ranges raise: guessing the range from the values would misread dark images."""
-    if a.dtype == np.uint8:
-        return a
-    if a.dtype == np.bool_:
-        return a.astype(np.uint8) * 255
-    lo, hi = a.min(), a.max()
-    if np.issubdtype(a.dtype, np.integer):
-        if lo < 0 or hi > 255:
-            raise ValueError(f"an integer image must hold values in 0–255, got {lo}…{hi} (16-bit: divide by 257)")
-        return a.astype(np.uint8)
-    if not np.issubdtype(a.dtype, np.floating) or not np.isfinite(a).all():
-        raise ValueError(f"an image's values must be finite integers or floats, got dtype {a.dtype}")
-    if lo < -1e-3 or hi > 1 + 1e-3:
-        raise ValueError(f"a float image must hold values in [0, 1], got {lo:.4g}…{hi:.4g} "
-                         "(from [-1, 1]: (x + 1) / 2; from 0–255: pass it as uint8)")
-    return (np.clip(a.astype(np.float32), 0, 1) * 255).round().astype(np.uint8)
-
-
-def _wide_grey(image: Image.Image) -> np.ndarray:
-    """A 16- or 32-bit grey PIL image (modes I;16*, I, F) as an array `_as_rgb` reads: integers as 16-bit values
-    (0–65535, what a 16-bit PNG holds) scaled to uint8, floats as they are (values in [0, 1]). PIL's own
-    `convert("RGB")` clips them to 0–255, which turns every such image (nearly) white."""
-    a = np.asarray(image)
-    if a.dtype.kind == "f":
-        return a
-    lo, hi = int(a.min()), int(a.max())
-    if lo < 0 or hi > 65535:
-        raise ValueError(f"a PIL image of mode {image.mode} must hold values in 0–65535 (16 bit), got {lo}…{hi}")
-    return (a / 257).round().astype(np.uint8)
-
-
-def _as_rgb(image) -> Image.Image:
-    """A PIL RGB image from a PIL image (any mode; alpha composited on white; 16-bit grey as 0–65535, mode F as
-    [0, 1]), an array [H, W(, C)] or a tensor [C, H, W] / [1, C, H, W] / [H, W, C] / [1, H, W, C] (uint8 or integers
-    in 0–255, floats in [0, 1]), or a file path (turned upright by its EXIF orientation, as viewers show it).
-
-    A tensor is read as [H, W, C] only where that layout is unambiguous: C in (1, 3, 4) last and a first dimension
-    that no channel count has (a [3, 4, 4] tensor stays [C, H, W], as torch and diffusers lay images out)."""
-    if isinstance(image, (str, os.PathLike)):
-        if not os.path.exists(image):
-            raise ValueError(f"image path does not exist: {image}")
-        image = ImageOps.exif_transpose(Image.open(image))
-    if isinstance(image, Image.Image) and (image.mode == "F" or image.mode.startswith("I")):
-        image = _wide_grey(image)
-    if isinstance(image, torch.Tensor):
-        t = image.detach().cpu()
-        if t.ndim == 4 and t.shape[0] == 1:
-            t = t[0]
-        channels_last = t.ndim == 3 and t.shape[0] not in (1, 3, 4) and t.shape[-1] in (1, 3, 4)
-        if t.ndim != 3 or not (channels_last or t.shape[0] in (1, 3, 4)):
-            raise ValueError(f"a tensor image must be [C, H, W], [H, W, C] or either with a leading batch of 1, with "
-                             f"C in (1, 3, 4), got {tuple(image.shape)}")
-        t = t if channels_last else t.permute(1, 2, 0)
-        image = (t.float() if t.is_floating_point() else t).numpy()  # numpy has no bfloat16
-    if isinstance(image, np.ndarray):
-        a = image
-        if a.ndim == 3 and a.shape[-1] == 1:
-            a = a[..., 0]
-        if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)) or min(a.shape[:2]) < 1:
-            raise ValueError(f"an array image must be [H, W], [H, W, 3] or [H, W, 4], got shape {a.shape}")
-        image = Image.fromarray(_pixels_uint8(a))
-    if not isinstance(image, Image.Image):
-        raise ValueError(f"image must be a PIL image, a numpy array, a torch tensor or a path, got {type(image).__name__}")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
+def _cast_module(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast `module`'s parameters and buffers to `dtype` in place, through `torch.nn.Module.to`. Not diffusers'
+    `ModelMixin.to`, which logs "There are modules in <class> that should be kept in float32: [...]" for every dtype
+    cast (also for an empty list, as AutoencoderKL's), which `segment`'s VAE upcast would print twice per call; the
+    checks it adds before casting concern quantized models (never cast here) and device moves (none here)."""
+    torch.nn.Module.to(module, dtype)
 
 
 def _is_integer(value) -> bool:
@@ -248,7 +195,7 @@ class GoCAMixin:
 
         offload_above_mib: once the queries and keys a capture holds on the accelerator would pass this many MiB,
         further layers' go to host memory until the reductions (what bounds the extra memory at 1024 px; see the
-        README's memory table). None keeps everything on the accelerator: faster where memory allows (Flux at
+        memory table in docs/performance.md). None keeps everything on the accelerator: faster where memory allows (Flux at
         1024 px then holds about 2.7 GiB more).
         """
         from .functional.aggregation import HEAD_WEIGHTINGS
@@ -308,7 +255,22 @@ class GoCAMixin:
 
     @property
     def goca_enabled(self) -> bool:
+        """Whether the capture is attached (`enable_goca`)."""
         return self._goca is not None
+
+    @property
+    def goca_adapter(self):
+        """The model-family `Adapter` of this pipeline (`models.adapter_for`): its layers, token index
+        (`goca_adapter.token_index(prompt, classes)`) and timestep rules; the enabled capture's when GoCA is
+        enabled."""
+        return self._goca.adapter if self._goca is not None else adapter_for(self)
+
+    @property
+    def goca_methods(self) -> list[str]:
+        """The segmentation methods this pipeline's model family runs, in the order of `methods.METHODS`
+        (`methods.available_methods`): every value `segment(..., method=...)` takes here, e.g.
+        `pipe.segment(image, classes, method=pipe.goca_methods)` for all of them from one forward."""
+        return available_methods(self.goca_adapter)
 
     def _goca_attached(self) -> _GoCAState:
         """The state, with the capture's processors wrapped again where something replaced them since `enable_goca`
@@ -419,7 +381,7 @@ class GoCAMixin:
         return results
 
     @contextmanager
-    def _goca_request(self, state: _GoCAState, request: _Request):
+    def _goca_request(self, state: _GoCAState, request: CaptureRequest):
         """Hand `request` to the denoiser hooks for the duration of the block, then back the request it was nested in
         (a segmentation inside a generation's callback), if any; the capture is off afterwards."""
         running = _RUNNING.setdefault(state.adapter.denoiser, [])
@@ -458,9 +420,9 @@ class GoCAMixin:
         """
         was_enabled = self._goca is not None
         state = self._goca_attached() if was_enabled else self.enable_goca()._goca
-        request = _Request(wants=lambda i: True, n_images=n_images, keep_capture=True,
-                           columns=None if columns is None else list(columns), text_keys=text_keys,
-                           pseudo_attention=pseudo_attention)
+        request = CaptureRequest(wants=lambda i: True, n_images=n_images, keep_capture=True,
+                                 columns=None if columns is None else list(columns), text_keys=text_keys,
+                                 pseudo_attention=pseudo_attention)
         try:
             with self._goca_request(state, request):
                 run()
@@ -488,11 +450,13 @@ class GoCAMixin:
         presence_threshold: float = PRESENCE_THRESHOLD,
         class_encoding: str = "prompt",
         **options,
-    ) -> GoCASegmentation:
+    ) -> GoCASegmentation | dict[str, GoCASegmentation]:
         """Segment an existing image into `classes` (docs/official_code.md): resize to the model's native square resolution,
         VAE-encode, add seeded noise at `timestep` (default 100 of 1000), one denoiser forward without CFG on the
-        prompt "class1, class2, ..., background", then the aggregation `method`
-        ("goca", "vanilla", "manual", "diffsegmenter"). `options` override GoCA's switches (see `GoCAOptions`).
+        prompt "class1, class2, ..., background", then the aggregation `method`, one of `methods.METHODS`: "goca"
+        (default), "vanilla", "manual", "diffsegmenter", "iseg" (a forward of its own, with the class tokens'
+        embeddings scaled) or "seg4diff"; not every family runs every one (`pipe.goca_methods` lists this
+        pipeline's). `options` override GoCA's switches for goca / vanilla / manual (see `GoCAOptions`).
 
         timestep: SD / SDXL / PixArt an integer in 0…999, SD3 / Flux a number in [0, 1000] (σ = t / 1000); seed: the
         noise's seed (None: unseeded).
@@ -509,13 +473,13 @@ class GoCAMixin:
         class_encoding: "prompt" (the classes' tokens as the text encoder reads them in the prompt) or "separate"
         (each class encoded on its own, `class_encoding.separately_encoded`: the result no longer depends on the
         order of the classes, which a causal text encoder such as CLIP otherwise imposes; see docs/protocols.md).
-        Returns a `GoCASegmentation` whose labels have the input image's size; with a list of methods, a dict
-        method → result, all read from the same single forward.
+        Returns, for one method (a string), a `GoCASegmentation` whose labels have the input image's size; for a list
+        of methods, a dict method → `GoCASegmentation`, all read from the same single forward (iSeg's from its own).
         """
         methods = [method] if isinstance(method, str) else list(method)
         if isinstance(classes, str):
             classes = [c.strip() for c in classes.split(",") if c.strip()]
-        rgb = _as_rgb(image)
+        rgb = as_rgb(image)
         classes = list(classes)
         use_background = background and not has_class(classes, "background")
         prompt = segmentation_prompt(classes, use_background)
@@ -582,16 +546,17 @@ class GoCAMixin:
     def _goca_encode(self, rgb: Image.Image, resolution: int, adapter) -> torch.Tensor:
         vae = self.vae
         pixels = self.image_processor.preprocess(rgb, height=resolution, width=resolution)
-        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        upcast = (vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+                  and not getattr(vae, "is_quantized", False))
         dtype = torch.float32 if upcast else vae.dtype
         if upcast:
-            vae.to(torch.float32)
+            _cast_module(vae, torch.float32)
         try:
             # The pipeline's execution device: under model offload the VAE waits on the host until `encode` moves it.
             latents = vae.encode(pixels.to(self._execution_device, dtype)).latent_dist.mean
         finally:
             if upcast:
-                vae.to(torch.float16)
+                _cast_module(vae, torch.float16)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return ((latents - shift) * vae.config.scaling_factor).to(adapter.denoiser.dtype)
 
@@ -655,7 +620,7 @@ class GoCAMixin:
         steps = len(schedule) if schedule is not None else kwargs.get(
             "num_inference_steps", call_default(type(self), "num_inference_steps", 50))
         wants = self._goca_step_filter(goca_masks, adapter.steps_run(kwargs, steps), steps)
-        request = _Request(
+        request = CaptureRequest(
             wants=wants, n_images=len(indices), indices=indices, method=goca_method,
             background="background" if goca_background else None, background_offset=goca_background_offset,
             options=dict(goca_options or {}), callback=goca_callback, forwards_per_step=adapter.forwards_per_step(kwargs),

@@ -1,10 +1,19 @@
-"""Ready GoCA pipelines, and `from_pipe` for any supported pipeline."""
+"""Ready GoCA pipelines, and `from_pipe` for any supported pipeline.
+
+Every class is named as `goca_class` derives it for other pipelines: `GoCA` + the diffusers class's name, or
+`SCFGGoCA` + it for S-CFG (`SCFGGoCAStableDiffusionPipeline`, ...).
+"""
 from __future__ import annotations
 
 import inspect
+import warnings
 
 from diffusers import (
-    FluxPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline,
+    FluxPipeline,
+    PixArtAlphaPipeline,
+    PixArtSigmaPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
     StableDiffusionXLPipeline,
 )
 
@@ -37,12 +46,14 @@ class GoCAFluxPipeline(GoCAMixin, FluxPipeline):
     """`FluxPipeline` (Flux.1 dev / schnell) with GoCA."""
 
 
-class SCFGGoCAPipeline(SCFGMixin, StableDiffusionPipeline):
-    """SD 1.x / 2.x with S-CFG driven by GoCA masks (`from_pretrained` or `from_pipe`); see `SCFGMixin`."""
+class SCFGGoCAStableDiffusionPipeline(SCFGMixin, StableDiffusionPipeline):
+    """SD 1.x / 2.x with S-CFG driven by GoCA masks (`from_pretrained` or `from_pipe`); see `SCFGMixin`. Formerly
+    `SCFGGoCAPipeline` (a deprecated alias for one release)."""
 
 
-class SCFGGoCAXLPipeline(SCFGMixin, StableDiffusionXLPipeline):
-    """SDXL with S-CFG driven by GoCA masks; see `SCFGMixin`."""
+class SCFGGoCAStableDiffusionXLPipeline(SCFGMixin, StableDiffusionXLPipeline):
+    """SDXL with S-CFG driven by GoCA masks; see `SCFGMixin`. Formerly `SCFGGoCAXLPipeline` (a deprecated alias for
+    one release)."""
 
 
 class SCFGGoCAPixArtSigmaPipeline(SCFGMixin, PixArtSigmaPipeline):
@@ -59,7 +70,8 @@ _READY = {
     StableDiffusion3Pipeline: GoCAStableDiffusion3Pipeline, FluxPipeline: GoCAFluxPipeline,
 }
 _READY_SCFG = {
-    StableDiffusionPipeline: SCFGGoCAPipeline, StableDiffusionXLPipeline: SCFGGoCAXLPipeline,
+    StableDiffusionPipeline: SCFGGoCAStableDiffusionPipeline,
+    StableDiffusionXLPipeline: SCFGGoCAStableDiffusionXLPipeline,
     PixArtSigmaPipeline: SCFGGoCAPixArtSigmaPipeline, StableDiffusion3Pipeline: SCFGGoCAStableDiffusion3Pipeline,
 }
 _DERIVED: dict[tuple[type, type], type] = {}
@@ -124,3 +136,24 @@ def scfg_from_pipe(pipe, enable: bool = True):
         raise ValueError(f"S-CFG sets the guidance region by region in the [uncond, cond] batch of classifier-free "
                          f"guidance; {type(pipe).__name__} ({adapter.family}) runs none")
     return from_pipe(pipe, enable, SCFGMixin)
+
+
+# Former names of ready classes, kept as deprecated aliases for one release: old name → the class's name now.
+DEPRECATED_ALIASES = {"SCFGGoCAPipeline": "SCFGGoCAStableDiffusionPipeline",
+                      "SCFGGoCAXLPipeline": "SCFGGoCAStableDiffusionXLPipeline"}
+
+
+def deprecated_alias(name: str, module: str = __name__):
+    """The class a deprecated alias (`DEPRECATED_ALIASES`) names, with a FutureWarning that names its new name (at the
+    caller's caller: the line that read `module.name`); an AttributeError for any other name."""
+    if name not in DEPRECATED_ALIASES:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    new = DEPRECATED_ALIASES[name]
+    warnings.warn(f"{module}.{name} is deprecated and will be removed in the next release: use {new}, the name that "
+                  f"`scfg_from_pipe` / `goca_class` derive (SCFGGoCA + the diffusers class's name)", FutureWarning,
+                  stacklevel=3)
+    return globals()[new]
+
+
+def __getattr__(name: str):
+    return deprecated_alias(name)

@@ -22,7 +22,7 @@ from .functional.aggregation import aggregate_layers
 from .functional.maps import gaussian_blur, minmax, per_pixel_rescale, propagate, resize_maps
 from .functional.scfg import guidance_norm, rate_map, scfg_cond
 from .methods import LayerWeightReuse, capture_pseudo_attention, layer_weights, refinement_operator
-from .mixin import GoCAMixin, _Request
+from .mixin import CaptureRequest, GoCAMixin
 from .models.base import adapter_for, call_default, check_one_call_per_step
 from .result import palette
 
@@ -161,8 +161,8 @@ class SCFGMixin(GoCAMixin):
         n = len(indices)
         self.scfg_maps: list[SCFGStepMaps] = []
         # All token columns are kept: S-CFG's foreground reads the start token's share of every token's attention.
-        request = _Request(wants=lambda i: True, n_images=2 * n, forwards_per_step=adapter.forwards_per_step(kwargs),
-                           pseudo_attention=pseudo_attention)
+        request = CaptureRequest(wants=lambda i: True, n_images=2 * n,
+                                 forwards_per_step=adapter.forwards_per_step(kwargs), pseudo_attention=pseudo_attention)
 
         names: list[list[str]] = []  # the regions' tokens per image, read at the first kept step
 

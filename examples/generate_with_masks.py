@@ -10,6 +10,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 import diffusers_goca as goca
+from diffusers_goca.loading import dtype_kwargs, pipeline_dtype
 from diffusers_goca.toyworld import TOY_MODEL_DIR
 
 
@@ -21,9 +22,11 @@ def main(argv=None):
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--out", default="outputs/example_generate")
     args = p.parse_args(argv)
-    cuda = torch.cuda.is_available()
-    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.float16 if cuda else torch.float32)
-    pipe = goca.scfg_from_pipe(pipe.to("cuda" if cuda else "cpu"))  # S-CFG pipeline: masks, and S-CFG on request
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # float16 on a GPU, float32 on the CPU; `dtype_kwargs` passes it as `dtype=` where the installed diffusers reads
+    # that keyword (the releases that deprecate `torch_dtype=` for it), else as `torch_dtype=`.
+    pipe = DiffusionPipeline.from_pretrained(args.model, **dtype_kwargs(pipeline_dtype("float16", device)))
+    pipe = goca.scfg_from_pipe(pipe.to(device))  # S-CFG pipeline: masks, and S-CFG on request
     os.makedirs(args.out, exist_ok=True)
 
     def seeded():

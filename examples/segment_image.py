@@ -11,7 +11,7 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 
 import diffusers_goca as goca
-from diffusers_goca.methods import available_methods
+from diffusers_goca.loading import dtype_kwargs, pipeline_dtype
 from diffusers_goca.toyworld import TOY_MODEL_DIR
 
 
@@ -22,9 +22,11 @@ def main(argv=None):
     p.add_argument("--model", default=TOY_MODEL_DIR, help="hub id or local folder (default: the toy model)")
     p.add_argument("--out", default="outputs/example_segment")
     args = p.parse_args(argv)
-    cuda = torch.cuda.is_available()
-    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.float16 if cuda else torch.float32)
-    pipe = goca.from_pipe(pipe.to("cuda" if cuda else "cpu"))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # float16 on a GPU, float32 on the CPU; `dtype_kwargs` passes it as `dtype=` where the installed diffusers reads
+    # that keyword (the releases that deprecate `torch_dtype=` for it), else as `torch_dtype=`.
+    pipe = DiffusionPipeline.from_pretrained(args.model, **dtype_kwargs(pipeline_dtype("float16", device)))
+    pipe = goca.from_pipe(pipe.to(device))
     if args.image:
         image, classes = args.image, args.classes.split(",")  # segment opens the path upright (EXIF)
     else:
@@ -32,8 +34,8 @@ def main(argv=None):
 
         scene = make_scene(123456)
         image, classes = Image.fromarray(scene.image).resize((128, 128), Image.NEAREST), scene.classes
-    methods = available_methods(pipe._goca.adapter)
-    results = pipe.segment(image, classes, method=methods)  # one forward serves every method (iSeg adds its own)
+    # Every method this model family runs (pipe.goca_methods), from one forward (iSeg adds its own).
+    results = pipe.segment(image, classes, method=pipe.goca_methods)
     os.makedirs(args.out, exist_ok=True)
     for method, result in results.items():
         result.overlay().save(f"{args.out}/{method}.png")

@@ -272,7 +272,7 @@ def test_fused_self_attention_product_equals_the_explicit_matrix(src, dst, joint
 def test_entropy_reduced_self_attention_matches_a_literal_loop():
     import math
 
-    from diffusers_goca.methods import entropy_reduced
+    from diffusers_goca.functional.maps import entropy_reduced
 
     torch.manual_seed(0)
     a = torch.rand(5, 5).softmax(-1)

@@ -158,22 +158,22 @@ def test_segment_is_seeded_and_method_changes_result(make):
 def test_image_values_are_read_in_their_dtypes_range():
     """uint8 and other integers are 0–255, floats 0–1, for arrays and tensors alike; a range that fits neither raises
     instead of being clipped into a white or black image."""
-    from diffusers_goca.mixin import _as_rgb
+    from diffusers_goca.image_input import as_rgb
 
     pixels = np.random.RandomState(2).randint(0, 256, (5, 7, 3)).astype(np.uint8)
     expected = np.asarray(Image.fromarray(pixels))
     for image in (pixels.astype(np.int64), pixels / 255.0, pixels.astype(np.float16) / 255,
                   torch.from_numpy(pixels).permute(2, 0, 1), torch.from_numpy(pixels / 255.0).permute(2, 0, 1)[None],
                   torch.from_numpy(pixels).permute(2, 0, 1).bfloat16() / 255):
-        got = np.asarray(_as_rgb(image)).astype(int)
+        got = np.asarray(as_rgb(image)).astype(int)
         assert np.abs(got - expected).max() <= (1 if getattr(image, "dtype", None) == torch.bfloat16 else 0)
-    assert np.asarray(_as_rgb(np.eye(3, dtype=bool)))[0, 0].tolist() == [255] * 3
+    assert np.asarray(as_rgb(np.eye(3, dtype=bool)))[0, 0].tolist() == [255] * 3
     for image, message in ((pixels.astype(np.float32), r"\[0, 1\], got \d"),
                            (torch.from_numpy(pixels / 127.5 - 1).permute(2, 0, 1), r"\(x \+ 1\) / 2"),
                            (pixels.astype(np.int32) * 257, "16-bit"),
                            (np.full((4, 4), np.nan), "finite")):
         with pytest.raises(ValueError, match=message):
-            _as_rgb(image)
+            as_rgb(image)
 
 
 def test_bad_inputs_raise_and_leave_nothing_patched(tiny_sd):
@@ -825,7 +825,7 @@ def test_cli_loader_takes_a_saved_sd3_without_t5(tmp_path):
     benchmarks passes them as None (plain `from_pretrained` refuses), and GoCA segments with CLIP tokens only."""
     from diffusers import StableDiffusion3Pipeline
 
-    from diffusers_goca.cli import load_pipeline
+    from diffusers_goca.loading import load_pipeline
 
     full = make_tiny_sd3()
     parts = {**full.components, "text_encoder_3": None, "tokenizer_3": None}

@@ -152,7 +152,7 @@ def test_no_heads_by_n_by_n_tensor(monkeypatch):
 
 @pytest.mark.parametrize("family", ["sd", "pixart", "sd3", "flux"])
 def test_memory_plan_is_the_capture_accounting(family):
-    """`memory_plan` (what the README's table comes from) equals what a capture step actually holds."""
+    """`memory_plan` (what docs/performance.md's table comes from) equals what a capture step actually holds."""
     from conftest import make_tiny_flux, make_tiny_pixart, make_tiny_sd
     from diffusers_goca.capture import memory_plan
     from diffusers_goca.tokens import segmentation_prompt

@@ -9,7 +9,7 @@ from PIL import Image
 
 import diffusers_goca as goca
 from conftest import make_tiny_sd, make_tiny_sdxl
-from diffusers_goca.mixin import _as_rgb
+from diffusers_goca.image_input import as_rgb
 from diffusers_goca.toyworld import TOY_MODEL_DIR
 
 IMAGE = Image.fromarray((np.random.RandomState(5).rand(32, 32, 3) * 255).astype(np.uint8))
@@ -40,11 +40,11 @@ def test_wide_grey_pil_images_are_read_in_their_range(tmp_path):
     Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "grey16.png")
     for image in (str(tmp_path / "grey16.png"), Image.fromarray(grey.astype(np.int32) * 257, mode="I"),
                   Image.fromarray(grey.astype(np.float32) / 255, mode="F")):
-        assert np.array_equal(np.asarray(_as_rgb(image)), expected)
+        assert np.array_equal(np.asarray(as_rgb(image)), expected)
     with pytest.raises(ValueError, match="mode I must hold values in 0–65535"):
-        _as_rgb(Image.fromarray(np.full((4, 4), 70000, np.int32), mode="I"))
+        as_rgb(Image.fromarray(np.full((4, 4), 70000, np.int32), mode="I"))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        _as_rgb(Image.fromarray(np.full((4, 4), 3.0, np.float32), mode="F"))
+        as_rgb(Image.fromarray(np.full((4, 4), 3.0, np.float32), mode="F"))
 
 
 def test_case_duplicate_classes_are_refused_or_merged(tiny_sd):
@@ -133,9 +133,9 @@ def test_result_pictures_take_generated_images_of_every_output_type(tiny_sd):
     pixels = np.asarray(IMAGE)
     assert torch.equal(pipe.segment(torch.from_numpy(pixels), ["cat"], resolution=32).scores,
                        pipe.segment(pixels, ["cat"], resolution=32).scores)
-    assert np.array_equal(np.asarray(_as_rgb(torch.from_numpy(pixels)[None])), pixels)
+    assert np.array_equal(np.asarray(as_rgb(torch.from_numpy(pixels)[None])), pixels)
     square = torch.arange(3 * 4 * 4, dtype=torch.uint8).reshape(3, 4, 4)  # [3, 4, 4]: channels first, as in torch
-    assert np.array_equal(np.asarray(_as_rgb(square)), square.permute(1, 2, 0).numpy())
+    assert np.array_equal(np.asarray(as_rgb(square)), square.permute(1, 2, 0).numpy())
     pipe.disable_goca()
 
 

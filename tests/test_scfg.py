@@ -115,7 +115,7 @@ def test_scfg_refuses_the_perturbed_rows_of_pag():
 def test_scfg_with_guidance_rescale_other_scheduler_and_callback():
     from diffusers import DPMSolverMultistepScheduler
 
-    pipe = goca.SCFGGoCAPipeline.from_pipe(make_tiny_sd())
+    pipe = goca.SCFGGoCAStableDiffusionPipeline.from_pipe(make_tiny_sd())
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     steps = []
 

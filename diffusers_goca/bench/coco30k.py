@@ -28,9 +28,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..loading import load_pipeline, pipeline_dtype
 from ..models.base import call_default
-from .generation import (ClipScorer, bootstrap_interval, clean_fid_extractor, feature_statistics, fid_with_interval,
-                         save_statistics)
+from .generation import (
+    ClipScorer,
+    bootstrap_interval,
+    clean_fid_extractor,
+    feature_statistics,
+    fid_with_interval,
+    save_statistics,
+)
 from .runlog import ResultLog, Shard, wait_for_everyone, write_table, writes_table
 
 CONFIGS = {"cfg": {"scfg": False}, "scfg": {"scfg": True, "segmentor": "original"},
@@ -93,15 +100,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_pipeline(args, device: str):
-    from ..cli import DTYPES, pretrained
-    from ..pipelines import scfg_from_pipe
-    from ..toyworld import TOY_MODEL_DIR
-
-    dtype = DTYPES[args.dtype] if device.startswith("cuda") else torch.float32
-    pipe = scfg_from_pipe(pretrained((args.toy_model or TOY_MODEL_DIR) if args.toy else args.model, dtype).to(device))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def load_scfg_pipeline(args, device: str):
+    """The S-CFG pipeline of --model (with --toy: --toy-model, default the shipped toy model) on `device`, in --dtype
+    (float32 on the CPU: `loading.pipeline_dtype`)."""
+    model = args.toy_model if args.toy else args.model
+    return load_pipeline(model, device, pipeline_dtype(args.dtype, device), scfg=True)
 
 
 def toy_captions(n: int) -> list[tuple[str, str]]:
@@ -155,7 +158,7 @@ def run(args: argparse.Namespace, pipe=None, clip: ClipScorer | None = None, ext
     scales = [float(s) for s in args.scales.split(",")]
     device = shard.device(args.device)
     if pipe is None:
-        pipe = load_pipeline(args, device)
+        pipe = load_scfg_pipeline(args, device)
     toy_scorer = None
     if args.toy and (clip is None or extractor is None):
         from ..toyworld.classifier import ToySceneScorer
@@ -211,6 +214,19 @@ def run(args: argparse.Namespace, pipe=None, clip: ClipScorer | None = None, ext
     return summarize(args, log, keys, configs, scales, extractor, progress)
 
 
+def made_lines(rows: list[dict], images: Path) -> list[str]:
+    """The summary without a metric (--no-fid and --no-clip): the images made per config and scale, and where."""
+    lines = [f"--no-fid and --no-clip: images made, no metric; they are in {images}/<config>-w<scale>/", "",
+             "| config | w | images | folder |", "|---|---|---|---|"]
+    for r in rows:
+        folder = images / f"{r['config']}-w{r['scale']:g}"
+        lines.append(f"| {CONFIG_NAMES[r['config']]} | {r['scale']:g} | {r['images']} | {folder} |")
+    lines.append(f"\n{sum(r['images'] for r in rows)} images in all. The same command with the same --out and "
+                 f"without --no-fid adds FID from these images (nothing is generated again); the CLIP score is taken "
+                 f"while generating, so it needs a run of its own.")
+    return lines
+
+
 def summarize(args, log: ResultLog, keys, configs, scales, extractor, progress) -> dict:
     records = {k: r for k, r in log.records().items() if k in set(keys)}
     out = Path(args.out)
@@ -249,8 +265,8 @@ def summarize(args, log: ResultLog, keys, configs, scales, extractor, progress) 
         paper = f"{r['paper_fid']} / {r['paper_clip']}" if r["paper_fid"] is not None else "–"
         lines.append(f"| {CONFIG_NAMES[r['config']]} | {r['scale']:g} | {r['images']} | {cell(r['fid'], r['fid_ci'])} "
                      f"| {cell(r['clip'], r['clip_ci'])} | {paper} |")
-    if args.no_fid and args.no_clip:
-        lines.append("\n(--no-fid and --no-clip: only the images were made; the table has no metric)")
+    if args.no_fid and args.no_clip:  # no metric: what was made, and where, instead of a table of dashes
+        lines = made_lines(rows, out / "images")
     text = "\n".join(lines) + "\n"
     summary = {"settings": json.loads((out / "settings.json").read_text()), "rows": rows,
                "done": len(records), "of": len(keys)}

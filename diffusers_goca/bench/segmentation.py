@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..functional.metrics import miou
+from ..loading import load_pipeline, pipeline_dtype
 from ..tokens import segmentation_prompt
 from .runlog import ResultLog, Shard, wait_for_everyone, write_table, writes_table
 
@@ -173,7 +174,7 @@ def evaluate_item(pipe, views: dict, key: str, methods, prompts: str, background
     else:
         vocabulary = [c for c in names if c != bg_name]
         chosen = clip_filter(image) if clip_filter is not None else vocabulary
-    adapter = pipe._goca.adapter
+    adapter = pipe.goca_adapter
     h, w = official.label.shape
     if chosen:
         chunks = class_chunks(adapter, chosen, background, max_classes)
@@ -315,10 +316,7 @@ def run(args: argparse.Namespace, pipe=None, clip_filter=None, progress: bool = 
     keys = views["official"].keys()
     if pipe is None:
         pipe = _load(args, shard)
-    from ..methods import available_methods
-
-    adapter = pipe._goca.adapter
-    methods = available_methods(adapter) if args.methods == "all" else [m.strip() for m in args.methods.split(",")]
+    methods = pipe.goca_methods if args.methods == "all" else [m.strip() for m in args.methods.split(",")]
     background = {"on": True, "off": False}.get(args.background, views["official"].background is not None)
     offsets = parse_offsets(args.background_offset, args.offset_sweep) if background else [0.0]
     if args.prompts == "open" and args.open_clip_filter and clip_filter is None:
@@ -367,11 +365,9 @@ def run_protocols(args: argparse.Namespace, pipe=None, progress: bool = True) ->
     protocols = PROTOCOLS if args.protocols == "all" else tuple(p.strip() for p in args.protocols.split(","))
     if pipe is None:
         pipe = _load(args, Shard.from_environment(args.shard))
-    from ..methods import available_methods
-
     methods = (["goca", "vanilla"] if args.methods == "all" else [m.strip() for m in args.methods.split(",")])
     for m in methods:
-        if m not in available_methods(pipe._goca.adapter):
+        if m not in pipe.goca_methods:
             raise SystemExit(f"segmentation: error: method {m!r} is not available for this model")
     segment_kwargs = {"presence": args.presence, "class_encoding": args.class_encoding}
     if args.presence_threshold is not None:
@@ -392,11 +388,10 @@ def run_protocols(args: argparse.Namespace, pipe=None, progress: bool = True) ->
 
 
 def _load(args, shard: Shard):
-    from ..cli import DTYPES, load_pipeline
-
+    """The GoCA pipeline of --model (the toy model with --toy or without --model) on this shard's device, in --dtype
+    (float32 on the CPU: `loading.pipeline_dtype`)."""
     device = shard.device(args.device)
-    dtype = DTYPES[args.dtype] if device.startswith("cuda") else torch.float32
-    return load_pipeline(None if args.toy or not args.model else args.model, device, dtype)
+    return load_pipeline(None if args.toy or not args.model else args.model, device, pipeline_dtype(args.dtype, device))
 
 
 def main(argv=None) -> int:

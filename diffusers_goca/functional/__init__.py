@@ -1,4 +1,6 @@
-"""GoCA as pure tensor functions (docs/official_code.md–4, §7). No state, no diffusers imports."""
+"""GoCA as pure tensor functions (the formulas of docs/method.md). No diffusers imports; the one setting is the
+layer-weight kernel (`set_layer_weight_kernel` / `layer_weight_kernel`: the fused attention call or a Triton kernel,
+`frobenius_kernel`)."""
 from .aggregation import (
     aggregate_heads,
     aggregate_layers,
@@ -7,7 +9,9 @@ from .aggregation import (
     normalize_layer_weights,
     pseudo_self_attention,
 )
+from .frobenius_kernel import get_layer_weight_kernel, layer_weight_kernel, set_layer_weight_kernel
 from .maps import (
+    entropy_reduced,
     gaussian_blur,
     gaussian_kernel1d,
     minmax,
@@ -27,7 +31,8 @@ from .self_attention import (
 
 __all__ = [
     "aggregate_heads", "aggregate_layers", "head_weights", "layer_weight", "normalize_layer_weights",
-    "pseudo_self_attention", "gaussian_blur", "gaussian_kernel1d", "minmax", "per_pixel_rescale", "propagate",
-    "resize_maps", "scores_to_labels", "token_class_maps", "grid_nearest_rows", "head_mean_self_attention",
+    "pseudo_self_attention", "entropy_reduced", "gaussian_blur", "gaussian_kernel1d", "minmax", "per_pixel_rescale",
+    "propagate", "resize_maps", "scores_to_labels", "token_class_maps", "grid_nearest_rows", "head_mean_self_attention",
     "self_attention_rows", "compute_dtype", "frobenius_with_reference",
+    "get_layer_weight_kernel", "layer_weight_kernel", "set_layer_weight_kernel",
 ]

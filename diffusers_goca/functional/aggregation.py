@@ -1,4 +1,4 @@
-"""Head-wise and layer-wise auto aggregation (docs/official_code.md–2)."""
+"""Head-wise and layer-wise auto aggregation (docs/method.md)."""
 from __future__ import annotations
 
 from typing import Sequence

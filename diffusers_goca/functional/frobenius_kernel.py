@@ -5,34 +5,73 @@ the sums Σ_k e^{s_ik}, Σ_k W_ik e^{s_ik}, Σ_k c_k e^{s_ik} and, over text key
 attention call of `self_attention._frobenius` (twice the keys, a bias tensor, a value product) that is a quarter of the
 arithmetic: one QKᵀ pass, the floor `benchmarks/memory_plan.py` counts as `least_flops`.
 
-Opt-in while its speed is unmeasured on a GPU: GOCA_KERNEL=triton (or a `layer_weight_kernel("triton")` block)
-selects it on CUDA tensors (and, for the tests, on CPU tensors under TRITON_INTERPRET=1). The default stays the fused
-attention call.
+Opt-in while its speed is unmeasured on a GPU; which path the layer weights take is one explicit setting:
+
+    from diffusers_goca.functional import set_layer_weight_kernel, layer_weight_kernel
+    set_layer_weight_kernel("triton")      # for the process, from now on; returns the previous setting
+    with layer_weight_kernel("torch"):     # for a block (this thread / task only), whatever the setting
+        ...
+
+"torch" (default): the fused attention call; "triton": this kernel on CUDA tensors (and, for the tests, on CPU
+tensors under TRITON_INTERPRET=1), an error where triton is not installed; "auto": this kernel on CUDA tensors
+where triton is installed, else the fused call. The environment variable GOCA_KERNEL gives the setting's initial
+value only: it is read once, when this module is imported (a value it does not know is refused at the first
+layer weights, not at import), never again afterwards.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 
+KERNELS = ("torch", "triton", "auto")
+ENVIRONMENT_VARIABLE = "GOCA_KERNEL"
 
-KERNELS = ("torch", "triton")
-_selected: list[str] = []  # `layer_weight_kernel` blocks, innermost last
+# The process-wide setting (`set_layer_weight_kernel`), initially GOCA_KERNEL's value read at import.
+_setting: str = os.environ.get(ENVIRONMENT_VARIABLE, "torch")
+# The innermost `layer_weight_kernel` block of the running thread / task (None: none).
+_block: ContextVar[str | None] = ContextVar("goca_layer_weight_kernel", default=None)
+
+
+def _checked(kernel: str) -> str:
+    if kernel not in KERNELS:
+        raise ValueError(f"the layer-weight kernel must be one of {KERNELS}, got {kernel!r}")
+    return kernel
+
+
+def set_layer_weight_kernel(kernel: str) -> str:
+    """Set, for the whole process from now on, how the layer weights are computed: "torch" (the fused attention
+    call, the default), "triton" (this module's kernel) or "auto" (the kernel on CUDA where triton is installed).
+    Returns the previous setting, to restore it. A `layer_weight_kernel` block overrides it within the block."""
+    global _setting
+    previous, _setting = _setting, _checked(kernel)
+    return previous
+
+
+def get_layer_weight_kernel() -> str:
+    """The choice in force here: the innermost `layer_weight_kernel` block's, else the process-wide setting
+    (`set_layer_weight_kernel`, initially GOCA_KERNEL's value at import, "torch" without it)."""
+    chosen = _block.get()
+    if chosen is not None:
+        return chosen
+    if _setting not in KERNELS:
+        raise ValueError(f"{ENVIRONMENT_VARIABLE} must be one of {KERNELS}, got {_setting!r}")
+    return _setting
 
 
 @contextmanager
 def layer_weight_kernel(kernel: str):
-    """Within the block, the layer weights go through `kernel` ("torch": the fused attention call, or "triton"),
-    whatever GOCA_KERNEL says; for benchmarks and checks that compare the two in one process."""
-    if kernel not in KERNELS:
-        raise ValueError(f"the layer-weight kernel must be one of {KERNELS}, got {kernel!r}")
-    _selected.append(kernel)
+    """Within the block (in this thread or async task only), the layer weights go through `kernel` ("torch",
+    "triton" or "auto"), whatever the process-wide setting is; for benchmarks and checks that compare the paths in
+    one process. Blocks nest; the setting outside them is untouched."""
+    token = _block.set(_checked(kernel))
     try:
         yield
     finally:
-        _selected.pop()
+        _block.reset(token)
 
 
 def triton_available() -> bool:
@@ -40,13 +79,13 @@ def triton_available() -> bool:
 
 
 def kernel_enabled(t: torch.Tensor) -> bool:
-    """Whether the layer weights of `t`'s device go through this kernel (GOCA_KERNEL=triton, or inside
-    `layer_weight_kernel("triton")`)."""
-    choice = _selected[-1] if _selected else os.environ.get("GOCA_KERNEL", "torch")
-    if choice not in KERNELS:
-        raise ValueError(f"GOCA_KERNEL must be one of {KERNELS}, got {choice!r}")
+    """Whether the layer weights of `t`'s device go through this kernel under the choice in force
+    (`get_layer_weight_kernel`)."""
+    choice = get_layer_weight_kernel()
     if choice == "torch":
         return False
+    if choice == "auto":
+        return t.is_cuda and triton_available()
     if not triton_available():
         raise RuntimeError("the Triton layer-weight kernel needs the triton package (it ships with CUDA builds of torch)")
     return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"

@@ -1,4 +1,4 @@
-"""From token maps to class scores and labels (docs/official_code.md–4)."""
+"""From token maps to class scores and labels (docs/method.md)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -72,6 +72,15 @@ def propagate(self_attn_rows, maps: torch.Tensor, order: int) -> torch.Tensor:
     for _ in range(order):
         x = apply(x)
     return x.T
+
+
+def entropy_reduced(attention: torch.Tensor, lam: float) -> torch.Tensor:
+    """iSeg's entropy-reduced self-attention: each key column divided by its max, A + λ·log10(e·A) on non-zero
+    entries, clamped ≥ 0, rows renormalised. attention: [N, N] → [N, N]; lam: λ (iSeg's is
+    `methods.ISEG_ENTROPY_LAMBDA`)."""
+    a = attention / attention.amax(0, keepdim=True).clamp_min(1e-12)
+    a = torch.where(a > 0, a + lam * torch.log10(torch.e * a.clamp_min(1e-30)), torch.zeros_like(a)).clamp_min(0)
+    return a / a.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
 def scores_to_labels(

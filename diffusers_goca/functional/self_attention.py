@@ -227,9 +227,9 @@ def frobenius_with_reference(
     attends to its keys twice: once with log(A_p B)[i, k] added to the scores, once plain. The values mark the first
     copy, so the output is Σ_k e^{s_ik}(A_p B)_ik / (Σ_k e^{s_ik}(A_p B)_ik + Σ_k e^{s_ik}) = R_i / (1 + R_i), from
     which R_i follows. No score matrix exists outside the kernel; the bias is one [rows, 2·N_l] chunk shared by
-    all heads. The kernel runs in `compute_dtype(q, dtype)`. Returns a 0-d fp32 tensor. With GOCA_KERNEL=triton
-    (`frobenius_kernel.layer_weight_kernel`), R_i comes from a single pass over the scores instead
-    (`frobenius_kernel.row_sums`).
+    all heads. The kernel runs in `compute_dtype(q, dtype)`. Returns a 0-d fp32 tensor. Where the layer-weight kernel
+    setting selects Triton (`frobenius_kernel.set_layer_weight_kernel` / `layer_weight_kernel`), R_i comes from a
+    single pass over the scores instead (`frobenius_kernel.row_sums`).
 
     A layer coarser than the reference grid sends each of its queries to several reference rows (nearest resize).
     R is linear in the weight row and the row mass depends only on the query, so those rows' weights are summed and
@@ -261,8 +261,8 @@ def joint_frobenius_with_reference(
 def _frobenius(q, k, heads, scale, src_hw, reference_attention, ref_hw, renormalize_rows, image_mass, dtype, prepared,
                k_txt=None):
     """w_l before normalisation and, with text keys, the text share [heads, queries] (else None), from each query's
-    R (and row mass, and text share) per head: by `frobenius_kernel.row_sums` where GOCA_KERNEL=triton selects it,
-    else by one fused attention call per row chunk (`_fused_row_sums`)."""
+    R (and row mass, and text share) per head: by `frobenius_kernel.row_sums` where the kernel setting selects it
+    (`frobenius_kernel.kernel_enabled`), else by one fused attention call per row chunk (`_fused_row_sums`)."""
     queries, log_weights, buffers = prepared or reference_weights(reference_attention, src_hw, ref_hw)
     dtype = compute_dtype(q, dtype)
     key_column = None

@@ -1,7 +1,8 @@
 """UNet2DConditionModel: Stable Diffusion 1.x / 2.x (incl. 768-v) and SDXL.
 
 Every `Transformer2DModel` block holds attn1 (self) and attn2 (cross). Grids: down_blocks.i at 1/2^i of the latent,
-the mid block at the coarsest level, up_blocks.i mirrored. Reference and refinement layers follow docs/official_code.md and §4.
+the mid block at the coarsest level, up_blocks.i mirrored. Reference and refinement layers follow docs/official_code.md
+(docs/method.md lists them per family).
 """
 from __future__ import annotations
 

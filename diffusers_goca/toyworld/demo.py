@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import textwrap
 import time
 
 import numpy as np
@@ -17,30 +16,57 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..pipelines import GoCAStableDiffusionPipeline, from_pipe
-from ..result import palette
+from ..result import draw_legend, legend_font, palette
 from .evaluate import evaluate_segmentation, markdown_table, upscale
 from .model import TOY_DIT_MODEL_DIR, load_toy_pipeline
 from .scenes import CLASS_NAMES, make_scene, scene_seeds
 
 METHODS = ("goca", "vanilla", "manual", "diffsegmenter")
 DIT_METHODS = ("goca", "vanilla", "diffsegmenter")
+FONT_SIZE = 14  # titles, row labels and legends, in pixels of the saved pictures
 
 
 def _titled(rows: list[list[Image.Image]], titles: list[str], row_labels: list[str] | None = None,
-            label_width: int = 170) -> Image.Image:
-    """A grid of equal cells with a title over each column and, optionally, a (wrapped) label left of each row."""
+            label_width: int = 170, legends: list[tuple[list[str], np.ndarray]] | None = None) -> Image.Image:
+    """A grid of equal cells with a title over each column and, optionally, a (wrapped) label left of each row and a
+    legend right of each row (legends: per row, its class names and their exact colours, drawn at the grid's size)."""
     cell = rows[0][0].width
+    text_font = legend_font(FONT_SIZE)
+    titles = [_wrap(t, text_font, cell - 8) for t in titles]  # long titles take lines, not the next column
+    line_h = FONT_SIZE + 4
+    title_h = line_h * max(t.count("\n") + 1 for t in titles) + 4
     left = label_width if row_labels else 0
-    out = Image.new("RGB", (left + cell * len(titles), 14 + cell * len(rows)), "white")
+    keys = [draw_legend(names, colours, font_size=FONT_SIZE, vertical=True) for names, colours in legends or []]
+    right = max((k.width for k in keys), default=0)
+    heights = [max(cell, keys[i].height if keys else 0) for i in range(len(rows))]
+    out = Image.new("RGB", (left + cell * len(titles) + right, title_h + sum(heights)), "white")
     draw = ImageDraw.Draw(out)
     for j, t in enumerate(titles):
-        draw.text((left + j * cell + 3, 1), t, fill="black")
+        draw.multiline_text((left + j * cell + 4, 3), t, fill="black", font=text_font, spacing=4)
+    if keys:
+        draw.text((left + cell * len(titles) + 4, 3), "classes", fill="black", font=text_font)
+    y = title_h
     for i, row in enumerate(rows):
         if row_labels:
-            draw.multiline_text((3, 14 + i * cell + 3), textwrap.fill(row_labels[i], label_width // 6), fill="black")
+            draw.multiline_text((4, y + 4), _wrap(row_labels[i], text_font, label_width - 8), fill="black", font=text_font,
+                                spacing=4)
         for j, img in enumerate(row):
-            out.paste(img, (left + j * cell, 14 + i * cell))
+            out.paste(img, (left + j * cell, y))
+        if keys:
+            out.paste(keys[i], (left + cell * len(titles), y))
+        y += heights[i]
     return out
+
+
+def _wrap(text: str, font, width: int) -> str:
+    """`text` broken at spaces into lines at most `width` pixels wide in `font` (a longer word keeps its own line)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return "\n".join(lines)
 
 
 def generation_demo(pipe, out: str, n: int = 4, steps: int = 25) -> list[str]:
@@ -53,7 +79,8 @@ def generation_demo(pipe, out: str, n: int = 4, steps: int = 25) -> list[str]:
         rows.append([upscale(img, 4)] + [upscale(r.colorize(), 4) for r in per_step]
                     + [upscale(pipe.goca_masks[-1].results[b].colorize(), 4)])
     titles = ["generated"] + [f"step {i}" for i in range(0, steps, max(1, steps // 5))] + ["last step"]
-    _titled(rows, titles).save(os.path.join(out, "generation_masks.png"))
+    legends = [(r.classes, r.palette) for r in (pipe.goca_masks[-1].results[b] for b in range(len(images)))]
+    _titled(rows, titles, legends=legends).save(os.path.join(out, "generation_masks.png"))
     for b, img in enumerate(images):
         pipe.goca_masks[-1].results[b].overlay(img).save(os.path.join(out, f"generated_{b}_overlay.png"))
     return captions
@@ -61,12 +88,13 @@ def generation_demo(pipe, out: str, n: int = 4, steps: int = 25) -> list[str]:
 
 def segmentation_grid(examples, methods, path: str) -> None:
     colours = palette(CLASS_NAMES)
-    rows = []
+    rows, legends = [], []
     for scene, results in examples:
         ids = np.array([CLASS_NAMES.index(c) for c in scene.classes])
         rows.append([upscale(scene.image), upscale(colours[scene.labels])]
                     + [upscale(colours[ids[results[m].labels.numpy()]]) for m in methods])
-    _titled(rows, ["scene", "ground truth"] + list(methods)).save(path)
+        legends.append((scene.classes, colours[ids]))
+    _titled(rows, ["scene", "ground truth"] + list(methods), legends=legends).save(path)
 
 
 def scfg_demo(pipe, out: str, n: int = 4, steps: int = 25, guidance: float = 5.0) -> None:
