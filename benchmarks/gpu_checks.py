@@ -1,7 +1,7 @@
 """What the CPU test suite cannot see: GoCA on a CUDA device, on the tiny pipelines of every family.
 
-    PYTHONPATH=.:tests python benchmarks/gpu_checks.py            # exits 1 on any failed check
-    PYTHONPATH=.:tests python benchmarks/gpu_checks.py --device cpu   # the same checks against itself, as a dry run
+    PYTHONPATH=. python benchmarks/gpu_checks.py               # exits 1 on any failed check
+    PYTHONPATH=. python benchmarks/gpu_checks.py --device cpu  # the same checks against itself, as a dry run
 
 For each family, in float32 and in the half precision its users run:
   - images with GoCA enabled and masks computed at every step are bit-identical to the untouched pipeline's;
@@ -15,6 +15,7 @@ For each family, in float32 and in the half precision its users run:
 Labels must agree on 95 % of the pixels, or, for a tiny model so chaotic that a 1e-6 relative change of its weights
 moves more of its labels (the first row of each family), within 5 points of that.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,11 +27,23 @@ import torch
 
 import diffusers_goca as goca
 from diffusers_goca.functional import frobenius_kernel
-from conftest import generate, make_tiny_flux, make_tiny_pixart, make_tiny_sd, make_tiny_sd3, make_tiny_sdxl, with_kernel
+from diffusers_goca.testing import (
+    generate,
+    make_tiny_flux,
+    make_tiny_pixart,
+    make_tiny_sd,
+    make_tiny_sd3,
+    make_tiny_sdxl,
+    with_kernel,
+)
 
-FAMILIES = {"sd": (make_tiny_sd, torch.float16), "sdxl": (make_tiny_sdxl, torch.float16),
-            "pixart-sigma": (make_tiny_pixart, torch.bfloat16), "sd3": (make_tiny_sd3, torch.bfloat16),
-            "flux": (make_tiny_flux, torch.bfloat16)}
+FAMILIES = {
+    "sd": (make_tiny_sd, torch.float16),
+    "sdxl": (make_tiny_sdxl, torch.float16),
+    "pixart-sigma": (make_tiny_pixart, torch.bfloat16),
+    "sd3": (make_tiny_sd3, torch.bfloat16),
+    "flux": (make_tiny_flux, torch.bfloat16),
+}
 CLASSES = ["cat", "dog"]
 
 
@@ -45,8 +58,10 @@ def kernel_rows(name, gp, image, dtype, min_agreement):
     kernel, kernel_w = with_kernel("triton", lambda: segment_scores(gp, image, None))
     rtol = 1e-4 if dtype == torch.float32 else 5e-2
     diff = float(((kernel_w - fused_w).abs() / fused_w.abs().clamp_min(1e-12)).max())
-    return [(name, str(dtype), "Triton kernel = fused call: layer weights", diff <= rtol, f"max relative diff {diff:.1e}"),
-            compare(name, dtype, "Triton kernel = fused call", kernel, fused, min_agreement)]
+    return [
+        (name, str(dtype), "Triton kernel = fused call: layer weights", diff <= rtol, f"max relative diff {diff:.1e}"),
+        compare(name, dtype, "Triton kernel = fused call", kernel, fused, min_agreement),
+    ]
 
 
 def compare(family, dtype, what, scores, reference, min_agreement):
@@ -55,7 +70,13 @@ def compare(family, dtype, what, scores, reference, min_agreement):
     differences; the labels are what a user reads."""
     agree = float((scores.argmax(0) == reference.argmax(0)).float().mean())
     diff = float((scores - reference).abs().max())
-    return family, str(dtype), f"{what} labels", agree >= min_agreement, f"{agree:.1%} agree, max |score diff| {diff:.1e}"
+    return (
+        family,
+        str(dtype),
+        f"{what} labels",
+        agree >= min_agreement,
+        f"{agree:.1%} agree, max |score diff| {diff:.1e}",
+    )
 
 
 def offload_rows(name, make, image, resident, min_agreement, device):
@@ -64,10 +85,25 @@ def offload_rows(name, make, image, resident, min_agreement, device):
     pipe.enable_model_cpu_offload(device=device)
     reference = generate(pipe)
     gp = goca.from_pipe(pipe)
-    rows = [(name, "torch.float32", "model CPU offload: images bit-identical with masks",
-             bool(np.array_equal(generate(gp, goca_masks=True), reference)), "")]
-    rows.append(compare(name, torch.float32, "model CPU offload: segment = resident", segment_scores(gp, image, None),
-                        resident, min_agreement))
+    rows = [
+        (
+            name,
+            "torch.float32",
+            "model CPU offload: images bit-identical with masks",
+            bool(np.array_equal(generate(gp, goca_masks=True), reference)),
+            "",
+        )
+    ]
+    rows.append(
+        compare(
+            name,
+            torch.float32,
+            "model CPU offload: segment = resident",
+            segment_scores(gp, image, None),
+            resident,
+            min_agreement,
+        )
+    )
     gp.disable_goca()
     return rows
 
@@ -93,11 +129,25 @@ def check_family(name, make, half, device):
         resident = segment_scores(gp, image, None)
         offloaded = segment_scores(gp, image, 0)
         again = segment_scores(gp, image, 0)
-        rows.append((name, str(dtype), "offloaded twice: identical scores", bool(torch.equal(offloaded, again)),
-                     "(side-stream copies: a race would show here)"))
+        rows.append(
+            (
+                name,
+                str(dtype),
+                "offloaded twice: identical scores",
+                bool(torch.equal(offloaded, again)),
+                "(side-stream copies: a race would show here)",
+            )
+        )
         rows.append(compare(name, dtype, "offloaded = resident", offloaded, resident, min_agreement))
-        rows.append((name, str(dtype), "resident again: identical scores",
-                     bool(torch.equal(resident, segment_scores(gp, image, None))), ""))
+        rows.append(
+            (
+                name,
+                str(dtype),
+                "resident again: identical scores",
+                bool(torch.equal(resident, segment_scores(gp, image, None))),
+                "",
+            )
+        )
         if dtype == torch.float32:
             rows.append(compare(name, dtype, "GPU = CPU", resident, cpu_scores, min_agreement))
             rows += offload_rows(name, make, image, resident, min_agreement, device)

@@ -9,6 +9,7 @@ For k in `--every`: the mIoU of the last step's masks against that ground truth,
 at each step agrees with k = 1 (the method as published). The images are the same for every k: masks never change
 them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 import diffusers_goca as goca
+from diffusers_goca.bench.generation import exact_size
 from diffusers_goca.functional.metrics import confusion_matrix, miou
 from diffusers_goca.toyworld import load_toy_pipeline
 from diffusers_goca.toyworld.scenes import CLASS_NAMES, colour_labels, make_scene, scene_seeds
@@ -55,15 +57,24 @@ def main(argv=None) -> int:
     pipe = goca.from_pipe(load_toy_pipeline(args.toy_model))
     pipe.set_progress_bar_config(disable=True)
     scenes = distinct_colour_scenes(args.captions)
+    size = exact_size(pipe)
     confusion = {k: 0 for k in every}
     agree = {k: [] for k in every}  # per batch: [steps] shares of pixels labelled as with k = 1
     for start in range(0, len(scenes), args.batch):
-        batch = scenes[start:start + args.batch]
+        batch = scenes[start : start + args.batch]
         reference = None
         for k in every:
-            images = pipe([s.caption for s in batch], num_inference_steps=args.steps, guidance_scale=args.guidance,
-                          goca_masks=True, goca_classes=[s.classes for s in batch], goca_layer_weights_every=k,
-                          generator=torch.Generator().manual_seed(start), output_type="np").images
+            images = pipe(
+                [s.caption for s in batch],
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance,
+                goca_masks=True,
+                goca_classes=[s.classes for s in batch],
+                goca_layer_weights_every=k,
+                generator=torch.Generator().manual_seed(start),
+                output_type="np",
+                **size,
+            ).images
             labels = torch.stack([torch.stack([r.labels for r in m.results]) for m in pipe.goca_masks])  # [S, B, H, W]
             for image, scene, predicted in zip(images, batch, labels[-1]):
                 world = torch.tensor([CLASS_NAMES.index(c) for c in scene.classes])  # scene ids → the world's

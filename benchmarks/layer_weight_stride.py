@@ -6,6 +6,7 @@ the normalised layer weights against the official ones (every row), and `goca` m
 
 The FLOPs it saves at the real configs' sizes are in `benchmarks/memory_plan.py`'s last column.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,12 +47,15 @@ def main(argv=None):
     torch.manual_seed(0)
     pipe = load_toy_pipeline(pipeline_class=goca.GoCAStableDiffusionPipeline).enable_goca()
     distances = weight_distances(pipe, args.strides, args.n_weights)
-    print(f"| stride | L1 distance of the normalised layer weights from stride 1 ({args.n_weights} scenes), mean / max "
-          f"| goca mIoU ({args.n_eval} held-out scenes) |")
+    print(
+        f"| stride | L1 distance of the normalised layer weights from stride 1 ({args.n_weights} scenes), mean / max "
+        f"| goca mIoU ({args.n_eval} held-out scenes) |"
+    )
     print("|---|---|---|")
     for s in args.strides:
-        miou = evaluate_segmentation(pipe, n=args.n_eval, methods=("goca",), progress=False,
-                                     layer_weight_stride=s)["miou"]["goca"]
+        miou = evaluate_segmentation(pipe, n=args.n_eval, methods=("goca",), progress=False, layer_weight_stride=s)[
+            "miou"
+        ]["goca"]
         d = distances[s]
         print(f"| {s} | {sum(d) / len(d):.3f} / {max(d):.3f} | {100 * miou:.1f} |")
 

@@ -16,6 +16,7 @@ a GPU is compute-bound, this ratio is the overhead to expect; memory-bound kerne
 The last column is the floor of any exact implementation (`least_flops`: every score matrix formed by one QKᵀ pass,
 as a single-pass kernel would), the overhead no kernel work can go below.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,8 +65,9 @@ def _quiet_casts():
 def host_for(name: str):
     with init_empty_weights():
         if name in UNETS:
-            return Host(unet=diffusers.UNet2DConditionModel(**UNETS[name]), tokenizer=build_clip_tokenizer(),
-                        vae_scale_factor=8)
+            return Host(
+                unet=diffusers.UNet2DConditionModel(**UNETS[name]), tokenizer=build_clip_tokenizer(), vae_scale_factor=8
+            )
         cls_name, _, config = TRANSFORMERS[name]
         return Host(transformer=getattr(diffusers, cls_name)(**config), vae_scale_factor=8, default_sample_size=128)
 
@@ -93,6 +95,7 @@ def extra_flops(adapter, latent_hw, text_len: int, row_stride: int = 1) -> dict[
     the layer weights (one fused call per cross layer over twice its keys, plus the text keys of a joint layer, each
     distinct query once, plus A_p; with `row_stride` > 1 the queries the strided reference rows read) and the
     refinement (k fused products per layer, or one explicit pass of QKᵀ when S is formed)."""
+
     def grid(name):
         return tokens(adapter, name, latent_hw)
 
@@ -117,8 +120,12 @@ def extra_flops(adapter, latent_hw, text_len: int, row_stride: int = 1) -> dict[
         flops["layer weights"] += 4 * queries * (2 * grid(own) + (text_len if merged else 0)) * inner(own)
     flops["layer weights"] += 2 * n_ref * n_ref * inner(adapter.reference_layer)
     order = adapter.refine_order
-    flops["refinement"] = sum(2 * map_h * map_w * grid(n) * inner(n) if order >= EXPLICIT_S_FROM_ORDER
-                              else order * 4 * grid(n) * grid(n) * inner(n) for n in adapter.refinement_layers)
+    flops["refinement"] = sum(
+        2 * map_h * map_w * grid(n) * inner(n)
+        if order >= EXPLICIT_S_FROM_ORDER
+        else order * 4 * grid(n) * grid(n) * inner(n)
+        for n in adapter.refinement_layers
+    )
     return flops
 
 
@@ -128,6 +135,7 @@ def least_flops(adapter, latent_hw, text_len: int) -> int:
     score matrix formed once, by one QKᵀ pass: per layer weight over the distinct queries and the layer's own keys
     (the text shares of a joint layer read in the same pass), A_p, and per refinement layer its head-mean S, the
     propagation itself (k products with S at the map grid) being small beside it."""
+
     def grid(name):
         return tokens(adapter, name, latent_hw)
 
@@ -165,35 +173,53 @@ def families(resolution: int | None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--columns", type=int, default=16, help="token columns kept by the joint families "
-                   "(content + special tokens); cross-attention families keep all")
+    p.add_argument(
+        "--columns",
+        type=int,
+        default=16,
+        help="token columns kept by the joint families (content + special tokens); cross-attention families keep all",
+    )
     p.add_argument("--resolution", type=int, default=None, help="default: each family's native resolution")
     p.add_argument("--offload-above-mib", type=float, default=256)
     args = p.parse_args(argv)
     gib, mib = 2**30, 2**20
-    print("| model | px | held on the accelerator | offloaded to host | transient | held + transient | bound "
-          "| store every map (official) |")
+    print(
+        "| model | px | held on the accelerator | offloaded to host | transient | held + transient | bound "
+        "| store every map (official) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, adapter, px, latent_hw in families(args.resolution):
         # Cross-attention families keep every text column their softmax reads (the clamp and L1 sum run over all).
         columns = args.columns if adapter.joint else TEXT_TOKENS[name]
-        plan = memory_plan(adapter, latent_hw, columns, TEXT_TOKENS[name], offload_above=int(args.offload_above_mib * mib))
+        plan = memory_plan(
+            adapter, latent_hw, columns, TEXT_TOKENS[name], offload_above=int(args.offload_above_mib * mib)
+        )
         everything = store_everything(adapter, latent_hw, TEXT_TOKENS[name], 2)
         bound = f"≤ {BOUNDS[name]} GiB" if name in BOUNDS else "–"
-        print(f"| {name} | {px} | {plan['held'] / mib:.0f} MiB | {plan['offloaded'] / mib:.0f} MiB "
-              f"| {plan['transient'] / mib:.0f} MiB | {(plan['held'] + plan['transient']) / gib:.2f} GiB | {bound} "
-              f"| {everything / gib:.1f} GiB |")
+        print(
+            f"| {name} | {px} | {plan['held'] / mib:.0f} MiB | {plan['offloaded'] / mib:.0f} MiB "
+            f"| {plan['transient'] / mib:.0f} MiB | {(plan['held'] + plan['transient']) / gib:.2f} GiB | {bound} "
+            f"| {everything / gib:.1f} GiB |"
+        )
     print()
-    print("| model | px | forward | text maps | head weights | text share | layer weights | refinement | extra / forward "
-          "| least exact / forward | extra / forward, layer_weight_stride=2 |")
+    print(
+        "| model | px | forward | text maps | head weights | text share | layer weights | refinement | extra / forward "
+        "| least exact / forward | extra / forward, layer_weight_stride=2 |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, adapter, px, latent_hw in families(args.resolution):
         extra, forward = extra_flops(adapter, latent_hw, TEXT_TOKENS[name]), forward_flops(name, px)
         parts = " | ".join(f"{v / 1e12:.2f} TFLOP" for v in extra.values())
         least = least_flops(adapter, latent_hw, TEXT_TOKENS[name])
-        strided = "–" if adapter.joint else f"{sum(extra_flops(adapter, latent_hw, TEXT_TOKENS[name], 2).values()) / forward:.2f}×"
-        print(f"| {name} | {px} | {forward / 1e12:.2f} TFLOP | {parts} | {sum(extra.values()) / forward:.2f}× "
-              f"| {least / forward:.2f}× | {strided} |")
+        strided = (
+            "–"
+            if adapter.joint
+            else f"{sum(extra_flops(adapter, latent_hw, TEXT_TOKENS[name], 2).values()) / forward:.2f}×"
+        )
+        print(
+            f"| {name} | {px} | {forward / 1e12:.2f} TFLOP | {parts} | {sum(extra.values()) / forward:.2f}× "
+            f"| {least / forward:.2f}× | {strided} |"
+        )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ for the real configs (public layer counts, widths, heads) with random weights.
 Prints ratios measured in the same run: capture forward / plain forward, enabled-but-idle forward / plain forward,
 and the extra peak memory of the capture step (CUDA: allocator peak; CPU: the capture's own byte accounting).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,13 +23,12 @@ import time
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from real_configs import TEXT_TOKENS, TRANSFORMERS, UNETS
-
 from diffusers_goca.clip_bpe import build_clip_tokenizer
 from diffusers_goca.functional.frobenius_kernel import layer_weight_kernel
 from diffusers_goca.methods import method_scores
 from diffusers_goca.mixin import GoCAMixin
 from diffusers_goca.tokens import TokenIndex
+from real_configs import TEXT_TOKENS, TRANSFORMERS, UNETS
 
 # The prompt "cat, grass, background": classes at token positions 1 and 3, "background" at 5, the end token at 6.
 PROMPT = TokenIndex("cat, grass, background", ["cat", "grass"], [[1], [3]], [1, 3, 5], 7, {"background": [5]}, 0, 6)
@@ -57,10 +57,15 @@ def build(args, dtype):
         ehs = torch.randn(b, 77, unet.config.cross_attention_dim, device=dev, dtype=dtype)
         extra = {}
         if unet.config.addition_embed_type == "text_time":
-            extra["added_cond_kwargs"] = {"text_embeds": torch.randn(b, 1280, device=dev, dtype=dtype),
-                                          "time_ids": torch.tensor([[args.resolution] * 2 + [0, 0] + [args.resolution] * 2] * b,
-                                                                   device=dev, dtype=dtype)}
-        return host, lambda: unet(x, torch.tensor([100], device=dev), encoder_hidden_states=ehs, return_dict=False, **extra)
+            extra["added_cond_kwargs"] = {
+                "text_embeds": torch.randn(b, 1280, device=dev, dtype=dtype),
+                "time_ids": torch.tensor(
+                    [[args.resolution] * 2 + [0, 0] + [args.resolution] * 2] * b, device=dev, dtype=dtype
+                ),
+            }
+        return host, lambda: unet(
+            x, torch.tensor([100], device=dev), encoder_hidden_states=ehs, return_dict=False, **extra
+        )
     cls_name, depth_key, config = TRANSFORMERS[args.model]
     config = dict(config)
     if args.layers:
@@ -75,14 +80,24 @@ def build(args, dtype):
     if args.model == "pixart-sigma":
         x = torch.randn(b, 4, side, side, device=dev, dtype=dtype)
         mask = (torch.arange(t, device=dev) < PROMPT.length).float()[None].repeat(b, 1)  # T5 padding: masked
-        return host, lambda: model(x, encoder_hidden_states=ehs, encoder_attention_mask=mask,
-                                   timestep=torch.tensor([100] * b, device=dev),
-                                   added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
+        return host, lambda: model(
+            x,
+            encoder_hidden_states=ehs,
+            encoder_attention_mask=mask,
+            timestep=torch.tensor([100] * b, device=dev),
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+            return_dict=False,
+        )
     if args.model == "sd3-medium":
         x = torch.randn(b, 16, side, side, device=dev, dtype=dtype)
         pooled = torch.randn(b, 2048, device=dev, dtype=dtype)
-        return host, lambda: model(x, encoder_hidden_states=ehs, pooled_projections=pooled,
-                                   timestep=torch.tensor([500.0] * b, device=dev), return_dict=False)
+        return host, lambda: model(
+            x,
+            encoder_hidden_states=ehs,
+            pooled_projections=pooled,
+            timestep=torch.tensor([500.0] * b, device=dev),
+            return_dict=False,
+        )
     if args.cfg:
         raise SystemExit("--cfg: Flux.1 has no [uncond, cond] batch (its guidance is distilled into the model)")
     h = side // 2
@@ -90,9 +105,16 @@ def build(args, dtype):
     ids[..., 1], ids[..., 2] = torch.arange(h, device=dev)[:, None], torch.arange(h, device=dev)[None, :]
     x = torch.randn(1, h * h, 64, device=dev, dtype=dtype)
     pooled = torch.randn(1, 768, device=dev, dtype=dtype)
-    return host, lambda: model(x, encoder_hidden_states=ehs, pooled_projections=pooled, timestep=torch.tensor([0.5], device=dev),
-                               guidance=torch.tensor([3.5], device=dev), txt_ids=torch.zeros(t, 3, device=dev),
-                               img_ids=ids.reshape(-1, 3), return_dict=False)
+    return host, lambda: model(
+        x,
+        encoder_hidden_states=ehs,
+        pooled_projections=pooled,
+        timestep=torch.tensor([0.5], device=dev),
+        guidance=torch.tensor([3.5], device=dev),
+        txt_ids=torch.zeros(t, 3, device=dev),
+        img_ids=ids.reshape(-1, 3),
+        return_dict=False,
+    )
 
 
 def sync(device):
@@ -105,6 +127,7 @@ def segmentation(host, run, index, offload_above_mib, kernel="torch", layer_weig
     (the token columns it keeps; the prompt's text keys only where the family masks the padding, unless
     `every_text_key`) and its `goca` reductions of a capture, the layer weights by `kernel` over the reference rows of
     `layer_weight_stride`."""
+
     def enable():
         host.enable_goca(offload_above_mib=offload_above_mib)
 
@@ -115,8 +138,9 @@ def segmentation(host, run, index, offload_above_mib, kernel="torch", layer_weig
 
     def reduce(step):
         with layer_weight_kernel(kernel):
-            return method_scores(step, 0, index, host._goca.adapter, "goca", "background",
-                                 layer_weight_stride=layer_weight_stride)
+            return method_scores(
+                step, 0, index, host._goca.adapter, "goca", "background", layer_weight_stride=layer_weight_stride
+            )
 
     return enable, capture, reduce
 
@@ -166,42 +190,76 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=None, help="transformers: reduced depth (full width), for CPU runs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float16" if torch.cuda.is_available() else "float32")
-    p.add_argument("--repeats", type=int, default=5,
-                   help="interleaved timing rounds (the median is reported); 0: no timing, only --launches / --profile")
-    p.add_argument("--offload-above-mib", type=float, default=256,
-                   help="enable_goca's offload_above_mib; a negative value: never offload")
-    p.add_argument("--kernel", choices=["torch", "triton", "both"], default="torch",
-                   help="the layer weights by the fused attention call, the Triton kernel, or both, "
-                        "timed in the same rounds (the peaks and the profile are the last one's)")
-    p.add_argument("--layer-weight-stride", type=int, default=1,
-                   help="the `goca` option: layer weights over every s-th reference row and column (1: official)")
-    p.add_argument("--compare-text-keys", action="store_true",
-                   help="also time the capture over every text key (PixArt: the masked T5 padding too), in the same "
-                        "rounds")
-    p.add_argument("--cfg", action="store_true",
-                   help="time the capture step of a generation with classifier-free guidance: the forward runs "
-                        "[uncond, cond] and the conditional image is segmented (not Flux: no CFG batch)")
-    p.add_argument("--launches", action="store_true",
-                   help="also count the operators that launch device work (no views, no bare allocations) in the plain "
-                        "forward, the capture forward and the reductions: where the forward is short, each one costs "
-                        "host time whatever its size")
-    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
-                   help="also print the ROWS operators that take the most time in one capture + reductions")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="interleaved timing rounds (the median is reported); 0: no timing, only --launches / --profile",
+    )
+    p.add_argument(
+        "--offload-above-mib",
+        type=float,
+        default=256,
+        help="enable_goca's offload_above_mib; a negative value: never offload",
+    )
+    p.add_argument(
+        "--kernel",
+        choices=["torch", "triton", "both"],
+        default="torch",
+        help="the layer weights by the fused attention call, the Triton kernel, or both, "
+        "timed in the same rounds (the peaks and the profile are the last one's)",
+    )
+    p.add_argument(
+        "--layer-weight-stride",
+        type=int,
+        default=1,
+        help="the `goca` option: layer weights over every s-th reference row and column (1: official)",
+    )
+    p.add_argument(
+        "--compare-text-keys",
+        action="store_true",
+        help="also time the capture over every text key (PixArt: the masked T5 padding too), in the same rounds",
+    )
+    p.add_argument(
+        "--cfg",
+        action="store_true",
+        help="time the capture step of a generation with classifier-free guidance: the forward runs "
+        "[uncond, cond] and the conditional image is segmented (not Flux: no CFG batch)",
+    )
+    p.add_argument(
+        "--launches",
+        action="store_true",
+        help="also count the operators that launch device work (no views, no bare allocations) in the plain "
+        "forward, the capture forward and the reductions: where the forward is short, each one costs "
+        "host time whatever its size",
+    )
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="ROWS",
+        help="also print the ROWS operators that take the most time in one capture + reductions",
+    )
     args = p.parse_args(argv)
     host, run = build(args, getattr(torch, args.dtype))
     offload = None if args.offload_above_mib < 0 else args.offload_above_mib
     kernels = ["torch", "triton"] if args.kernel == "both" else [args.kernel]
-    variants = {f"layer weights by {kernel}": segmentation(host, run, PROMPT, offload, kernel, args.layer_weight_stride)
-                for kernel in kernels}
+    variants = {
+        f"layer weights by {kernel}": segmentation(host, run, PROMPT, offload, kernel, args.layer_weight_stride)
+        for kernel in kernels
+    }
     if args.compare_text_keys:
-        variants["every text key"] = segmentation(host, run, PROMPT, offload, kernels[0], args.layer_weight_stride,
-                                                  every_text_key=True)
+        variants["every text key"] = segmentation(
+            host, run, PROMPT, offload, kernels[0], args.layer_weight_stride, every_text_key=True
+        )
     parts = variants[f"layer weights by {kernels[-1]}"]
     depth = f", {args.layers} layers" if args.layers else ""
     batch = ", CFG batch [uncond, cond], the cond image segmented" if args.cfg else ""
-    print(f"model {args.model} (real config{depth}, random weights{batch}), {args.resolution} px, {args.device}, {args.dtype}, "
-          f"offload above {'never' if offload is None else f'{offload:g} MiB'}, "
-          f"layer_weight_stride {args.layer_weight_stride}")
+    print(
+        f"model {args.model} (real config{depth}, random weights{batch}), {args.resolution} px, {args.device}, {args.dtype}, "
+        f"offload above {'never' if offload is None else f'{offload:g} MiB'}, "
+        f"layer_weight_stride {args.layer_weight_stride}"
+    )
     if args.repeats > 0:
         report_times(args, host, run, variants, parts)
     if args.launches:
@@ -236,15 +294,21 @@ def report_times(args, host, run, variants, parts):
             print(f"  {name}:")
         print(f"  forward with capture            {cap_t * 1e3:9.1f} ms   ratio {cap_t / plain_t:.3f}")
         print(f"  GoCA reductions after forward   {reduce_t * 1e3:9.1f} ms   ratio {reduce_t / plain_t:.3f}")
-        print(f"  capture + reductions (segment)  {(cap_t + reduce_t) * 1e3:9.1f} ms   "
-              f"ratio {(cap_t + reduce_t) / plain_t:.3f}")
+        print(
+            f"  capture + reductions (segment)  {(cap_t + reduce_t) * 1e3:9.1f} ms   "
+            f"ratio {(cap_t + reduce_t) / plain_t:.3f}"
+        )
     print(f"  capture held (own accounting)   {step.nbytes() / mib:9.1f} MiB")
     if args.device != "cpu":
-        print(f"    on {args.device} / offloaded to host {step.nbytes(torch.device(args.device).type) / mib:9.1f} / "
-              f"{step.nbytes('cpu') / mib:.1f} MiB")
+        print(
+            f"    on {args.device} / offloaded to host {step.nbytes(torch.device(args.device).type) / mib:9.1f} / "
+            f"{step.nbytes('cpu') / mib:.1f} MiB"
+        )
     if plain_mem is not None:
         print(f"  peak memory, plain forward      {plain_mem / mib:9.1f} MiB")
-        print(f"  peak memory, capture forward    {cap_mem / mib:9.1f} MiB   extra {(cap_mem - plain_mem) / mib:.1f} MiB")
+        print(
+            f"  peak memory, capture forward    {cap_mem / mib:9.1f} MiB   extra {(cap_mem - plain_mem) / mib:.1f} MiB"
+        )
         print(f"  peak memory, reductions         {reduce_mem / mib:9.1f} MiB (on top of the held capture)")
 
 

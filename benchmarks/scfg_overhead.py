@@ -6,9 +6,11 @@ S-CFG code runs (it swaps in attention processors that materialise the maps).
     python benchmarks/scfg_overhead.py --resolution 256 --steps 3          # CPU
 
 Per-step time = (time of `steps` steps − time of 1 step) / (steps − 1), each the best of `--rounds` interleaved
-rounds, so text encoding and decoding cancel out. `--counts` adds each config's FLOPs and operator launches per step
+rounds, so text encoding and decoding cancel out; on the CPU the time is the process's CPU time (run it with
+OMP_NUM_THREADS=1), so that other load on the machine does not distort the ratios. `--counts` adds each config's FLOPs and operator launches per step
 beyond CFG's (`torch.utils.flop_counter`; the launches counted as `overhead.py --launches` does).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,30 +30,65 @@ def build(device, dtype):
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**UNETS["sd15"])
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=CLIP_VOCAB_SIZE, hidden_size=768, intermediate_size=1536,
-                                        num_hidden_layers=1, num_attention_heads=12, max_position_embeddings=77))
-    vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), norm_num_groups=8, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    pipe = goca.SCFGGoCAStableDiffusionPipeline(vae=vae, unet=unet, text_encoder=text,
-                                                tokenizer=build_clip_tokenizer(), scheduler=scheduler,
-                                                safety_checker=None, feature_extractor=None,
-                                                requires_safety_checker=False).to(device, dtype)
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=CLIP_VOCAB_SIZE,
+            hidden_size=768,
+            intermediate_size=1536,
+            num_hidden_layers=1,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+        )
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8, 8, 8),
+        norm_num_groups=8,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = goca.SCFGGoCAStableDiffusionPipeline(
+        vae=vae,
+        unet=unet,
+        text_encoder=text,
+        tokenizer=build_clip_tokenizer(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def call(pipe, n, device, **kw):
-    """Seconds of one `n`-step call."""
+    """Seconds of one `n`-step call: wall time on an accelerator; on the CPU the process's CPU time, which other load
+    on the machine does not inflate (run with OMP_NUM_THREADS=1 so that no thread spins idle)."""
+    clock = time.perf_counter if device != "cpu" else time.process_time
     if device == "cuda":
         torch.cuda.synchronize()
-    t = time.perf_counter()
-    pipe("a cat on the grass next to a red car", num_inference_steps=n, height=RES, width=RES, guidance_scale=7.5,
-         output_type="latent", generator=torch.Generator().manual_seed(0), **kw)
+    t = clock()
+    pipe(
+        "a cat on the grass next to a red car",
+        num_inference_steps=n,
+        height=RES,
+        width=RES,
+        guidance_scale=7.5,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+        **kw,
+    )
     if device == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - t
+    return clock() - t
 
 
 def per_step_times(pipe, configs: dict, steps: int, rounds: int, device) -> dict:
@@ -68,12 +105,21 @@ def per_step_times(pipe, configs: dict, steps: int, rounds: int, device) -> dict
     return {name: (min(full[name]) - min(one[name])) / (steps - 1) for name in configs}
 
 
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
 def per_step_counts(pipe, device, **kw) -> tuple[int, int]:
-    """(FLOPs, operators that launch device work) of one step: a 2-step call's less a 1-step call's."""
+    """(FLOPs, operators that launch device work) of one step: a 2-step call's less a 1-step call's. The CPU's fused
+    attention has no FLOP formula in torch's counter: it gets that of the other fused attentions."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    cpu_sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+
     def counts(n):
-        with FlopCounterMode(display=False) as flops, Launches() as launches:
+        with FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as flops, Launches() as launches:
             call(pipe, n, device, **kw)
         return flops.get_total_flops(), launches.count
 
@@ -86,7 +132,15 @@ def peak(pipe, device, **kw):
         return None
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    pipe("a cat on the grass", num_inference_steps=2, height=RES, width=RES, guidance_scale=7.5, output_type="latent", **kw)
+    pipe(
+        "a cat on the grass",
+        num_inference_steps=2,
+        height=RES,
+        width=RES,
+        guidance_scale=7.5,
+        output_type="latent",
+        **kw,
+    )
     return torch.cuda.max_memory_allocated() - base
 
 
@@ -109,8 +163,11 @@ def main(argv=None):
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds (the best of each is kept)")
-    p.add_argument("--counts", action="store_true",
-                   help="also the FLOPs and the operators launching device work per step, of each config")
+    p.add_argument(
+        "--counts",
+        action="store_true",
+        help="also the FLOPs and the operators launching device work per step, of each config",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float16" if torch.cuda.is_available() else "float32")
     args = p.parse_args(argv)
@@ -124,8 +181,10 @@ def main(argv=None):
     sdpa_off = "CFG with SDPA off (original code's attention)"
     rows[sdpa_off] = per_step_times(pipe, {sdpa_off: {"scfg": False}}, args.steps, args.rounds, args.device)[sdpa_off]
     base = rows[CFG]
-    print(f"SD 1.5 UNet (real config, random weights), {RES} px, {args.device}, {args.dtype}, CFG batch 2, "
-          f"per step over {args.steps} steps, best of {args.rounds} interleaved rounds")
+    print(
+        f"SD 1.5 UNet (real config, random weights), {RES} px, {args.device}, {args.dtype}, CFG batch 2, "
+        f"per step over {args.steps} steps, best of {args.rounds} interleaved rounds"
+    )
     for name, t in rows.items():
         print(f"  {name:<48s} {t * 1e3:9.1f} ms/step   ratio {t / base:.3f}")
     if counts:
@@ -133,8 +192,10 @@ def main(argv=None):
         print("  per step, beyond CFG's own: FLOPs (ratio to CFG's) and operators launching device work")
         for name, (f, n) in counts.items():
             if name != CFG:
-                print(f"    {name:<46s} {(f - flops) / 1e9:9.1f} GFLOP ({(f - flops) / flops:.3f})   "
-                      f"{n - launches:6d} launches ({(n - launches) / launches:.3f})")
+                print(
+                    f"    {name:<46s} {(f - flops) / 1e9:9.1f} GFLOP ({(f - flops) / flops:.3f})   "
+                    f"{n - launches:6d} launches ({(n - launches) / launches:.3f})"
+                )
     if mem[CFG] is not None:
         extra = (mem["S-CFG, GoCA masks"] - mem[CFG]) / 2**20
         print(f"  extra peak memory of S-CFG with GoCA masks: {extra:.1f} MiB")

@@ -6,6 +6,7 @@ The toy world's objects have five known colours and its backgrounds none of them
 can be read off its colours. For each segmenter, per step: the share of the latent grid called foreground, and the
 foreground's precision and recall on the object pixels (precision at the object share = no better than chance).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,16 +36,25 @@ def main(argv=None) -> int:
     captions = [make_scene(s).caption for s in scene_seeds("validation", args.captions)]
     print("| segmenter | step | foreground share | object share | precision | recall |\n|---|---|---|---|---|---|")
     for segmentor in ("original", "goca"):
-        images = pipe(captions, num_inference_steps=args.steps, guidance_scale=args.guidance, segmentor=segmentor,
-                      generator=torch.Generator().manual_seed(1), scfg_keep_maps=True, output_type="np").images
+        images = pipe(
+            captions,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            segmentor=segmentor,
+            generator=torch.Generator().manual_seed(1),
+            scfg_keep_maps=True,
+            output_type="np",
+        ).images
         objects = object_pixels(images, tuple(pipe.scfg_maps[0].foreground.shape[-2:]))
         shown = sorted(set(range(0, len(pipe.scfg_maps), max(1, args.steps // 5))) | {len(pipe.scfg_maps) - 1})
         for m in (pipe.scfg_maps[i] for i in shown):
             hit = (m.foreground & objects).float().sum((1, 2))
             precision = (hit / m.foreground.float().sum((1, 2)).clamp_min(1)).mean()
             recall = (hit / objects.float().sum((1, 2)).clamp_min(1)).mean()
-            print(f"| {segmentor} | {m.step} | {m.foreground.float().mean():.2f} | {objects.float().mean():.2f} | "
-                  f"{precision:.2f} | {recall:.2f} |")
+            print(
+                f"| {segmentor} | {m.step} | {m.foreground.float().mean():.2f} | {objects.float().mean():.2f} | "
+                f"{precision:.2f} | {recall:.2f} |"
+            )
     return 0
 
 

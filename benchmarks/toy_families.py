@@ -10,6 +10,7 @@ Each --model is a toy folder (`python -m diffusers_goca.toyworld.train --arch sd
 seed; mIoU in the standard protocol over the world's classes (`toyworld.evaluate_segmentation`). Writes a markdown
 table (one column per model) and its JSON to --out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,9 +29,14 @@ from diffusers_goca.toyworld.evaluate import evaluate_segmentation  # noqa: E402
 
 PARTS = {  # vanilla plus one part, over every layer
     "head-wise only": ("goca", {"layer_weighting": "uniform", "rescale": False}),
-    "layer-wise only (paper A_p)": ("goca", {"head_weighting": "average", "rescale": False, "pseudo_attention": "paper"}),
-    "layer-wise only (official-code A_p)": ("goca", {"head_weighting": "average", "rescale": False,
-                                                     "pseudo_attention": "official-code"}),
+    "layer-wise only (paper A_p)": (
+        "goca",
+        {"head_weighting": "average", "rescale": False, "pseudo_attention": "paper"},
+    ),
+    "layer-wise only (official-code A_p)": (
+        "goca",
+        {"head_weighting": "average", "rescale": False, "pseudo_attention": "official-code"},
+    ),
     "rescaling only": ("goca", {"head_weighting": "average", "layer_weighting": "uniform"}),
 }
 
@@ -40,12 +46,16 @@ def configs_for(pipe) -> dict:
     configs = {
         "goca (paper A_p)": ("goca", {"pseudo_attention": "paper"}),
         "goca (official-code A_p)": ("goca", {"pseudo_attention": "official-code"}),
-        "goca (official-code A_p, S̃ rows renormalised)": ("goca", {"pseudo_attention": "official-code",
-                                                                   "renormalize_rows": True}),
+        "goca (official-code A_p, S̃ rows renormalised)": (
+            "goca",
+            {"pseudo_attention": "official-code", "renormalize_rows": True},
+        ),
     }
     if adapter.joint:  # Flux's official config averages the heads (its captured output mixes text and image keys)
-        configs["goca, heads averaged (official-code A_p)"] = ("goca", {"pseudo_attention": "official-code",
-                                                                        "head_weighting": "average"})
+        configs["goca, heads averaged (official-code A_p)"] = (
+            "goca",
+            {"pseudo_attention": "official-code", "head_weighting": "average"},
+        )
     configs["vanilla (official layers)"] = ("vanilla", {})
     if adapter.vanilla_layers is not None:
         configs["vanilla (all layers)"] = ("vanilla", {"layers": "all"})
@@ -84,14 +94,21 @@ def layer_report(pipe, n: int, start: int) -> str:
         latents = pipe._goca_encode(Image.fromarray(scene.image), adapter.native_resolution, adapter)
         for mode in weights:
             step = pipe.capture_forward(
-                lambda: adapter.segment_forward(latents, prompt, adapter.segment_timestep, torch.Generator().manual_seed(0)),
-                columns=kept_columns(adapter, [index]), pseudo_attention=mode)
+                lambda: adapter.segment_forward(
+                    latents, prompt, adapter.segment_timestep, torch.Generator().manual_seed(0)
+                ),
+                columns=kept_columns(adapter, [index]),
+                pseudo_attention=mode,
+            )
             weights[mode] += layer_weights(step, 0, adapter, layers, False, pseudo_attention=mode).cpu() / n
-    rows = ["| layer | vanilla on this layer alone, mIoU | mean w_l, paper A_p | mean w_l, official-code A_p |",
-            "|---|---|---|---|"]
+    rows = [
+        "| layer | vanilla on this layer alone, mIoU | mean w_l, paper A_p | mean w_l, official-code A_p |",
+        "|---|---|---|---|",
+    ]
     for i, name in enumerate(layers):
-        rows.append(f"| {name} | {100 * single[name]:.1f} | {weights['paper'][i]:.3f} | "
-                    f"{weights['official-code'][i]:.3f} |")
+        rows.append(
+            f"| {name} | {100 * single[name]:.1f} | {weights['paper'][i]:.3f} | {weights['official-code'][i]:.3f} |"
+        )
     return "\n".join(rows)
 
 
@@ -119,8 +136,7 @@ def main(argv=None) -> int:
     if args.layers:
         return 0
     rows = list(dict.fromkeys(r for table in columns.values() for r in table))
-    lines = [f"| mIoU, {args.n} held-out scenes | " + " | ".join(columns) + " |",
-             "|---|" + "---|" * len(columns)]
+    lines = [f"| mIoU, {args.n} held-out scenes | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for row in rows:
         cells = [f"{100 * t[row]:.1f}" if row in t else "–" for t in columns.values()]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")

@@ -1,9 +1,10 @@
 """diffusers-goca: training-free open-vocabulary segmentation from the attention of diffusers pipelines (GoCA).
 
-    import diffusers_goca as goca
-    pipe = goca.from_pipe(pipe)          # same components, class gains GoCAMixin, capture enabled
-    result = pipe.segment(image, classes=["cat", "grass"])
+import diffusers_goca as goca
+pipe = goca.from_pipe(pipe)          # same components, class gains GoCAMixin, capture enabled
+result = pipe.segment(image, classes=["cat", "grass"])
 """
+
 from .capture import Capture, StepCapture
 from .functional.frobenius_kernel import get_layer_weight_kernel, layer_weight_kernel, set_layer_weight_kernel
 from .methods import METHODS, GoCAOptions
@@ -34,14 +35,41 @@ from .tokens import TokenIndex, token_index
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adapter", "Capture", "GoCAAttnProcessor2_0", "GoCAMixin", "GoCAOptions", "GoCASegmentation", "GoCAStepMasks",
-    "GoCAWrappedProcessor", "LayerInfo", "METHODS", "StepCapture", "TokenIndex", "UNetAdapter",
-    "GoCAFluxPipeline", "GoCAStableDiffusion3Pipeline", "GoCAPixArtAlphaPipeline", "GoCAPixArtSigmaPipeline",
-    "GoCAStableDiffusionPipeline", "GoCAStableDiffusionXLPipeline",
-    "SCFGGoCAStableDiffusionPipeline", "SCFGGoCAStableDiffusionXLPipeline", "SCFGGoCAPixArtSigmaPipeline",
-    "SCFGGoCAStableDiffusion3Pipeline", "SCFGMixin", "SCFGStepMaps", "save_scfg_maps", "scfg_from_pipe",
-    "adapter_for", "entities_from_prompt", "from_pipe", "goca_class", "token_index",
-    "get_layer_weight_kernel", "layer_weight_kernel", "set_layer_weight_kernel",
+    "Adapter",
+    "Capture",
+    "GoCAAttnProcessor2_0",
+    "GoCAMixin",
+    "GoCAOptions",
+    "GoCASegmentation",
+    "GoCAStepMasks",
+    "GoCAWrappedProcessor",
+    "LayerInfo",
+    "METHODS",
+    "StepCapture",
+    "TokenIndex",
+    "UNetAdapter",
+    "GoCAFluxPipeline",
+    "GoCAStableDiffusion3Pipeline",
+    "GoCAPixArtAlphaPipeline",
+    "GoCAPixArtSigmaPipeline",
+    "GoCAStableDiffusionPipeline",
+    "GoCAStableDiffusionXLPipeline",
+    "SCFGGoCAStableDiffusionPipeline",
+    "SCFGGoCAStableDiffusionXLPipeline",
+    "SCFGGoCAPixArtSigmaPipeline",
+    "SCFGGoCAStableDiffusion3Pipeline",
+    "SCFGMixin",
+    "SCFGStepMaps",
+    "save_scfg_maps",
+    "scfg_from_pipe",
+    "adapter_for",
+    "entities_from_prompt",
+    "from_pipe",
+    "goca_class",
+    "token_index",
+    "get_layer_weight_kernel",
+    "layer_weight_kernel",
+    "set_layer_weight_kernel",
 ]
 
 

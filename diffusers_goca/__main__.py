@@ -1,4 +1,5 @@
 """`python -m diffusers_goca ...`: the `goca` command."""
+
 import sys
 
 from .cli import main

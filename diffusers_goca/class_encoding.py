@@ -6,6 +6,7 @@ the UNet toy two orders agree on 57 % of the pixels: docs/protocols.md). Encodin
 neutral phrase, and putting those embeddings at the class's positions of the segmentation prompt makes the maps
 independent of the order: cross-attention has no notion of key order.
 """
+
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
@@ -19,7 +20,7 @@ CLASS_ENCODINGS = ("prompt", "separate")
 
 
 def _occurrences(row: list[int], sub: list[int]) -> list[int]:
-    return [s for s in range(len(row) - len(sub) + 1) if row[s:s + len(sub)] == sub]
+    return [s for s in range(len(row) - len(sub) + 1) if row[s : s + len(sub)] == sub]
 
 
 def _replace_class_states(output, ids: torch.Tensor, alone, sub: list[int], where: list[int]) -> bool:
@@ -75,7 +76,8 @@ def separately_encoded(pipe, classes: Sequence[str], normalize: Callable[[str], 
             encoder, tokenizer = getattr(pipe, f"text_encoder{suffix}", None), getattr(pipe, f"tokenizer{suffix}", None)
             if encoder is None or tokenizer is None:
                 continue
-            handle = encoder.register_forward_hook(_encoder_hook(tokenizer, classes, normalize, missing),
-                                                   with_kwargs=True)
+            handle = encoder.register_forward_hook(
+                _encoder_hook(tokenizer, classes, normalize, missing), with_kwargs=True
+            )
             stack.callback(handle.remove)
         yield missing

@@ -1,8 +1,10 @@
 """Command line: `goca segment IMAGE --classes cat,grass --model ID_OR_PATH --out overlay.png`, `goca demo`,
-`goca bench-seg --dataset voc --root DIR --model ID_OR_PATH` (the segmentation benchmark).
+`goca bench-seg --dataset voc --root DIR --model ID_OR_PATH` (the segmentation benchmark), `goca app` (the web demo,
+extra [app]).
 
 The pipelines load through `loading` (`load_pipeline`; `DTYPES` are the --dtype names); `segment` loads in the
 --dtype given, on any device."""
+
 from __future__ import annotations
 
 import argparse
@@ -26,10 +28,12 @@ def _segment(args) -> int:
     if args.model is None:  # a real photo would be segmented by a 32-px model of toy scenes without a word
         from .toyworld import BACKGROUNDS
 
-        print(f"goca: note: no --model given: using the embedded toy model (32 px, toy-world classes only: "
-              f"{', '.join(BACKGROUNDS)} and coloured shapes such as 'red circle'); for a real image pass --model "
-              f"with a hub id or a local pipeline folder, e.g. --model stable-diffusion-v1-5/stable-diffusion-v1-5",
-              file=sys.stderr)
+        print(
+            f"goca: note: no --model given: using the embedded toy model (32 px, toy-world classes only: "
+            f"{', '.join(BACKGROUNDS)} and coloured shapes such as 'red circle'); for a real image pass --model "
+            f"with a hub id or a local pipeline folder, e.g. --model stable-diffusion-v1-5/stable-diffusion-v1-5",
+            file=sys.stderr,
+        )
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     options = {} if args.layer_weight_stride is None else {"layer_weight_stride": args.layer_weight_stride}
     # Ordinary mistakes (an argument the model refuses, a model that cannot be loaded, an unwritable output) end in
@@ -37,8 +41,14 @@ def _segment(args) -> int:
     try:
         pipe = load_pipeline(args.model, args.device, DTYPES[args.dtype])
         result = pipe.segment(  # opens the file upright; the pictures below draw on the image it segmented
-            args.image, classes, method=args.method, timestep=args.timestep, seed=args.seed,
-            background=args.background, background_offset=args.background_offset, **options,
+            args.image,
+            classes,
+            method=args.method,
+            timestep=args.timestep,
+            seed=args.seed,
+            background=args.background,
+            background_offset=args.background_offset,
+            **options,
         )
         result.overlay().save(args.out)
         print(f"saved {args.out}")
@@ -53,6 +63,22 @@ def _segment(args) -> int:
     return 0
 
 
+def _app(args) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        raise SystemExit('goca: error: the web demo needs Gradio: pip install "diffusers-goca[app]"')
+    from .app import launch
+
+    try:
+        launch(args.model, args.device, args.dtype, port=args.port, host=args.host)
+    except (ValueError, OSError) as error:  # a model that cannot be loaded or is not supported, a port in use
+        raise SystemExit(f"goca: error: {error}") from None
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="goca", description="GoCA: segmentation from the attention of diffusion pipelines")
     sub = p.add_subparsers(dest="command", required=True)
@@ -63,21 +89,42 @@ def main(argv=None) -> int:
     s.add_argument("--out", default="overlay.png")
     s.add_argument("--heatmaps", default=None, help="also save a per-class heat-map grid here")
     s.add_argument("--method", default="goca")
-    s.add_argument("--timestep", type=float, default=None,
-                   help="noise timestep (default: the family's rule, 100 for SD; SD3 / Flux take fractions)")
+    s.add_argument(
+        "--timestep",
+        type=float,
+        default=None,
+        help="noise timestep (default: the family's rule, 100 for SD; SD3 / Flux take fractions)",
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     s.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    s.add_argument("--background", action="store_true", help="add a background channel (the word's map), for when "
-                   "only objects are named; off by default, as in segment()")
+    s.add_argument(
+        "--background",
+        action="store_true",
+        help="add a background channel (the word's map), for when "
+        "only objects are named; off by default, as in segment()",
+    )
     s.add_argument("--background-offset", type=float, default=0.0)
-    s.add_argument("--layer-weight-stride", type=int, default=None,
-                   help="goca: layer weights over every s-th reference row and column (faster; default: all rows)")
+    s.add_argument(
+        "--layer-weight-stride",
+        type=int,
+        default=None,
+        help="goca: layer weights over every s-th reference row and column (faster; default: all rows)",
+    )
     d = sub.add_parser("demo", help="the toy-world demo: generation with masks, held-out mIoU table, pictures")
     d.add_argument("--out", default="outputs/demo")
     d.add_argument("--n-eval", type=int, default=100)
-    sub.add_parser("bench-seg", add_help=False,
-                   help="segmentation mIoU benchmark (same options as benchmarks/segmentation.py; bench-seg --help)")
+    a = sub.add_parser("app", help="the web demo (extra [app]): masks of a pipeline step by step, in the browser")
+    a.add_argument("--model", default=None, help="toy (default), toy-dit, a hub id or a local pipeline folder")
+    a.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="on an accelerator (float32 on the CPU)")
+    a.add_argument("--port", type=int, default=7860)
+    a.add_argument("--host", default="127.0.0.1", help="the address to serve on (0.0.0.0: every interface)")
+    sub.add_parser(
+        "bench-seg",
+        add_help=False,
+        help="segmentation mIoU benchmark (same options as benchmarks/segmentation.py; bench-seg --help)",
+    )
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench-seg"]:
         from .bench.segmentation import main as bench_main
@@ -86,6 +133,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.command == "segment":
         return _segment(args)
+    if args.command == "app":
+        return _app(args)
     from .toyworld.demo import run_demo
 
     run_demo(args.out, n_eval=args.n_eval)

@@ -1,4 +1,5 @@
 """Image input: what `segment` and the pictures accept as an image, read as a PIL RGB image."""
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,10 @@ def _pixels_uint8(a: np.ndarray) -> np.ndarray:
     if not np.issubdtype(a.dtype, np.floating) or not np.isfinite(a).all():
         raise ValueError(f"an image's values must be finite integers or floats, got dtype {a.dtype}")
     if lo < -1e-3 or hi > 1 + 1e-3:
-        raise ValueError(f"a float image must hold values in [0, 1], got {lo:.4g}…{hi:.4g} "
-                         "(from [-1, 1]: (x + 1) / 2; from 0–255: pass it as uint8)")
+        raise ValueError(
+            f"a float image must hold values in [0, 1], got {lo:.4g}…{hi:.4g} "
+            "(from [-1, 1]: (x + 1) / 2; from 0–255: pass it as uint8)"
+        )
     return (np.clip(a.astype(np.float32), 0, 1) * 255).round().astype(np.uint8)
 
 
@@ -60,8 +63,10 @@ def as_rgb(image) -> Image.Image:
             t = t[0]
         channels_last = t.ndim == 3 and t.shape[0] not in (1, 3, 4) and t.shape[-1] in (1, 3, 4)
         if t.ndim != 3 or not (channels_last or t.shape[0] in (1, 3, 4)):
-            raise ValueError(f"a tensor image must be [C, H, W], [H, W, C] or either with a leading batch of 1, with "
-                             f"C in (1, 3, 4), got {tuple(image.shape)}")
+            raise ValueError(
+                f"a tensor image must be [C, H, W], [H, W, C] or either with a leading batch of 1, with "
+                f"C in (1, 3, 4), got {tuple(image.shape)}"
+            )
         t = t if channels_last else t.permute(1, 2, 0)
         image = (t.float() if t.is_floating_point() else t).numpy()  # numpy has no bfloat16
     if isinstance(image, np.ndarray):
@@ -72,7 +77,9 @@ def as_rgb(image) -> Image.Image:
             raise ValueError(f"an array image must be [H, W], [H, W, 3] or [H, W, 4], got shape {a.shape}")
         image = Image.fromarray(_pixels_uint8(a))
     if not isinstance(image, Image.Image):
-        raise ValueError(f"image must be a PIL image, a numpy array, a torch tensor or a path, got {type(image).__name__}")
+        raise ValueError(
+            f"image must be a PIL image, a numpy array, a torch tensor or a path, got {type(image).__name__}"
+        )
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -8,6 +8,7 @@ hub id or a local folder, and the shipped toy models as the default. The command
 This module imports no other module of the package at import time (the pipelines only when a pipeline is built),
 so anything in the package may import it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,8 +19,14 @@ import re
 import torch
 
 # Names the command lines take for --dtype.
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # The shipped toy models: a stock `StableDiffusionPipeline` folder (the default model of every loader here) and a
@@ -61,8 +68,9 @@ def dtype_kwargs(dtype: torch.dtype | None) -> dict:
     return {} if dtype is None else {dtype_keyword(): dtype}
 
 
-def pretrained(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32, pipeline_class: type | None = None,
-               **kwargs):
+def pretrained(
+    path: str | os.PathLike, dtype: torch.dtype | None = torch.float32, pipeline_class: type | None = None, **kwargs
+):
     """`from_pretrained(path)` of a hub id or a local pipeline folder, as the loaders here need it: no safety checker
     (nor the warning about its absence), and the components the saved pipeline lists as absent (`[null, null]` in
     model_index.json, e.g. SD3 saved without T5) passed as None, which diffusers otherwise refuses for required
@@ -86,8 +94,12 @@ def pretrained(path: str | os.PathLike, dtype: torch.dtype | None = torch.float3
     return (pipeline_class or DiffusionPipeline).from_pretrained(path, **options)
 
 
-def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-                  dtype: torch.dtype = torch.float32, scfg: bool = False):
+def load_pipeline(
+    model: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    scfg: bool = False,
+):
     """A GoCA pipeline (`from_pipe`; with `scfg=True` an S-CFG one, `scfg_from_pipe`) from a hub id or a local
     folder (`pretrained`), on `device`, in `dtype` as given (`pipeline_dtype` applies the float32-on-CPU rule);
     model None = the shipped toy model (`TOY_MODEL_DIR`). Its progress bar is off."""

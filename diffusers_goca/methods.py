@@ -3,6 +3,7 @@
 Each method returns class scores at the map grid, [K, h·w] in [0, 1], plus the background entity's score when one is
 asked for. The formulas are those of `functional`; this module only picks the layers and the options.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -119,8 +120,15 @@ def refinement_operator(step: StepCapture, row: int, layers: list[str], map_hw: 
     return apply
 
 
-def layer_weights(step: StepCapture, row: int, adapter, layers: list[str], renormalize_rows: bool,
-                  row_stride: int = 1, pseudo_attention: str | None = None) -> torch.Tensor:
+def layer_weights(
+    step: StepCapture,
+    row: int,
+    adapter,
+    layers: list[str],
+    renormalize_rows: bool,
+    row_stride: int = 1,
+    pseudo_attention: str | None = None,
+) -> torch.Tensor:
     """Normalised w_l for `layers` from the pseudo self-attention of the reference feature; with `row_stride` > 1
     over the reference rows at every row_stride-th row and column (`frobenius_with_reference`). pseudo_attention:
     A_p's formula (`pseudo_self_attention`; None: the capture's)."""
@@ -129,22 +137,33 @@ def layer_weights(step: StepCapture, row: int, adapter, layers: list[str], renor
     if not isinstance(row_stride, int) or row_stride < 1:
         raise ValueError(f"layer_weight_stride must be an integer ≥ 1, got {row_stride!r}")
     pseudo_attention = pseudo_attention or step.pseudo_attention
-    reference = step.reference_of(row, pseudo_attention)  # A_p and its per-grid weights, made only if a layer needs them
+    reference = step.reference_of(
+        row, pseudo_attention
+    )  # A_p and its per-grid weights, made only if a layer needs them
     terms = {} if renormalize_rows else step.layer_weight_terms  # taken at the end of the forward (joint layers)
     taken = {n: terms[n][row] for n in layers if n in terms}
     if taken and pseudo_attention != step.pseudo_attention:
-        raise ValueError(f"pseudo_attention={pseudo_attention!r}: the joint layers' weights were taken in the forward "
-                         f"with {step.pseudo_attention!r}; pass it to the call that captures (segment's or the "
-                         f"generation's goca_options)")
+        raise ValueError(
+            f"pseudo_attention={pseudo_attention!r}: the joint layers' weights were taken in the forward "
+            f"with {step.pseudo_attention!r}; pass it to the call that captures (segment's or the "
+            f"generation's goca_options)"
+        )
     if taken and row_stride > 1:
-        raise ValueError("layer_weight_stride > 1 applies to cross-attention models (UNet, PixArt): a joint attention "
-                         "layer (SD3, Flux) reads every row in the forward, for its text shares")
+        raise ValueError(
+            "layer_weight_stride > 1 applies to cross-attention models (UNet, PixArt): a joint attention "
+            "layer (SD3, Flux) reads every row in the forward, for its text shares"
+        )
     todo = [n for n in layers if n not in taken]
     selfs = [step.selfs[adapter.self_of(n)] for n in todo]
     for name, s, inputs in zip(todo, selfs, brought_back(selfs, row)):
-        taken[name] = frobenius_with_reference(src_hw=s.grid, reference_attention=reference.attention,
-                                               ref_hw=reference.grid, renormalize_rows=renormalize_rows,
-                                               prepared=reference.on(s.grid, row_stride), **inputs)
+        taken[name] = frobenius_with_reference(
+            src_hw=s.grid,
+            reference_attention=reference.attention,
+            ref_hw=reference.grid,
+            renormalize_rows=renormalize_rows,
+            prepared=reference.on(s.grid, row_stride),
+            **inputs,
+        )
     return normalize_layer_weights(torch.stack([taken[n] for n in layers]))
 
 
@@ -155,8 +174,10 @@ class LayerWeightReuse:
 
     def __init__(self, every: int, name: str = "layer_weights_every"):
         if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
-            raise ValueError(f"{name} must be an integer ≥ 1 (1: every step; a number ≥ the steps: once, at the "
-                             f"first masked step), got {every!r}")
+            raise ValueError(
+                f"{name} must be an integer ≥ 1 (1: every step; a number ≥ the steps: once, at the "
+                f"first masked step), got {every!r}"
+            )
         self.every = int(every)
         self._taken: dict = {}  # key → (step, weights)
 
@@ -168,7 +189,12 @@ class LayerWeightReuse:
 
 
 def goca_scores(
-    step: StepCapture, row: int, index: TokenIndex, adapter, options: GoCAOptions, background: str | None = None,
+    step: StepCapture,
+    row: int,
+    index: TokenIndex,
+    adapter,
+    options: GoCAOptions,
+    background: str | None = None,
     reuse: Callable | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """GoCA (and, through `options`, vanilla and manual): class scores [K, N_map] and the background entity's [N_map].
@@ -178,14 +204,24 @@ def goca_scores(
     layers, refinement = adapter.layer_set(options.layers)
     head_weighting = options.head_weighting or step.head_weighting
     if head_weighting not in ("average", step.head_weighting):
-        raise ValueError(f"head_weighting={head_weighting!r} needs a capture made with it: "
-                         f"pipe.enable_goca(head_weighting={head_weighting!r}) (this one: {step.head_weighting!r})")
+        raise ValueError(
+            f"head_weighting={head_weighting!r} needs a capture made with it: "
+            f"pipe.enable_goca(head_weighting={head_weighting!r}) (this one: {step.head_weighting!r})"
+        )
     maps = [step.cross[n]["average" if head_weighting == "average" else "auto"][row] for n in layers]
     grids = [step.grids[n] for n in layers]
     if options.layer_weighting == "auto":
+
         def compute() -> torch.Tensor:
-            return layer_weights(step, row, adapter, layers, options.renormalize_rows, options.layer_weight_stride,
-                                 options.pseudo_attention)
+            return layer_weights(
+                step,
+                row,
+                adapter,
+                layers,
+                options.renormalize_rows,
+                options.layer_weight_stride,
+                options.pseudo_attention,
+            )
 
         weights = compute() if reuse is None else reuse((row, options), compute)
     elif options.layer_weighting == "uniform":
@@ -232,7 +268,9 @@ def diffsegmenter_scores(
     by_level: dict[int, list[torch.Tensor]] = {}
     for name in adapter.cross_layers:
         rel = adapter.layers[name].factor // adapter.map_factor
-        by_level.setdefault(rel, []).append(resize_maps(step.cross[name]["average"][row].float().T, step.grids[name], map_hw).T)
+        by_level.setdefault(rel, []).append(
+            resize_maps(step.cross[name]["average"][row].float().T, step.grids[name], map_hw).T
+        )
     scores = sum(
         _DIFFSEG_WEIGHTS.get(rel, 0.0) * minmax(token_class_maps(torch.stack(ms).mean(0), entities))
         for rel, ms in by_level.items()
@@ -256,17 +294,23 @@ def available_methods(adapter) -> list[str]:
     """The methods this model family can run: `manual` needs a hand-picked layer set, `seg4diff` its block, `iseg`
     cross-attention at coarser levels than the map grid (UNets)."""
     coarser = {adapter.layers[n].factor // adapter.map_factor for n in adapter.cross_layers}
-    return [m for m in METHODS
-            if (m != "manual" or adapter.manual_layers) and (m != "seg4diff" or getattr(adapter, "seg4diff_layer", None))
-            and (m != "iseg" or coarser & set(ISEG_LEVEL_WEIGHTS))]
+    return [
+        m
+        for m in METHODS
+        if (m != "manual" or adapter.manual_layers)
+        and (m != "seg4diff" or getattr(adapter, "seg4diff_layer", None))
+        and (m != "iseg" or coarser & set(ISEG_LEVEL_WEIGHTS))
+    ]
 
 
 def check_method(adapter, method: str) -> None:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method not in available_methods(adapter):
-        raise ValueError(f"method {method!r} is not defined for {adapter.family} models; "
-                         f"available: {', '.join(available_methods(adapter))}")
+        raise ValueError(
+            f"method {method!r} is not defined for {adapter.family} models; "
+            f"available: {', '.join(available_methods(adapter))}"
+        )
 
 
 def _split_background(scores: torch.Tensor, background: str | None):
@@ -284,8 +328,13 @@ ISEG_ITERATIONS = 8
 
 
 def iseg_scores(
-    step: StepCapture, row: int, index: TokenIndex, adapter, background: str | None = None,
-    iterations: int = ISEG_ITERATIONS, lam: float = ISEG_ENTROPY_LAMBDA,
+    step: StepCapture,
+    row: int,
+    index: TokenIndex,
+    adapter,
+    background: str | None = None,
+    iterations: int = ISEG_ITERATIONS,
+    lam: float = ISEG_ENTROPY_LAMBDA,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """iSeg on a capture made with the class tokens' embeddings scaled (`segment` runs that forward): level-weighted
     head/layer-mean cross maps, then M ← Â·M `iterations` times with Â the entropy-reduced mean self-attention of
@@ -297,7 +346,9 @@ def iseg_scores(
     for name in adapter.cross_layers:
         rel = adapter.layers[name].factor // adapter.map_factor
         if rel in ISEG_LEVEL_WEIGHTS:
-            levels.setdefault(rel, []).append(resize_maps(step.cross[name]["average"][row].float().T, step.grids[name], map_hw))
+            levels.setdefault(rel, []).append(
+                resize_maps(step.cross[name]["average"][row].float().T, step.grids[name], map_hw)
+            )
     if not levels:
         raise ValueError(f"iseg needs cross-attention at {sorted(ISEG_LEVEL_WEIGHTS)}× the finest map grid")
     token_maps = sum(ISEG_LEVEL_WEIGHTS[rel] * torch.stack(ms).mean(0) for rel, ms in levels.items()).T  # [N, T']
@@ -312,8 +363,9 @@ def iseg_scores(
     return _split_background(minmax(x), background)
 
 
-def method_scores(step, row, index, adapter, method: str, background: str | None = None, reuse: Callable | None = None,
-                  **options):
+def method_scores(
+    step, row, index, adapter, method: str, background: str | None = None, reuse: Callable | None = None, **options
+):
     """Dispatch on the method name; `options` override GoCAOptions fields for goca / vanilla / manual.
 
     index: the prompt's TokenIndex (token positions); it is mapped onto the columns the capture kept. reuse: the

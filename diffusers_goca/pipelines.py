@@ -3,6 +3,7 @@
 Every class is named as `goca_class` derives it for other pipelines: `GoCA` + the diffusers class's name, or
 `SCFGGoCA` + it for S-CFG (`SCFGGoCAStableDiffusionPipeline`, ...).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -65,14 +66,18 @@ class SCFGGoCAStableDiffusion3Pipeline(SCFGMixin, StableDiffusion3Pipeline):
 
 
 _READY = {
-    StableDiffusionPipeline: GoCAStableDiffusionPipeline, StableDiffusionXLPipeline: GoCAStableDiffusionXLPipeline,
-    PixArtAlphaPipeline: GoCAPixArtAlphaPipeline, PixArtSigmaPipeline: GoCAPixArtSigmaPipeline,
-    StableDiffusion3Pipeline: GoCAStableDiffusion3Pipeline, FluxPipeline: GoCAFluxPipeline,
+    StableDiffusionPipeline: GoCAStableDiffusionPipeline,
+    StableDiffusionXLPipeline: GoCAStableDiffusionXLPipeline,
+    PixArtAlphaPipeline: GoCAPixArtAlphaPipeline,
+    PixArtSigmaPipeline: GoCAPixArtSigmaPipeline,
+    StableDiffusion3Pipeline: GoCAStableDiffusion3Pipeline,
+    FluxPipeline: GoCAFluxPipeline,
 }
 _READY_SCFG = {
     StableDiffusionPipeline: SCFGGoCAStableDiffusionPipeline,
     StableDiffusionXLPipeline: SCFGGoCAStableDiffusionXLPipeline,
-    PixArtSigmaPipeline: SCFGGoCAPixArtSigmaPipeline, StableDiffusion3Pipeline: SCFGGoCAStableDiffusion3Pipeline,
+    PixArtSigmaPipeline: SCFGGoCAPixArtSigmaPipeline,
+    StableDiffusion3Pipeline: SCFGGoCAStableDiffusion3Pipeline,
 }
 _DERIVED: dict[tuple[type, type], type] = {}
 
@@ -119,8 +124,13 @@ def _sharing_components(cls: type, pipe):
     kwargs = {name: components[name] for name in params if name in components}
     kwargs.update({name: pipe.config[name] for name in params if name not in kwargs and name in pipe.config})
     # Settings kept as attributes, not in the config (a PAG pipeline's `pag_applied_layers`).
-    kwargs.update({name: getattr(pipe, name) for name in params if name not in kwargs and name != "self"
-                   and not name.startswith("_") and hasattr(pipe, name)})
+    kwargs.update(
+        {
+            name: getattr(pipe, name)
+            for name in params
+            if name not in kwargs and name != "self" and not name.startswith("_") and hasattr(pipe, name)
+        }
+    )
     if "add_watermarker" in params:  # SDXL-family: a watermark `pipe` was built without would change the images
         kwargs["add_watermarker"] = getattr(pipe, "watermark", None) is not None
     new = cls(**kwargs)
@@ -133,14 +143,18 @@ def scfg_from_pipe(pipe, enable: bool = True):
     """`pipe` with S-CFG driven by GoCA masks: same components; the call gains `scfg`, `segmentor`, `rate_bounds`."""
     adapter = adapter_for(pipe)
     if not adapter.cfg_batch:
-        raise ValueError(f"S-CFG sets the guidance region by region in the [uncond, cond] batch of classifier-free "
-                         f"guidance; {type(pipe).__name__} ({adapter.family}) runs none")
+        raise ValueError(
+            f"S-CFG sets the guidance region by region in the [uncond, cond] batch of classifier-free "
+            f"guidance; {type(pipe).__name__} ({adapter.family}) runs none"
+        )
     return from_pipe(pipe, enable, SCFGMixin)
 
 
 # Former names of ready classes, kept as deprecated aliases for one release: old name → the class's name now.
-DEPRECATED_ALIASES = {"SCFGGoCAPipeline": "SCFGGoCAStableDiffusionPipeline",
-                      "SCFGGoCAXLPipeline": "SCFGGoCAStableDiffusionXLPipeline"}
+DEPRECATED_ALIASES = {
+    "SCFGGoCAPipeline": "SCFGGoCAStableDiffusionPipeline",
+    "SCFGGoCAXLPipeline": "SCFGGoCAStableDiffusionXLPipeline",
+}
 
 
 def deprecated_alias(name: str, module: str = __name__):
@@ -149,9 +163,12 @@ def deprecated_alias(name: str, module: str = __name__):
     if name not in DEPRECATED_ALIASES:
         raise AttributeError(f"module {module!r} has no attribute {name!r}")
     new = DEPRECATED_ALIASES[name]
-    warnings.warn(f"{module}.{name} is deprecated and will be removed in the next release: use {new}, the name that "
-                  f"`scfg_from_pipe` / `goca_class` derive (SCFGGoCA + the diffusers class's name)", FutureWarning,
-                  stacklevel=3)
+    warnings.warn(
+        f"{module}.{name} is deprecated and will be removed in the next release: use {new}, the name that "
+        f"`scfg_from_pipe` / `goca_class` derive (SCFGGoCA + the diffusers class's name)",
+        FutureWarning,
+        stacklevel=3,
+    )
     return globals()[new]
 
 

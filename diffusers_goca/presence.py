@@ -4,6 +4,7 @@ Cross-attention cannot say this: every class map is min-max normalised, so a cla
 wins a region (a halo around a similar object). The denoiser can: a class that is in the image explains part of it,
 so leaving its name out of the prompt makes the noise harder to predict; leaving out an absent one does not.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -30,14 +31,20 @@ def leave_one_out_gain(errors_without: torch.Tensor, error_with: torch.Tensor) -
 
 
 @torch.no_grad()
-def denoiser_presence(forward: Callable, classes: Sequence[str], background: bool, seed: int | None,
-                      timesteps: Sequence[float] = PRESENCE_TIMESTEPS) -> torch.Tensor:
+def denoiser_presence(
+    forward: Callable,
+    classes: Sequence[str],
+    background: bool,
+    seed: int | None,
+    timesteps: Sequence[float] = PRESENCE_TIMESTEPS,
+) -> torch.Tensor:
     """The relative rise of the denoising error when each class is left out of the segmentation prompt, [K].
 
     forward(prompt, timestep, generator) → (prediction, target): one denoiser call on the noised image (the
     adapter's `segment_forward`); the same seeded noise serves the full prompt and each prompt without one class,
     so the difference is the class's alone. K + 1 forwards per timestep.
     """
+
     def errors(prompt: str) -> torch.Tensor:
         out = []
         for j, t in enumerate(timesteps):
@@ -46,6 +53,7 @@ def denoiser_presence(forward: Callable, classes: Sequence[str], background: boo
         return torch.stack(out)
 
     full = errors(segmentation_prompt(classes, background))
-    without = torch.stack([errors(segmentation_prompt([c for c in classes if c != name], background))
-                           for name in classes])
+    without = torch.stack(
+        [errors(segmentation_prompt([c for c in classes if c != name], background)) for name in classes]
+    )
     return leave_one_out_gain(without, full)

@@ -5,6 +5,7 @@ wrapped custom processor); the maps are read on a side path: forward hooks on th
 and `add_*_proj` for joint attention) and a pre-hook on `to_out[0]` see the tensors the output path computes anyway, and
 hand them to the capture. When the capture does not want the layer, no hook is set at all.
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,14 +20,25 @@ try:  # diffusers ≥ 0.35
 except ImportError:  # pragma: no cover
     FluxAttnProcessor = None
 
-_PROJECTIONS = {"to_q": "query", "to_k": "key", "to_v": "value",
-                "add_q_proj": "added_query", "add_k_proj": "added_key", "add_v_proj": "added_value",
-                # The per-head norms of joint attention (SD 3.5, Flux): their outputs, so that the capture does not
-                # compute them again. In the layout the processor gives them (SD3 [B, heads, N, d], Flux [B, N, heads, d]).
-                "norm_q": "normed_query", "norm_k": "normed_key", "norm_added_k": "normed_added_key"}
+_PROJECTIONS = {
+    "to_q": "query",
+    "to_k": "key",
+    "to_v": "value",
+    "add_q_proj": "added_query",
+    "add_k_proj": "added_key",
+    "add_v_proj": "added_value",
+    # The per-head norms of joint attention (SD 3.5, Flux): their outputs, so that the capture does not
+    # compute them again. In the layout the processor gives them (SD3 [B, heads, N, d], Flux [B, N, heads, d]).
+    "norm_q": "normed_query",
+    "norm_k": "normed_key",
+    "norm_added_k": "normed_added_key",
+}
 # Fused projections (`fuse_qkv_projections()`): one output that the processor splits into equal parts along the width.
-_FUSED_PROJECTIONS = {"to_qkv": ("query", "key", "value"), "to_kv": ("key", "value"),
-                      "to_added_qkv": ("added_query", "added_key", "added_value")}
+_FUSED_PROJECTIONS = {
+    "to_qkv": ("query", "key", "value"),
+    "to_kv": ("key", "value"),
+    "to_added_qkv": ("added_query", "added_key", "added_value"),
+}
 
 
 class ProjectionTap:
@@ -45,6 +57,7 @@ class ProjectionTap:
             def hook(_module, _inputs, output):
                 if getattr(self, attr) is None:
                     setattr(self, attr, output)
+
             return hook
 
         def keep_parts(attrs):
@@ -52,6 +65,7 @@ class ProjectionTap:
                 for attr, part in zip(attrs, output.split(output.shape[-1] // len(attrs), dim=-1)):
                     if getattr(self, attr) is None:
                         setattr(self, attr, part)
+
             return hook
 
         def keep_head_out(_module, inputs):
@@ -62,10 +76,16 @@ class ProjectionTap:
             if self.projected is None:
                 self.projected = output
 
-        handles = [getattr(attn, name).register_forward_hook(keep(attr))
-                   for name, attr in _PROJECTIONS.items() if isinstance(getattr(attn, name, None), torch.nn.Module)]
-        handles += [getattr(attn, name).register_forward_hook(keep_parts(attrs))
-                    for name, attrs in _FUSED_PROJECTIONS.items() if isinstance(getattr(attn, name, None), torch.nn.Module)]
+        handles = [
+            getattr(attn, name).register_forward_hook(keep(attr))
+            for name, attr in _PROJECTIONS.items()
+            if isinstance(getattr(attn, name, None), torch.nn.Module)
+        ]
+        handles += [
+            getattr(attn, name).register_forward_hook(keep_parts(attrs))
+            for name, attrs in _FUSED_PROJECTIONS.items()
+            if isinstance(getattr(attn, name, None), torch.nn.Module)
+        ]
         if isinstance(getattr(attn, "to_out", None), torch.nn.ModuleList):
             handles.append(attn.to_out[0].register_forward_pre_hook(keep_head_out))
             handles.append(attn.to_out[0].register_forward_hook(keep_projected))
@@ -85,8 +105,9 @@ class _Tapping:
     def _run(self, output_path, attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs):
         if not self.capture.wants(self.layer):
             return output_path(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
-        return self._run_capturing(output_path, attn, hidden_states, encoder_hidden_states, attention_mask, *args,
-                                   **kwargs)
+        return self._run_capturing(
+            output_path, attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs
+        )
 
     @torch.compiler.disable  # hooks and Python-side storage: run eagerly inside a compiled denoiser
     def _run_capturing(self, output_path, attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs):
@@ -129,8 +150,14 @@ if FluxAttnProcessor is not None:
 
         def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
             # FluxAttention passes image_rotary_emb positionally; name it so the capture can apply the same RoPE.
-            return self._run(FluxAttnProcessor.__call__.__get__(self), attn, hidden_states, encoder_hidden_states,
-                             attention_mask, image_rotary_emb=image_rotary_emb)
+            return self._run(
+                FluxAttnProcessor.__call__.__get__(self),
+                attn,
+                hidden_states,
+                encoder_hidden_states,
+                attention_mask,
+                image_rotary_emb=image_rotary_emb,
+            )
 
 
 class GoCAWrappedProcessor(_Tapping, torch.nn.Module):
@@ -151,7 +178,7 @@ class GoCAWrappedProcessor(_Tapping, torch.nn.Module):
         return self.inner
 
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        names = list(inspect.signature(self.inner.__call__).parameters)[4:4 + len(args)]
+        names = list(inspect.signature(self.inner.__call__).parameters)[4 : 4 + len(args)]
         if args and len(names) == len(args) and not set(names) & set(kwargs):
             # Named, so that the capture reads them as it does the drop-ins' (FluxAttention passes image_rotary_emb
             # positionally: unnamed, a wrapped Flux processor's maps were computed without RoPE).

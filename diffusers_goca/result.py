@@ -1,4 +1,5 @@
 """Segmentation results and their pictures."""
+
 from __future__ import annotations
 
 import functools
@@ -12,11 +13,31 @@ from PIL import Image, ImageDraw, ImageFont
 from .image_input import as_rgb
 
 # A fixed, distinct palette (class k gets colour k), the background a neutral grey.
-_PALETTE = np.array([
-    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
-    (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255), (170, 110, 40), (255, 250, 200),
-    (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128), (128, 128, 128),
-], dtype=np.uint8)
+_PALETTE = np.array(
+    [
+        (230, 25, 75),
+        (60, 180, 75),
+        (255, 225, 25),
+        (0, 130, 200),
+        (245, 130, 48),
+        (145, 30, 180),
+        (70, 240, 240),
+        (240, 50, 230),
+        (210, 245, 60),
+        (250, 190, 212),
+        (0, 128, 128),
+        (220, 190, 255),
+        (170, 110, 40),
+        (255, 250, 200),
+        (128, 0, 0),
+        (170, 255, 195),
+        (128, 128, 0),
+        (255, 215, 180),
+        (0, 0, 128),
+        (128, 128, 128),
+    ],
+    dtype=np.uint8,
+)
 _BACKGROUND_COLOUR = np.array((40, 40, 40), dtype=np.uint8)
 # Pictures of small label maps (the toy world's are 32 px) are enlarged to about this many pixels on their longer
 # side (by an integer factor, nearest neighbour), so that outlines and legends are drawn at a readable size.
@@ -143,8 +164,11 @@ class GoCASegmentation:
         names = []
         for k, name in enumerate(self.classes):
             share = 100 * counts[k] / total
-            text = "absent" if name in self.absent and counts[k] == 0 else (
-                f"{share:.0f}%" if share >= 1 or share == 0 else "<1%")
+            text = (
+                "absent"
+                if name in self.absent and counts[k] == 0
+                else (f"{share:.0f}%" if share >= 1 or share == 0 else "<1%")
+            )
             names.append(f"{name} ({text})")
         return names
 
@@ -167,8 +191,14 @@ class GoCASegmentation:
         scale = self._display_scale()
         return self._with_legend(colours.resize((colours.width * scale, colours.height * scale), Image.NEAREST), True)
 
-    def overlay(self, image=None, alpha: float = 0.5, legend: bool = True, style: str = "side-by-side",
-                outline: int | None = None) -> Image.Image:
+    def overlay(
+        self,
+        image=None,
+        alpha: float = 0.5,
+        legend: bool = True,
+        style: str = "side-by-side",
+        outline: int | None = None,
+    ) -> Image.Image:
         """The segmentation over `image` (default: the segmented image; any image `segment` takes, such as a
         generated one of any `output_type`), in colours that match the legend exactly.
 
@@ -242,8 +272,9 @@ def _colour_bar(width: int, font_size: int = 14) -> Image.Image:
     low, high = "lowest score", "highest score"
     pad = 6
     bar_w = max(32, width - 2 * pad - int(font.getlength(low)) - int(font.getlength(high)) - 4 * pad)
-    out = Image.new("RGB", (max(width, bar_w + int(font.getlength(low + high)) + 6 * pad), font_size + 2 * pad),
-                    "white")
+    out = Image.new(
+        "RGB", (max(width, bar_w + int(font.getlength(low + high)) + 6 * pad), font_size + 2 * pad), "white"
+    )
     draw = ImageDraw.Draw(out)
     x = pad
     _text_middle_left(draw, x, out.height // 2, low, font)

@@ -5,6 +5,7 @@ At every denoising step the denoiser's batch [uncond, cond] is captured; after i
 pipeline's own guidance line ε_u + w·(ε_c' − ε_u) becomes ε_u + w·rate·(ε_c − ε_u). Everything else (schedulers,
 negative prompts, `guidance_rescale`, callbacks) is the pipeline's own code.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,11 +19,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from .capture_request import CaptureRequest
 from .functional.aggregation import aggregate_layers
 from .functional.maps import gaussian_blur, minmax, per_pixel_rescale, propagate, resize_maps
 from .functional.scfg import guidance_norm, rate_map, scfg_cond
 from .methods import LayerWeightReuse, capture_pseudo_attention, layer_weights, refinement_operator
-from .mixin import CaptureRequest, GoCAMixin
+from .mixin import GoCAMixin
 from .models.base import adapter_for, call_default, check_one_call_per_step
 from .result import palette
 
@@ -128,10 +130,19 @@ class SCFGMixin(GoCAMixin):
     again once k steps have passed, reused in between; 1: every step). `guidance_scale` keeps its meaning; at `guidance_scale ≤ 1` it is plain sampling.
     `scfg_keep_maps=True` keeps every step's regions and rates in `pipe.scfg_maps` (see `save_scfg_maps`)."""
 
-    def __call__(self, *args, scfg: bool = True, segmentor: str = "goca", scfg_variant: str = "code",
-                 rate_bounds: tuple[float, float] = (0.8, 3.0), max_guidance: float = 15.0,
-                 scfg_keep_maps: bool = False, pseudo_attention: str | None = None, layer_weights_every: int = 1,
-                 **kwargs):
+    def __call__(
+        self,
+        *args,
+        scfg: bool = True,
+        segmentor: str = "goca",
+        scfg_variant: str = "code",
+        rate_bounds: tuple[float, float] = (0.8, 3.0),
+        max_guidance: float = 15.0,
+        scfg_keep_maps: bool = False,
+        pseudo_attention: str | None = None,
+        layer_weights_every: int = 1,
+        **kwargs,
+    ):
         guidance = kwargs.get("guidance_scale", call_default(type(self), "guidance_scale", 7.5))
         if not scfg or guidance <= 1:
             return super().__call__(*args, **kwargs)
@@ -139,44 +150,73 @@ class SCFGMixin(GoCAMixin):
             raise ValueError(f"segmentor must be one of {SEGMENTORS}, got {segmentor!r}")
         if kwargs.get("goca_masks"):
             raise ValueError("S-CFG and goca_masks use the same capture: ask for one of them per call")
-        if hasattr(self, "pag_applied_layers") and kwargs.get("pag_scale", call_default(type(self), "pag_scale", 0)) > 0:
-            raise ValueError("S-CFG sets the guidance of the [uncond, cond] batch; it does not combine with PAG's "
-                             "perturbed rows: pass pag_scale=0, or scfg=False")
+        if (
+            hasattr(self, "pag_applied_layers")
+            and kwargs.get("pag_scale", call_default(type(self), "pag_scale", 0)) > 0
+        ):
+            raise ValueError(
+                "S-CFG sets the guidance of the [uncond, cond] batch; it does not combine with PAG's "
+                "perturbed rows: pass pag_scale=0, or scfg=False"
+            )
         lo, hi = rate_bounds
         if not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in (lo, hi)) or not 0 < lo <= hi:
             raise ValueError(f"rate_bounds must be finite numbers with 0 < low <= high, got {rate_bounds}")
         if not (isinstance(max_guidance, numbers.Real) and 0 < max_guidance < math.inf):
-            raise ValueError(f"max_guidance must be a finite number > 0 (the cap on guidance × rate), got "
-                             f"{max_guidance!r}")
+            raise ValueError(
+                f"max_guidance must be a finite number > 0 (the cap on guidance × rate), got {max_guidance!r}"
+            )
         reuse = LayerWeightReuse(layer_weights_every)
         # Every check before GoCA is attached: a refused call leaves a disabled pipeline as it was.
         check_one_call_per_step(self, "S-CFG")
         adapter = self._goca.adapter if self._goca is not None else adapter_for(self)
         pseudo_attention = capture_pseudo_attention(
-            adapter, ["goca"], {} if pseudo_attention is None else {"pseudo_attention": pseudo_attention})
+            adapter, ["goca"], {} if pseudo_attention is None else {"pseudo_attention": pseudo_attention}
+        )
         indices = self._goca_prompt_indices(
-            adapter, adapter.call_prompt(args, kwargs), kwargs, "S-CFG",
-            lambda i, text, max_length, part_texts: adapter.token_index(text, [], max_length=max_length,
-                                                                        require_classes=False, part_texts=part_texts))
+            adapter,
+            adapter.call_prompt(args, kwargs),
+            kwargs,
+            "S-CFG",
+            lambda i, text, max_length, part_texts: adapter.token_index(
+                text, [], max_length=max_length, require_classes=False, part_texts=part_texts
+            ),
+        )
         n = len(indices)
         self.scfg_maps: list[SCFGStepMaps] = []
         # All token columns are kept: S-CFG's foreground reads the start token's share of every token's attention.
-        request = CaptureRequest(wants=lambda i: True, n_images=2 * n,
-                                 forwards_per_step=adapter.forwards_per_step(kwargs), pseudo_attention=pseudo_attention)
+        request = CaptureRequest(
+            wants=lambda i: True,
+            n_images=2 * n,
+            forwards_per_step=adapter.forwards_per_step(kwargs),
+            pseudo_attention=pseudo_attention,
+        )
 
         names: list[list[str]] = []  # the regions' tokens per image, read at the first kept step
 
         def transform(step, output):
-            return self._scfg_step(step, output, indices, request, segmentor, scfg_variant, guidance, lo, hi,
-                                   max_guidance, names if scfg_keep_maps else None, reuse if reuse.every > 1 else None)
+            return self._scfg_step(
+                step,
+                output,
+                indices,
+                request,
+                segmentor,
+                scfg_variant,
+                guidance,
+                lo,
+                hi,
+                max_guidance,
+                names if scfg_keep_maps else None,
+                reuse if reuse.every > 1 else None,
+            )
 
         request.transform = transform
         state = self._goca_attached() if self._goca is not None else self.enable_goca()._goca
         with self._goca_request(state, request):
             return super(GoCAMixin, self).__call__(*args, **kwargs)
 
-    def _scfg_step(self, step, output, indices, request, segmentor, variant, guidance, lo, hi, max_guidance, names,
-                   reuse):
+    def _scfg_step(
+        self, step, output, indices, request, segmentor, variant, guidance, lo, hi, max_guidance, names, reuse
+    ):
         """One step's S-CFG; `names` (None: the maps are not kept) holds the regions' tokens once known; `reuse`: the
         `LayerWeightReuse` of the call (None: layer weights at every step)."""
         adapter = self._goca.adapter
@@ -199,14 +239,24 @@ class SCFGMixin(GoCAMixin):
         regions = F.interpolate(torch.stack(regions)[:, None].float(), size=latent_hw, mode="nearest")[:, 0].long()
         foreground = F.interpolate(torch.stack(foreground)[:, None].float(), size=latent_hw, mode="nearest")[:, 0] > 0.5
         norm = guidance_norm(eps_u[:, :channels], eps_c[:, :channels])
-        rate = rate_map(norm, regions.to(norm.device), foreground.to(norm.device), max(counts), guidance, lo, hi,
-                        max_guidance)
+        rate = rate_map(
+            norm, regions.to(norm.device), foreground.to(norm.device), max(counts), guidance, lo, hi, max_guidance
+        )
         if names is not None:
             t = request.timestep
             t = float(t.flatten()[0]) if torch.is_tensor(t) else float(t or 0)
             names[:] = names or [region_names(adapter, i, segmentor, k) for i, k in zip(indices, counts)]
-            self.scfg_maps.append(SCFGStepMaps(step_number, regions.cpu(), foreground.cpu(), rate[:, 0].cpu(),
-                                               adapter.scheduler_timestep(t), names, (lo, hi)))
+            self.scfg_maps.append(
+                SCFGStepMaps(
+                    step_number,
+                    regions.cpu(),
+                    foreground.cpu(),
+                    rate[:, 0].cpu(),
+                    adapter.scheduler_timestep(t),
+                    names,
+                    (lo, hi),
+                )
+            )
         guided = torch.cat([eps_u, scfg_cond(eps_u, eps_c, rate)])
         if isinstance(output, tuple):
             return (guided,) + tuple(output[1:])
@@ -219,8 +269,14 @@ def _rate_colours(rate: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return (np.stack([r, r**2, 1 - r], -1) * 255).astype(np.uint8)
 
 
-def save_scfg_maps(maps: Sequence[SCFGStepMaps], path: str, image: int = 0, cell: int = 128, duration_ms: int = 150,
-                   max_legend: int = 8):
+def save_scfg_maps(
+    maps: Sequence[SCFGStepMaps],
+    path: str,
+    image: int = 0,
+    cell: int = 128,
+    duration_ms: int = 150,
+    max_legend: int = 8,
+):
     """One image's S-CFG maps per step, titled with the step and timestep: the regions (a colour per token, with a
     legend of the tokens), the foreground (white) and the rate (a colour bar over `rate_bounds`). A GIF when `path`
     ends in .gif, else a PNG with one row per step."""
@@ -237,8 +293,11 @@ def save_scfg_maps(maps: Sequence[SCFGStepMaps], path: str, image: int = 0, cell
         regions = m.regions[image].numpy()
         colours = palette([str(i) for i in range(max(shown) + 1)])
         lo, hi = m.rate_bounds
-        tiles = [Image.fromarray(colours[regions]), Image.fromarray((m.foreground[image].numpy() * 255).astype(np.uint8)).convert("RGB"),
-                 Image.fromarray(_rate_colours(m.rates[image].numpy(), lo, hi))]
+        tiles = [
+            Image.fromarray(colours[regions]),
+            Image.fromarray((m.foreground[image].numpy() * 255).astype(np.uint8)).convert("RGB"),
+            Image.fromarray(_rate_colours(m.rates[image].numpy(), lo, hi)),
+        ]
         frame = Image.new("RGB", (width, height), "white")
         draw = ImageDraw.Draw(frame)
         when = f"step {m.step}" + ("" if m.timestep is None else f" · t = {m.timestep:g}")

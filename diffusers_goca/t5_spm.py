@@ -3,6 +3,7 @@
 It has T5's layout (no start token, `</s>` appended, `<pad>` = 0, `</s>` = 1, pieces spelled with "▁"), so code tested
 with it sees the token layout of PixArt's, SD3's and Flux's T5 encoders. The real T5 vocabulary cannot be downloaded here.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -18,11 +19,18 @@ def build_t5_tokenizer(words: Sequence[str], model_max_length: int = 512, vocab_
     words = list(words)
     corpus = [" ".join(words[i:] + words[:i]) for i in range(len(words))] * 4
     sp = SentencePieceUnigramTokenizer()
-    sp.train_from_iterator(corpus, vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
-                           show_progress=False)
+    sp.train_from_iterator(
+        corpus, vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
+    )
     sp.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", sp.token_to_id("</s>"))])
-    return T5TokenizerFast(tokenizer_object=sp._tokenizer, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-                           extra_ids=0, model_max_length=model_max_length)
+    return T5TokenizerFast(
+        tokenizer_object=sp._tokenizer,
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_ids=0,
+        model_max_length=model_max_length,
+    )
 
 
 def build_t5_word_tokenizer(words: Sequence[str], model_max_length: int = 512):
@@ -43,5 +51,11 @@ def build_t5_word_tokenizer(words: Sequence[str], model_max_length: int = 512):
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     tokenizer.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return T5TokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-                           extra_ids=0, model_max_length=model_max_length)
+    return T5TokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_ids=0,
+        model_max_length=model_max_length,
+    )

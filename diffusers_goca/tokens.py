@@ -3,12 +3,12 @@
 Works for any tokenizer with an offset mapping: CLIP (SD 1.x/2.x, SDXL), T5 (PixArt); slow tokenizers are converted to
 their fast form once. Positions are those of the text encoder's input (position 0 = CLIP's `<|startoftext|>`).
 """
+
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
-
 
 STOPWORDS = frozenset({"a", "an", "the", "and", ",", ".", "-"})
 
@@ -49,10 +49,14 @@ class TokenIndex:
         if missing:
             raise ValueError(f"token positions {missing} of {self.prompt!r} were not captured")
         return TokenIndex(
-            self.prompt, list(self.classes), [[where[p] for p in ps] for ps in self.class_tokens],
-            [where[p] for p in self.content], len(columns),
+            self.prompt,
+            list(self.classes),
+            [[where[p] for p in ps] for ps in self.class_tokens],
+            [where[p] for p in self.content],
+            len(columns),
             {name: [where[p] for p in ps] for name, ps in self.extra_entities.items()},
-            None if self.bos is None else where[self.bos], None if self.eos is None else where[self.eos],
+            None if self.bos is None else where[self.bos],
+            None if self.eos is None else where[self.eos],
         )
 
 
@@ -91,8 +95,14 @@ def _overlaps(a: tuple[int, int], b: tuple[int, int]) -> bool:
 
 
 def token_index(
-    tokenizer, prompt: str, classes: Sequence[str], max_length: int | None = None, extra_entities: Sequence[str] = (),
-    require_classes: bool = True, allow_cut_off: bool = False, allow_absent: bool = False,
+    tokenizer,
+    prompt: str,
+    classes: Sequence[str],
+    max_length: int | None = None,
+    extra_entities: Sequence[str] = (),
+    require_classes: bool = True,
+    allow_cut_off: bool = False,
+    allow_absent: bool = False,
     phrases: Mapping[str, str] | None = None,
 ) -> TokenIndex:
     """Map each class to its token positions in `prompt`.
@@ -111,8 +121,10 @@ def token_index(
     if any(not c for c in classes):
         raise ValueError(f"class names must be non-empty strings, got {list(classes)!r}")
     if len({_match_key(c) for c in classes}) != len(classes):
-        raise ValueError(f"class names must be unique, compared case-insensitively (names that differ only in case "
-                         f"or spacing read the same tokens), got {list(classes)!r}")
+        raise ValueError(
+            f"class names must be unique, compared case-insensitively (names that differ only in case "
+            f"or spacing read the same tokens), got {list(classes)!r}"
+        )
     max_length = max_length or tokenizer.model_max_length
     ids, offsets = encode_with_offsets(tokenizer, prompt)
     special = set(tokenizer.all_special_ids)
@@ -128,7 +140,7 @@ def token_index(
             return False
         # A stopword is a whole word ("a"), not a piece of one (the "a" inside "traffic").
         word = next((w for w in words if w[0] < e and s < w[1]), (s, e))
-        return prompt[word[0]:word[1]].lower() not in STOPWORDS
+        return prompt[word[0] : word[1]].lower() not in STOPWORDS
 
     names = list(classes) + [e for e in extra_entities if not has_class(classes, e)]
     claimed: list[tuple[int, int]] = []
@@ -158,7 +170,7 @@ def token_index(
         return inside
 
     class_tokens = [positions_of(c, not allow_absent) for c in classes]
-    extra = {e: p for e in names[len(classes):] if (p := positions_of(e, False))}
+    extra = {e: p for e in names[len(classes) :] if (p := positions_of(e, False))}
     content = [i for i in range(kept) if is_content(i)]
     bos = 0 if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id else None
     eos = next((i for i in range(kept) if ids[i] == tokenizer.eos_token_id), None)
@@ -200,9 +212,19 @@ def concat_token_indices(parts: Sequence[TokenIndex], lengths: Sequence[int]) ->
     classes = [shifted(lambda part, k=k: part.class_tokens[k]) for k in range(len(first.classes))]
     for name, positions in zip(first.classes, classes):
         if not positions:
-            raise ValueError(f"class {name!r} has no tokens in any text encoder's part: it is absent from their "
-                             f"texts, or cut off by the token limit of every text encoder (shorten the prompt or use "
-                             f"fewer classes)")
+            raise ValueError(
+                f"class {name!r} has no tokens in any text encoder's part: it is absent from their "
+                f"texts, or cut off by the token limit of every text encoder (shorten the prompt or use "
+                f"fewer classes)"
+            )
     extra = {e: shifted(lambda part, e=e: part.extra_entities.get(e, [])) for e in first.extra_entities}
-    return TokenIndex(first.prompt, list(first.classes), classes, shifted(lambda part: part.content), sum(lengths), extra,
-                      first.bos, first.eos)
+    return TokenIndex(
+        first.prompt,
+        list(first.classes),
+        classes,
+        shifted(lambda part: part.content),
+        sum(lengths),
+        extra,
+        first.bos,
+        first.eos,
+    )

@@ -1,8 +1,9 @@
 """Generate images, get GoCA masks at the steps you ask for, and compare CFG with S-CFG from the same noise.
 
-    python examples/generate_with_masks.py "a red circle and a white square on grass" --model <hub id or folder>
-    python examples/generate_with_masks.py          # the embedded toy model (CPU, offline)
+python examples/generate_with_masks.py "a red circle and a white square on grass" --model <hub id or folder>
+python examples/generate_with_masks.py          # the embedded toy model (CPU, offline)
 """
+
 import argparse
 import os
 
@@ -33,15 +34,28 @@ def main(argv=None):
         return torch.Generator("cpu").manual_seed(0)
 
     # Plain CFG (bit-identical to the stock pipeline) with masks at the last step, classes taken from the prompt.
-    cfg = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance, generator=seeded(),
-               scfg=False, goca_masks="last").images[0]
+    cfg = pipe(
+        args.prompt,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        generator=seeded(),
+        scfg=False,
+        goca_masks="last",
+    ).images[0]
     masks = pipe.goca_masks[-1].results[0]
     cfg.save(f"{args.out}/cfg.png")
     masks.overlay(cfg).save(f"{args.out}/cfg_masks.png")
     print("classes from the prompt:", masks.classes)
     # S-CFG with GoCA masks at every step, from the same noise.
-    scfg = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance, generator=seeded(),
-                scfg=True, segmentor="goca", scfg_keep_maps=True).images[0]
+    scfg = pipe(
+        args.prompt,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        generator=seeded(),
+        scfg=True,
+        segmentor="goca",
+        scfg_keep_maps=True,
+    ).images[0]
     scfg.save(f"{args.out}/scfg.png")
     goca.save_scfg_maps(pipe.scfg_maps, f"{args.out}/scfg_maps.gif")
     print(f"images, masks and the S-CFG regions per step in {args.out}/")

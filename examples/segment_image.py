@@ -1,8 +1,9 @@
 """Segment an existing image into the classes you name, with every method from one forward, and save the overlays.
 
-    python examples/segment_image.py photo.jpg cat,grass --model stable-diffusion-v1-5/stable-diffusion-v1-5
-    python examples/segment_image.py                      # a toy scene with the embedded toy model (CPU, offline)
+python examples/segment_image.py photo.jpg cat,grass --model stable-diffusion-v1-5/stable-diffusion-v1-5
+python examples/segment_image.py                      # a toy scene with the embedded toy model (CPU, offline)
 """
+
 import argparse
 import os
 

@@ -1,5 +1,6 @@
 """COCO-30k benchmark: the Fréchet distance against a slow reference, CLIP score with a tiny local open_clip model,
 caption sampling, and the whole run on the toy model with tiny feature extractors: resume and sharding."""
+
 import json
 
 import numpy as np
@@ -8,10 +9,15 @@ import torch
 from PIL import Image
 
 from diffusers_goca.bench.coco30k import load_captions, parse_args, run
-from diffusers_goca.toyworld import TOY_DIT_MODEL_DIR
 from diffusers_goca.bench.generation import (
-    ClipScorer, feature_statistics, folder_features, frechet_distance, load_statistics, save_statistics,
+    ClipScorer,
+    feature_statistics,
+    folder_features,
+    frechet_distance,
+    load_statistics,
+    save_statistics,
 )
+from diffusers_goca.toyworld import TOY_DIT_MODEL_DIR
 
 
 def _slow_frechet(mu1, s1, mu2, s2):
@@ -43,8 +49,11 @@ def tiny_clip(tmp_path):
     import open_clip
 
     torch.manual_seed(0)
-    cfg = dict(embed_dim=16, vision_cfg=dict(layers=1, width=32, patch_size=8, image_size=32, head_width=16),
-               text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1))
+    cfg = dict(
+        embed_dim=16,
+        vision_cfg=dict(layers=1, width=32, patch_size=8, image_size=32, head_width=16),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
+    )
     (tmp_path / "cfg").mkdir(exist_ok=True)
     (tmp_path / "cfg" / "tiny-clip.json").write_text(json.dumps(cfg))
     open_clip.add_model_config(tmp_path / "cfg")
@@ -66,8 +75,12 @@ def test_clip_score_is_100_cosine(tmp_path):
 
 
 def test_caption_sampling(tmp_path):
-    data = {"annotations": [{"id": 10 + i, "image_id": img, "caption": f"caption {img} {i}"}
-                            for i, img in enumerate([5, 3, 5, 9, 3, 7, 1])]}
+    data = {
+        "annotations": [
+            {"id": 10 + i, "image_id": img, "caption": f"caption {img} {i}"}
+            for i, img in enumerate([5, 3, 5, 9, 3, 7, 1])
+        ]
+    }
     (tmp_path / "captions_val2014.json").write_text(json.dumps(data))
     picked = load_captions(tmp_path / "captions_val2014.json", n=3, seed=1)
     assert picked == load_captions(tmp_path / "captions_val2014.json", n=3, seed=1)  # deterministic
@@ -83,7 +96,9 @@ def tiny_extractor(images):
     """A fixed random conv net: images → 6 features."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 5, stride=4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1))
-    x = torch.stack([torch.from_numpy(np.asarray(i.resize((32, 32)), np.float32) / 255).permute(2, 0, 1) for i in images])
+    x = torch.stack(
+        [torch.from_numpy(np.asarray(i.resize((32, 32)), np.float32) / 255).permute(2, 0, 1) for i in images]
+    )
     with torch.no_grad():
         return net(x).flatten(1).numpy()
 
@@ -96,6 +111,7 @@ def toy_scfg():
     return goca.scfg_from_pipe(load_toy_pipeline())
 
 
+@pytest.mark.slow
 def test_end_to_end_on_the_toy_model_resumes_and_shards(toy_scfg, tmp_path):
     from diffusers_goca.toyworld.scenes import make_scene, scene_seeds
 
@@ -104,8 +120,19 @@ def test_end_to_end_on_the_toy_model_resumes_and_shards(toy_scfg, tmp_path):
     for s in scene_seeds("test", 6, start=500):
         Image.fromarray(make_scene(s).image).save(ref / f"{s}.png")
     scorer = tiny_clip(tmp_path)
-    argv = ["--toy", "--limit", "3", "--steps", "4", "--configs", "cfg,goca-scfg", "--scales", "4",
-            "--fid-ref", str(ref)]
+    argv = [
+        "--toy",
+        "--limit",
+        "3",
+        "--steps",
+        "4",
+        "--configs",
+        "cfg,goca-scfg",
+        "--scales",
+        "4",
+        "--fid-ref",
+        str(ref),
+    ]
     calls = {"n": 0}
     original = type(toy_scfg).__call__
 
@@ -113,8 +140,13 @@ def test_end_to_end_on_the_toy_model_resumes_and_shards(toy_scfg, tmp_path):
         calls["n"] += 1
         return original(self, *a, **kw)
 
-    summary = run(parse_args(argv + ["--out", str(tmp_path / "one")]), pipe=toy_scfg, clip=scorer,
-                  extractor=tiny_extractor, progress=False)
+    summary = run(
+        parse_args(argv + ["--out", str(tmp_path / "one")]),
+        pipe=toy_scfg,
+        clip=scorer,
+        extractor=tiny_extractor,
+        progress=False,
+    )
     rows = {r["config"]: r for r in summary["rows"]}
     assert set(rows) == {"cfg", "goca-scfg"} and all(r["images"] == 3 for r in rows.values())
     assert all(r["fid"] is not None and r["fid"] >= 0 and 0 <= r["clip"] <= 100 for r in rows.values())
@@ -125,17 +157,29 @@ def test_end_to_end_on_the_toy_model_resumes_and_shards(toy_scfg, tmp_path):
     assert (tmp_path / "one" / "table.md").read_text().startswith("| config |")
     type(toy_scfg).__call__ = counting
     try:
-        again = run(parse_args(argv + ["--out", str(tmp_path / "one")]), pipe=toy_scfg, clip=scorer,
-                    extractor=tiny_extractor, progress=False)
+        again = run(
+            parse_args(argv + ["--out", str(tmp_path / "one")]),
+            pipe=toy_scfg,
+            clip=scorer,
+            extractor=tiny_extractor,
+            progress=False,
+        )
         assert calls["n"] == 0 and again["rows"] == summary["rows"]  # resumed: nothing generated again
         for shard in ("1/2", "0/2"):  # the main shard (0) merges, so it runs last here
-            two = run(parse_args(argv + ["--out", str(tmp_path / "two"), "--shard", shard]), pipe=toy_scfg,
-                      clip=scorer, extractor=tiny_extractor, progress=False)
+            two = run(
+                parse_args(argv + ["--out", str(tmp_path / "two"), "--shard", shard]),
+                pipe=toy_scfg,
+                clip=scorer,
+                extractor=tiny_extractor,
+                progress=False,
+            )
     finally:
         type(toy_scfg).__call__ = original
     assert calls["n"] == 6
     for a, b in zip(summary["rows"], two["rows"]):
-        assert a["images"] == b["images"] and a["clip"] == pytest.approx(b["clip"]) and a["fid"] == pytest.approx(b["fid"])
+        assert (
+            a["images"] == b["images"] and a["clip"] == pytest.approx(b["clip"]) and a["fid"] == pytest.approx(b["fid"])
+        )
     assert len(folder_features(tmp_path / "two" / "images" / "cfg-w4", tiny_extractor, progress=False)) == 3
 
 
@@ -156,10 +200,31 @@ def test_toy_classifier_reads_held_out_scenes_and_their_captions():
     assert scorer.features(images[:3]).shape == (3, 192)
 
 
+@pytest.mark.slow
 def test_toy_run_uses_the_toy_classifier_with_intervals(toy_scfg, tmp_path):
-    summary = run(parse_args(["--toy", "--limit", "4", "--steps", "3", "--configs", "cfg,goca-scfg", "--scales", "4",
-                              "--batch", "3", "--bootstrap", "20", "--out", str(tmp_path)]), pipe=toy_scfg,
-                  progress=False)
+    summary = run(
+        parse_args(
+            [
+                "--toy",
+                "--limit",
+                "4",
+                "--steps",
+                "3",
+                "--configs",
+                "cfg,goca-scfg",
+                "--scales",
+                "4",
+                "--batch",
+                "3",
+                "--bootstrap",
+                "20",
+                "--out",
+                str(tmp_path),
+            ]
+        ),
+        pipe=toy_scfg,
+        progress=False,
+    )
     assert summary["settings"]["clip"] == "toy classifier"
     for row in summary["rows"]:
         assert row["images"] == 4 and 0 <= row["clip"] <= 100 and row["fid"] >= 0
@@ -167,10 +232,34 @@ def test_toy_run_uses_the_toy_classifier_with_intervals(toy_scfg, tmp_path):
     assert (tmp_path / "toy_reference_stats.npz").exists() and "toy score" in (tmp_path / "table.md").read_text()
 
 
+@pytest.mark.slow
 def test_toy_run_on_the_transformer_toy(tmp_path):
     """--toy-model: the PixArt-layout toy, generated at its own 32 px (no resolution bins for toy sizes)."""
-    summary = run(parse_args(["--toy", "--toy-model", TOY_DIT_MODEL_DIR, "--limit", "2", "--steps", "2",
-                              "--configs", "cfg,goca-scfg", "--scales", "4", "--batch", "2", "--bootstrap", "5",
-                              "--device", "cpu", "--out", str(tmp_path)]), progress=False)
+    summary = run(
+        parse_args(
+            [
+                "--toy",
+                "--toy-model",
+                TOY_DIT_MODEL_DIR,
+                "--limit",
+                "2",
+                "--steps",
+                "2",
+                "--configs",
+                "cfg,goca-scfg",
+                "--scales",
+                "4",
+                "--batch",
+                "2",
+                "--bootstrap",
+                "5",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path),
+            ]
+        ),
+        progress=False,
+    )
     assert summary["settings"]["model"] == TOY_DIT_MODEL_DIR and [r["images"] for r in summary["rows"]] == [2, 2]
     assert Image.open(next((tmp_path / "images" / "cfg-w4").glob("*.png"))).size == (32, 32)

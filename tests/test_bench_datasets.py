@@ -1,5 +1,6 @@
 """Dataset loaders on few-image copies of each dataset in its real on-disk layout, written by the tests: the classes
 and the label ids after mapping, under both protocols."""
+
 import json
 
 import numpy as np
@@ -7,7 +8,12 @@ import pytest
 from PIL import Image
 
 from diffusers_goca.bench.datasets import (
-    ADE20K_CLASSES, CITYSCAPES_LABEL_IDS, CONTEXT59_CLASSES, CONTEXT459_IDS, decode_segmentation, load_dataset,
+    ADE20K_CLASSES,
+    CITYSCAPES_LABEL_IDS,
+    CONTEXT59_CLASSES,
+    CONTEXT459_IDS,
+    decode_segmentation,
+    load_dataset,
     rle_counts_from_string,
 )
 
@@ -88,8 +94,12 @@ def test_context_official_mat_layout(tmp_path):
 
 
 def _coco_categories():
-    return [{"id": 1, "name": "person", "isthing": 1}, {"id": 3, "name": "car", "isthing": 1},
-            {"id": 18, "name": "dog", "isthing": 1}, {"id": 149, "name": "grass", "isthing": 0}]
+    return [
+        {"id": 1, "name": "person", "isthing": 1},
+        {"id": 3, "name": "car", "isthing": 1},
+        {"id": 18, "name": "dog", "isthing": 1},
+        {"id": 149, "name": "grass", "isthing": 0},
+    ]
 
 
 def test_coco_object_from_panoptic_pngs(tmp_path):
@@ -97,10 +107,24 @@ def test_coco_object_from_panoptic_pngs(tmp_path):
     rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], -1).astype(np.uint8)
     _png(tmp_path / "annotations" / "panoptic_val2017" / "000000000139.png", rgb)
     _jpg(tmp_path / "val2017" / "000000000139.jpg")
-    (tmp_path / "annotations" / "panoptic_val2017.json").write_text(json.dumps({
-        "categories": _coco_categories(),
-        "annotations": [{"file_name": "000000000139.png", "image_id": 139, "segments_info": [
-            {"id": 7, "category_id": 18}, {"id": 300, "category_id": 149}, {"id": 70000, "category_id": 1}]}]}))
+    (tmp_path / "annotations" / "panoptic_val2017.json").write_text(
+        json.dumps(
+            {
+                "categories": _coco_categories(),
+                "annotations": [
+                    {
+                        "file_name": "000000000139.png",
+                        "image_id": 139,
+                        "segments_info": [
+                            {"id": 7, "category_id": 18},
+                            {"id": 300, "category_id": 149},
+                            {"id": 70000, "category_id": 1},
+                        ],
+                    }
+                ],
+            }
+        )
+    )
     for protocol in ("standard", "official"):
         ds = load_dataset("coco-object", tmp_path, protocol=protocol)
         assert ds.classes == ["background", "person", "car", "dog"] and ds.background == 0
@@ -143,15 +167,37 @@ def test_coco_object_from_instances(tmp_path):
     counts.append(run)
     _jpg(tmp_path / "val2017" / "000000000285.jpg")
     (tmp_path / "annotations").mkdir(parents=True, exist_ok=True)
-    (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps({
-        "categories": [c for c in _coco_categories() if c["isthing"]],
-        "images": [{"id": 285, "file_name": "000000000285.jpg", "height": h, "width": w}],
-        "annotations": [
-            {"image_id": 285, "category_id": 3, "iscrowd": 0, "area": 30, "segmentation": [[0, 0, 6, 0, 6, 5, 0, 5]]},
-            {"image_id": 285, "category_id": 18, "iscrowd": 0, "area": 4, "segmentation": [[1, 1, 3, 1, 3, 3, 1, 3]]},
-            {"image_id": 285, "category_id": 1, "iscrowd": 1, "area": 9,
-             "segmentation": {"counts": _encode_counts(counts), "size": [h, w]}},
-        ]}))
+    (tmp_path / "annotations" / "instances_val2017.json").write_text(
+        json.dumps(
+            {
+                "categories": [c for c in _coco_categories() if c["isthing"]],
+                "images": [{"id": 285, "file_name": "000000000285.jpg", "height": h, "width": w}],
+                "annotations": [
+                    {
+                        "image_id": 285,
+                        "category_id": 3,
+                        "iscrowd": 0,
+                        "area": 30,
+                        "segmentation": [[0, 0, 6, 0, 6, 5, 0, 5]],
+                    },
+                    {
+                        "image_id": 285,
+                        "category_id": 18,
+                        "iscrowd": 0,
+                        "area": 4,
+                        "segmentation": [[1, 1, 3, 1, 3, 3, 1, 3]],
+                    },
+                    {
+                        "image_id": 285,
+                        "category_id": 1,
+                        "iscrowd": 1,
+                        "area": 9,
+                        "segmentation": {"counts": _encode_counts(counts), "size": [h, w]},
+                    },
+                ],
+            }
+        )
+    )
     std = load_dataset("coco-object", tmp_path)
     label = std[0].label
     assert label[0, 0] == 2 and label[2, 2] == 3  # the dog lies on the car and keeps its pixels

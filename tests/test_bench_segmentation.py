@@ -1,5 +1,6 @@
 """The segmentation benchmark: protocols against torchmetrics and hand counts, prompt chunking, resume after an
 interruption, sharding (two processes give the one-process totals), and the end-to-end table on the toy world."""
+
 import json
 import os
 import subprocess
@@ -12,7 +13,13 @@ import torch
 
 import diffusers_goca as goca
 from diffusers_goca.bench.segmentation import (
-    class_chunks, dense_confusion, main, parse_args, protocol_miou, run, sparse_confusion,
+    class_chunks,
+    dense_confusion,
+    main,
+    parse_args,
+    protocol_miou,
+    run,
+    sparse_confusion,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +46,9 @@ def test_protocols_equal_torchmetrics_on_random_labels(seed):
     pred = rng.randint(0, k - 2, size=(40, 30))
     conf = dense_confusion(sparse_confusion(pred, target, k), k)
     standard = MulticlassJaccardIndex(num_classes=k, average="macro", ignore_index=255)
-    assert protocol_miou(conf, "standard") == pytest.approx(float(standard(torch.from_numpy(pred), torch.from_numpy(target))))
+    assert protocol_miou(conf, "standard") == pytest.approx(
+        float(standard(torch.from_numpy(pred), torch.from_numpy(target)))
+    )
     # Official: no ignore index (255 → class 0), every class in the mean, absent ones counting 0.
     official_target = np.where(target == 255, 0, target)
     conf = dense_confusion(sparse_confusion(pred, official_target, k), k)
@@ -69,8 +78,23 @@ def test_open_vocabulary_chunks_fit_the_token_limit(toy_pipe):
 
 
 def _args(out, *extra):
-    return parse_args(["--dataset", "toyworld", "--limit", "4", "--methods", "goca,vanilla", "--out", str(out),
-                       "--offset-sweep", "0.1,0.2", "--background", "on", *extra])
+    return parse_args(
+        [
+            "--dataset",
+            "toyworld",
+            "--limit",
+            "4",
+            "--methods",
+            "goca,vanilla",
+            "--out",
+            str(out),
+            "--offset-sweep",
+            "0.1,0.2",
+            "--background",
+            "on",
+            *extra,
+        ]
+    )
 
 
 def test_resume_after_an_interruption_gives_the_same_table(toy_pipe, tmp_path):
@@ -125,15 +149,43 @@ def test_two_shards_give_the_one_process_totals(toy_pipe, tmp_path, order):
     assert len(list((tmp_path / "two").glob("results.*-of-2.jsonl"))) == 2
 
 
+@pytest.mark.slow
 def test_accelerate_launch_with_two_cpu_processes(tmp_path):
     """`accelerate launch --num_processes 2` on CPU: each process takes its share, the main one merges. (`--cpu`
     would start one process; the multi-process launcher runs on CPU with the gloo backend.)"""
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1",
-               HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "benchmarks" / "segmentation.py"),
-           "--dataset", "toyworld", "--limit", "4", "--methods", "goca,vanilla", "--out", str(tmp_path / "acc"),
-           "--offset-sweep", "0.1,0.2", "--background", "on"]
+    env = dict(
+        os.environ,
+        PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(ROOT / "benchmarks" / "segmentation.py"),
+        "--dataset",
+        "toyworld",
+        "--limit",
+        "4",
+        "--methods",
+        "goca,vanilla",
+        "--out",
+        str(tmp_path / "acc"),
+        "--offset-sweep",
+        "0.1,0.2",
+        "--background",
+        "on",
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     logs = sorted(p.name for p in (tmp_path / "acc").glob("results.*.jsonl"))
@@ -142,8 +194,22 @@ def test_accelerate_launch_with_two_cpu_processes(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the launched processes: CPU kernels split their sums by thread count
     try:
-        main(["--dataset", "toyworld", "--limit", "4", "--methods", "goca,vanilla", "--out", str(tmp_path / "single"),
-              "--offset-sweep", "0.1,0.2", "--background", "on"])
+        main(
+            [
+                "--dataset",
+                "toyworld",
+                "--limit",
+                "4",
+                "--methods",
+                "goca,vanilla",
+                "--out",
+                str(tmp_path / "single"),
+                "--offset-sweep",
+                "0.1,0.2",
+                "--background",
+                "on",
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     single = json.loads((tmp_path / "single" / "table.json").read_text())
@@ -160,13 +226,35 @@ def test_open_prompts_with_a_clip_filter(toy_pipe, tmp_path):
     from diffusers_goca.toyworld.scenes import CLASS_NAMES
 
     torch.manual_seed(0)
-    model = open_clip.CLIP(embed_dim=16, vision_cfg=dict(layers=1, width=32, patch_size=8, image_size=32, head_width=16),
-                           text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1))
-    clip = ClipClassFilter(model, open_clip.image_transform(32, is_train=False), open_clip.get_tokenizer("ViT-B-32"),
-                           CLASS_NAMES, top_k=4)
-    table = run(parse_args(["--dataset", "toyworld", "--limit", "2", "--methods", "goca", "--prompts", "open",
-                            "--open-clip-filter", "4", "--out", str(tmp_path)]), pipe=toy_pipe, clip_filter=clip,
-                progress=False)
+    model = open_clip.CLIP(
+        embed_dim=16,
+        vision_cfg=dict(layers=1, width=32, patch_size=8, image_size=32, head_width=16),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
+    )
+    clip = ClipClassFilter(
+        model, open_clip.image_transform(32, is_train=False), open_clip.get_tokenizer("ViT-B-32"), CLASS_NAMES, top_k=4
+    )
+    table = run(
+        parse_args(
+            [
+                "--dataset",
+                "toyworld",
+                "--limit",
+                "2",
+                "--methods",
+                "goca",
+                "--prompts",
+                "open",
+                "--open-clip-filter",
+                "4",
+                "--out",
+                str(tmp_path),
+            ]
+        ),
+        pipe=toy_pipe,
+        clip_filter=clip,
+        progress=False,
+    )
     records = [json.loads(line) for p in tmp_path.glob("results.*.jsonl") for line in p.read_text().splitlines()]
     assert all(len(r["classes"]) == 4 and set(r["classes"]) <= set(CLASS_NAMES) for r in records)
     assert 0 <= table["table"]["standard"]["goca"]["miou"] <= 100
@@ -175,8 +263,9 @@ def test_open_prompts_with_a_clip_filter(toy_pipe, tmp_path):
 def test_end_to_end_table_on_the_toy_world(toy_pipe, tmp_path, capsys):
     """Oracle prompts on 12 held-out scenes, every method the toy model has: GoCA above the all-background level
     and above vanilla, the Markdown table printed."""
-    summary = run(parse_args(["--dataset", "toyworld", "--limit", "12", "--out", str(tmp_path)]), pipe=toy_pipe,
-                  progress=False)
+    summary = run(
+        parse_args(["--dataset", "toyworld", "--limit", "12", "--out", str(tmp_path)]), pipe=toy_pipe, progress=False
+    )
     printed = capsys.readouterr().out
     assert "| goca |" in printed and "| vanilla |" in printed and "standard" in printed
     rows = summary["table"]["standard"]
@@ -187,8 +276,24 @@ def test_end_to_end_table_on_the_toy_world(toy_pipe, tmp_path, capsys):
 
 def test_protocols_from_the_command_line(toy_pipe, tmp_path, capsys):
     """`--protocols` runs the toy-world protocols through the same entry point; it needs the toy world."""
-    summary = run(parse_args(["--dataset", "toyworld", "--protocols", "oracle,shuffled", "--limit", "3",
-                              "--methods", "goca", "--out", str(tmp_path)]), pipe=toy_pipe, progress=False)
+    summary = run(
+        parse_args(
+            [
+                "--dataset",
+                "toyworld",
+                "--protocols",
+                "oracle,shuffled",
+                "--limit",
+                "3",
+                "--methods",
+                "goca",
+                "--out",
+                str(tmp_path),
+            ]
+        ),
+        pipe=toy_pipe,
+        progress=False,
+    )
     assert set(summary["table"]) == {"oracle", "shuffled"} and summary["methods"] == ["goca"]
     assert 0 <= summary["table"]["shuffled"]["goca"]["agreement"] <= 100
     assert "| shuffled |" in (tmp_path / "table.md").read_text() and "| oracle |" in capsys.readouterr().out

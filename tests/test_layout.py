@@ -1,5 +1,7 @@
-"""The package's layout: no import cycle among its modules, no private name imported across modules, one loader,
-loads and segmentations that print no warning of ours, and the renamed S-CFG classes with their deprecated aliases."""
+"""The package's layout: no import cycle among its modules, no private name imported across modules, the tests'
+helpers in `diffusers_goca.testing`, one loader, loads and segmentations that print no warning of ours, and the
+renamed S-CFG classes with their deprecated aliases."""
+
 from __future__ import annotations
 
 import ast
@@ -79,8 +81,10 @@ def _targets(module: str, node) -> list[str]:
 
 def import_graph() -> dict[str, set[str]]:
     """Module → the package modules it imports at its top level (relative or absolute `diffusers_goca` imports)."""
-    return {m: {t for node in _imports(ast.parse(p.read_text(encoding="utf-8")), True) for t in _targets(m, node)}
-            for m, p in MODULES.items()}
+    return {
+        m: {t for node in _imports(ast.parse(p.read_text(encoding="utf-8")), True) for t in _targets(m, node)}
+        for m, p in MODULES.items()
+    }
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -92,7 +96,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         colour[node], _ = 1, path.append(node)
         for nxt in sorted(graph[node]):
             if colour[nxt] == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if colour[nxt] == 0:
                 found = visit(nxt)
                 if found:
@@ -149,8 +153,10 @@ def test_no_private_name_is_imported_across_modules():
 
 def _cycles_through_deferred_imports() -> list[list[str]]:
     """The cycles of the graph of every import (also those inside functions), as strongly connected components."""
-    graph = {m: {t for node in _imports(ast.parse(p.read_text(encoding="utf-8")), False) for t in _targets(m, node)}
-             for m, p in MODULES.items()}
+    graph = {
+        m: {t for node in _imports(ast.parse(p.read_text(encoding="utf-8")), False) for t in _targets(m, node)}
+        for m, p in MODULES.items()
+    }
     index, low, stack, on_stack, found = {}, {}, [], set(), []
 
     def connect(v):
@@ -186,17 +192,42 @@ def test_no_cycle_even_through_deferred_imports():
     assert _cycles_through_deferred_imports() == []
 
 
+@pytest.mark.slow
 def test_every_module_imports_first_on_its_own():
     """Each module imported first, in a fresh interpreter (what a cycle at import time breaks)."""
     skip = {f"{NAME}.__main__", f"{NAME}.functional._frobenius_triton"}  # runs the command line; needs triton
     names = [m for m in MODULES if m not in skip]
-    code = ("import importlib, sys\n"
-            "for name in sys.argv[1:]:\n"
-            "    for key in [k for k in sys.modules if k == 'diffusers_goca' or k.startswith('diffusers_goca.')]:\n"
-            "        del sys.modules[key]\n"
-            "    importlib.import_module(name)\n")
+    code = (
+        "import importlib, sys\n"
+        "for name in sys.argv[1:]:\n"
+        "    for key in [k for k in sys.modules if k == 'diffusers_goca' or k.startswith('diffusers_goca.')]:\n"
+        "        del sys.modules[key]\n"
+        "    importlib.import_module(name)\n"
+    )
     run = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+
+
+# -- the test helpers ----------------------------------------------------------------------------------------------------
+def test_tests_and_benchmarks_take_their_helpers_from_the_testing_module():
+    """tests/conftest.py holds fixtures and hooks only: no test or benchmark imports from it (the builders and helpers
+    are `diffusers_goca.testing`'s), and that module imports no extra's package when it is imported (the CLIP
+    tokenizer finds open_clip's BPE file only when a builder asks for it)."""
+    root = PACKAGE.parent
+    found = []
+    for path in sorted([*(root / "tests").glob("*.py"), *(root / "benchmarks").glob("*.py")]):
+        for node in _imports(ast.parse(path.read_text(encoding="utf-8")), False):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if "conftest" in names:
+                found.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not found, "imports from conftest: " + ", ".join(found)
+    extras = {"open_clip", "cleanfid", "gradio", "matplotlib", "torchmetrics", "pytest", "sentencepiece"}
+    tree = ast.parse(MODULES[f"{NAME}.testing"].read_text(encoding="utf-8"))
+    top = {a.name.split(".")[0] for n in _imports(tree, True) if isinstance(n, ast.Import) for a in n.names}
+    top |= {
+        (n.module or "").split(".")[0] for n in _imports(tree, True) if isinstance(n, ast.ImportFrom) and not n.level
+    }
+    assert not top & extras, top & extras
 
 
 # -- the loader ----------------------------------------------------------------------------------------------------------
@@ -262,8 +293,11 @@ def _no_warnings_of_ours(capfd):
     out, err = capfd.readouterr()
     assert not [str(w.message) for w in caught], [f"{w.category.__name__}: {w.message}" for w in caught]
     assert not records, [r.getMessage() for r in records]
-    printed = [line for line in (out + err).splitlines()
-               if any(word in line for word in ("deprecated", "should be kept in float32", "Warning", "warn"))]
+    printed = [
+        line
+        for line in (out + err).splitlines()
+        if any(word in line for word in ("deprecated", "should be kept in float32", "Warning", "warn"))
+    ]
     assert not printed, printed
 
 
@@ -290,6 +324,7 @@ def test_a_users_own_torch_dtype_call_keeps_diffusers_warning():
         DiffusionPipeline.from_pretrained(TOY_MODEL_DIR, torch_dtype=torch.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_segment_prints_no_warning(dtype, capfd):
     """fp16 on the CPU upcasts the VAE for the encode (force_upcast) without diffusers' "should be kept in float32"
@@ -427,8 +462,13 @@ def test_ready_scfg_classes_have_the_derived_names():
     assert diffusers_goca.SCFGGoCAStableDiffusionPipeline.__name__ == "SCFGGoCAStableDiffusionPipeline"
 
 
-@pytest.mark.parametrize("old, new", [("SCFGGoCAPipeline", "SCFGGoCAStableDiffusionPipeline"),
-                                      ("SCFGGoCAXLPipeline", "SCFGGoCAStableDiffusionXLPipeline")])
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("SCFGGoCAPipeline", "SCFGGoCAStableDiffusionPipeline"),
+        ("SCFGGoCAXLPipeline", "SCFGGoCAStableDiffusionXLPipeline"),
+    ],
+)
 def test_old_scfg_names_are_deprecated_aliases(old, new):
     from diffusers_goca import pipelines
 
@@ -463,8 +503,29 @@ def test_coco30k_without_metrics_says_what_was_made(tmp_path, capsys):
 
     pipe = load_pipeline(None, "cpu", torch.float32, scfg=True)
     out = tmp_path / "run"
-    summary = run(parse_args(["--toy", "--no-fid", "--no-clip", "--limit", "2", "--steps", "1", "--configs", "cfg",
-                              "--scales", "3,5", "--batch", "2", "--out", str(out)]), pipe=pipe, progress=False)
+    summary = run(
+        parse_args(
+            [
+                "--toy",
+                "--no-fid",
+                "--no-clip",
+                "--limit",
+                "2",
+                "--steps",
+                "1",
+                "--configs",
+                "cfg",
+                "--scales",
+                "3,5",
+                "--batch",
+                "2",
+                "--out",
+                str(out),
+            ]
+        ),
+        pipe=pipe,
+        progress=False,
+    )
     text = capsys.readouterr().out
     assert [r["images"] for r in summary["rows"]] == [2, 2]
     assert "–" not in text and "4 images in all" in text and str(out / "images") in text, text

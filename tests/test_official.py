@@ -15,6 +15,7 @@ official steps literally, with full [heads, N, N] maps:
 Flux: the maps and self maps are slices of the joint softmax, not renormalised; the reference is the attention output
 of single block 8 (the code's `vit-block27`); heads averaged (its config).
 """
+
 from __future__ import annotations
 
 import re
@@ -26,7 +27,7 @@ from diffusers.models.attention_processor import AttnProcessor
 from PIL import Image
 
 import diffusers_goca as goca
-from conftest import make_tiny_flux, make_tiny_pixart, make_tiny_sd
+from diffusers_goca.testing import make_tiny_flux, make_tiny_pixart, make_tiny_sd
 from diffusers_goca.tokens import segmentation_prompt
 
 CLASSES = ["cat", "grass"]
@@ -48,8 +49,10 @@ class RecordingAttnProcessor(AttnProcessor):
             self.store["probs"] = scores(query, key, mask)
             return self.store["probs"]
 
-        hooks = [attn.to_q.register_forward_hook(lambda m, i, o: self.store.__setitem__("query", o)),
-                 attn.to_out[0].register_forward_pre_hook(lambda m, i: self.store.__setitem__("head_out", i[0]))]
+        hooks = [
+            attn.to_q.register_forward_hook(lambda m, i, o: self.store.__setitem__("query", o)),
+            attn.to_out[0].register_forward_pre_hook(lambda m, i: self.store.__setitem__("head_out", i[0])),
+        ]
         attn.get_attention_scores = kept_scores
         try:
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
@@ -106,14 +109,17 @@ def record(denoiser, processor_class) -> dict:
 def keys_bilinear_queries_nearest(s: torch.Tensor, src: tuple[int, int], dst: tuple[int, int]) -> torch.Tensor:
     """[N_src, N_src] → [N_dst, N_dst]: the key axis resized bilinearly, the query axis by nearest neighbour."""
     keys = F.interpolate(s.reshape(-1, 1, *src), size=dst, mode="bilinear", align_corners=False).reshape(*src, -1)
-    return F.interpolate(keys.permute(2, 0, 1)[None], size=dst, mode="nearest")[0].permute(1, 2, 0).reshape(
-        dst[0] * dst[1], -1)
+    return (
+        F.interpolate(keys.permute(2, 0, 1)[None], size=dst, mode="nearest")[0]
+        .permute(1, 2, 0)
+        .reshape(dst[0] * dst[1], -1)
+    )
 
 
 def official_head_weights(head_out: torch.Tensor, w_out: torch.Tensor, heads: int) -> torch.Tensor:
     """[heads, N]: ⟨r_h, Σ_h' r_h'⟩ / Σ_h ⟨r_h, Σ_h' r_h'⟩ with r_h = o_h W_hᵀ, no bias, no clamp."""
     d = head_out.shape[-1] // heads
-    r = torch.stack([head_out[:, h * d:(h + 1) * d] @ w_out[:, h * d:(h + 1) * d].T for h in range(heads)])
+    r = torch.stack([head_out[:, h * d : (h + 1) * d] @ w_out[:, h * d : (h + 1) * d].T for h in range(heads)])
     dots = (r * r.sum(0)).sum(-1)
     return dots / dots.sum(0)
 
@@ -131,8 +137,23 @@ def minmax(x: torch.Tensor) -> torch.Tensor:
     return (x - lo) / (hi - lo)
 
 
-def official_scores(cross, selfs, grids, reference, ref_grid, layers, refinement, order, class_tokens, content,
-                    map_hw, head_weighting, layer_weighting, rescale, pseudo) -> torch.Tensor:
+def official_scores(
+    cross,
+    selfs,
+    grids,
+    reference,
+    ref_grid,
+    layers,
+    refinement,
+    order,
+    class_tokens,
+    content,
+    map_hw,
+    head_weighting,
+    layer_weighting,
+    rescale,
+    pseudo,
+) -> torch.Tensor:
     """cross[l]: (A [heads, N_l, T], head_out [N_l, heads·d], W_out); selfs[l]: [heads, N_l, N_l] of the layer paired
     with l; reference: F [N_ref, C]. Returns class scores [K, N_map]."""
     maps = []
@@ -147,14 +168,19 @@ def official_scores(cross, selfs, grids, reference, ref_grid, layers, refinement
     if layer_weighting == "auto":
         f = reference[:, :1] if pseudo == "official-code" else reference
         a_p = (f @ f.T * f.shape[-1] ** -0.5).softmax(-1)
-        raw = torch.stack([(a_p * keys_bilinear_queries_nearest(selfs[n].mean(0), grids[n], ref_grid)).sum()
-                           for n in layers])
+        raw = torch.stack(
+            [(a_p * keys_bilinear_queries_nearest(selfs[n].mean(0), grids[n], ref_grid)).sum() for n in layers]
+        )
         weights = raw.clamp_min(0) / raw.clamp_min(0).sum()
     else:
         weights = torch.full((len(layers),), 1.0 / len(layers))
-    m = sum(w * F.interpolate(c.T.reshape(-1, 1, *grids[n]), size=map_hw, mode="bilinear",
-                              align_corners=False).reshape(c.shape[1], -1).T
-            for w, c, n in zip(weights, maps, layers))
+    m = sum(
+        w
+        * F.interpolate(c.T.reshape(-1, 1, *grids[n]), size=map_hw, mode="bilinear", align_corners=False)
+        .reshape(c.shape[1], -1)
+        .T
+        for w, c, n in zip(weights, maps, layers)
+    )
     m = m.clamp_min(0)
     m = m / m.sum(-1, keepdim=True)  # over all text tokens, in every mode
     scores = torch.stack([m[:, pos].mean(-1) for pos in class_tokens])
@@ -180,9 +206,14 @@ def prompt_tokens(tokenizer, prompt: str, classes, t5: bool):
     def word(a, b):
         return next((prompt[s:e].lower() for s, e in words if s < b and e > a), None)
 
-    content = [i for i, (tid, (a, b)) in enumerate(zip(ids, offsets)) if tid not in special and b > a
-               and word(a, b) not in (None, *STOPWORDS)
-               and not (t5 and tokenizer.convert_ids_to_tokens(tid) == "▁")]
+    content = [
+        i
+        for i, (tid, (a, b)) in enumerate(zip(ids, offsets))
+        if tid not in special
+        and b > a
+        and word(a, b) not in (None, *STOPWORDS)
+        and not (t5 and tokenizer.convert_ids_to_tokens(tid) == "▁")
+    ]
     class_tokens = []
     for c in classes:
         start = prompt.index(c)
@@ -237,16 +268,30 @@ def _segment_and_restate(pipe, stores, adapter, latent_hw, cross_of, selfs_of, r
         grids = {n: adapter.layer_hw(n, latent_hw) for n in adapter.layers}
         map_hw = adapter.map_grid(latent_hw)
         want = official_scores(
-            cross_of(stores), selfs_of(stores), grids, reference_of(stores), grids[adapter.reference_layer], layers,
-            refinement, adapter.refine_order, class_tokens, content, map_hw, heads, layer_weighting, rescale,
-            "official-code")
-        want = F.interpolate(want.reshape(1, -1, *map_hw), size=result.scores.shape[-2:], mode="bilinear",
-                             align_corners=False)[0]
+            cross_of(stores),
+            selfs_of(stores),
+            grids,
+            reference_of(stores),
+            grids[adapter.reference_layer],
+            layers,
+            refinement,
+            adapter.refine_order,
+            class_tokens,
+            content,
+            map_hw,
+            heads,
+            layer_weighting,
+            rescale,
+            "official-code",
+        )
+        want = F.interpolate(
+            want.reshape(1, -1, *map_hw), size=result.scores.shape[-2:], mode="bilinear", align_corners=False
+        )[0]
         out[case] = (result.scores, want)
     return out
 
 
-@pytest.mark.parametrize("family", ["sd", "pixart", "flux"])
+@pytest.mark.parametrize("family", ["sd", "pixart", pytest.param("flux", marks=pytest.mark.slow)])
 @torch.no_grad()
 def test_segment_equals_the_official_computation(family):
     torch.manual_seed(0)
@@ -276,28 +321,33 @@ def test_segment_equals_the_official_computation(family):
         def reference_of(st):
             return st[adapter.reference_layer]["out"][text_len:]
     else:
+
         def cross_of(st):
             def heads_first(name):
                 probs = st[name]["probs"]
                 return probs.view(-1, *probs.shape[-2:])
-            return {n: (heads_first(n), st[n]["head_out"][0], adapter.submodule(n).to_out[0].weight)
-                    for n in adapter.cross_layers}
+
+            return {
+                n: (heads_first(n), st[n]["head_out"][0], adapter.submodule(n).to_out[0].weight)
+                for n in adapter.cross_layers
+            }
 
         def selfs_of(st):
             return {n: st[adapter.self_of(n)]["probs"] for n in adapter.cross_layers} | {
-                n: st[n]["probs"] for n in adapter.self_layers}
+                n: st[n]["probs"] for n in adapter.self_layers
+            }
 
         def reference_of(st):
             return st[adapter.reference_layer]["query"][0]
 
-    results = _segment_and_restate(pipe, stores, adapter, latent_hw, cross_of, selfs_of, reference_of,
-                                   t5=family != "sd")
+    results = _segment_and_restate(
+        pipe, stores, adapter, latent_hw, cross_of, selfs_of, reference_of, t5=family != "sd"
+    )
     for case, (got, want) in results.items():
         assert got.shape == want.shape, case
         shares = torch.bincount(want.argmax(0).flatten(), minlength=len(CLASSES)) / want[0].numel()
         assert shares.min() > 0.02, (case, shares, "one class takes the image: sharpen the attention")
         assert (got - want).abs().max() < 5e-3, (case, (got - want).abs().max().item())
-    pipe.disable_goca()
 
 
 def _count_forwards(denoiser) -> list:
@@ -338,7 +388,6 @@ def test_flux_segments_with_guidance_one_as_the_official_extractor():
     assert [float(kw["guidance"][0]) for kw in forwards] == [1.0, 3.5]
     with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
         pipe.segment(image, CLASSES, guidance_scale=float("nan"))
-    pipe.disable_goca()
 
 
 def test_official_code_pseudo_attention_is_channel_zero_at_scale_one():

@@ -1,5 +1,6 @@
 """The segmentation pictures on a synthetic result (no model): legends in the exact class colours, outlines and the
 side-by-side label map without any blending shift, `mask(name)`, and the demo grids' legends."""
+
 from __future__ import annotations
 
 import tempfile
@@ -15,7 +16,7 @@ H, W = 32, 40
 
 
 def two_class(image: bool = True, **kw) -> GoCASegmentation:
-    """"sky" (class 0, red) on the left 3/5, "sea" (class 1, green) on the rest, "yellow thing" (class 2, yellow) in
+    """ "sky" (class 0, red) on the left 3/5, "sea" (class 1, green) on the rest, "yellow thing" (class 2, yellow) in
     the lower left corner; the image is pure blue, so blending yellow over it reads teal."""
     labels = torch.zeros(H, W, dtype=torch.long)
     labels[:, 24:] = 1
@@ -53,7 +54,7 @@ def test_overlay_has_a_legend_in_the_exact_colours_under_the_enlarged_picture(st
     pic = r.overlay(style=style)
     panel_w = W * scale if style != "side-by-side" else 2 * W * scale + max(4, scale)
     assert pic.mode == "RGB" and pic.width >= panel_w and pic.height > H * scale + 14  # a legend row at least
-    legend = np.asarray(pic)[H * scale:]
+    legend = np.asarray(pic)[H * scale :]
     for colour in r.palette:  # each class's swatch: a 14×14 square at the default size, its inside exactly coloured
         assert exact_colour_pixels(legend, colour) >= 12 * 12
     assert not r.overlay(style=style, legend=False).height > H * scale
@@ -65,7 +66,7 @@ def test_overlay_outlines_and_label_panel_keep_the_exact_class_colours():
     pic = np.asarray(r.overlay(legend=False))
     labels = r.labels.numpy().repeat(scale, 0).repeat(scale, 1)
     exact = r.palette[labels]
-    left, right = pic[:, :W * scale], pic[:, W * scale + max(4, scale):]
+    left, right = pic[:, : W * scale], pic[:, W * scale + max(4, scale) :]
     assert np.array_equal(right, exact)  # the label map beside the image: every pixel in its class colour
     rim = boundaries(labels, 2)
     assert rim.any() and not rim.all()
@@ -82,7 +83,7 @@ def test_overlay_without_an_image_is_the_label_map_with_its_legend():
     r = two_class(image=False)
     pic = np.asarray(r.overlay())
     scale = 256 // max(H, W)
-    assert np.array_equal(pic[:H * scale, :W * scale], r.palette[r.labels.numpy()].repeat(scale, 0).repeat(scale, 1))
+    assert np.array_equal(pic[: H * scale, : W * scale], r.palette[r.labels.numpy()].repeat(scale, 0).repeat(scale, 1))
     assert pic.shape[0] > H * scale
     labelled = np.asarray(r.colorize(legend=True))
     assert np.array_equal(labelled, pic)
@@ -106,13 +107,15 @@ def test_heatmaps_keep_their_default_geometry_and_add_a_colour_bar_on_request():
     assert heat.size == (3 * 100, 80 + 16)  # 40×32 at cell 100: tiles 100×80 under 16-pixel titles
     with_bar = r.heatmaps(cell=100, legend=True)
     assert with_bar.width >= heat.width and with_bar.height > heat.height
-    assert np.array_equal(np.asarray(with_bar)[:heat.height, :heat.width], np.asarray(heat))
+    assert np.array_equal(np.asarray(with_bar)[: heat.height, : heat.width], np.asarray(heat))
 
 
 def test_draw_legend_swatches_and_text_at_the_size_asked():
     colours = palette(["a", "b", "background"])
-    small, large = draw_legend(["a", "b", "background"], colours, 100), draw_legend(["a", "b", "background"], colours,
-                                                                                   100, font_size=28)
+    small, large = (
+        draw_legend(["a", "b", "background"], colours, 100),
+        draw_legend(["a", "b", "background"], colours, 100, font_size=28),
+    )
     assert large.height > small.height
     for colour in colours:
         assert exact_colour_pixels(np.asarray(large), colour) >= 26 * 26
@@ -139,6 +142,6 @@ def test_demo_grids_carry_a_legend_per_row():
     colours = palette(CLASS_NAMES)
     top = grid.shape[0] - 2 * 128
     for i, (scene, _) in enumerate(examples):
-        key = grid[top + i * 128: top + (i + 1) * 128, cells:]
+        key = grid[top + i * 128 : top + (i + 1) * 128, cells:]
         for name in scene.classes:
             assert exact_colour_pixels(key, colours[CLASS_NAMES.index(name)]) >= 12 * 12, name

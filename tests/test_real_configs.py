@@ -12,8 +12,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import diffusers_goca as goca
 from benchmarks.real_configs import FLUX_DEV, PIXART_SIGMA, SD3_MEDIUM, SD15, SDXL
-from conftest import clip_tokenizer, make_tiny_sd3
 from diffusers_goca.mixin import GoCAMixin
+from diffusers_goca.testing import clip_tokenizer, make_tiny_flux, make_tiny_pixart, make_tiny_sd, make_tiny_sd3
+
 
 class Host(GoCAMixin):
     """Just the parts of a pipeline the adapters read."""
@@ -44,7 +45,10 @@ def test_full_depth_layers():
     assert len(sd.cross_layers) == 16 and sd.native_resolution == 512
     assert sd.reference_layer == "up_blocks.2.attentions.1.transformer_blocks.0.attn2"
     assert sorted(n.split(".transformer_blocks")[0] for n in sd.refinement_layers) == [
-        "down_blocks.0.attentions.1", "up_blocks.3.attentions.0", "up_blocks.3.attentions.1"]
+        "down_blocks.0.attentions.1",
+        "up_blocks.3.attentions.0",
+        "up_blocks.3.attentions.1",
+    ]
     assert len(xl.cross_layers) == 70 and xl.native_resolution == 1024 and xl.map_factor == 2
     assert xl.reference_layer == "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
     assert xl.refinement_layers == [
@@ -60,9 +64,15 @@ def test_full_depth_layers():
     assert flux.reference_layer == "single_transformer_blocks.8.attn"
     assert flux.refinement_layers == ["transformer_blocks.12.attn", "transformer_blocks.18.attn"]
     # The official vanilla's layers: PixArt-Σ cross blocks 10–17; Flux blocks 8, 28 and 47 of the running numbering.
-    assert pixart.layer_set("subset") == ([f"transformer_blocks.{i}.attn2" for i in range(10, 18)],
-                                          pixart.refinement_layers)
-    flux_vanilla = ["transformer_blocks.8.attn", "single_transformer_blocks.9.attn", "single_transformer_blocks.28.attn"]
+    assert pixart.layer_set("subset") == (
+        [f"transformer_blocks.{i}.attn2" for i in range(10, 18)],
+        pixart.refinement_layers,
+    )
+    flux_vanilla = [
+        "transformer_blocks.8.attn",
+        "single_transformer_blocks.9.attn",
+        "single_transformer_blocks.28.attn",
+    ]
     assert flux.layer_set("subset") == (flux_vanilla, flux_vanilla)
     assert flux.layer_set("all") == (flux.cross_layers, flux.refinement_layers)
     assert sd.layer_set("subset") == (sd.cross_layers, sd.refinement_layers)
@@ -79,23 +89,37 @@ def test_full_width_shapes_at_real_head_counts(family):
     if family == "pixart":
         host = transformer_host("PixArtTransformer2DModel", {**PIXART_SIGMA, "num_layers": 1})
         model = host.transformer.eval()
-        run = lambda: model(torch.randn(1, 4, 2 * h, 2 * w), encoder_hidden_states=torch.randn(1, t, 4096),
-                            timestep=torch.tensor([100]), added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+        run = lambda: model(
+            torch.randn(1, 4, 2 * h, 2 * w),
+            encoder_hidden_states=torch.randn(1, t, 4096),
+            timestep=torch.tensor([100]),
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        )
         layer, heads, width = "transformer_blocks.0.attn2", 16, 1152
     elif family == "sd3":
         host = transformer_host("SD3Transformer2DModel", {**SD3_MEDIUM, "num_layers": 1})
         model = host.transformer.eval()
-        run = lambda: model(torch.randn(1, 16, 2 * h, 2 * w), encoder_hidden_states=torch.randn(1, t, 4096),
-                            pooled_projections=torch.randn(1, 2048), timestep=torch.tensor([500.0]))
+        run = lambda: model(
+            torch.randn(1, 16, 2 * h, 2 * w),
+            encoder_hidden_states=torch.randn(1, t, 4096),
+            pooled_projections=torch.randn(1, 2048),
+            timestep=torch.tensor([500.0]),
+        )
         layer, heads, width = "transformer_blocks.0.attn", 24, 1536
     else:
         host = transformer_host("FluxTransformer2DModel", {**FLUX_DEV, "num_layers": 1, "num_single_layers": 1})
         model = host.transformer.eval()
         ids = torch.zeros(h, w, 3)
         ids[..., 1], ids[..., 2] = torch.arange(h)[:, None], torch.arange(w)[None, :]
-        run = lambda: model(torch.randn(1, h * w, 64), encoder_hidden_states=torch.randn(1, t, 4096),
-                            pooled_projections=torch.randn(1, 768), timestep=torch.tensor([0.5]),
-                            guidance=torch.tensor([3.5]), txt_ids=torch.zeros(t, 3), img_ids=ids.reshape(-1, 3))
+        run = lambda: model(
+            torch.randn(1, h * w, 64),
+            encoder_hidden_states=torch.randn(1, t, 4096),
+            pooled_projections=torch.randn(1, 768),
+            timestep=torch.tensor([0.5]),
+            guidance=torch.tensor([3.5]),
+            txt_ids=torch.zeros(t, 3),
+            img_ids=ids.reshape(-1, 3),
+        )
         layer, heads, width = "single_transformer_blocks.0.attn", 24, 3072
     with torch.no_grad():
         step = host.capture_forward(run)
@@ -133,8 +157,12 @@ def test_no_heads_by_n_by_n_tensor(monkeypatch):
     monkeypatch.setattr(sa, "CHUNK_ELEMENTS", heads * n * n // 16)
     index = pipe._goca.adapter.token_index("cat, grass", ["cat", "grass"], max_length=32)
     model = pipe.transformer
-    run = lambda: model(torch.randn(1, 4, 48, 48), encoder_hidden_states=torch.randn(1, 77 + 32, 64),
-                        pooled_projections=torch.randn(1, 64), timestep=torch.tensor([500.0]))
+    run = lambda: model(
+        torch.randn(1, 4, 48, 48),
+        encoder_hidden_states=torch.randn(1, 77 + 32, 64),
+        pooled_projections=torch.randn(1, 64),
+        timestep=torch.tensor([500.0]),
+    )
     with torch.no_grad(), LargestTensor() as plain:
         run()
     with torch.no_grad(), LargestTensor() as captured:
@@ -153,7 +181,6 @@ def test_no_heads_by_n_by_n_tensor(monkeypatch):
 @pytest.mark.parametrize("family", ["sd", "pixart", "sd3", "flux"])
 def test_memory_plan_is_the_capture_accounting(family):
     """`memory_plan` (what docs/performance.md's table comes from) equals what a capture step actually holds."""
-    from conftest import make_tiny_flux, make_tiny_pixart, make_tiny_sd
     from diffusers_goca.capture import memory_plan
     from diffusers_goca.tokens import segmentation_prompt
 
@@ -164,13 +191,14 @@ def test_memory_plan_is_the_capture_accounting(family):
     prompt = segmentation_prompt(classes, True)
     index = adapter.token_index(prompt, classes, extra_entities=["background"])
     latents = torch.randn(1, pipe.vae.config.latent_channels, 8, 12)
-    step = pipe.capture_forward(lambda: adapter.segment_forward(latents, prompt, adapter.segment_timestep,
-                                                                torch.Generator().manual_seed(0)),
-                                columns=index.needed())
-    plan = memory_plan(adapter, step.latent_hw, len(index.needed()), step.text_len or 0, dtype_bytes=4,
-                       accelerator=False)
+    step = pipe.capture_forward(
+        lambda: adapter.segment_forward(latents, prompt, adapter.segment_timestep, torch.Generator().manual_seed(0)),
+        columns=index.needed(),
+    )
+    plan = memory_plan(
+        adapter, step.latent_hw, len(index.needed()), step.text_len or 0, dtype_bytes=4, accelerator=False
+    )
     assert plan["offloaded"] == 0 and plan["held"] == step.nbytes() > 0
-    pipe.disable_goca()
 
 
 def test_memory_plan_at_1024_px_meets_the_bounds():

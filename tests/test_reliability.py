@@ -1,5 +1,6 @@
 """Defects of the public API (issue #19): inputs read wrongly, invalid arguments accepted or refused deep inside, the
 shipped toy model with the stock pipeline, and the command line's errors and notes."""
+
 from contextlib import contextmanager
 
 import numpy as np
@@ -8,8 +9,8 @@ import torch
 from PIL import Image
 
 import diffusers_goca as goca
-from conftest import make_tiny_sd, make_tiny_sdxl
 from diffusers_goca.image_input import as_rgb
+from diffusers_goca.testing import make_tiny_flux, make_tiny_pixart, make_tiny_sd, make_tiny_sdxl
 from diffusers_goca.toyworld import TOY_MODEL_DIR
 
 IMAGE = Image.fromarray((np.random.RandomState(5).rand(32, 32, 3) * 255).astype(np.uint8))
@@ -38,8 +39,11 @@ def test_wide_grey_pil_images_are_read_in_their_range(tmp_path):
     grey = np.random.RandomState(1).randint(0, 256, (6, 5)).astype(np.uint8)
     expected = np.repeat(grey[..., None], 3, -1)
     Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "grey16.png")
-    for image in (str(tmp_path / "grey16.png"), Image.fromarray(grey.astype(np.int32) * 257, mode="I"),
-                  Image.fromarray(grey.astype(np.float32) / 255, mode="F")):
+    for image in (
+        str(tmp_path / "grey16.png"),
+        Image.fromarray(grey.astype(np.int32) * 257, mode="I"),
+        Image.fromarray(grey.astype(np.float32) / 255, mode="F"),
+    ):
         assert np.array_equal(np.asarray(as_rgb(image)), expected)
     with pytest.raises(ValueError, match="mode I must hold values in 0–65535"):
         as_rgb(Image.fromarray(np.full((4, 4), 70000, np.int32), mode="I"))
@@ -62,7 +66,6 @@ def test_case_duplicate_classes_are_refused_or_merged(tiny_sd):
     assert pipe.goca_masks[0].results[0].classes == ["cat", "grass"]
     run(pipe, "a cat on a Background", goca_masks="last", goca_background=True)
     assert pipe.goca_masks[0].results[0].classes == ["cat", "Background"]
-    pipe.disable_goca()
 
 
 def test_the_shipped_toy_model_runs_in_the_stock_pipeline_without_a_dtype():
@@ -73,8 +76,9 @@ def test_the_shipped_toy_model_runs_in_the_stock_pipeline_without_a_dtype():
     pipe = StableDiffusionPipeline.from_pretrained(TOY_MODEL_DIR, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     assert {pipe.text_encoder.dtype, pipe.unet.dtype, pipe.vae.dtype} == {torch.float32}
-    image = pipe("a red circle on grass", num_inference_steps=2, output_type="np",
-                 generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipe(
+        "a red circle on grass", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)
+    ).images[0]
     assert image.shape == (32, 32, 3) and np.isfinite(image).all()
 
 
@@ -93,10 +97,11 @@ def test_invalid_numbers_are_refused_before_denoising(tiny_sd):
                 pipe.segment(IMAGE, ["cat"], refine_order=order, resolution=32)
             with pytest.raises(ValueError, match="refine_order must be"):
                 run(pipe, "a cat on grass", goca_masks="last", goca_options={"refine_order": order})
-    assert torch.equal(pipe.segment(IMAGE, ["cat"], seed=np.int64(3), resolution=32).scores,
-                       pipe.segment(IMAGE, ["cat"], seed=3, resolution=32).scores)
+    assert torch.equal(
+        pipe.segment(IMAGE, ["cat"], seed=np.int64(3), resolution=32).scores,
+        pipe.segment(IMAGE, ["cat"], seed=3, resolution=32).scores,
+    )
     assert pipe.segment(IMAGE, ["cat"], refine_order=np.int64(0), resolution=32).scores.isfinite().all()
-    pipe.disable_goca()
 
 
 def test_scfg_refuses_a_max_guidance_that_is_not_a_finite_positive_number():
@@ -131,12 +136,13 @@ def test_result_pictures_take_generated_images_of_every_output_type(tiny_sd):
     with pytest.raises(ValueError, match="columns must be an integer ≥ 1, got 0"):
         result.heatmaps(columns=0)
     pixels = np.asarray(IMAGE)
-    assert torch.equal(pipe.segment(torch.from_numpy(pixels), ["cat"], resolution=32).scores,
-                       pipe.segment(pixels, ["cat"], resolution=32).scores)
+    assert torch.equal(
+        pipe.segment(torch.from_numpy(pixels), ["cat"], resolution=32).scores,
+        pipe.segment(pixels, ["cat"], resolution=32).scores,
+    )
     assert np.array_equal(np.asarray(as_rgb(torch.from_numpy(pixels)[None])), pixels)
     square = torch.arange(3 * 4 * 4, dtype=torch.uint8).reshape(3, 4, 4)  # [3, 4, 4]: channels first, as in torch
     assert np.array_equal(np.asarray(as_rgb(square)), square.permute(1, 2, 0).numpy())
-    pipe.disable_goca()
 
 
 def test_cli_mistakes_end_in_one_line_and_the_toy_model_is_announced(tmp_path, capsys):
@@ -149,9 +155,11 @@ def test_cli_mistakes_end_in_one_line_and_the_toy_model_is_announced(tmp_path, c
     assert main(["segment", image, "--classes", "grass", "--out", out]) == 0
     note = capsys.readouterr().err
     assert "toy model (32 px" in note and "--model" in note
-    for args, message in ((["--timestep", "100.5"], "timestep must be an integer"),
-                          (["--method", "seg4diff"], "'seg4diff' is not defined for unet"),
-                          (["--model", "someone/not-cached-model"], "model_index.json")):
+    for args, message in (
+        (["--timestep", "100.5"], "timestep must be an integer"),
+        (["--method", "seg4diff"], "'seg4diff' is not defined for unet"),
+        (["--model", "someone/not-cached-model"], "model_index.json"),
+    ):
         with pytest.raises(SystemExit, match=f"^goca: error: .*{message}"):
             main(["segment", image, "--classes", "grass", "--out", out, *args])
     with pytest.raises(SystemExit, match="^goca: error: image file not found"):
@@ -166,26 +174,28 @@ def test_enable_goca_refuses_an_unknown_head_weighting():
 
 
 def test_segment_refuses_a_resolution_that_cuts_a_token():
-    from conftest import make_tiny_pixart
-
     pipe = goca.from_pipe(make_tiny_pixart())  # VAE factor 2, patch 2: multiples of 4
     for bad in (34, 30, 6, 0, 32.0, True):
         with pytest.raises(ValueError, match="resolution must be a positive multiple of 4"):
             pipe.segment(IMAGE, ["cat"], resolution=bad)
     assert pipe.segment(IMAGE, ["cat"], resolution=np.int64(36)).labels.shape == (32, 32)
-    pipe.disable_goca()
 
 
 def test_flux_masks_report_the_schedulers_timesteps():
-    from conftest import make_tiny_flux
-
     pipe = goca.from_pipe(make_tiny_flux())
     seen = []
-    pipe("a cat on grass", num_inference_steps=3, height=32, width=32, max_sequence_length=32, goca_masks="all",
-         goca_classes=["cat"], generator=torch.Generator().manual_seed(0),
-         callback_on_step_end=lambda p, i, t, kw: seen.append(float(t)) or {})
+    pipe(
+        "a cat on grass",
+        num_inference_steps=3,
+        height=32,
+        width=32,
+        max_sequence_length=32,
+        goca_masks="all",
+        goca_classes=["cat"],
+        generator=torch.Generator().manual_seed(0),
+        callback_on_step_end=lambda p, i, t, kw: seen.append(float(t)) or {},
+    )
     assert [m.timestep for m in pipe.goca_masks] == pytest.approx(seen) and seen[0] > 1
-    pipe.disable_goca()
 
 
 def test_a_refused_call_leaves_a_disabled_pipeline_as_it_was():
@@ -201,6 +211,7 @@ def test_a_refused_call_leaves_a_disabled_pipeline_as_it_was():
     assert not pipe.unet._forward_pre_hooks and not pipe.unet._forward_hooks
 
 
+@pytest.mark.slow
 def test_goca_masks_steps_are_integers_of_the_call_checked_before_it_runs():
     pipe = goca.from_pipe(make_tiny_sd())
     for steps in ([0], np.array([0]), torch.tensor([0]), [np.int64(0)]):
@@ -209,10 +220,9 @@ def test_goca_masks_steps_are_integers_of_the_call_checked_before_it_runs():
     for bad in ([5], [-2], [1.5], [True], 0):
         with no_denoising(pipe), pytest.raises(ValueError, match="goca_masks"):
             run(pipe, "a cat on grass", goca_masks=bad, goca_classes=["cat"])
-    pipe.disable_goca()
 
 
-@pytest.mark.parametrize("cut", ["strength", "denoising_end", "denoising_start"])
+@pytest.mark.parametrize("cut", [pytest.param("strength", marks=pytest.mark.slow), "denoising_end", "denoising_start"])
 def test_goca_masks_steps_are_those_the_call_runs(cut):
     """img2img's strength and SDXL's denoising_start / denoising_end run fewer steps than num_inference_steps: a step
     past them gave no mask, silently; now it is refused before the call, and "all" / -1 count the steps run."""
@@ -232,7 +242,6 @@ def test_goca_masks_steps_are_those_the_call_runs(cut):
     assert [m.step for m in pipe.goca_masks] == [0, 1]
     pipe(goca_masks=[-1], **call)
     assert [m.step for m in pipe.goca_masks] == [1]
-    pipe.disable_goca()
 
 
 def _gen(seed=0):
@@ -242,6 +251,7 @@ def _gen(seed=0):
 STEPS = dict(num_inference_steps=3, height=32, width=32, output_type="np")
 
 
+@pytest.mark.slow
 def test_segment_inside_a_generation_callback_keeps_the_outer_masks(tiny_sd):
     """A segmentation asked for inside `goca_callback` or `callback_on_step_end` ran as a nested request that
     replaced the outer one: the outer call kept masks for step 0 only."""
@@ -263,9 +273,9 @@ def test_segment_inside_a_generation_callback_keeps_the_outer_masks(tiny_sd):
         assert all(torch.equal(a, m.results[0].scores) for a, m in zip(reference, pipe.goca_masks))
         assert np.array_equal(out.images, plain.images)
     assert len(inner) == 6 and all(torch.equal(r.scores, inner[0].scores) for r in inner)
-    pipe.disable_goca()
 
 
+@pytest.mark.slow
 def test_segment_inside_an_scfg_callback_leaves_scfg_on(tiny_sd):
     pipe = goca.scfg_from_pipe(tiny_sd)
     kw = dict(STEPS, guidance_scale=5.0)
@@ -278,9 +288,9 @@ def test_segment_inside_an_scfg_callback_leaves_scfg_on(tiny_sd):
     nested = pipe("a cat on grass", generator=_gen(), callback_on_step_end=on_step_end, **kw).images
     assert np.array_equal(nested, reference)
     assert not np.array_equal(reference, pipe("a cat on grass", generator=_gen(), scfg=False, **kw).images)
-    pipe.disable_goca()
 
 
+@pytest.mark.slow
 def test_a_second_pipeline_on_the_same_denoiser_segmenting_inside_a_callback():
     """Two GoCA pipelines sharing one UNet: the second one's forward, run inside the first one's callback, was taken
     by the first one's hooks as a step of its own (8 masks for 4 steps)."""
@@ -289,16 +299,22 @@ def test_a_second_pipeline_on_the_same_denoiser_segmenting_inside_a_callback():
     plain = first("a cat on grass", goca_masks="all", generator=_gen(), **STEPS)
     reference = [m.results[0].scores for m in first.goca_masks]
     inner = []
-    out = first("a cat on grass", goca_masks="all", generator=_gen(), **STEPS,
-                goca_callback=lambda p, step, t, masks: inner.append(second.segment(IMAGE, ["cat"], resolution=32)))
+    out = first(
+        "a cat on grass",
+        goca_masks="all",
+        generator=_gen(),
+        **STEPS,
+        goca_callback=lambda p, step, t, masks: inner.append(second.segment(IMAGE, ["cat"], resolution=32)),
+    )
     assert len(first.goca_masks) == 3 and [m.step for m in first.goca_masks] == [0, 1, 2]
     assert all(torch.equal(a, m.results[0].scores) for a, m in zip(reference, first.goca_masks))
     assert np.array_equal(out.images, plain.images) and len(inner) == 3
-    first.disable_goca()
-    second.disable_goca()
 
 
-@pytest.mark.parametrize("name", ["StableDiffusionSAGPipeline", "StableDiffusionAttendAndExcitePipeline"])
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param("StableDiffusionSAGPipeline", marks=pytest.mark.slow), "StableDiffusionAttendAndExcitePipeline"],
+)
 def test_pipelines_with_several_denoiser_calls_per_step_are_refused_masks(name):
     """SAG gave masks labelled steps 0–5 for 3 steps, Attend-and-Excite 27: the per-step masks of a pipeline whose
     step is not one denoiser call are refused by name, before any denoising; `segment` still works on it."""
@@ -311,4 +327,3 @@ def test_pipelines_with_several_denoiser_calls_per_step_are_refused_masks(name):
     with no_denoising(scfg), pytest.raises(ValueError, match=f"S-CFG is not supported on {name}"):
         run(scfg, "a cat on grass", guidance_scale=5.0)
     assert pipe.segment(IMAGE, ["cat"], resolution=32).labels.shape == (32, 32)
-    pipe.disable_goca()

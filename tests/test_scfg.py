@@ -1,11 +1,12 @@
 """S-CFG: the rate formula against a literal implementation, and the pipelines end to end on tiny models."""
+
 import numpy as np
 import pytest
 import torch
 
 import diffusers_goca as goca
-from conftest import HostWaits, Running, make_tiny_flux, make_tiny_pixart, make_tiny_sd, make_tiny_sdxl
 from diffusers_goca.functional.scfg import guidance_norm, rate_map, region_rates, scfg_cond
+from diffusers_goca.testing import HostWaits, Running, make_tiny_flux, make_tiny_pixart, make_tiny_sd, make_tiny_sdxl
 
 
 def literal_rates(norm, regions, foreground, k, w, lo, hi, cap):
@@ -30,7 +31,7 @@ def literal_rates(norm, regions, foreground, k, w, lo, hi, cap):
     smooth = torch.zeros_like(out)
     for y in range(h):
         for x in range(wd):
-            smooth[:, y, x] = (padded[:, y:y + 3, x:x + 3] * kernel).sum((-1, -2))
+            smooth[:, y, x] = (padded[:, y : y + 3, x : x + 3] * kernel).sum((-1, -2))
     return smooth
 
 
@@ -65,10 +66,18 @@ def run(pipe, **kw):
     if "PixArt" in type(pipe).__name__:
         kw.setdefault("use_resolution_binning", False)
     kw.setdefault("num_inference_steps", 3)
-    return pipe(["a cat on grass", "a red dog"], height=32, width=48, output_type="np",
-                negative_prompt=["blurry", "dark"], generator=torch.Generator().manual_seed(0), **kw).images
+    return pipe(
+        ["a cat on grass", "a red dog"],
+        height=32,
+        width=48,
+        output_type="np",
+        negative_prompt=["blurry", "dark"],
+        generator=torch.Generator().manual_seed(0),
+        **kw,
+    ).images
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", [make_tiny_sd, make_tiny_sdxl, make_tiny_pixart], ids=["sd", "sdxl", "pixart-sigma"])
 def test_scfg_off_is_the_stock_pipeline_and_on_changes_the_image(make, tmp_path):
     stock = make()
@@ -89,7 +98,6 @@ def test_scfg_off_is_the_stock_pipeline_and_on_changes_the_image(make, tmp_path)
     assert (tmp_path / "maps.gif").stat().st_size > 0 and (tmp_path / "maps.png").stat().st_size > 0
     if hasattr(stock, "text_encoder_2"):  # regions are per token position: a prompt_2 of its own is no obstacle
         assert run(pipe, guidance_scale=5.0, prompt_2=["a bird", "a fish"]).shape == reference.shape
-    pipe.disable_goca()
 
 
 def test_scfg_refuses_a_pipeline_without_a_cfg_batch():
@@ -98,6 +106,7 @@ def test_scfg_refuses_a_pipeline_without_a_cfg_batch():
         goca.scfg_from_pipe(make_tiny_flux())
 
 
+@pytest.mark.slow
 def test_scfg_refuses_the_perturbed_rows_of_pag():
     from diffusers import StableDiffusionPAGPipeline
 
@@ -109,9 +118,9 @@ def test_scfg_refuses_the_perturbed_rows_of_pag():
         run(pipe, guidance_scale=5.0)  # the PAG pipeline's default pag_scale is 3
     images = run(pipe, guidance_scale=5.0, pag_scale=0.0)
     assert not np.array_equal(images, run(pipe, guidance_scale=5.0, pag_scale=0.0, scfg=False))
-    pipe.disable_goca()
 
 
+@pytest.mark.slow
 def test_scfg_with_guidance_rescale_other_scheduler_and_callback():
     from diffusers import DPMSolverMultistepScheduler
 
@@ -129,6 +138,7 @@ def test_scfg_with_guidance_rescale_other_scheduler_and_callback():
         run(pipe, guidance_scale=6.0, segmentor="nope")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("segmentor", ["goca", "original"])
 def test_scfg_steps_never_wait_for_the_device(segmentor, monkeypatch):
     pipe = goca.scfg_from_pipe(make_tiny_sd())
@@ -136,9 +146,9 @@ def test_scfg_steps_never_wait_for_the_device(segmentor, monkeypatch):
     with HostWaits(lambda: pipe._goca.capture.active or bool(guiding)) as waits:
         run(pipe, guidance_scale=5.0, segmentor=segmentor)
     assert waits.ops == [], f"the capture or the S-CFG step read device values on the host: {waits.ops}"
-    pipe.disable_goca()
 
 
+@pytest.mark.slow
 def test_layer_weights_every_k_steps_are_taken_then_reused(monkeypatch):
     """layer_weights_every=k takes each image's layer weights at steps 0, k, 2k… and reuses them in between: the first
     step is the per-step method's exactly; 1 is the per-step method."""
@@ -154,17 +164,22 @@ def test_layer_weights_every_k_steps_are_taken_then_reused(monkeypatch):
         assert taken.calls - before == 2 * 2 * steps_taken  # 2 images, each its conditional and unconditional row
         assert torch.equal(pipe.scfg_maps[0].rates, first_rates)
         assert np.array_equal(images, exact) == (every == 1)
-    pipe.disable_goca()
 
 
+@pytest.mark.slow
 def test_original_foreground_is_not_every_pixel_on_the_toy():
     """The original segmenter's foreground compares the start token's map with the sum of the others, each of the two
     divided by its mean; dividing each of the 76 maps first made the sum ≈ 76 against ≈ 1: every pixel, every step."""
     from diffusers_goca.toyworld import load_toy_pipeline
 
     pipe = goca.scfg_from_pipe(load_toy_pipeline())
-    pipe(["a red circle and a white square on grass", "sky with a yellow triangle"], num_inference_steps=6,
-         guidance_scale=5.0, segmentor="original", scfg_keep_maps=True, generator=torch.Generator().manual_seed(1))
+    pipe(
+        ["a red circle and a white square on grass", "sky with a yellow triangle"],
+        num_inference_steps=6,
+        guidance_scale=5.0,
+        segmentor="original",
+        scfg_keep_maps=True,
+        generator=torch.Generator().manual_seed(1),
+    )
     shares = [float(m.foreground.float().mean()) for m in pipe.scfg_maps]
     assert len(shares) == 6 and all(0.1 < s < 0.9 for s in shares), shares
-    pipe.disable_goca()

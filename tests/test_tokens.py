@@ -1,8 +1,9 @@
 """Class names → token positions with the real CLIP tokenizer (built offline from open_clip's BPE file)."""
+
 import pytest
 
-from conftest import clip_tokenizer, t5_tokenizer
 from diffusers_goca.prompt_classes import entities_from_prompt
+from diffusers_goca.testing import clip_tokenizer, t5_tokenizer
 from diffusers_goca.tokens import segmentation_prompt, token_index
 
 
@@ -23,7 +24,14 @@ def test_multi_token_classes_and_background():
     assert ids_at(prompt, index.class_tokens[1]) == ["person</w>"]
     assert ids_at(prompt, index.positions("background")) == ["background</w>"]
     # Content excludes specials and stopwords (a, and, ","), keeps "photo" / "of".
-    assert ids_at(prompt, index.content) == ["photo</w>", "of</w>", "traffic</w>", "light</w>", "person</w>", "background</w>"]
+    assert ids_at(prompt, index.content) == [
+        "photo</w>",
+        "of</w>",
+        "traffic</w>",
+        "light</w>",
+        "person</w>",
+        "background</w>",
+    ]
 
 
 def test_class_twice_and_substring_class():
@@ -63,20 +71,25 @@ def test_entities_and_segmentation_prompt():
     assert segmentation_prompt(["cat", "background"], True) == "cat, background"
 
 
-@pytest.mark.parametrize("prompt, classes", [
-    ("a photo of a cat sitting on the grass", ["cat", "grass"]),
-    ("an astronaut riding a horse on mars", ["astronaut", "horse", "mars"]),
-    ("a red car parked next to a tree, highly detailed, 4k", ["red car", "tree"]),
-    ("two dogs playing in the snow", ["dogs", "snow"]),
-    ("a man wearing a hat and holding an umbrella", ["man", "hat", "umbrella"]),
-    ("the cat is sleeping on a red sofa", ["cat", "red sofa"]),
-    ("a group of people standing in front of a tall building", ["people", "tall building"]),
-    ("running shoes on a wooden floor, trending on artstation, octane render", ["running shoes", "wooden floor"]),
-    ("a spotted dog next to a bright colored bird", ["spotted dog", "bright colored bird"]),
-    ("a painting of a lighthouse by the sea, masterpiece, best quality", ["lighthouse", "sea"]),
-    ("sky with a yellow circle, a black square and a white triangle",
-     ["sky", "yellow circle", "black square", "white triangle"]),
-])
+@pytest.mark.parametrize(
+    "prompt, classes",
+    [
+        ("a photo of a cat sitting on the grass", ["cat", "grass"]),
+        ("an astronaut riding a horse on mars", ["astronaut", "horse", "mars"]),
+        ("a red car parked next to a tree, highly detailed, 4k", ["red car", "tree"]),
+        ("two dogs playing in the snow", ["dogs", "snow"]),
+        ("a man wearing a hat and holding an umbrella", ["man", "hat", "umbrella"]),
+        ("the cat is sleeping on a red sofa", ["cat", "red sofa"]),
+        ("a group of people standing in front of a tall building", ["people", "tall building"]),
+        ("running shoes on a wooden floor, trending on artstation, octane render", ["running shoes", "wooden floor"]),
+        ("a spotted dog next to a bright colored bird", ["spotted dog", "bright colored bird"]),
+        ("a painting of a lighthouse by the sea, masterpiece, best quality", ["lighthouse", "sea"]),
+        (
+            "sky with a yellow circle, a black square and a white triangle",
+            ["sky", "yellow circle", "black square", "white triangle"],
+        ),
+    ],
+)
 def test_classes_from_a_prompt_are_what_a_user_would_name(prompt, classes):
     """Noun phrases with their modifiers; no framing words, verbs, counts or quality tags."""
     assert entities_from_prompt(prompt) == classes
@@ -95,7 +108,7 @@ def test_t5_positions_skip_lone_spaces_and_eos():
     index = token_index(tok, prompt, ["traffic light", "person"], max_length=300, extra_entities=["background"])
     enc = tok(prompt, return_offsets_mapping=True)
     for positions, word in [(index.class_tokens[0], "traffic light"), (index.class_tokens[1], "person")]:
-        text = "".join(prompt[enc.offset_mapping[i][0]:enc.offset_mapping[i][1]] for i in positions)
+        text = "".join(prompt[enc.offset_mapping[i][0] : enc.offset_mapping[i][1]] for i in positions)
         assert text.replace(" ", "") == word.replace(" ", "")
     eos = enc.input_ids.index(tok.eos_token_id)
     assert eos not in index.content and all(prompt[slice(*enc.offset_mapping[i])].strip() for i in index.content)

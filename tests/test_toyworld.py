@@ -1,11 +1,20 @@
 """The toy world: deterministic scenes, the shipped model, and segmentation quality measured on held-out scenes."""
+
 import numpy as np
 import pytest
 import torch
 
 import diffusers_goca as goca
-from diffusers_goca.toyworld import (BACKGROUNDS, CLASS_NAMES, TOY_DIT_MODEL_DIR, TOY_MODEL_DIR, load_toy_pipeline,
-                                    make_scene, scene_seeds)
+from diffusers_goca.testing import restoring
+from diffusers_goca.toyworld import (
+    BACKGROUNDS,
+    CLASS_NAMES,
+    TOY_DIT_MODEL_DIR,
+    TOY_MODEL_DIR,
+    load_toy_pipeline,
+    make_scene,
+    scene_seeds,
+)
 from diffusers_goca.toyworld.evaluate import evaluate_segmentation
 
 # Measured on the shipped model (60 held-out scenes, t = 100, seed 0): goca 0.414, vanilla 0.367, all-background 0.201.
@@ -27,11 +36,19 @@ def test_scenes_are_deterministic_and_splits_disjoint():
 
 
 @pytest.fixture(scope="module")
-def toy():
+def shared_toy():
     pipe = load_toy_pipeline(pipeline_class=goca.GoCAStableDiffusionPipeline)
     pipe.enable_goca()
     yield pipe
     pipe.disable_goca()
+
+
+@pytest.fixture
+def toy(shared_toy):
+    """The module's toy pipeline, GoCA enabled, put back as it was after each test (another pipeline made from it
+    with `from_pipe` wraps and hooks its UNet)."""
+    with restoring(shared_toy):
+        yield shared_toy
 
 
 def test_colour_labels_read_the_ground_truth_of_real_scenes():
@@ -46,7 +63,9 @@ def test_colour_labels_read_the_ground_truth_of_real_scenes():
         if len({c.split()[0] for c in objects}) < len(objects):
             continue
         world = np.array([CLASS_NAMES.index(c) for c in scene.classes])
-        agreement.append((world[colour_labels(scene.image / 255.0, [c.split()[0] for c in objects])] == scene.labels).mean())
+        agreement.append(
+            (world[colour_labels(scene.image / 255.0, [c.split()[0] for c in objects])] == scene.labels).mean()
+        )
     assert len(agreement) > 30 and np.mean(agreement) > 0.98
 
 
@@ -67,22 +86,39 @@ def _background_means():
     return {b: np.mean(v, 0) for b, v in means.items()}
 
 
+@pytest.mark.slow
 def test_generated_background_matches_caption(toy):
     means = _background_means()
-    captions = [f"a {c} {s} on {b}" for b, c, s in zip(BACKGROUNDS * 2, ["red", "yellow", "white", "black", "purple"] * 2,
-                                                         ["circle", "square", "triangle", "circle", "square"] * 2)]
-    images = toy(captions, num_inference_steps=20, guidance_scale=4.0, output_type="np",
-                 generator=torch.Generator().manual_seed(0)).images
+    captions = [
+        f"a {c} {s} on {b}"
+        for b, c, s in zip(
+            BACKGROUNDS * 2,
+            ["red", "yellow", "white", "black", "purple"] * 2,
+            ["circle", "square", "triangle", "circle", "square"] * 2,
+        )
+    ]
+    images = toy(
+        captions,
+        num_inference_steps=20,
+        guidance_scale=4.0,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     hits = 0
     for caption, img in zip(captions, images):
-        border = np.concatenate([img[:3].reshape(-1, 3), img[-3:].reshape(-1, 3), img[:, :3].reshape(-1, 3),
-                                 img[:, -3:].reshape(-1, 3)]) * 255
+        border = (
+            np.concatenate(
+                [img[:3].reshape(-1, 3), img[-3:].reshape(-1, 3), img[:, :3].reshape(-1, 3), img[:, -3:].reshape(-1, 3)]
+            )
+            * 255
+        )
         colour = np.median(border, 0)
         guess = min(means, key=lambda b: np.linalg.norm(means[b] - colour))
         hits += caption.endswith(guess)
     assert hits >= 7, f"only {hits}/10 generated backgrounds match their caption"
 
 
+@pytest.mark.slow
 def test_goca_miou_floor_on_held_out_scenes(toy):
     report = evaluate_segmentation(toy, n=60, methods=("goca", "vanilla"), progress=False)
     table = report["miou"]
@@ -96,39 +132,67 @@ def test_transformer_toy_loads_with_the_stock_pipeline_and_generates():
 
     pipe = PixArtSigmaPipeline.from_pretrained(TOY_DIT_MODEL_DIR)  # no dtype: as any diffusers user loads a folder
     assert pipe.tokenizer.convert_ids_to_tokens(pipe.tokenizer("a red circle, grass").input_ids) == [
-        "▁a", "▁red", "▁circle", ",", "▁grass", "</s>"]
-    image = pipe("a red circle on grass", num_inference_steps=2, height=32, width=32, use_resolution_binning=False,
-                 output_type="np", generator=torch.Generator().manual_seed(0)).images[0]
+        "▁a",
+        "▁red",
+        "▁circle",
+        ",",
+        "▁grass",
+        "</s>",
+    ]
+    image = pipe(
+        "a red circle on grass",
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        use_resolution_binning=False,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
     assert image.shape == (32, 32, 3) and np.isfinite(image).all()
 
 
+@pytest.mark.slow
 def test_transformer_toy_miou_floors_on_held_out_scenes():
     pipe = goca.from_pipe(load_toy_pipeline(TOY_DIT_MODEL_DIR))
     table = evaluate_segmentation(pipe, n=40, methods=("goca", "vanilla"), timestep=None, progress=False)["miou"]
     assert table["goca"] >= DIT_GOCA_FLOOR and table["vanilla"] >= DIT_VANILLA_FLOOR, table
     assert table["goca"] > table["all-background"] + 0.3, table
-    pipe.disable_goca()
 
 
+@pytest.mark.slow
 def test_scfg_runs_on_the_toy_model_with_both_segmenters(toy):
     pipe = goca.scfg_from_pipe(toy)
     captions = ["a red circle and a white square on grass", "sky with a yellow triangle"]
 
     def sample(**kw):
-        return pipe(captions, num_inference_steps=15, guidance_scale=5.0, output_type="np",
-                    generator=torch.Generator().manual_seed(1), **kw).images
+        return pipe(
+            captions,
+            num_inference_steps=15,
+            guidance_scale=5.0,
+            output_type="np",
+            generator=torch.Generator().manual_seed(1),
+            **kw,
+        ).images
 
     cfg = sample(scfg=False)
-    assert np.array_equal(cfg, toy(captions, num_inference_steps=15, guidance_scale=5.0, output_type="np",
-                                   generator=torch.Generator().manual_seed(1)).images)
+    assert np.array_equal(
+        cfg,
+        toy(
+            captions,
+            num_inference_steps=15,
+            guidance_scale=5.0,
+            output_type="np",
+            generator=torch.Generator().manual_seed(1),
+        ).images,
+    )
     for segmentor in ("goca", "original"):
         images = sample(segmentor=segmentor, scfg_keep_maps=True)
         assert np.isfinite(images).all() and np.abs(images - cfg).mean() > 1e-3, segmentor
         rates = torch.stack([m.rates for m in pipe.scfg_maps])
         assert rates.min() >= 0.8 - 1e-5 and rates.max() <= 3.0 + 1e-5 and rates.std() > 0
-    pipe.disable_goca()
 
 
+@pytest.mark.slow
 def test_examples_run_on_the_toy_model(tmp_path):
     """The two example scripts, with their defaults (the toy model), write what they say."""
     import runpy

@@ -1,4 +1,5 @@
 """Masks without oracle classes: the denoiser's presence test, the toy-world protocols, the background channel."""
+
 import logging
 import random
 
@@ -8,10 +9,10 @@ import torch
 from PIL import Image
 
 import diffusers_goca as goca
-from conftest import make_tiny_flux, make_tiny_pixart, make_tiny_sd, make_tiny_sd3, make_tiny_sdxl
-from diffusers_goca.class_encoding import CLASS_TEMPLATE, separately_encoded
 from diffusers_goca.bench.protocols import PROTOCOLS, evaluate_protocols, protocol_classes
+from diffusers_goca.class_encoding import CLASS_TEMPLATE, separately_encoded
 from diffusers_goca.presence import leave_one_out_gain
+from diffusers_goca.testing import make_tiny_flux, make_tiny_pixart, make_tiny_sd, make_tiny_sd3, make_tiny_sdxl
 from diffusers_goca.toyworld import BACKGROUNDS, CLASS_NAMES, load_toy_pipeline, make_scene, scene_seeds
 
 IMAGE = Image.fromarray((np.random.RandomState(5).rand(32, 32, 3) * 255).astype(np.uint8))
@@ -41,12 +42,15 @@ def test_segment_forward_returns_the_training_target(prediction_type):
     prediction, target = adapter.segment_forward(latents, "a cat", 500, torch.Generator().manual_seed(1))
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([500])
-    expected = noise if prediction_type == "epsilon" else DDPMScheduler.from_config(
-        pipe.scheduler.config).get_velocity(latents, noise, t)
+    expected = (
+        noise
+        if prediction_type == "epsilon"
+        else DDPMScheduler.from_config(pipe.scheduler.config).get_velocity(latents, noise, t)
+    )
     assert prediction.shape == latents.shape and torch.equal(target, expected)
-    pipe.disable_goca()
 
 
+@pytest.mark.slow
 def test_presence_test_tells_present_from_absent_classes_on_the_toy(toy):
     """Validation scenes (the split the threshold was chosen on is not the test split) with one absent world class
     named beside the present ones."""
@@ -64,6 +68,7 @@ def test_presence_test_tells_present_from_absent_classes_on_the_toy(toy):
     assert kept / n_present >= 0.85 and rejected / n_absent >= 0.5, (kept, n_present, rejected, n_absent)
 
 
+@pytest.mark.slow
 def test_presence_keeps_scores_and_handles_every_class_absent(toy, caplog):
     scene = make_scene(scene_seeds("validation", 1)[0])
     image = Image.fromarray(scene.image)
@@ -102,16 +107,18 @@ def test_protocol_classes():
 PROTOCOL_FLOORS = {"oracle": 40, "shuffled": 24, "distractors-1": 18, "distractors-2": 12, "objects-only": 15}
 
 
+@pytest.mark.slow
 def test_protocol_floors_on_the_shipped_toy(toy, monkeypatch):
     named = []
     segment = toy.segment
-    monkeypatch.setattr(toy, "segment", lambda image, classes, **kw: named.append(list(classes)) or segment(
-        image, classes, **kw))
+    monkeypatch.setattr(
+        toy, "segment", lambda image, classes, **kw: named.append(list(classes)) or segment(image, classes, **kw)
+    )
     result = evaluate_protocols(toy, n=24, methods=("goca", "vanilla"), progress=False)
     runs = len(PROTOCOLS) + 1  # distractors-2 twice, in two orders of the same classes
     assert len(named) == 24 * runs
     for scene in range(24):
-        calls = named[scene * runs:(scene + 1) * runs]
+        calls = named[scene * runs : (scene + 1) * runs]
         assert sorted(calls[-1]) == sorted(calls[PROTOCOLS.index("distractors-2")])
         assert sorted(calls[PROTOCOLS.index("shuffled")]) == sorted(calls[PROTOCOLS.index("oracle")])
     table = result["table"]
@@ -132,43 +139,55 @@ def test_generation_background_without_the_word_is_refused():
     assert not calls
     pipe("a cat on a background", num_inference_steps=1, height=32, width=32, goca_masks="last", goca_background=True)
     assert pipe.goca_masks[0].results[0].classes == ["cat", "background"]
-    pipe.disable_goca()
 
 
 def test_segment_has_no_background_channel_by_default(toy):
     assert toy.segment(IMAGE, ["red circle", "grass"]).classes == ["red circle", "grass"]
 
 
-@pytest.mark.parametrize("make", [make_tiny_sdxl, make_tiny_pixart, make_tiny_sd3, make_tiny_flux],
-                         ids=["sdxl", "pixart", "sd3", "flux"])
+@pytest.mark.parametrize(
+    "make", [make_tiny_sdxl, make_tiny_pixart, make_tiny_sd3, make_tiny_flux], ids=["sdxl", "pixart", "sd3", "flux"]
+)
 def test_separate_class_encoding_gives_each_class_its_own_states(make):
     """Under `separately_encoded`, every text encoder of the pipeline (CLIP, both of SDXL's, T5) returns at a class's
     tokens, in every layer's states, what it returns for the class alone in CLASS_TEMPLATE, whatever the order."""
     pipe = make()
-    pairs = [(getattr(pipe, f"text_encoder{s}"), getattr(pipe, f"tokenizer{s}")) for s in ("", "_2", "_3")
-             if getattr(pipe, f"text_encoder{s}", None) is not None]
+    pairs = [
+        (getattr(pipe, f"text_encoder{s}"), getattr(pipe, f"tokenizer{s}"))
+        for s in ("", "_2", "_3")
+        if getattr(pipe, f"text_encoder{s}", None) is not None
+    ]
     for encoder, tokenizer in pairs:
         special = set(tokenizer.all_special_ids)
         grass = [t for t in tokenizer("grass").input_ids if t not in special]
         phrase = tokenizer(CLASS_TEMPLATE.format("grass"), return_tensors="pt").input_ids
-        start = next(i for i in range(phrase.shape[1]) if phrase[0, i:i + len(grass)].tolist() == grass)
+        start = next(i for i in range(phrase.shape[1]) if phrase[0, i : i + len(grass)].tolist() == grass)
         with torch.no_grad():
-            alone = encoder(phrase, output_hidden_states=True).hidden_states[-2][0, start:start + len(grass)]
+            alone = encoder(phrase, output_hidden_states=True).hidden_states[-2][0, start : start + len(grass)]
             seen = []
             for prompt in ("cat, grass", "grass, cat"):
                 ids = tokenizer(prompt, return_tensors="pt").input_ids
-                at = next(i for i in range(ids.shape[1]) if ids[0, i:i + len(grass)].tolist() == grass)
+                at = next(i for i in range(ids.shape[1]) if ids[0, i : i + len(grass)].tolist() == grass)
                 with separately_encoded(pipe, ["cat", "grass"]) as missing:
                     out = encoder(ids, output_hidden_states=True)
                 assert not missing
-                seen.append(out.hidden_states[-2][0, at:at + len(grass)])
-                plain = encoder(ids, output_hidden_states=True).hidden_states[-2][0, at:at + len(grass)]
+                seen.append(out.hidden_states[-2][0, at : at + len(grass)])
+                plain = encoder(ids, output_hidden_states=True).hidden_states[-2][0, at : at + len(grass)]
         assert torch.equal(seen[0], alone) and torch.equal(seen[1], alone)
         assert not torch.equal(plain, alone)  # the hooks are gone after the block
 
 
-@pytest.mark.parametrize("make", [make_tiny_sd, make_tiny_sdxl, make_tiny_pixart, make_tiny_sd3, make_tiny_flux],
-                         ids=["sd", "sdxl", "pixart", "sd3", "flux"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(make_tiny_sd, marks=pytest.mark.slow),
+        make_tiny_sdxl,
+        make_tiny_pixart,
+        make_tiny_sd3,
+        make_tiny_flux,
+    ],
+    ids=["sd", "sdxl", "pixart", "sd3", "flux"],
+)
 def test_segment_with_separate_class_encoding(make):
     pipe = goca.from_pipe(make())
     encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
@@ -179,7 +198,6 @@ def test_segment_with_separate_class_encoding(make):
     assert [len(m._forward_hooks) for m in encoders] == hooks_before
     with pytest.raises(ValueError, match="class_encoding must be one of"):
         pipe.segment(IMAGE, ["cat"], resolution=32, class_encoding="alone")
-    pipe.disable_goca()
 
 
 def test_separate_class_encoding_makes_orders_agree_on_the_toy(toy):

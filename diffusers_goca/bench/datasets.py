@@ -6,6 +6,7 @@ index 0 that takes every ignore / void / unlabelled / "other" pixel (no 255 is l
     ds = load_dataset("voc", "data/VOCdevkit", protocol="official")    # split defaults to the protocol's
     sample = ds[0]      # SegSample(key, image: PIL RGB, label: uint8 [H, W])
 """
+
 from __future__ import annotations
 
 import json
@@ -20,38 +21,326 @@ from PIL import Image, ImageDraw
 PROTOCOLS = ("standard", "official")
 IGNORE = 255
 
-VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-               "dining table", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train",
-               "tv monitor"]
+VOC_CLASSES = [
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "dining table",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "potted plant",
+    "sheep",
+    "sofa",
+    "train",
+    "tv monitor",
+]
 CONTEXT59_CLASSES = [
-    "aeroplane", "bag", "bed", "bedclothes", "bench", "bicycle", "bird", "boat", "book", "bottle", "building", "bus",
-    "cabinet", "car", "cat", "ceiling", "chair", "cloth", "computer", "cow", "cup", "curtain", "dog", "door", "fence",
-    "floor", "flower", "food", "grass", "ground", "horse", "keyboard", "light", "motorbike", "mountain", "mouse",
-    "person", "plate", "platform", "potted plant", "road", "rock", "sheep", "shelves", "sidewalk", "sign", "sky",
-    "snow", "sofa", "table", "track", "train", "tree", "truck", "tv monitor", "wall", "water", "window", "wood"]
+    "aeroplane",
+    "bag",
+    "bed",
+    "bedclothes",
+    "bench",
+    "bicycle",
+    "bird",
+    "boat",
+    "book",
+    "bottle",
+    "building",
+    "bus",
+    "cabinet",
+    "car",
+    "cat",
+    "ceiling",
+    "chair",
+    "cloth",
+    "computer",
+    "cow",
+    "cup",
+    "curtain",
+    "dog",
+    "door",
+    "fence",
+    "floor",
+    "flower",
+    "food",
+    "grass",
+    "ground",
+    "horse",
+    "keyboard",
+    "light",
+    "motorbike",
+    "mountain",
+    "mouse",
+    "person",
+    "plate",
+    "platform",
+    "potted plant",
+    "road",
+    "rock",
+    "sheep",
+    "shelves",
+    "sidewalk",
+    "sign",
+    "sky",
+    "snow",
+    "sofa",
+    "table",
+    "track",
+    "train",
+    "tree",
+    "truck",
+    "tv monitor",
+    "wall",
+    "water",
+    "window",
+    "wood",
+]
 # The 59 classes' ids in the full 459-class Pascal Context labels (the .mat `LabelMap` of the official layout).
-CONTEXT459_IDS = [2, 9, 18, 19, 22, 23, 25, 31, 33, 34, 44, 45, 46, 59, 65, 68, 72, 80, 85, 98, 104, 105, 113, 115,
-                  144, 158, 159, 162, 187, 189, 207, 220, 232, 258, 259, 260, 284, 295, 296, 308, 324, 326, 347, 349,
-                  354, 355, 360, 366, 368, 397, 415, 416, 420, 424, 427, 440, 445, 454, 458]
-CITYSCAPES_CLASSES = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-                      "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
-                      "bicycle"]
+CONTEXT459_IDS = [
+    2,
+    9,
+    18,
+    19,
+    22,
+    23,
+    25,
+    31,
+    33,
+    34,
+    44,
+    45,
+    46,
+    59,
+    65,
+    68,
+    72,
+    80,
+    85,
+    98,
+    104,
+    105,
+    113,
+    115,
+    144,
+    158,
+    159,
+    162,
+    187,
+    189,
+    207,
+    220,
+    232,
+    258,
+    259,
+    260,
+    284,
+    295,
+    296,
+    308,
+    324,
+    326,
+    347,
+    349,
+    354,
+    355,
+    360,
+    366,
+    368,
+    397,
+    415,
+    416,
+    420,
+    424,
+    427,
+    440,
+    445,
+    454,
+    458,
+]
+CITYSCAPES_CLASSES = [
+    "road",
+    "sidewalk",
+    "building",
+    "wall",
+    "fence",
+    "pole",
+    "traffic light",
+    "traffic sign",
+    "vegetation",
+    "terrain",
+    "sky",
+    "person",
+    "rider",
+    "car",
+    "truck",
+    "bus",
+    "train",
+    "motorcycle",
+    "bicycle",
+]
 CITYSCAPES_LABEL_IDS = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]  # → train ids 0..18
 ADE20K_CLASSES = [
-    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet", "sidewalk",
-    "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water", "painting", "sofa",
-    "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk", "rock", "wardrobe", "lamp",
-    "bathtub", "railing", "cushion", "base", "box", "column", "signboard", "chest of drawers", "counter", "sand",
-    "sink", "skyscraper", "fireplace", "refrigerator", "grandstand", "path", "stairs", "runway", "case", "pool table",
-    "pillow", "screen door", "stairway", "river", "bridge", "bookcase", "blind", "coffee table", "toilet", "flower",
-    "book", "hill", "bench", "countertop", "stove", "palm", "kitchen island", "computer", "swivel chair", "boat", "bar",
-    "arcade machine", "hovel", "bus", "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight",
-    "booth", "television receiver", "airplane", "dirt track", "apparel", "pole", "land", "bannister", "escalator",
-    "ottoman", "bottle", "buffet", "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer",
-    "plaything", "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven",
-    "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher",
-    "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier",
-    "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator", "glass", "clock", "flag"]
+    "wall",
+    "building",
+    "sky",
+    "floor",
+    "tree",
+    "ceiling",
+    "road",
+    "bed",
+    "windowpane",
+    "grass",
+    "cabinet",
+    "sidewalk",
+    "person",
+    "earth",
+    "door",
+    "table",
+    "mountain",
+    "plant",
+    "curtain",
+    "chair",
+    "car",
+    "water",
+    "painting",
+    "sofa",
+    "shelf",
+    "house",
+    "sea",
+    "mirror",
+    "rug",
+    "field",
+    "armchair",
+    "seat",
+    "fence",
+    "desk",
+    "rock",
+    "wardrobe",
+    "lamp",
+    "bathtub",
+    "railing",
+    "cushion",
+    "base",
+    "box",
+    "column",
+    "signboard",
+    "chest of drawers",
+    "counter",
+    "sand",
+    "sink",
+    "skyscraper",
+    "fireplace",
+    "refrigerator",
+    "grandstand",
+    "path",
+    "stairs",
+    "runway",
+    "case",
+    "pool table",
+    "pillow",
+    "screen door",
+    "stairway",
+    "river",
+    "bridge",
+    "bookcase",
+    "blind",
+    "coffee table",
+    "toilet",
+    "flower",
+    "book",
+    "hill",
+    "bench",
+    "countertop",
+    "stove",
+    "palm",
+    "kitchen island",
+    "computer",
+    "swivel chair",
+    "boat",
+    "bar",
+    "arcade machine",
+    "hovel",
+    "bus",
+    "towel",
+    "light",
+    "truck",
+    "tower",
+    "chandelier",
+    "awning",
+    "streetlight",
+    "booth",
+    "television receiver",
+    "airplane",
+    "dirt track",
+    "apparel",
+    "pole",
+    "land",
+    "bannister",
+    "escalator",
+    "ottoman",
+    "bottle",
+    "buffet",
+    "poster",
+    "stage",
+    "van",
+    "ship",
+    "fountain",
+    "conveyer belt",
+    "canopy",
+    "washer",
+    "plaything",
+    "swimming pool",
+    "stool",
+    "barrel",
+    "basket",
+    "waterfall",
+    "tent",
+    "bag",
+    "minibike",
+    "cradle",
+    "oven",
+    "ball",
+    "food",
+    "step",
+    "tank",
+    "trade name",
+    "microwave",
+    "pot",
+    "animal",
+    "bicycle",
+    "lake",
+    "dishwasher",
+    "screen",
+    "blanket",
+    "sculpture",
+    "hood",
+    "sconce",
+    "vase",
+    "traffic light",
+    "tray",
+    "ashcan",
+    "fan",
+    "pier",
+    "crt screen",
+    "plate",
+    "monitor",
+    "bulletin board",
+    "shower",
+    "radiator",
+    "glass",
+    "clock",
+    "flag",
+]
 assert len(CONTEXT59_CLASSES) == len(CONTEXT459_IDS) == 59 and len(ADE20K_CLASSES) == 150
 
 
@@ -130,6 +419,7 @@ def _png(path: Path, table: np.ndarray | None = None) -> Callable[[], np.ndarray
     def load():
         raw = np.array(Image.open(path))
         return raw if table is None else table[raw]
+
     return load
 
 
@@ -148,8 +438,12 @@ class VOC(SegDataset):
         split = split or ("train" if protocol == "official" else "val")
         self.classes, self.background = list(VOC_CLASSES), 0
         table = lookup_table({i: i for i in range(21)}, 0 if protocol == "official" else IGNORE, 256)
-        self._finish({i: (_rgb(base / "JPEGImages" / f"{i}.jpg"), _png(base / "SegmentationClass" / f"{i}.png", table))
-                      for i in _split_ids(base / "ImageSets" / "Segmentation" / f"{split}.txt")})
+        self._finish(
+            {
+                i: (_rgb(base / "JPEGImages" / f"{i}.jpg"), _png(base / "SegmentationClass" / f"{i}.png", table))
+                for i in _split_ids(base / "ImageSets" / "Segmentation" / f"{split}.txt")
+            }
+        )
 
 
 class Context(SegDataset):
@@ -175,17 +469,33 @@ class Context(SegDataset):
         if (voc / "SegmentationClassContext").exists():
             table = lookup_table({v: v + shift for v in range(1 if shift else 0, 60)}, IGNORE, 256)
             ids = _split_ids(voc / "ImageSets" / "SegmentationContext" / f"{split}.txt")
-            self._finish({i: (_rgb(voc / "JPEGImages" / f"{i}.jpg"),
-                              _png(voc / "SegmentationClassContext" / f"{i}.png", table)) for i in ids})
+            self._finish(
+                {
+                    i: (
+                        _rgb(voc / "JPEGImages" / f"{i}.jpg"),
+                        _png(voc / "SegmentationClassContext" / f"{i}.png", table),
+                    )
+                    for i in ids
+                }
+            )
             return
-        mats = _first_existing(root, ["trainval", "VOCdevkit/trainval"], "Pascal Context labels (SegmentationClassContext "
-                               "PNGs or trainval/*.mat)")
-        table = lookup_table({raw: k + 1 + shift for k, raw in enumerate(CONTEXT459_IDS)},
-                             0 if with_background else IGNORE)
+        mats = _first_existing(
+            root,
+            ["trainval", "VOCdevkit/trainval"],
+            "Pascal Context labels (SegmentationClassContext PNGs or trainval/*.mat)",
+        )
+        table = lookup_table(
+            {raw: k + 1 + shift for k, raw in enumerate(CONTEXT459_IDS)}, 0 if with_background else IGNORE
+        )
         listed = voc / "ImageSets" / "SegmentationContext" / f"{split}.txt"
         ids = _split_ids(listed) if listed.exists() else [p.stem for p in mats.glob("*.mat")]
-        self._finish({i: (_rgb(voc / "JPEGImages" / f"{i}.jpg"), _mat(mats / f"{i}.mat", table)) for i in ids
-                      if (mats / f"{i}.mat").exists()})
+        self._finish(
+            {
+                i: (_rgb(voc / "JPEGImages" / f"{i}.jpg"), _mat(mats / f"{i}.mat", table))
+                for i in ids
+                if (mats / f"{i}.mat").exists()
+            }
+        )
 
 
 def _mat(path: Path, table: np.ndarray) -> Callable[[], np.ndarray]:
@@ -195,6 +505,7 @@ def _mat(path: Path, table: np.ndarray) -> Callable[[], np.ndarray]:
         except ImportError:
             raise ImportError("reading Pascal Context .mat labels needs scipy: pip install scipy") from None
         return table[loadmat(str(path))["LabelMap"].astype(np.int64)]
+
     return load
 
 
@@ -234,10 +545,17 @@ class COCOObject(SegDataset):
         for a in data["annotations"]:
             by_image.setdefault(a["image_id"], []).append(a)
         crowd = 0 if protocol == "official" else IGNORE
-        self._finish({Path(im["file_name"]).stem: (
-            _rgb(images / im["file_name"]),
-            _instances(by_image.get(im["id"], []), im["height"], im["width"], to_class, crowd, protocol == "official"))
-            for im in data["images"]})
+        self._finish(
+            {
+                Path(im["file_name"]).stem: (
+                    _rgb(images / im["file_name"]),
+                    _instances(
+                        by_image.get(im["id"], []), im["height"], im["width"], to_class, crowd, protocol == "official"
+                    ),
+                )
+                for im in data["images"]
+            }
+        )
 
 
 def _panoptic(path: Path, segments: dict[int, int]) -> Callable[[], np.ndarray]:
@@ -248,6 +566,7 @@ def _panoptic(path: Path, segments: dict[int, int]) -> Callable[[], np.ndarray]:
         for seg_id, cls in segments.items():
             out[ids == seg_id] = cls
         return out
+
     return load
 
 
@@ -261,6 +580,7 @@ def _instances(anns, h, w, to_class, crowd_value, crowd_as_class) -> Callable[[]
             mask = decode_segmentation(a["segmentation"], h, w)
             out[mask] = to_class[a["category_id"]] if (not a.get("iscrowd") or crowd_as_class) else crowd_value
         return out
+
     return load
 
 
@@ -280,7 +600,7 @@ def decode_segmentation(segmentation, h: int, w: int) -> np.ndarray:
     flat = np.zeros(rh * rw, dtype=bool)
     pos, value = 0, False
     for c in counts:
-        flat[pos:pos + c] = value
+        flat[pos : pos + c] = value
         pos, value = pos + c, not value
     return flat.reshape(rw, rh).T  # column-major (Fortran order)
 
@@ -317,8 +637,9 @@ class Cityscapes(SegDataset):
         official = protocol == "official"
         self.classes = (["background"] if official else []) + list(CITYSCAPES_CLASSES)
         self.background = 0 if official else None
-        table = lookup_table({raw: k + official for k, raw in enumerate(CITYSCAPES_LABEL_IDS)},
-                             0 if official else IGNORE, 256)
+        table = lookup_table(
+            {raw: k + official for k, raw in enumerate(CITYSCAPES_LABEL_IDS)}, 0 if official else IGNORE, 256
+        )
         gt = root / "gtFine" / split
         if not gt.exists():
             raise FileNotFoundError(f"{gt} not found (expected the Cityscapes gtFine / leftImg8bit layout)")
@@ -326,8 +647,10 @@ class Cityscapes(SegDataset):
         for path in gt.glob("*/*_gtFine_labelIds.png"):
             stem = path.name[: -len("_gtFine_labelIds.png")]
             key = f"{path.parent.name}/{stem}"
-            items[key] = (_rgb(root / "leftImg8bit" / split / path.parent.name / f"{stem}_leftImg8bit.png"),
-                          _png(path, table))
+            items[key] = (
+                _rgb(root / "leftImg8bit" / split / path.parent.name / f"{stem}_leftImg8bit.png"),
+                _png(path, table),
+            )
         self._finish(items)
 
 
@@ -348,8 +671,9 @@ class ADE20K(SegDataset):
         ann = base / "annotations" / split
         if not ann.exists():
             raise FileNotFoundError(f"{ann} not found (expected the ADEChallengeData2016 layout)")
-        self._finish({p.stem: (_rgb(base / "images" / split / f"{p.stem}.jpg"), _png(p, table))
-                      for p in ann.glob("*.png")})
+        self._finish(
+            {p.stem: (_rgb(base / "images" / split / f"{p.stem}.jpg"), _png(p, table)) for p in ann.glob("*.png")}
+        )
 
 
 class ToyWorld(SegDataset):
@@ -368,16 +692,33 @@ class ToyWorld(SegDataset):
             raise ValueError(f"toyworld split must be 'test', 'validation' or 'train', got {split!r}")
         self.classes = list(CLASS_NAMES)
         scenes = {f"scene-{s:07d}": s for s in scene_seeds(split, limit or 100)}
-        self._finish({k: (lambda s=s: Image.fromarray(make_scene(s).image),
-                          lambda s=s: make_scene(s).labels) for k, s in scenes.items()})
+        self._finish(
+            {
+                k: (lambda s=s: Image.fromarray(make_scene(s).image), lambda s=s: make_scene(s).labels)
+                for k, s in scenes.items()
+            }
+        )
 
 
-DATASETS = {"voc": VOC, "context": Context, "context59": Context, "context60": Context, "coco-object": COCOObject,
-            "cityscapes": Cityscapes, "ade20k": ADE20K, "toyworld": ToyWorld}
+DATASETS = {
+    "voc": VOC,
+    "context": Context,
+    "context59": Context,
+    "context60": Context,
+    "coco-object": COCOObject,
+    "cityscapes": Cityscapes,
+    "ade20k": ADE20K,
+    "toyworld": ToyWorld,
+}
 
 
-def load_dataset(name: str, root: str | os.PathLike | None, split: str | None = None, protocol: str = "standard",
-                 limit: int | None = None) -> SegDataset:
+def load_dataset(
+    name: str,
+    root: str | os.PathLike | None,
+    split: str | None = None,
+    protocol: str = "standard",
+    limit: int | None = None,
+) -> SegDataset:
     """A dataset by name (see `DATASETS`) over its standard layout under `root`."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")

@@ -5,6 +5,7 @@ Inception ("clean" resize) when it is installed, or any callable (tests use a ti
 100 × cosine between open_clip image and caption embeddings (ViT-B/32 by default), clamped at 0 as torchmetrics'
 CLIPScore does.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
+
+from ..models.base import call_default
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 Extractor = Callable[[list[Image.Image]], np.ndarray]  # images → features [B, D]
@@ -64,7 +67,7 @@ def folder_features(folder, extractor: Extractor, batch_size: int = 32, progress
     paths = image_paths(folder)
     out = []
     for i in tqdm(range(0, len(paths), batch_size), desc=f"features {Path(folder).name}", disable=not progress):
-        out.append(np.asarray(extractor([Image.open(p).convert("RGB") for p in paths[i:i + batch_size]])))
+        out.append(np.asarray(extractor([Image.open(p).convert("RGB") for p in paths[i : i + batch_size]])))
     return np.concatenate(out)
 
 
@@ -76,12 +79,16 @@ def clean_fid_extractor(device: str | torch.device = "cuda", inception_path: str
         from cleanfid.inception_torchscript import InceptionV3W
         from cleanfid.resize import build_resizer
     except ImportError:
-        raise ImportError("FID with clean-fid's Inception needs `pip install clean-fid` (or the [bench] extra)") from None
+        raise ImportError(
+            "FID with clean-fid's Inception needs `pip install clean-fid` (or the [bench] extra)"
+        ) from None
     if inception_path is None and os.environ.get("HF_HUB_OFFLINE") == "1":
         default = Path("/tmp/inception-2015-12-05.pt")
         if not default.exists():
-            raise FileNotFoundError("offline: pass --inception PATH to a local inception-2015-12-05.pt (clean-fid's "
-                                    "TorchScript Inception), or place it at /tmp/inception-2015-12-05.pt")
+            raise FileNotFoundError(
+                "offline: pass --inception PATH to a local inception-2015-12-05.pt (clean-fid's "
+                "TorchScript Inception), or place it at /tmp/inception-2015-12-05.pt"
+            )
     folder = str(Path(inception_path).parent) if inception_path else "/tmp"
     if inception_path and Path(inception_path).name != "inception-2015-12-05.pt":
         raise ValueError("clean-fid loads the Inception file by its name: it must be called inception-2015-12-05.pt")
@@ -97,8 +104,9 @@ def clean_fid_extractor(device: str | torch.device = "cuda", inception_path: str
     return extract
 
 
-def reference_statistics(reference: str | os.PathLike, extractor: Extractor, cache: str | os.PathLike | None = None,
-                         progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def reference_statistics(
+    reference: str | os.PathLike, extractor: Extractor, cache: str | os.PathLike | None = None, progress: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """μ, Σ of the reference: an .npz of precomputed statistics, or a folder of images (its statistics are written to
     `cache` and read from there on the next run)."""
     reference = Path(reference)
@@ -112,8 +120,9 @@ def reference_statistics(reference: str | os.PathLike, extractor: Extractor, cac
     return mu, sigma
 
 
-def bootstrap_interval(statistic: Callable[[np.ndarray], float], n: int, resamples: int = 200, seed: int = 0,
-                       around: float | None = None) -> tuple[float, float]:
+def bootstrap_interval(
+    statistic: Callable[[np.ndarray], float], n: int, resamples: int = 200, seed: int = 0, around: float | None = None
+) -> tuple[float, float]:
     """95 % bootstrap interval of `statistic(indices)` over `n` items drawn with replacement: the percentile interval,
     or, given the estimate `around`, that estimate ± 1.96 bootstrap standard deviations, for a statistic that
     resampling biases (a resample's repeated images lower its feature covariance and raise FID by more than its
@@ -126,16 +135,18 @@ def bootstrap_interval(statistic: Callable[[np.ndarray], float], n: int, resampl
     return around - spread, around + spread
 
 
-def fid_with_interval(generated, reference, extractor: Extractor, cache=None, resamples: int = 200,
-                      progress: bool = True) -> tuple[float, tuple[float, float]]:
+def fid_with_interval(
+    generated, reference, extractor: Extractor, cache=None, resamples: int = 200, progress: bool = True
+) -> tuple[float, tuple[float, float]]:
     """FID of the images under `generated` against `reference` (a folder of images or an .npz of statistics; see
     `reference_statistics`), and its 95 % interval from the bootstrap spread over the generated images (the
     reference held fixed)."""
     features = folder_features(generated, extractor, progress=progress)
     ref = reference_statistics(reference, extractor, cache, progress)
     fid = frechet_distance(*feature_statistics(features), *ref)
-    interval = bootstrap_interval(lambda i: frechet_distance(*feature_statistics(features[i]), *ref), len(features),
-                                  resamples, around=fid)
+    interval = bootstrap_interval(
+        lambda i: frechet_distance(*feature_statistics(features[i]), *ref), len(features), resamples, around=fid
+    )
     return fid, interval
 
 
@@ -143,7 +154,12 @@ class ClipScorer:
     """CLIP score = max(100 · cos(image embedding, caption embedding), 0) with an open_clip model."""
 
     def __init__(self, model, preprocess, tokenizer, device: str | torch.device = "cpu"):
-        self.model, self.preprocess, self.tokenizer, self.device = model.eval().to(device), preprocess, tokenizer, device
+        self.model, self.preprocess, self.tokenizer, self.device = (
+            model.eval().to(device),
+            preprocess,
+            tokenizer,
+            device,
+        )
 
     @classmethod
     def load(cls, model_name: str = "ViT-B-32", pretrained: str = "openai", device: str | torch.device = "cpu"):
@@ -152,8 +168,9 @@ class ClipScorer:
 
         local = os.path.exists(pretrained)
         if not local and os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise FileNotFoundError(f"offline: --clip-pretrained must be a local {model_name} checkpoint file, "
-                                    f"got the tag {pretrained!r}")
+            raise FileNotFoundError(
+                f"offline: --clip-pretrained must be a local {model_name} checkpoint file, got the tag {pretrained!r}"
+            )
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, device=device)
         return cls(model, preprocess, open_clip.get_tokenizer(model_name), device)
 
@@ -161,6 +178,17 @@ class ClipScorer:
     def score(self, images: Sequence[Image.Image], captions: Sequence[str]) -> list[float]:
         pixels = torch.stack([self.preprocess(img.convert("RGB")) for img in images]).to(self.device)
         image = torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1)
-        text = torch.nn.functional.normalize(self.model.encode_text(self.tokenizer(list(captions)).to(self.device)).float(),
-                                             dim=-1)
+        text = torch.nn.functional.normalize(
+            self.model.encode_text(self.tokenizer(list(captions)).to(self.device)).float(), dim=-1
+        )
         return (100 * (image * text).sum(-1)).clamp_min(0).tolist()
+
+
+def exact_size(pipe) -> dict:
+    """Call arguments that make `pipe` generate at the size asked for: PixArt's pipelines bin the size to their trained
+    aspect ratios (and the toy sizes have no bins); the others take the size as it is."""
+    return (
+        {"use_resolution_binning": False}
+        if call_default(type(pipe), "use_resolution_binning", None) is not None
+        else {}
+    )

@@ -14,6 +14,7 @@ Reported per protocol and method: mIoU over the world's classes present in the s
 background channel counts as the scene's surface only under `objects-only`, where the surface is not named), the
 share of pixels given to classes absent from the scene, and the label agreement between two orders.
 """
+
 from __future__ import annotations
 
 import random
@@ -59,9 +60,17 @@ def _runs(protocols: Sequence[str]) -> list[str]:
     return runs
 
 
-def evaluate_protocols(pipe, n: int = 100, start: int = 0, split: str = "test",
-                       methods: Sequence[str] = ("goca", "vanilla"), protocols: Sequence[str] = PROTOCOLS,
-                       background: bool | None = None, progress: bool = True, **segment_kwargs) -> dict:
+def evaluate_protocols(
+    pipe,
+    n: int = 100,
+    start: int = 0,
+    split: str = "test",
+    methods: Sequence[str] = ("goca", "vanilla"),
+    protocols: Sequence[str] = PROTOCOLS,
+    background: bool | None = None,
+    progress: bool = True,
+    **segment_kwargs,
+) -> dict:
     """Per protocol and method: {"miou", "absent_share", "agreement"} on scenes `start`..`start+n` of `split`.
 
     background: for the protocols that name the surface, whether `segment` adds its background channel (None: the
@@ -95,8 +104,9 @@ def evaluate_protocols(pipe, n: int = 100, start: int = 0, split: str = "test",
                 named[run] = classes, bg
             got = pipe.segment(image, classes, method=list(methods), background=bg, **segment_kwargs)
             surface = CLASS_NAMES.index(scene.background)
-            channel_ids = [CLASS_NAMES.index(c) for c in classes] + ([surface if run == "objects-only" else NO_CLASS]
-                                                                      if bg else [])
+            channel_ids = [CLASS_NAMES.index(c) for c in classes] + (
+                [surface if run == "objects-only" else NO_CLASS] if bg else []
+            )
             lookup = torch.tensor(channel_ids)
             for m in methods:
                 pred = lookup[got[m].labels]
@@ -129,7 +139,10 @@ def protocol_markdown(result: dict) -> str:
         cells = []
         for m in methods:
             r = rows[m]
-            cells += [f"{r['miou']:.1f}", f"{r['absent_share']:.1f}",
-                      "–" if r["agreement"] is None else f"{r['agreement']:.1f}"]
+            cells += [
+                f"{r['miou']:.1f}",
+                f"{r['absent_share']:.1f}",
+                "–" if r["agreement"] is None else f"{r['agreement']:.1f}",
+            ]
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

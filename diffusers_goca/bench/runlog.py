@@ -4,6 +4,7 @@ Every process appends one JSON line per finished item to its own file (`<stem>.<
 and fsync'ed, so an interrupted run loses at most the item in flight. A rerun reads every result file in the folder,
 whatever sharding wrote it, and skips the keys it finds; totals are merged by key, so nothing is counted twice.
 """
+
 from __future__ import annotations
 
 import json
@@ -82,8 +83,10 @@ class ResultLog:
             previous = json.loads(path.read_text())
             if previous != settings:
                 changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-                raise ValueError(f"{self.folder} holds results of a run with other settings ({', '.join(changed)}); "
-                                 "use another output folder, or delete it to start over")
+                raise ValueError(
+                    f"{self.folder} holds results of a run with other settings ({', '.join(changed)}); "
+                    "use another output folder, or delete it to start over"
+                )
         elif self.shard.is_main or not path.exists():
             tmp = path.with_suffix(f".{self.shard.index}.tmp")
             tmp.write_text(json.dumps(settings, indent=2, sort_keys=True))

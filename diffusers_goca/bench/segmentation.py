@@ -9,6 +9,7 @@ separate machines sharing the output folder) gives the same table as one process
     accelerate launch --num_processes 8 benchmarks/segmentation.py --dataset ade20k --root data/ade --model ...
     python benchmarks/segmentation.py --toy --dataset toyworld --limit 100        # offline, on CPU
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,10 @@ PROTOCOLS = ("official", "standard")
 
 # GoCA paper, official protocol (docs/official_code.md): model → method → dataset → mIoU.
 PAPER_MIOU = {
-    "sd15": {"goca": {"voc": 60.7, "context": 40.4, "coco-object": 39.2, "cityscapes": 16.1, "ade20k": 22.0},
-             "vanilla": {"voc": 44.3, "context": 32.3, "coco-object": 32.3, "cityscapes": 11.8, "ade20k": 18.0}},
+    "sd15": {
+        "goca": {"voc": 60.7, "context": 40.4, "coco-object": 39.2, "cityscapes": 16.1, "ade20k": 22.0},
+        "vanilla": {"voc": 44.3, "context": 32.3, "coco-object": 32.3, "cityscapes": 11.8, "ade20k": 18.0},
+    },
     "sdxl": {"goca": {"voc": 65.6, "context": 42.3, "coco-object": 44.3, "cityscapes": 21.2, "ade20k": 23.2}},
     "pixart-sigma": {"goca": {"voc": 63.6, "context": 43.2, "coco-object": 39.8, "cityscapes": 22.6, "ade20k": 23.8}},
     "flux": {"goca": {"voc": 70.7, "context": 51.1, "coco-object": 48.1, "cityscapes": 27.1, "ade20k": 29.3}},
@@ -93,8 +96,9 @@ def class_chunks(adapter, classes: Sequence[str], background: bool, max_classes:
             fits = False
         else:
             try:
-                adapter.token_index(segmentation_prompt(trial, background), trial,
-                                    extra_entities=["background"] if background else [])
+                adapter.token_index(
+                    segmentation_prompt(trial, background), trial, extra_entities=["background"] if background else []
+                )
                 fits = True
             except ValueError:
                 fits = False
@@ -137,13 +141,33 @@ class ClipClassFilter:
         return [self.classes[i] for i in keep.tolist()]
 
 
-def chunked_scores(pipe, image, chunks: list[list[str]], methods: Sequence[str], background: bool, timestep, seed,
-                   resolution, **options) -> dict[str, torch.Tensor]:
+def chunked_scores(
+    pipe,
+    image,
+    chunks: list[list[str]],
+    methods: Sequence[str],
+    background: bool,
+    timestep,
+    seed,
+    resolution,
+    **options,
+) -> dict[str, torch.Tensor]:
     """Per method, scores [K (+1 background), H, W] over all chunks' classes in order: one forward per chunk; the
     background channel is the mean of the chunks' background channels (at offset 0). options: GoCAOptions fields
     for the methods that take them."""
-    parts = [pipe.segment(image, chunk, method=list(methods), timestep=timestep, seed=seed, background=background,
-                          resolution=resolution, **options) for chunk in chunks]
+    parts = [
+        pipe.segment(
+            image,
+            chunk,
+            method=list(methods),
+            timestep=timestep,
+            seed=seed,
+            background=background,
+            resolution=resolution,
+            **options,
+        )
+        for chunk in chunks
+    ]
     out = {}
     for m in methods:
         scores = [p[m].scores for p in parts]
@@ -162,8 +186,21 @@ def labels_for_offset(scores: torch.Tensor, background: bool, offset: float) -> 
 
 
 # -- one image --------------------------------------------------------------------------------------------------------
-def evaluate_item(pipe, views: dict, key: str, methods, prompts: str, background: bool, offsets: Sequence[float],
-                  timestep, seed, resolution, clip_filter=None, max_classes=None, options: dict | None = None) -> dict:
+def evaluate_item(
+    pipe,
+    views: dict,
+    key: str,
+    methods,
+    prompts: str,
+    background: bool,
+    offsets: Sequence[float],
+    timestep,
+    seed,
+    resolution,
+    clip_filter=None,
+    max_classes=None,
+    options: dict | None = None,
+) -> dict:
     """Segment one image and return its JSON record: per protocol, method and offset, sparse confusion counts."""
     official = views["official"].sample(key)
     image = official.image
@@ -215,8 +252,12 @@ def totals(records: dict[str, dict], views: dict, methods, offsets, default_offs
                     conf += dense_confusion(r["confusion"][protocol][m][f"{off:g}"], k)
                 by_offset[f"{off:g}"] = 100 * protocol_miou(conf, protocol)
             best = max(by_offset, key=lambda o: by_offset[o])
-            rows[m] = {"miou": by_offset[f"{default_offset:g}"], "sweep": by_offset,
-                       "oracle_offset": float(best), "oracle_miou": by_offset[best]}
+            rows[m] = {
+                "miou": by_offset[f"{default_offset:g}"],
+                "sweep": by_offset,
+                "oracle_offset": float(best),
+                "oracle_miou": by_offset[best],
+            }
         table[protocol] = rows
     return table
 
@@ -247,30 +288,54 @@ def markdown(table: dict, dataset: str, n: int, paper: dict | None, sweep: bool)
 
 # -- command line -----------------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", required=True, help="voc, context, context59, context60, coco-object, cityscapes, "
-                   "ade20k or toyworld")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--dataset",
+        required=True,
+        help="voc, context, context59, context60, coco-object, cityscapes, ade20k or toyworld",
+    )
     p.add_argument("--root", default=None, help="the dataset's folder in its standard layout")
     p.add_argument("--split", default=None, help="default: the dataset's evaluation split (VOC official: train)")
     p.add_argument("--limit", type=int, default=None, help="first N images (sorted keys)")
     p.add_argument("--model", default=None, help="hub id or local pipeline folder")
     p.add_argument("--toy", action="store_true", help="the embedded toy model (the default when no --model)")
     p.add_argument("--methods", default="all", help="comma-separated, or 'all' (every method the model has)")
-    p.add_argument("--prompts", default="oracle", choices=("oracle", "open"),
-                   help="oracle: ground-truth classes of the image (official protocol); open: all dataset classes")
+    p.add_argument(
+        "--prompts",
+        default="oracle",
+        choices=("oracle", "open"),
+        help="oracle: ground-truth classes of the image (official protocol); open: all dataset classes",
+    )
     p.add_argument("--open-max-classes", type=int, default=None, help="open prompts: at most this many per chunk")
-    p.add_argument("--open-clip-filter", type=int, default=0, metavar="K",
-                   help="open prompts: keep the top K classes of an open_clip zero-shot classifier")
+    p.add_argument(
+        "--open-clip-filter",
+        type=int,
+        default=0,
+        metavar="K",
+        help="open prompts: keep the top K classes of an open_clip zero-shot classifier",
+    )
     p.add_argument("--clip-model", default="ViT-B-32")
     p.add_argument("--clip-pretrained", default="openai", help="open_clip tag or a local checkpoint path")
-    p.add_argument("--background", default="auto", choices=("auto", "on", "off"),
-                   help="background channel; auto: on when the dataset has a background class")
+    p.add_argument(
+        "--background",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="background channel; auto: on when the dataset has a background class",
+    )
     p.add_argument("--background-offset", type=float, default=0.0, help="the fixed default offset")
-    p.add_argument("--offset-sweep", default="", help="extra offsets, e.g. -0.2:0.4:0.05 or 0.1,0.2 (reported as oracle)")
-    p.add_argument("--pseudo-attention", default=None, choices=("paper", "official-code"),
-                   help="GoCA's A_p (GoCAOptions.pseudo_attention); default: 'official-code' on the real datasets, "
-                   "what the released code computes and its published numbers come from; the library default on "
-                   "toyworld")
+    p.add_argument(
+        "--offset-sweep", default="", help="extra offsets, e.g. -0.2:0.4:0.05 or 0.1,0.2 (reported as oracle)"
+    )
+    p.add_argument(
+        "--pseudo-attention",
+        default=None,
+        choices=("paper", "official-code"),
+        help="GoCA's A_p (GoCAOptions.pseudo_attention); default: 'official-code' on the real datasets, "
+        "what the released code computes and its published numbers come from; the library default on "
+        "toyworld",
+    )
     p.add_argument("--timestep", type=int, default=None)
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -279,14 +344,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="output folder (default outputs/seg-<dataset>-<model>)")
     p.add_argument("--shard", default=None, help="'i/n': this machine's share (accelerate launch sets it itself)")
     p.add_argument("--paper-model", default=None, help="paper row to print beside: sd15, sdxl, pixart-sigma, flux")
-    p.add_argument("--protocols", default=None, help="toyworld only: comma-separated protocols without oracle "
-                   "classes, or 'all' (see diffusers_goca.bench.protocols): oracle, shuffled, distractors-1, "
-                   "distractors-2, objects-only")
-    p.add_argument("--presence", action="store_true", help="segment(presence=True): the denoiser's presence test "
-                   "drops classes it judges absent")
+    p.add_argument(
+        "--protocols",
+        default=None,
+        help="toyworld only: comma-separated protocols without oracle "
+        "classes, or 'all' (see diffusers_goca.bench.protocols): oracle, shuffled, distractors-1, "
+        "distractors-2, objects-only",
+    )
+    p.add_argument(
+        "--presence",
+        action="store_true",
+        help="segment(presence=True): the denoiser's presence test drops classes it judges absent",
+    )
     p.add_argument("--presence-threshold", type=float, default=None, help="default: the library's")
-    p.add_argument("--class-encoding", default="prompt", choices=("prompt", "separate"),
-                   help="segment(class_encoding=...): 'separate' encodes each class on its own (order-free)")
+    p.add_argument(
+        "--class-encoding",
+        default="prompt",
+        choices=("prompt", "separate"),
+        help="segment(class_encoding=...): 'separate' encodes each class on its own (order-free)",
+    )
     args = p.parse_args(argv)
     if args.protocols and args.dataset != "toyworld":
         p.error("--protocols needs --dataset toyworld (its scenes know every class, present or not)")
@@ -321,27 +397,63 @@ def run(args: argparse.Namespace, pipe=None, clip_filter=None, progress: bool = 
     offsets = parse_offsets(args.background_offset, args.offset_sweep) if background else [0.0]
     if args.prompts == "open" and args.open_clip_filter and clip_filter is None:
         vocabulary = [c for c in views["official"].classes if c != "background"]
-        clip_filter = ClipClassFilter.load(vocabulary, args.open_clip_filter, args.clip_model, args.clip_pretrained,
-                                           str(pipe.device))
+        clip_filter = ClipClassFilter.load(
+            vocabulary, args.open_clip_filter, args.clip_model, args.clip_pretrained, str(pipe.device)
+        )
     pseudo_attention = args.pseudo_attention or ("official-code" if args.dataset != "toyworld" else None)
-    options = {} if pseudo_attention is None or not set(methods) & {"goca", "vanilla", "manual"} else {
-        "pseudo_attention": pseudo_attention}
+    options = (
+        {}
+        if pseudo_attention is None or not set(methods) & {"goca", "vanilla", "manual"}
+        else {"pseudo_attention": pseudo_attention}
+    )
     model_name = args.model or "toy"
-    settings = {"dataset": args.dataset, "root": str(args.root), "split": args.split, "model": model_name,
-                "dtype": args.dtype, "methods": methods, "prompts": args.prompts, "background": background,
-                "offsets": offsets, "timestep": args.timestep, "resolution": args.resolution, "seed": args.seed,
-                "open_max_classes": args.open_max_classes, "open_clip_filter": args.open_clip_filter,
-                "clip_model": args.clip_model if args.open_clip_filter else None, "options": options}
+    settings = {
+        "dataset": args.dataset,
+        "root": str(args.root),
+        "split": args.split,
+        "model": model_name,
+        "dtype": args.dtype,
+        "methods": methods,
+        "prompts": args.prompts,
+        "background": background,
+        "offsets": offsets,
+        "timestep": args.timestep,
+        "resolution": args.resolution,
+        "seed": args.seed,
+        "open_max_classes": args.open_max_classes,
+        "open_clip_filter": args.open_clip_filter,
+        "clip_model": args.clip_model if args.open_clip_filter else None,
+        "options": options,
+    }
     out = Path(args.out or f"outputs/seg-{args.dataset}-{Path(model_name).name}")
     log = ResultLog(out, settings, shard)
     pending = log.pending(keys)
     mine = len(shard.select(keys))
-    bar = tqdm(pending, desc=f"{args.dataset} shard {shard.index + 1}/{shard.count}", initial=mine - len(pending),
-               total=mine, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        pending,
+        desc=f"{args.dataset} shard {shard.index + 1}/{shard.count}",
+        initial=mine - len(pending),
+        total=mine,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     for key in bar:
         start = time.perf_counter()
-        record = evaluate_item(pipe, views, key, methods, args.prompts, background, offsets, args.timestep, args.seed,
-                               args.resolution, clip_filter, args.open_max_classes, options)
+        record = evaluate_item(
+            pipe,
+            views,
+            key,
+            methods,
+            args.prompts,
+            background,
+            offsets,
+            args.timestep,
+            args.seed,
+            args.resolution,
+            clip_filter,
+            args.open_max_classes,
+            options,
+        )
         record["seconds"] = round(time.perf_counter() - start, 3)
         log.append(key, record)
     wait_for_everyone()
@@ -351,8 +463,14 @@ def run(args: argparse.Namespace, pipe=None, clip_filter=None, progress: bool = 
     table = totals(records, views, methods, offsets, args.background_offset)
     paper_key = args.paper_model or paper_model_key(pipe)
     paper = PAPER_MIOU.get(paper_key) if args.prompts == "oracle" else None
-    summary = {"settings": settings, "images": len(records), "of": len(keys), "table": table,
-               "paper_model": paper_key if paper else None, "paper": paper}
+    summary = {
+        "settings": settings,
+        "images": len(records),
+        "of": len(keys),
+        "table": table,
+        "paper_model": paper_key if paper else None,
+        "paper": paper,
+    }
     text = markdown(table, args.dataset, len(records), paper, len(offsets) > 1)
     write_table(out, summary, text, len(records), len(keys))
     return summary
@@ -365,7 +483,7 @@ def run_protocols(args: argparse.Namespace, pipe=None, progress: bool = True) ->
     protocols = PROTOCOLS if args.protocols == "all" else tuple(p.strip() for p in args.protocols.split(","))
     if pipe is None:
         pipe = _load(args, Shard.from_environment(args.shard))
-    methods = (["goca", "vanilla"] if args.methods == "all" else [m.strip() for m in args.methods.split(",")])
+    methods = ["goca", "vanilla"] if args.methods == "all" else [m.strip() for m in args.methods.split(",")]
     for m in methods:
         if m not in pipe.goca_methods:
             raise SystemExit(f"segmentation: error: method {m!r} is not available for this model")
@@ -376,8 +494,17 @@ def run_protocols(args: argparse.Namespace, pipe=None, progress: bool = True) ->
         segment_kwargs["timestep"] = args.timestep
     background = {"on": True, "off": False}.get(args.background)
     n = args.limit or 100
-    result = evaluate_protocols(pipe, n=n, split=args.split or "test", methods=methods, protocols=protocols,
-                                background=background, progress=progress, seed=args.seed, **segment_kwargs)
+    result = evaluate_protocols(
+        pipe,
+        n=n,
+        split=args.split or "test",
+        methods=methods,
+        protocols=protocols,
+        background=background,
+        progress=progress,
+        seed=args.seed,
+        **segment_kwargs,
+    )
     model_name = args.model or "toy"
     out = Path(args.out or f"outputs/protocols-{Path(model_name).name}")
     out.mkdir(parents=True, exist_ok=True)

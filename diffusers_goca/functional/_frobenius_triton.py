@@ -1,4 +1,5 @@
 """The Triton kernels of `frobenius_kernel`, in a module of their own so that triton is imported only when they run."""
+
 import triton
 import triton.language as tl
 
@@ -6,8 +7,7 @@ import triton.language as tl
 @triton.jit
 def _exp_scores(q, K, stride_k, h, d, cols, col_ok, dims, dim_ok, scale, top, PRECISION: tl.constexpr):
     """One block of keys: e^{s − m'} [BM, BN], the rescale e^{m − m'} of the sums so far, and m' (running max)."""
-    k = tl.load(K + cols[:, None] * stride_k + h * d + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :],
-                other=0.0)
+    k = tl.load(K + cols[:, None] * stride_k + h * d + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
     s = tl.where(col_ok[None, :], s, float("-inf"))
     new_top = tl.maximum(top, tl.max(s, 1))
@@ -16,11 +16,30 @@ def _exp_scores(q, K, stride_k, h, d, cols, col_ok, dims, dim_ok, scale, top, PR
 
 @triton.jit
 def row_sums_kernel(
-    Q, K, KT, W, COL, QIDX, OUT_W, OUT_COL, OUT_TEXT,
-    n_queries, n_keys, n_text, d, scale,
-    stride_q, stride_k, stride_kt, stride_w,
-    HAS_COL: tl.constexpr, HAS_TEXT: tl.constexpr, PRECISION: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    Q,
+    K,
+    KT,
+    W,
+    COL,
+    QIDX,
+    OUT_W,
+    OUT_COL,
+    OUT_TEXT,
+    n_queries,
+    n_keys,
+    n_text,
+    d,
+    scale,
+    stride_q,
+    stride_k,
+    stride_kt,
+    stride_w,
+    HAS_COL: tl.constexpr,
+    HAS_TEXT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BD: tl.constexpr,
 ):
     block, h = tl.program_id(0), tl.program_id(1)
     rows = block * BM + tl.arange(0, BM)
@@ -28,8 +47,9 @@ def row_sums_kernel(
     dims = tl.arange(0, BD)
     dim_ok = dims < d
     query = tl.load(QIDX + rows, mask=row_ok, other=0)
-    q = tl.load(Q + query[:, None] * stride_q + h * d + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :],
-                other=0.0)
+    q = tl.load(
+        Q + query[:, None] * stride_q + h * d + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0
+    )
     top = tl.full([BM], float("-inf"), tl.float32)
     plain = tl.zeros([BM], tl.float32)
     weighted = tl.zeros([BM], tl.float32)

@@ -1,4 +1,5 @@
 """Head-wise and layer-wise auto aggregation (docs/method.md)."""
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -12,8 +13,14 @@ HEAD_WEIGHTINGS = ("auto", "average", "dot-product")
 
 
 def head_weights(
-    head_out: torch.Tensor, out_weight: torch.Tensor, heads: int, mode: str = "auto", eps: float = 1e-8,
-    return_degenerate: bool = False, out: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+    head_out: torch.Tensor,
+    out_weight: torch.Tensor,
+    heads: int,
+    mode: str = "auto",
+    eps: float = 1e-8,
+    return_degenerate: bool = False,
+    out: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
 ):
     """Per-pixel head weights w_h(p) = ⟨o_h(p), out(p)⟩ / Σ_h' ⟨o_h'(p), out(p)⟩, with o_h(p) = head_out_h(p) · W_hᵀ.
 
@@ -82,7 +89,10 @@ def normalize_layer_weights(raw: torch.Tensor) -> torch.Tensor:
 
 
 def aggregate_layers(
-    maps: Sequence[torch.Tensor], grids: Sequence[tuple[int, int]], weights: torch.Tensor, out_hw: tuple[int, int],
+    maps: Sequence[torch.Tensor],
+    grids: Sequence[tuple[int, int]],
+    weights: torch.Tensor,
+    out_hw: tuple[int, int],
     text_mass: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """M = Σ_l w_l · resize_bilinear(C_l → out grid), clamped ≥ 0, L1-normalised per pixel over all T tokens.

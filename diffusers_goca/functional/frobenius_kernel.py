@@ -18,6 +18,7 @@ where triton is installed, else the fused call. The environment variable GOCA_KE
 value only: it is read once, when this module is imported (a value it does not know is refused at the first
 layer weights, not at import), never again afterwards.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -87,13 +88,22 @@ def kernel_enabled(t: torch.Tensor) -> bool:
     if choice == "auto":
         return t.is_cuda and triton_available()
     if not triton_available():
-        raise RuntimeError("the Triton layer-weight kernel needs the triton package (it ships with CUDA builds of torch)")
+        raise RuntimeError(
+            "the Triton layer-weight kernel needs the triton package (it ships with CUDA builds of torch)"
+        )
     return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def row_sums(
-    q: torch.Tensor, k: torch.Tensor, queries: torch.Tensor, weights: torch.Tensor, heads: int, scale: float,
-    key_column: torch.Tensor | None = None, k_txt: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    queries: torch.Tensor,
+    weights: torch.Tensor,
+    heads: int,
+    scale: float,
+    key_column: torch.Tensor | None = None,
+    k_txt: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Per head and query row, the shares of the softmax over [k; k_txt] (the joint one when text keys are given):
 
@@ -120,11 +130,29 @@ def row_sums(
     out_text = torch.empty(heads, n_q, device=q.device) if k_txt is not None else out_w
     bm, bn = 64, 64
     row_sums_kernel[(triton.cdiv(n_q, bm), heads)](
-        q, k, kt, weights, column, queries.contiguous(), out_w, out_col, out_text,
-        n_q, k.shape[0], 0 if k_txt is None else k_txt.shape[0], d, scale,
-        q.stride(0), k.stride(0), kt.stride(0), weights.stride(0),
-        HAS_COL=key_column is not None, HAS_TEXT=k_txt is not None,
+        q,
+        k,
+        kt,
+        weights,
+        column,
+        queries.contiguous(),
+        out_w,
+        out_col,
+        out_text,
+        n_q,
+        k.shape[0],
+        0 if k_txt is None else k_txt.shape[0],
+        d,
+        scale,
+        q.stride(0),
+        k.stride(0),
+        kt.stride(0),
+        weights.stride(0),
+        HAS_COL=key_column is not None,
+        HAS_TEXT=k_txt is not None,
         PRECISION="ieee" if dtype == torch.float32 else None,  # fp32 operands: no TF32 rounding, as the fused call
-        BM=bm, BN=bn, BD=max(16, triton.next_power_of_2(d)),
+        BM=bm,
+        BN=bn,
+        BD=max(16, triton.next_power_of_2(d)),
     )
     return out_w, out_col if key_column is not None else None, out_text if k_txt is not None else None

@@ -5,6 +5,7 @@ alone (T ≤ 512 columns, cheap) and m_text(p) is the share of query p's softmax
 fused attention call whose values are the text indicator, so the image→image scores are never formed. Keys that are
 neither the image's nor the text's (Flux Kontext's reference image) take part in that call only.
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,8 +15,14 @@ from .aggregation import head_weights
 from .self_attention import compute_dtype, logits, row_chunks
 
 
-def key_shares(q: torch.Tensor, k_img: torch.Tensor, groups: list[torch.Tensor], heads: int, scale: float,
-               dtype: torch.dtype | None = None) -> torch.Tensor:
+def key_shares(
+    q: torch.Tensor,
+    k_img: torch.Tensor,
+    groups: list[torch.Tensor],
+    heads: int,
+    scale: float,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """[G, heads, N]: each image query's joint-softmax probability on each group of keys other than the image's
     (fp32), from one fused call over [k_img; groups...].
 
@@ -33,18 +40,27 @@ def key_shares(q: torch.Tensor, k_img: torch.Tensor, groups: list[torch.Tensor],
     markers = torch.zeros(keys.shape[2], d, dtype=dtype, device=q.device)
     start = k_img.shape[0]
     for g, group in enumerate(groups):
-        markers[start:start + group.shape[0], g] = 1
+        markers[start : start + group.shape[0], g] = 1
         start += group.shape[0]
     values = markers.expand(1, heads, -1, d).contiguous()
     queries = q.to(dtype).view(1, n, heads, d).transpose(1, 2)
-    shares = F.scaled_dot_product_attention(queries, keys, values, scale=scale)[0, ..., :len(groups)]  # [heads, N, G]
+    shares = F.scaled_dot_product_attention(queries, keys, values, scale=scale)[0, ..., : len(groups)]  # [heads, N, G]
     return shares.permute(2, 0, 1).float().clamp(0, 1)
 
 
 def joint_text_attention(
-    q: torch.Tensor, k_img: torch.Tensor, k_txt: torch.Tensor, v_txt: torch.Tensor, heads: int, scale: float,
-    out_weight: torch.Tensor | None = None, head_weighting: str = "auto", columns: torch.Tensor | None = None,
-    m_text: torch.Tensor | None = None, dtype: torch.dtype | None = None, k_other: torch.Tensor | None = None,
+    q: torch.Tensor,
+    k_img: torch.Tensor,
+    k_txt: torch.Tensor,
+    v_txt: torch.Tensor,
+    heads: int,
+    scale: float,
+    out_weight: torch.Tensor | None = None,
+    head_weighting: str = "auto",
+    columns: torch.Tensor | None = None,
+    m_text: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    k_other: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """Image→text attention of one image under the joint softmax, aggregated over heads.
 

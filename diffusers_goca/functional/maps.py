@@ -1,4 +1,5 @@
 """From token maps to class scores and labels (docs/method.md)."""
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -7,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 
-def resize_maps(maps: torch.Tensor, src_hw: tuple[int, int], dst_hw: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+def resize_maps(
+    maps: torch.Tensor, src_hw: tuple[int, int], dst_hw: tuple[int, int], mode: str = "bilinear"
+) -> torch.Tensor:
     """Resize flattened maps: [K, src_h·src_w] → [K, dst_h·dst_w] (bilinear, align_corners=False)."""
     if tuple(src_hw) == tuple(dst_hw):
         return maps
@@ -41,7 +44,9 @@ def gaussian_kernel1d(kernel_size: int = 5, sigma: float | None = None) -> torch
     return k / k.sum()
 
 
-def gaussian_blur(maps: torch.Tensor, hw: tuple[int, int], kernel_size: int = 5, sigma: float | None = None) -> torch.Tensor:
+def gaussian_blur(
+    maps: torch.Tensor, hw: tuple[int, int], kernel_size: int = 5, sigma: float | None = None
+) -> torch.Tensor:
     """Separable Gaussian blur with reflect padding, as torchvision's `gaussian_blur`. maps: [K, h·w] → [K, h·w]."""
     k1 = gaussian_kernel1d(kernel_size, sigma).to(maps.device)
     img = maps.float().reshape(maps.shape[0], 1, *hw)
@@ -84,7 +89,10 @@ def entropy_reduced(attention: torch.Tensor, lam: float) -> torch.Tensor:
 
 
 def scores_to_labels(
-    scores: torch.Tensor, map_hw: tuple[int, int], out_hw: tuple[int, int], background: torch.Tensor | None = None,
+    scores: torch.Tensor,
+    map_hw: tuple[int, int],
+    out_hw: tuple[int, int],
+    background: torch.Tensor | None = None,
     background_offset: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Upsample class scores to the image and take the argmax.
@@ -94,7 +102,9 @@ def scores_to_labels(
     """
     if background is not None:
         scores = torch.cat([scores, (background + background_offset)[None]])
-    up = F.interpolate(scores.float().reshape(1, -1, *map_hw), size=tuple(out_hw), mode="bilinear", align_corners=False)[0]
+    up = F.interpolate(
+        scores.float().reshape(1, -1, *map_hw), size=tuple(out_hw), mode="bilinear", align_corners=False
+    )[0]
     return up.argmax(0), up
 
 

@@ -1,10 +1,13 @@
 """mIoU from a dataset-level confusion matrix (docs/official_code.md)."""
+
 from __future__ import annotations
 
 import torch
 
 
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int | None = 255) -> torch.Tensor:
+def confusion_matrix(
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int | None = 255
+) -> torch.Tensor:
     """[C, C] counts, rows = ground truth, columns = prediction. Pixels with target == ignore_index are skipped."""
     pred, target = pred.reshape(-1).long(), target.reshape(-1).long()
     if ignore_index is not None:

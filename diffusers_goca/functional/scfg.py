@@ -1,4 +1,5 @@
 """Semantic-aware classifier-free guidance (S-CFG, docs/official_code.md): per-region guidance rates."""
+
 from __future__ import annotations
 
 import torch
@@ -30,8 +31,14 @@ def region_rates(norm: torch.Tensor, regions: torch.Tensor, foreground: torch.Te
 
 
 def rate_map(
-    norm: torch.Tensor, regions: torch.Tensor, foreground: torch.Tensor, num_regions: int, guidance_scale: float,
-    min_rate: float = 0.8, max_rate: float = 3.0, max_guidance: float = 15.0,
+    norm: torch.Tensor,
+    regions: torch.Tensor,
+    foreground: torch.Tensor,
+    num_regions: int,
+    guidance_scale: float,
+    min_rate: float = 0.8,
+    max_rate: float = 3.0,
+    max_guidance: float = 15.0,
 ) -> torch.Tensor:
     """rate(p) = rate_k on region k, clamped to [min_rate, max_rate], then to ≤ max_guidance / w, then smoothed by a
     3×3 Gaussian (σ = 0.5, reflect padding).  Returns [B, 1, h, w] fp32."""

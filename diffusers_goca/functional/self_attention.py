@@ -5,6 +5,7 @@ other values: the refinement product S̃·X (X as the values) and the layer weig
 log-weight bias on a second copy of the keys). Explicit score rows, in chunks, only form the head-mean S at the map
 grid when many products are wanted.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -57,8 +58,14 @@ def grid_nearest_rows(src_hw: tuple[int, int], dst_hw: tuple[int, int], device=N
 
 
 def self_attention_rows(
-    q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor | slice, heads: int, scale: float,
-    image_mass: torch.Tensor | None = None, dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    rows: torch.Tensor | slice,
+    heads: int,
+    scale: float,
+    image_mass: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Head-mean attention probabilities of the query rows `rows`.
 
@@ -87,7 +94,12 @@ def row_chunks(n_rows: int, heads: int, n_keys: int):
 
 
 def head_mean_self_attention(
-    q: torch.Tensor, k: torch.Tensor, heads: int, scale: float, src_hw: tuple[int, int], dst_hw: tuple[int, int],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    heads: int,
+    scale: float,
+    src_hw: tuple[int, int],
+    dst_hw: tuple[int, int],
     image_mass: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Head-mean self-attention resized to the `dst` grid: queries nearest, keys bilinear, rows not renormalised.
@@ -134,8 +146,15 @@ def linear_resize_matrix(src: int, dst: int, device=None) -> torch.Tensor:
 
 
 def apply_self_attention(
-    q: torch.Tensor, k: torch.Tensor, heads: int, scale: float, src_hw: tuple[int, int], dst_hw: tuple[int, int],
-    x: torch.Tensor, image_mass: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    heads: int,
+    scale: float,
+    src_hw: tuple[int, int],
+    dst_hw: tuple[int, int],
+    x: torch.Tensor,
+    image_mass: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """S̃·x with S̃ = `head_mean_self_attention(...)`, through the fused attention kernel (x as the values).
 
@@ -149,7 +168,7 @@ def apply_self_attention(
     kh = k.to(dtype).view(1, -1, heads, d).transpose(1, 2)
     outs = []
     for c in range(0, xs.shape[1], d):  # values as wide as the head dim keep the fast kernels
-        cols = xs[:, c:c + d]
+        cols = xs[:, c : c + d]
         v = F.pad(cols, (0, d - cols.shape[1])).to(dtype).view(1, 1, -1, d).expand(1, heads, -1, d)
         y = F.scaled_dot_product_attention(qh, kh, v, scale=scale)[0].float()  # [heads, N_src, d]
         if image_mass is not None:
@@ -191,8 +210,9 @@ def queries_read(src_hw: tuple[int, int], ref_hw: tuple[int, int], row_stride: i
     return cells, queries, group
 
 
-def reference_weights(reference_attention: torch.Tensor, src_hw: tuple[int, int], ref_hw: tuple[int, int],
-                      row_stride: int = 1) -> GridWeights:
+def reference_weights(
+    reference_attention: torch.Tensor, src_hw: tuple[int, int], ref_hw: tuple[int, int], row_stride: int = 1
+) -> GridWeights:
     """What the layer weights of every layer on the `src` grid read from A_p (see `GridWeights`); with
     `row_stride` s > 1, from the rows of A_p at every s-th row and column of the reference grid only."""
     device = reference_attention.device
@@ -208,9 +228,18 @@ def reference_weights(reference_attention: torch.Tensor, src_hw: tuple[int, int]
 
 
 def frobenius_with_reference(
-    q: torch.Tensor, k: torch.Tensor, heads: int, scale: float, src_hw: tuple[int, int],
-    reference_attention: torch.Tensor, ref_hw: tuple[int, int], renormalize_rows: bool = False,
-    image_mass: torch.Tensor | None = None, dtype: torch.dtype | None = None, prepared=None, row_stride: int = 1,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    heads: int,
+    scale: float,
+    src_hw: tuple[int, int],
+    reference_attention: torch.Tensor,
+    ref_hw: tuple[int, int],
+    renormalize_rows: bool = False,
+    image_mass: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    prepared=None,
+    row_stride: int = 1,
 ) -> torch.Tensor:
     """w_l before normalisation (docs/official_code.md): Σ_ij A_p[i, j] · S̃_l[i, j], through the fused attention kernel.
     With `row_stride` s > 1, the sum runs over the rows i at every s-th row and column of the reference grid (about
@@ -236,14 +265,23 @@ def frobenius_with_reference(
     each query attends once (SDXL's 32×32 layers against the 64×64 reference: 4× fewer queries).
     """
     prepared = prepared or reference_weights(reference_attention, src_hw, ref_hw, row_stride)
-    return _frobenius(q, k, heads, scale, src_hw, reference_attention, ref_hw, renormalize_rows, image_mass, dtype,
-                      prepared)[0]
+    return _frobenius(
+        q, k, heads, scale, src_hw, reference_attention, ref_hw, renormalize_rows, image_mass, dtype, prepared
+    )[0]
 
 
 def joint_frobenius_with_reference(
-    q: torch.Tensor, k: torch.Tensor, k_txt: torch.Tensor, heads: int, scale: float, src_hw: tuple[int, int],
-    reference_attention: torch.Tensor, ref_hw: tuple[int, int], renormalize_rows: bool = False,
-    dtype: torch.dtype | None = None, prepared=None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    k_txt: torch.Tensor,
+    heads: int,
+    scale: float,
+    src_hw: tuple[int, int],
+    reference_attention: torch.Tensor,
+    ref_hw: tuple[int, int],
+    renormalize_rows: bool = False,
+    dtype: torch.dtype | None = None,
+    prepared=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`frobenius_with_reference` of a joint attention layer, whose image queries also attend to the text keys k_txt
     [T, heads·d], in the same fused call: the text keys join the plain copy, so the softmax is the joint one (no
@@ -251,15 +289,19 @@ def joint_frobenius_with_reference(
 
     Returns (w_l before normalisation, 0-d fp32; m_text [heads, N_l] fp32). Every query must be read: the layer's
     grid is not finer than the reference grid."""
-    total, m_text = _frobenius(q, k, heads, scale, src_hw, reference_attention, ref_hw, renormalize_rows, None, dtype,
-                               prepared, k_txt)
+    total, m_text = _frobenius(
+        q, k, heads, scale, src_hw, reference_attention, ref_hw, renormalize_rows, None, dtype, prepared, k_txt
+    )
     if m_text.shape[1] != q.shape[0]:
-        raise ValueError(f"a {src_hw} layer finer than the {ref_hw} reference grid: not every query's text share is read")
+        raise ValueError(
+            f"a {src_hw} layer finer than the {ref_hw} reference grid: not every query's text share is read"
+        )
     return total, m_text
 
 
-def _frobenius(q, k, heads, scale, src_hw, reference_attention, ref_hw, renormalize_rows, image_mass, dtype, prepared,
-               k_txt=None):
+def _frobenius(
+    q, k, heads, scale, src_hw, reference_attention, ref_hw, renormalize_rows, image_mass, dtype, prepared, k_txt=None
+):
     """w_l before normalisation and, with text keys, the text share [heads, queries] (else None), from each query's
     R (and row mass, and text share) per head: by `frobenius_kernel.row_sums` where the kernel setting selects it
     (`frobenius_kernel.kernel_enabled`), else by one fused attention call per row chunk (`_fused_row_sums`)."""
@@ -274,8 +316,9 @@ def _frobenius(q, k, heads, scale, src_hw, reference_attention, ref_hw, renormal
     if kernel_enabled(q):
         share, column, text = row_sums(q, k, queries, log_weights.exp(), heads, scale, key_column, k_txt, dtype)
     else:
-        share, column, text = _fused_row_sums(q, k, queries, log_weights, heads, scale, key_column, k_txt, dtype,
-                                              buffers)
+        share, column, text = _fused_row_sums(
+            q, k, queries, log_weights, heads, scale, key_column, k_txt, dtype, buffers
+        )
     if image_mass is not None:
         mass = (image_mass if len(queries) == image_mass.shape[1] else image_mass[:, queries]).float()
         share, column = share * mass, None if column is None else column * mass
@@ -304,9 +347,9 @@ def _fused_row_sums(q, k, queries, log_weights, heads, scale, key_column, k_txt,
     if values is None:  # the same for every layer of the grid (the key column depends on the grids only)
         values = torch.zeros(1, heads, width, d, dtype=dtype, device=q.device)  # fused kernels want contiguous 4-D
         values[..., :n, 0] = 1  # marks the biased copy
-        values[..., 2 * n:, 2] = 1  # marks the text keys
+        values[..., 2 * n :, 2] = 1  # marks the text keys
         if key_column is not None:
-            values[..., n:2 * n, 1] = key_column.to(dtype)
+            values[..., n : 2 * n, 1] = key_column.to(dtype)
         buffers[("values", heads, width, d, dtype, key_column is not None)] = values
     # Every query (the layer is on the reference grid or coarser: `queries` is then 0..N-1) needs no gather.
     rows = q if len(queries) == q.shape[0] else q.index_select(0, queries)
@@ -322,8 +365,9 @@ def _fused_row_sums(q, k, queries, log_weights, heads, scale, key_column, k_txt,
     for a, b in chunks:
         if len(chunks) > 1:
             bias[: b - a, :n] = log_weights[a:b]  # the plain copy's and the text keys' columns stay 0
-        out = F.scaled_dot_product_attention(qh[:, :, a:b], keys, values, attn_mask=bias[None, None, : b - a],
-                                             scale=scale)
+        out = F.scaled_dot_product_attention(
+            qh[:, :, a:b], keys, values, attn_mask=bias[None, None, : b - a], scale=scale
+        )
         parts[:, a:b] = out[0, ..., :3]
     shares = parts / (1 - parts[..., :1])  # over the unbiased keys' share of the normaliser
     return shares[..., 0], shares[..., 1] if key_column is not None else None, shares[..., 2] if t else None

@@ -1,4 +1,5 @@
 """One adapter per model family: which attention modules are cross / self, the reference and refinement layers, the grids."""
+
 from .base import Adapter, LayerInfo, adapter_for
 from .flux import FluxAdapter
 from .pixart import PixArtAdapter

@@ -11,6 +11,7 @@ A model of another depth gets the same relative depths. Latents are packed 2×2:
 Flux Kontext appends a reference image's tokens (`img_ids` first coordinate 1) to the generated image's: they share
 the softmax, so they take part in the text shares, and the maps and grids are the generated image's.
 """
+
 from __future__ import annotations
 
 import re
@@ -44,25 +45,35 @@ class FluxAdapter(Adapter):
                 self.layers[name] = LayerInfo(name, "joint", f"{m.group(1)}.{m.group(2)}", 1)
         n_double, n_single = len(model.transformer_blocks), len(model.single_transformer_blocks)
         if n_single:
-            self.reference_layer = f"single_transformer_blocks.{relative_block(_REFERENCE_SINGLE, n_single, _SINGLE_DEPTH)}.attn"
+            self.reference_layer = (
+                f"single_transformer_blocks.{relative_block(_REFERENCE_SINGLE, n_single, _SINGLE_DEPTH)}.attn"
+            )
         else:
             self.reference_layer = f"transformer_blocks.{n_double - 1}.attn"
-        self.refinement_layers = list(dict.fromkeys(
-            f"transformer_blocks.{relative_block(i, n_double, _DOUBLE_DEPTH)}.attn" for i in _REFINE_DOUBLE))
+        self.refinement_layers = list(
+            dict.fromkeys(
+                f"transformer_blocks.{relative_block(i, n_double, _DOUBLE_DEPTH)}.attn" for i in _REFINE_DOUBLE
+            )
+        )
         self.refine_order = 2
         vanilla = [f"transformer_blocks.{relative_block(i, n_double, _DOUBLE_DEPTH)}.attn" for i in _VANILLA_DOUBLE]
         if n_single:
-            vanilla += [f"single_transformer_blocks.{relative_block(i, n_single, _SINGLE_DEPTH)}.attn" for i in _VANILLA_SINGLE]
+            vanilla += [
+                f"single_transformer_blocks.{relative_block(i, n_single, _SINGLE_DEPTH)}.attn" for i in _VANILLA_SINGLE
+            ]
         self.vanilla_layers = self.vanilla_refinement_layers = list(dict.fromkeys(vanilla))
         # FluxPipeline fixes its default size at 1024 px; the VAE's config says the size the model was made for
         # (Flux.1's: 1024; the toy Flux's: 32).
         vae = getattr(pipe, "vae", None)
-        self.native_resolution = (getattr(vae.config, "sample_size", None) if vae is not None else None
-                                  ) or pipe.default_sample_size * pipe.vae_scale_factor
+        self.native_resolution = (
+            getattr(vae.config, "sample_size", None) if vae is not None else None
+        ) or pipe.default_sample_size * pipe.vae_scale_factor
         # The pipeline's default (512), or the T5 tokenizer's own limit where it is shorter (the toy Flux: 32 tokens,
         # the length it was trained with).
-        self.text_max_length = min(call_default(type(pipe), "max_sequence_length", 512),
-                                   getattr(getattr(pipe, "tokenizer_2", None), "model_max_length", 512) or 512)
+        self.text_max_length = min(
+            call_default(type(pipe), "max_sequence_length", 512),
+            getattr(getattr(pipe, "tokenizer_2", None), "model_max_length", 512) or 512,
+        )
 
     def tokenizer(self):
         return self.pipe.tokenizer_2  # the transformer attends to the T5 tokens; CLIP gives only the pooled vector
@@ -79,8 +90,10 @@ class FluxAdapter(Adapter):
         n = int(generated.sum())
         h, w = int(ids[:n, 1].max()) + 1, int(ids[:n, 2].max()) + 1
         if not generated[:n].all() or h * w != n:
-            raise ValueError(f"img_ids: expected the generated image's {n} tokens first, as an h×w grid (first "
-                             f"coordinate 0), then any reference image's")
+            raise ValueError(
+                f"img_ids: expected the generated image's {n} tokens first, as an h×w grid (first "
+                f"coordinate 0), then any reference image's"
+            )
         return h, w
 
     def image_hw(self, latent_hw):
@@ -89,7 +102,8 @@ class FluxAdapter(Adapter):
     def forwards_per_step(self, call_kwargs):
         negative = call_kwargs.get("negative_prompt") is not None or (
             call_kwargs.get("negative_prompt_embeds") is not None
-            and call_kwargs.get("negative_pooled_prompt_embeds") is not None)
+            and call_kwargs.get("negative_pooled_prompt_embeds") is not None
+        )
         return 2 if call_kwargs.get("true_cfg_scale", 1.0) > 1 and negative else 1  # cond, then uncond
 
     def scheduler_timestep(self, t: float) -> float:
@@ -117,10 +131,10 @@ class FluxAdapter(Adapter):
         q = q[:, :n]
         rope = call_kwargs.get("image_rotary_emb")
         if rope is not None:
-            image_rope = tuple(f[t:t + n] for f in rope) if isinstance(rope, tuple) else rope[t:t + n]
+            image_rope = tuple(f[t : t + n] for f in rope) if isinstance(rope, tuple) else rope[t : t + n]
             q, k = apply_rotary_emb(q, image_rope, sequence_dim=1), apply_rotary_emb(k, rope, sequence_dim=1)
-        other = k[:, t + n:].flatten(2) if k.shape[1] > t + n else None
-        return JointInputs(q.flatten(2), k[:, t:t + n].flatten(2), k[:, :t].flatten(2), v_txt.flatten(2), other)
+        other = k[:, t + n :].flatten(2) if k.shape[1] > t + n else None
+        return JointInputs(q.flatten(2), k[:, t : t + n].flatten(2), k[:, :t].flatten(2), v_txt.flatten(2), other)
 
     def output_projection(self, layer, attn):
         if isinstance(getattr(attn, "to_out", None), torch.nn.ModuleList):
@@ -129,8 +143,8 @@ class FluxAdapter(Adapter):
 
     def reference_feature(self, layer, tap, output, step):
         out = output[0] if isinstance(output, tuple) else output
-        image = out[:, step.text_len:] if out.shape[1] > step.text_len and tap.added_key is None else out
-        return image[:, :step.latent_hw[0] * step.latent_hw[1]]  # not Kontext's reference image
+        image = out[:, step.text_len :] if out.shape[1] > step.text_len and tap.added_key is None else out
+        return image[:, : step.latent_hw[0] * step.latent_hw[1]]  # not Kontext's reference image
 
     def segment_forward(self, latents, prompt, timestep, generator, guidance_scale=None):
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
@@ -141,13 +155,23 @@ class FluxAdapter(Adapter):
         noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(device)
         packed, noise = (pipe._pack_latents(x, b, c, h, w) for x in (latents, noise))
         img_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, device, latents.dtype)
-        embeds, pooled, text_ids = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device,
-                                                      num_images_per_prompt=1, max_sequence_length=self.text_max_length)
+        embeds, pooled, text_ids = pipe.encode_prompt(
+            prompt=prompt,
+            prompt_2=None,
+            device=device,
+            num_images_per_prompt=1,
+            max_sequence_length=self.text_max_length,
+        )
         sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
         steps = self.segment_steps
         cfg = sched.config
-        mu = calculate_shift(packed.shape[1], cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        mu = calculate_shift(
+            packed.shape[1],
+            cfg.get("base_image_seq_len", 256),
+            cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5),
+            cfg.get("max_shift", 1.15),
+        )
         sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu, device=device)
         if timestep is None:  # as FluxImg2ImgPipeline.get_timesteps at the official strength
             t = sched.timesteps[int(max(steps - min(steps * self.segment_strength, steps), 0))]
@@ -156,7 +180,14 @@ class FluxAdapter(Adapter):
         noisy = self.flow_noised(packed, noise, t)
         guidance_scale = self.segment_guidance if guidance_scale is None else guidance_scale
         guidance = torch.full([b], float(guidance_scale), device=device) if model.config.guidance_embeds else None
-        out = model(hidden_states=noisy.to(model.dtype), timestep=t.reshape(1).expand(b) / 1000, guidance=guidance,
-                    pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=img_ids,
-                    return_dict=False)
+        out = model(
+            hidden_states=noisy.to(model.dtype),
+            timestep=t.reshape(1).expand(b) / 1000,
+            guidance=guidance,
+            pooled_projections=pooled,
+            encoder_hidden_states=embeds,
+            txt_ids=text_ids,
+            img_ids=img_ids,
+            return_dict=False,
+        )
         return out[0], noise - packed  # the flow's velocity, in the packed layout

@@ -5,6 +5,7 @@ All layers share one token grid, the latent after patching. Reference block 13, 
 official vanilla reads the cross maps of blocks 10–17 too (of 28 blocks; a model of another depth gets the same
 relative positions).
 """
+
 from __future__ import annotations
 
 import re
@@ -35,10 +36,14 @@ class PixArtAdapter(Adapter):
 
         self.map_factor = patch
         self.reference_layer = f"transformer_blocks.{relative_block(_REFERENCE, depth, _DEPTH)}.attn2"
-        self.refinement_layers = list(dict.fromkeys(f"transformer_blocks.{relative_block(i, depth, _DEPTH)}.attn1" for i in _REFINE))
+        self.refinement_layers = list(
+            dict.fromkeys(f"transformer_blocks.{relative_block(i, depth, _DEPTH)}.attn1" for i in _REFINE)
+        )
         self.refine_order = 5
         # The official vanilla reads the cross maps of the refinement blocks only.
-        self.vanilla_layers = list(dict.fromkeys(f"transformer_blocks.{relative_block(i, depth, _DEPTH)}.attn2" for i in _REFINE))
+        self.vanilla_layers = list(
+            dict.fromkeys(f"transformer_blocks.{relative_block(i, depth, _DEPTH)}.attn2" for i in _REFINE)
+        )
         self.native_resolution = model.config.sample_size * pipe.vae_scale_factor
         # PixArt-α encodes 120 T5 tokens, PixArt-Σ 300: the default of the pipeline's `max_sequence_length`.
         self.text_max_length = call_default(type(pipe), "max_sequence_length", 120)
@@ -55,6 +60,7 @@ class PixArtAdapter(Adapter):
             if tuple(scores.shape[-2:]) == (height, width):
                 return scores
             return self.pipe.image_processor.resize_and_crop_tensor(scores[None], width, height)[0]
+
         return resize
 
     def prompt_text(self, prompt: str, call_kwargs: dict) -> str:
@@ -68,14 +74,25 @@ class PixArtAdapter(Adapter):
         pipe, model = self.pipe, self.pipe.transformer
         noisy, t, target = self.ddpm_noised(latents, timestep, generator)
         embeds, mask, _, _ = pipe.encode_prompt(
-            prompt, do_classifier_free_guidance=False, device=latents.device, clean_caption=False,
+            prompt,
+            do_classifier_free_guidance=False,
+            device=latents.device,
+            clean_caption=False,
             max_sequence_length=self.text_max_length,
         )
         added = {"resolution": None, "aspect_ratio": None}
         if model.use_additional_conditions:
             h, w = latents.shape[-2] * pipe.vae_scale_factor, latents.shape[-1] * pipe.vae_scale_factor
-            added = {"resolution": torch.tensor([[h, w]], device=latents.device, dtype=embeds.dtype),
-                     "aspect_ratio": torch.tensor([[h / w]], device=latents.device, dtype=embeds.dtype)}
-        out = model(noisy.to(model.dtype), encoder_hidden_states=embeds, encoder_attention_mask=mask, timestep=t,
-                    added_cond_kwargs=added, return_dict=False)[0]
-        return out[:, :latents.shape[1]], target  # a learned variance fills the other half of the channels
+            added = {
+                "resolution": torch.tensor([[h, w]], device=latents.device, dtype=embeds.dtype),
+                "aspect_ratio": torch.tensor([[h / w]], device=latents.device, dtype=embeds.dtype),
+            }
+        out = model(
+            noisy.to(model.dtype),
+            encoder_hidden_states=embeds,
+            encoder_attention_mask=mask,
+            timestep=t,
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0]
+        return out[:, : latents.shape[1]], target  # a learned variance fills the other half of the channels

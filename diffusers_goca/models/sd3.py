@@ -5,6 +5,7 @@ Every `JointTransformerBlock` has one joint attention `attn` (`JointAttnProcesso
 Reference and refinement blocks: docs/official_code.md names none for SD3, so the PixArt rule at the same relative depth
 (reference 13/28 of the depth, refinement 10–17 of 28), k = 2. Seg4Diff reads block 9.
 """
+
 from __future__ import annotations
 
 import re
@@ -44,11 +45,14 @@ class SD3Adapter(Adapter):
         for name, _module in model.named_modules():
             m = _NAME.match(name)
             if m:
-                self.layers[name] = LayerInfo(name, "joint", f"transformer_blocks.{m.group(1)}", model.config.patch_size)
+                self.layers[name] = LayerInfo(
+                    name, "joint", f"transformer_blocks.{m.group(1)}", model.config.patch_size
+                )
         self.map_factor = model.config.patch_size
         self.reference_layer = f"transformer_blocks.{relative_block(_REFERENCE, depth, _DEPTH)}.attn"
-        self.refinement_layers = list(dict.fromkeys(
-            f"transformer_blocks.{relative_block(i, depth, _DEPTH)}.attn" for i in _REFINE))
+        self.refinement_layers = list(
+            dict.fromkeys(f"transformer_blocks.{relative_block(i, depth, _DEPTH)}.attn" for i in _REFINE)
+        )
         self.refine_order = 2
         self.seg4diff_layer = f"transformer_blocks.{min(_SEG4DIFF, depth - 1)}.attn"
         self.native_resolution = model.config.sample_size * pipe.vae_scale_factor
@@ -63,12 +67,28 @@ class SD3Adapter(Adapter):
         # A class past the 77 CLIP tokens is read from the T5 part alone, and with a prompt_3 of its own a class may
         # be in either text; it must have tokens in one of them.
         apart = has_t5 and t5_text != prompt
-        clip = token_index(self.pipe.tokenizer, prompt, classes, max_length=_CLIP_TOKENS, extra_entities=extra_entities,
-                           require_classes=require_classes, allow_cut_off=has_t5, allow_absent=apart)
+        clip = token_index(
+            self.pipe.tokenizer,
+            prompt,
+            classes,
+            max_length=_CLIP_TOKENS,
+            extra_entities=extra_entities,
+            require_classes=require_classes,
+            allow_cut_off=has_t5,
+            allow_absent=apart,
+        )
         if not has_t5:
             return concat_token_indices([clip], [_CLIP_TOKENS + t5_length])
-        t5 = token_index(self.pipe.tokenizer_3, t5_text, classes, max_length=t5_length, extra_entities=extra_entities,
-                         require_classes=require_classes, allow_cut_off=True, allow_absent=apart)
+        t5 = token_index(
+            self.pipe.tokenizer_3,
+            t5_text,
+            classes,
+            max_length=t5_length,
+            extra_entities=extra_entities,
+            require_classes=require_classes,
+            allow_cut_off=True,
+            allow_absent=apart,
+        )
         return concat_token_indices([clip, t5], [_CLIP_TOKENS, t5_length])
 
     def part_texts(self, call_kwargs, i, n):
@@ -86,9 +106,12 @@ class SD3Adapter(Adapter):
 
     def joint_inputs(self, layer, attn, tap, call_kwargs, step):
         h = attn.heads
-        return JointInputs(split_heads_norm(tap.query, h, attn.norm_q, tap.normed_query),
-                           split_heads_norm(tap.key, h, attn.norm_k, tap.normed_key),
-                           split_heads_norm(tap.added_key, h, attn.norm_added_k, tap.normed_added_key), tap.added_value)
+        return JointInputs(
+            split_heads_norm(tap.query, h, attn.norm_q, tap.normed_query),
+            split_heads_norm(tap.key, h, attn.norm_k, tap.normed_key),
+            split_heads_norm(tap.added_key, h, attn.norm_added_k, tap.normed_added_key),
+            tap.added_value,
+        )
 
     def segment_forward(self, latents, prompt, timestep, generator, guidance_scale=None):
         pipe, model = self.pipe, self.pipe.transformer
@@ -97,8 +120,14 @@ class SD3Adapter(Adapter):
         t = sched.timesteps[-self.segment_from_end] if timestep is None else torch.tensor(float(timestep))
         noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
         noisy = self.flow_noised(latents, noise, t)
-        embeds, _, pooled, _ = pipe.encode_prompt(prompt, None, None, device=latents.device, num_images_per_prompt=1,
-                                                  do_classifier_free_guidance=False)
-        out = model(hidden_states=noisy.to(model.dtype), timestep=t.reshape(1).to(latents.device),
-                    encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt, None, None, device=latents.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        out = model(
+            hidden_states=noisy.to(model.dtype),
+            timestep=t.reshape(1).to(latents.device),
+            encoder_hidden_states=embeds,
+            pooled_projections=pooled,
+            return_dict=False,
+        )
         return out[0], noise - latents  # the flow's velocity

@@ -4,6 +4,7 @@ Every `Transformer2DModel` block holds attn1 (self) and attn2 (cross). Grids: do
 the mid block at the coarsest level, up_blocks.i mirrored. Reference and refinement layers follow docs/official_code.md
 (docs/method.md lists them per family).
 """
+
 from __future__ import annotations
 
 import re
@@ -12,8 +13,10 @@ import torch
 
 from .base import Adapter, LayerInfo
 
-_NAME = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.(attn1|attn2)$|"
-                   r"^mid_block\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.(attn1|attn2)$")
+_NAME = re.compile(
+    r"^(down_blocks|up_blocks)\.(\d+)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.(attn1|attn2)$|"
+    r"^mid_block\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.(attn1|attn2)$"
+)
 
 
 def _attn(path: str, attention: int, block: int, which: str) -> str:
@@ -59,9 +62,11 @@ class UNetAdapter(Adapter):
             self.layers[name] = LayerInfo(name, role, name.rsplit(".", 1)[0], 2**level)
         if not self.cross_layers:
             kinds = sorted({type(p).__name__ for p in unet.attn_processors.values()})
-            raise ValueError("GoCA reads the cross-attention (attn2) of the UNet's transformer blocks, and this UNet has "
-                             f"none (its attention processors: {', '.join(kinds) or 'none'}); layouts such as "
-                             "DeepFloyd IF's added-KV attention are not supported")
+            raise ValueError(
+                "GoCA reads the cross-attention (attn2) of the UNet's transformer blocks, and this UNet has "
+                f"none (its attention processors: {', '.join(kinds) or 'none'}); layouts such as "
+                "DeepFloyd IF's added-KV attention are not supported"
+            )
         # The map grid is the finest grid with cross-attention (64×64 for SD 1.5 at 512 px and SDXL at 1024 px).
         self.map_factor = min(self.layers[n].factor for n in self.cross_layers)
         self.native_resolution = unet.config.sample_size * getattr(pipe, "vae_scale_factor", 8)
@@ -101,6 +106,7 @@ class UNetAdapter(Adapter):
             wanted = [_attn(f"up_blocks.{ub}", a, b, "attn1") for a, b in ((0, 0), (0, 1), (1, 0), (1, 1), (2, 0))]
             wanted += [_attn(f"down_blocks.{db}", 0, b, "attn1") for b in (0, 1)]
             return [n for n in wanted if n in self.layers]
+
         # SD 1.x/2.x: the first two up attentions and the last down attention of the finest level.
         def attention_index(n: str) -> int:
             return int(n.split(".")[3])

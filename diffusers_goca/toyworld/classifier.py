@@ -6,6 +6,7 @@ as the real benchmark), and its predictions give a *toy CLIP score*: how faithfu
 
     python -m diffusers_goca.toyworld.classifier --out diffusers_goca/toyworld/classifier   # trains it (CPU, minutes)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 from .scenes import BACKGROUNDS, CLASS_NAMES, COLOURS, SHAPES, make_scene, scene_seeds
 
 TOY_CLASSIFIER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "classifier")
-OBJECTS = CLASS_NAMES[len(BACKGROUNDS):]  # the 15 "colour shape" classes
+OBJECTS = CLASS_NAMES[len(BACKGROUNDS) :]  # the 15 "colour shape" classes
 MAX_OBJECTS = 3
 _OBJECT_PATTERN = re.compile(r"\b(" + "|".join(COLOURS) + r")\s+(" + "|".join(SHAPES) + r")\b")
 
@@ -41,8 +42,13 @@ class ToySceneClassifier(nn.Module):
         def block(i, o, stride):
             return nn.Sequential(nn.Conv2d(i, o, 3, stride, 1), nn.BatchNorm2d(o), nn.ReLU())
 
-        self.body = nn.Sequential(block(3, width, 1), block(width, width * 2, 2), block(width * 2, width * 2, 1),
-                                  block(width * 2, width * 4, 2), block(width * 4, width * 4, 1))
+        self.body = nn.Sequential(
+            block(3, width, 1),
+            block(width, width * 2, 2),
+            block(width * 2, width * 2, 1),
+            block(width * 2, width * 4, 2),
+            block(width * 4, width * 4, 1),
+        )
         self.background = nn.Linear(width * 8, len(BACKGROUNDS))
         self.objects = nn.Linear(width * 8, len(OBJECTS))
         self.count = nn.Linear(width * 8, MAX_OBJECTS)
@@ -59,16 +65,23 @@ class ToySceneClassifier(nn.Module):
 def scene_targets(scene) -> tuple[int, np.ndarray, int]:
     """(background id, presence [15] of the object classes visible in the pixels, objects drawn − 1)."""
     visible = {CLASS_NAMES[i] for i in np.unique(scene.labels)}
-    return (BACKGROUNDS.index(scene.background), np.array([o in visible for o in OBJECTS], np.float32),
-            len(scene.objects) - 1)
+    return (
+        BACKGROUNDS.index(scene.background),
+        np.array([o in visible for o in OBJECTS], np.float32),
+        len(scene.objects) - 1,
+    )
 
 
 def _batch(seeds: Sequence[int]):
     scenes = [make_scene(s) for s in seeds]
     x = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 255
     targets = [scene_targets(s) for s in scenes]
-    return (x, torch.tensor([t[0] for t in targets]), torch.from_numpy(np.stack([t[1] for t in targets])),
-            torch.tensor([t[2] for t in targets]))
+    return (
+        x,
+        torch.tensor([t[0] for t in targets]),
+        torch.from_numpy(np.stack([t[1] for t in targets])),
+        torch.tensor([t[2] for t in targets]),
+    )
 
 
 def _pixels(images: Sequence[Image.Image]) -> torch.Tensor:
@@ -76,8 +89,9 @@ def _pixels(images: Sequence[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
-def train_classifier(out: str, steps: int = 2000, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
-                     progress: bool = True) -> dict:
+def train_classifier(
+    out: str, steps: int = 2000, batch_size: int = 128, lr: float = 2e-3, seed: int = 0, progress: bool = True
+) -> dict:
     """Train on fresh train-split scenes (each seed seen once), then measure on 1000 held-out test scenes; save the
     weights and a config / accuracy JSON to `out`."""
     torch.manual_seed(seed)
@@ -100,8 +114,15 @@ def train_classifier(out: str, steps: int = 2000, batch_size: int = 128, lr: flo
     from safetensors.torch import save_file
 
     save_file(model.state_dict(), os.path.join(out, "model.safetensors"))
-    info = {"config": model.config, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-            "train_seconds": round(time.time() - start), "test_accuracy_1000_scenes": accuracy}
+    info = {
+        "config": model.config,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "train_seconds": round(time.time() - start),
+        "test_accuracy_1000_scenes": accuracy,
+    }
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(info, f, indent=2)
     return info
@@ -113,9 +134,13 @@ def measure(model: ToySceneClassifier, seeds: Sequence[int]) -> dict:
     x, bg, obj, count = _batch(seeds)
     lb, lo, lc = model(x)
     bg_ok, obj_ok, count_ok = lb.argmax(-1) == bg, ((lo > 0).float() == obj).all(-1), lc.argmax(-1) == count
-    return {"background": float(bg_ok.float().mean()), "objects (all 15 right)": float(obj_ok.float().mean()),
-            "object presence (per class)": float(((lo > 0).float() == obj).float().mean()),
-            "count": float(count_ok.float().mean()), "all": float((bg_ok & obj_ok & count_ok).float().mean())}
+    return {
+        "background": float(bg_ok.float().mean()),
+        "objects (all 15 right)": float(obj_ok.float().mean()),
+        "object presence (per class)": float(((lo > 0).float() == obj).float().mean()),
+        "count": float(count_ok.float().mean()),
+        "all": float((bg_ok & obj_ok & count_ok).float().mean()),
+    }
 
 
 def load_classifier(path: str | None = None) -> ToySceneClassifier:

@@ -5,6 +5,7 @@
 3. segments held-out scenes and prints the mIoU table of every method; 4. saves a grid of segmentations; 5. the same
 table for the transformer toy (PixArt layout).
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,13 @@ DIT_METHODS = ("goca", "vanilla", "diffsegmenter")
 FONT_SIZE = 14  # titles, row labels and legends, in pixels of the saved pictures
 
 
-def _titled(rows: list[list[Image.Image]], titles: list[str], row_labels: list[str] | None = None,
-            label_width: int = 170, legends: list[tuple[list[str], np.ndarray]] | None = None) -> Image.Image:
+def _titled(
+    rows: list[list[Image.Image]],
+    titles: list[str],
+    row_labels: list[str] | None = None,
+    label_width: int = 170,
+    legends: list[tuple[list[str], np.ndarray]] | None = None,
+) -> Image.Image:
     """A grid of equal cells with a title over each column and, optionally, a (wrapped) label left of each row and a
     legend right of each row (legends: per row, its class names and their exact colours, drawn at the grid's size)."""
     cell = rows[0][0].width
@@ -48,8 +54,9 @@ def _titled(rows: list[list[Image.Image]], titles: list[str], row_labels: list[s
     y = title_h
     for i, row in enumerate(rows):
         if row_labels:
-            draw.multiline_text((4, y + 4), _wrap(row_labels[i], text_font, label_width - 8), fill="black", font=text_font,
-                                spacing=4)
+            draw.multiline_text(
+                (4, y + 4), _wrap(row_labels[i], text_font, label_width - 8), fill="black", font=text_font, spacing=4
+            )
         for j, img in enumerate(row):
             out.paste(img, (left + j * cell, y))
         if keys:
@@ -76,8 +83,11 @@ def generation_demo(pipe, out: str, n: int = 4, steps: int = 25) -> list[str]:
     rows = []
     for b, img in enumerate(images):
         per_step = [pipe.goca_masks[i].results[b] for i in range(0, steps, max(1, steps // 5))]
-        rows.append([upscale(img, 4)] + [upscale(r.colorize(), 4) for r in per_step]
-                    + [upscale(pipe.goca_masks[-1].results[b].colorize(), 4)])
+        rows.append(
+            [upscale(img, 4)]
+            + [upscale(r.colorize(), 4) for r in per_step]
+            + [upscale(pipe.goca_masks[-1].results[b].colorize(), 4)]
+        )
     titles = ["generated"] + [f"step {i}" for i in range(0, steps, max(1, steps // 5))] + ["last step"]
     legends = [(r.classes, r.palette) for r in (pipe.goca_masks[-1].results[b] for b in range(len(images)))]
     _titled(rows, titles, legends=legends).save(os.path.join(out, "generation_masks.png"))
@@ -91,8 +101,10 @@ def segmentation_grid(examples, methods, path: str) -> None:
     rows, legends = [], []
     for scene, results in examples:
         ids = np.array([CLASS_NAMES.index(c) for c in scene.classes])
-        rows.append([upscale(scene.image), upscale(colours[scene.labels])]
-                    + [upscale(colours[ids[results[m].labels.numpy()]]) for m in methods])
+        rows.append(
+            [upscale(scene.image), upscale(colours[scene.labels])]
+            + [upscale(colours[ids[results[m].labels.numpy()]]) for m in methods]
+        )
         legends.append((scene.classes, colours[ids]))
     _titled(rows, ["scene", "ground truth"] + list(methods), legends=legends).save(path)
 
@@ -105,11 +117,18 @@ def scfg_demo(pipe, out: str, n: int = 4, steps: int = 25, guidance: float = 5.0
     scfg = scfg_from_pipe(pipe)
     captions = [make_scene(s).caption for s in scene_seeds("test", n, start=20_000)]
     rows = {}
-    for name, kw in ((f"CFG, w = {guidance:g}", {"scfg": False}),
-                     (f"S-CFG + GoCA, w = {guidance:g}", {"segmentor": "goca", "scfg_keep_maps": True}),
-                     (f"S-CFG (own), w = {guidance:g}", {"segmentor": "original"})):
-        images = scfg(captions, num_inference_steps=steps, guidance_scale=guidance,
-                      generator=torch.Generator().manual_seed(0), **kw).images
+    for name, kw in (
+        (f"CFG, w = {guidance:g}", {"scfg": False}),
+        (f"S-CFG + GoCA, w = {guidance:g}", {"segmentor": "goca", "scfg_keep_maps": True}),
+        (f"S-CFG (own), w = {guidance:g}", {"segmentor": "original"}),
+    ):
+        images = scfg(
+            captions,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=torch.Generator().manual_seed(0),
+            **kw,
+        ).images
         rows[name] = [upscale(img, 4) for img in images]
         if kw.get("scfg_keep_maps"):
             save_scfg_maps(scfg.scfg_maps, os.path.join(out, "scfg_maps.gif"))
@@ -132,8 +151,9 @@ def run_demo(out: str = "outputs/demo", n_eval: int = 100) -> dict:
     print(table)
     with open(os.path.join(out, "miou.json"), "w") as f:
         json.dump({"miou": report["miou"], "n": n_eval, "timestep": report["timestep"]}, f, indent=1)
-    dit = evaluate_segmentation(from_pipe(load_toy_pipeline(TOY_DIT_MODEL_DIR)), n=n_eval, methods=DIT_METHODS,
-                                timestep=None)
+    dit = evaluate_segmentation(
+        from_pipe(load_toy_pipeline(TOY_DIT_MODEL_DIR)), n=n_eval, methods=DIT_METHODS, timestep=None
+    )
     print("The transformer toy (PixArt layout):\n" + markdown_table(dit["miou"], n_eval))
     with open(os.path.join(out, "miou_dit.json"), "w") as f:
         json.dump({"miou": dit["miou"], "n": n_eval}, f, indent=1)

@@ -1,4 +1,5 @@
 """Segmentation quality on held-out toy scenes: the same scenes, the same capture, every method."""
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -13,8 +14,16 @@ from .scenes import CLASS_NAMES, make_scene, scene_seeds
 
 
 def evaluate_segmentation(
-    pipe, n: int = 100, methods: Sequence[str] = ("goca", "vanilla", "manual", "diffsegmenter"), timestep: int | None = 100,
-    seed: int = 0, start: int = 0, progress: bool = True, keep: int = 0, configs: dict | None = None, **options,
+    pipe,
+    n: int = 100,
+    methods: Sequence[str] = ("goca", "vanilla", "manual", "diffsegmenter"),
+    timestep: int | None = 100,
+    seed: int = 0,
+    start: int = 0,
+    progress: bool = True,
+    keep: int = 0,
+    configs: dict | None = None,
+    **options,
 ) -> dict:
     """mIoU (standard protocol over the world's classes) of each method on test scenes `start`..`start+n`.
 
@@ -37,12 +46,21 @@ def evaluate_segmentation(
         ids = torch.tensor([CLASS_NAMES.index(c) for c in scene.classes])
         results = {}
         for opts, members in groups.items():
-            got = pipe.segment(Image.fromarray(scene.image), scene.classes, method=[m for _, m in members],
-                               timestep=timestep, seed=seed, background=False, **dict(opts))
+            got = pipe.segment(
+                Image.fromarray(scene.image),
+                scene.classes,
+                method=[m for _, m in members],
+                timestep=timestep,
+                seed=seed,
+                background=False,
+                **dict(opts),
+            )
             results.update({name: got[method] for name, method in members})
         for m, r in results.items():
             conf[m] += confusion_matrix(ids[r.labels], target, k)
-        conf["all-background"] += confusion_matrix(torch.full_like(target, CLASS_NAMES.index(scene.background)), target, k)
+        conf["all-background"] += confusion_matrix(
+            torch.full_like(target, CLASS_NAMES.index(scene.background)), target, k
+        )
         if len(examples) < keep:
             examples.append((scene, results))
     table = {m: miou(c)[0] for m, c in conf.items()}

@@ -1,4 +1,5 @@
 """The shipped toy models: a stock `StableDiffusionPipeline` folder and a `PixArtSigmaPipeline` one, inside the package."""
+
 from __future__ import annotations
 
 import os
@@ -10,8 +11,13 @@ from ..loading import TOY_DIT_MODEL_DIR, TOY_MODEL_DIR, pretrained
 __all__ = ["TOY_MODEL_DIR", "TOY_DIT_MODEL_DIR", "load_toy_pipeline"]
 
 
-def load_toy_pipeline(path: str | None = None, pipeline_class=None, dtype: torch.dtype | None = None, *,
-                      torch_dtype: torch.dtype | None = None):
+def load_toy_pipeline(
+    path: str | None = None,
+    pipeline_class=None,
+    dtype: torch.dtype | None = None,
+    *,
+    torch_dtype: torch.dtype | None = None,
+):
     """Load the toy model (or a toy model folder at `path`: the PixArt, Flux and SD3 layouts that
     `python -m diffusers_goca.toyworld.train --arch ...` makes) with `from_pretrained`, as any diffusers model folder
     (`loading.pretrained`: no safety checker, the dtype by the keyword the installed diffusers reads).

@@ -3,6 +3,7 @@
 Classes are named as a user would name them: the background ("grass") and each object as "colour shape" ("red circle").
 `CLASS_NAMES` fixes one id per class for the whole world, so ground truth of different scenes can be compared.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -8,6 +8,7 @@
 The result is a stock `StableDiffusionPipeline` folder (`save_pretrained`), rewritten every `--save-every` steps with
 `training_log.json` (seed, wall time, loss curve) beside it, so an interrupted run still leaves a usable model.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,10 +30,15 @@ def build_vae():
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        sample_size=32,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        norm_num_groups=16,
     )
 
 
@@ -41,11 +47,16 @@ def build_unet(cross_attention_dim: int = 64):
 
     # Cross-attention at 16×16 and 8×8 and in the 4×4 mid block; `attention_head_dim` is the head count here (diffusers' naming).
     return UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=16,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        norm_num_groups=16,
         block_out_channels=(48, 96, 96),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim, attention_head_dim=8,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
     )
 
 
@@ -53,8 +64,15 @@ def build_text_encoder(hidden: int = 64):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     config = CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
     )
     return CLIPTextModel(config)
 
@@ -63,8 +81,14 @@ def build_scheduler():
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(
-        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
     )
 
 
@@ -111,19 +135,29 @@ class SDRecipe:
         return [self.unet, self.text_encoder]
 
     def loss(self, x0: torch.Tensor, captions: list[str], g: torch.Generator) -> torch.Tensor:
-        ids = self.tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        ids = self.tokenizer(
+            captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids
         t = torch.randint(0, 1000, (len(x0),), generator=g)
         noise = torch.randn(x0.shape, generator=g)
         a = self.alphas[t].view(-1, 1, 1, 1)
         cond = self.text_encoder(ids).last_hidden_state
-        return F.mse_loss(self.unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=cond).sample, noise)
+        return F.mse_loss(
+            self.unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=cond).sample, noise
+        )
 
     def pipeline(self):
         from diffusers import StableDiffusionPipeline
 
         return StableDiffusionPipeline(
-            vae=self.vae, unet=self.unet, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-            scheduler=build_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            vae=self.vae,
+            unet=self.unet,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            scheduler=build_scheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
         )
 
 
@@ -138,21 +172,45 @@ class SD3Recipe:
         from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
         def clip(hidden):
-            return CLIPTextModelWithProjection(CLIPTextConfig(
-                vocab_size=CLIP_VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=77, projection_dim=hidden,
-                bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+            return CLIPTextModelWithProjection(
+                CLIPTextConfig(
+                    vocab_size=CLIP_VOCAB_SIZE,
+                    hidden_size=hidden,
+                    intermediate_size=2 * hidden,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    max_position_embeddings=77,
+                    projection_dim=hidden,
+                    bos_token_id=49406,
+                    eos_token_id=49407,
+                    pad_token_id=49407,
+                )
+            )
 
         self.transformer = SD3Transformer2DModel(
-            sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=6, attention_head_dim=16,
-            num_attention_heads=4, joint_attention_dim=96, caption_projection_dim=64, pooled_projection_dim=96,
+            sample_size=16,
+            patch_size=2,
+            in_channels=4,
+            out_channels=4,
+            num_layers=6,
+            attention_head_dim=16,
+            num_attention_heads=4,
+            joint_attention_dim=96,
+            caption_projection_dim=64,
+            pooled_projection_dim=96,
             pos_embed_max_size=16,
         )
         self.text_encoder, self.text_encoder_2 = clip(64), clip(32)
         self._pipe = StableDiffusion3Pipeline(
-            transformer=self.transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae,
-            text_encoder=self.text_encoder, tokenizer=tokenizer, text_encoder_2=self.text_encoder_2,
-            tokenizer_2=build_clip_tokenizer(pad_token="!"), text_encoder_3=None, tokenizer_3=None,
+            transformer=self.transformer,
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+            vae=vae,
+            text_encoder=self.text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=self.text_encoder_2,
+            tokenizer_2=build_clip_tokenizer(pad_token="!"),
+            text_encoder_3=None,
+            tokenizer_3=None,
         )
 
     @property
@@ -160,11 +218,13 @@ class SD3Recipe:
         return [self.transformer, self.text_encoder, self.text_encoder_2]
 
     def loss(self, x0, captions, g):
-        embeds, _, pooled, _ = self._pipe.encode_prompt(captions, None, None, device=x0.device,
-                                                        do_classifier_free_guidance=False, max_sequence_length=256)
+        embeds, _, pooled, _ = self._pipe.encode_prompt(
+            captions, None, None, device=x0.device, do_classifier_free_guidance=False, max_sequence_length=256
+        )
         noisy, sigma, target = flow_matching_sample(x0, g)
-        pred = self.transformer(noisy, encoder_hidden_states=embeds, pooled_projections=pooled,
-                                timestep=sigma * 1000).sample
+        pred = self.transformer(
+            noisy, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=sigma * 1000
+        ).sample
         return F.mse_loss(pred, target)
 
     def pipeline(self):
@@ -179,11 +239,42 @@ def build_t5_toy(tokenizer_words=None, d_model: int = 64):
     from ..t5_spm import build_t5_word_tokenizer
     from .scenes import BACKGROUNDS, COLOURS, SHAPES
 
-    words = list(tokenizer_words or [*BACKGROUNDS, *COLOURS, *SHAPES, "a", "an", "the", "on", "with", "and", "of", "in",
-                                     "photo", "background", "next", "to", "cat", "dog", "object", "thing"])
+    words = list(
+        tokenizer_words
+        or [
+            *BACKGROUNDS,
+            *COLOURS,
+            *SHAPES,
+            "a",
+            "an",
+            "the",
+            "on",
+            "with",
+            "and",
+            "of",
+            "in",
+            "photo",
+            "background",
+            "next",
+            "to",
+            "cat",
+            "dog",
+            "object",
+            "thing",
+        ]
+    )
     tokenizer = build_t5_word_tokenizer(words, model_max_length=32)
-    config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_ff=2 * d_model, d_kv=16, num_layers=2, num_heads=4,
-                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_ff=2 * d_model,
+        d_kv=16,
+        num_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     return T5EncoderModel(config), tokenizer
 
 
@@ -206,10 +297,22 @@ class PixArtRecipe:
         self.text_encoder, self.tokenizer = build_t5_toy()
         heads = width // 16
         self.transformer = PixArtTransformer2DModel(
-            sample_size=16, num_layers=blocks, patch_size=1, attention_head_dim=16, num_attention_heads=heads,
-            caption_channels=self.text_encoder.config.d_model, in_channels=4, out_channels=4, cross_attention_dim=width,
-            attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
-            norm_elementwise_affine=False, norm_eps=1e-6, use_additional_conditions=False,
+            sample_size=16,
+            num_layers=blocks,
+            patch_size=1,
+            attention_head_dim=16,
+            num_attention_heads=heads,
+            caption_channels=self.text_encoder.config.d_model,
+            in_channels=4,
+            out_channels=4,
+            cross_attention_dim=width,
+            attention_bias=True,
+            activation_fn="gelu-approximate",
+            num_embeds_ada_norm=1000,
+            norm_type="ada_norm_single",
+            norm_elementwise_affine=False,
+            norm_eps=1e-6,
+            use_additional_conditions=False,
         )
         self.alphas = build_scheduler().alphas_cumprod
 
@@ -223,16 +326,25 @@ class PixArtRecipe:
         t = torch.randint(0, 1000, (len(x0),), generator=g)
         noise = torch.randn(x0.shape, generator=g)
         a = self.alphas[t].view(-1, 1, 1, 1)
-        pred = self.transformer(a.sqrt() * x0 + (1 - a).sqrt() * noise, encoder_hidden_states=embeds,
-                                encoder_attention_mask=text.attention_mask, timestep=t,
-                                added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        pred = self.transformer(
+            a.sqrt() * x0 + (1 - a).sqrt() * noise,
+            encoder_hidden_states=embeds,
+            encoder_attention_mask=text.attention_mask,
+            timestep=t,
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        ).sample
         return F.mse_loss(pred, noise)
 
     def pipeline(self):
         from diffusers import PixArtSigmaPipeline
 
-        return PixArtSigmaPipeline(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae,
-                                   transformer=self.transformer, scheduler=build_scheduler())
+        return PixArtSigmaPipeline(
+            tokenizer=self.tokenizer,
+            text_encoder=self.text_encoder,
+            vae=self.vae,
+            transformer=self.transformer,
+            scheduler=build_scheduler(),
+        )
 
 
 class FluxRecipe:
@@ -245,14 +357,34 @@ class FluxRecipe:
         self.text_encoder_2, tokenizer_2 = build_t5_toy()
         self.text_encoder = build_text_encoder()
         self.transformer = FluxTransformer2DModel(
-            patch_size=1, in_channels=16, num_layers=double, num_single_layers=single, attention_head_dim=16,
-            num_attention_heads=width // 16, joint_attention_dim=self.text_encoder_2.config.d_model,
-            pooled_projection_dim=self.text_encoder.config.hidden_size, axes_dims_rope=(4, 6, 6), guidance_embeds=False,
+            patch_size=1,
+            in_channels=16,
+            num_layers=double,
+            num_single_layers=single,
+            attention_head_dim=16,
+            num_attention_heads=width // 16,
+            joint_attention_dim=self.text_encoder_2.config.d_model,
+            pooled_projection_dim=self.text_encoder.config.hidden_size,
+            axes_dims_rope=(4, 6, 6),
+            guidance_embeds=False,
         )
-        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                    base_image_seq_len=256, max_image_seq_len=4096)
-        self._pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=self.text_encoder, tokenizer=tokenizer,
-                                  text_encoder_2=self.text_encoder_2, tokenizer_2=tokenizer_2, transformer=self.transformer)
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        )
+        self._pipe = FluxPipeline(
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=self.text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=self.text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            transformer=self.transformer,
+        )
 
     @property
     def modules(self):
@@ -265,8 +397,14 @@ class FluxRecipe:
         packed = pipe._pack_latents(x0, b, c, h, w)
         img_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, x0.device, x0.dtype)
         noisy, sigma, target = flow_matching_sample(packed, g)
-        pred = self.transformer(hidden_states=noisy, timestep=sigma, pooled_projections=pooled,
-                                encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=img_ids).sample
+        pred = self.transformer(
+            hidden_states=noisy,
+            timestep=sigma,
+            pooled_projections=pooled,
+            encoder_hidden_states=embeds,
+            txt_ids=text_ids,
+            img_ids=img_ids,
+        ).sample
         return F.mse_loss(pred, target)
 
     def pipeline(self):
@@ -280,20 +418,31 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--arch", choices=sorted(RECIPES), default="sd")
-    p.add_argument("--blocks", type=int, default=6, help="pixart, flux: transformer blocks (flux: one third double-stream, "
-                   "two thirds single-stream, as Flux.1's 19 + 38)")
+    p.add_argument(
+        "--blocks",
+        type=int,
+        default=6,
+        help="pixart, flux: transformer blocks (flux: one third double-stream, "
+        "two thirds single-stream, as Flux.1's 19 + 38)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--steps", type=int, default=5000)
     p.add_argument("--vae-steps", type=int, default=1000)
-    p.add_argument("--vae-from", default=None, help="a trained toy pipeline folder whose VAE to reuse (no VAE training)")
+    p.add_argument(
+        "--vae-from", default=None, help="a trained toy pipeline folder whose VAE to reuse (no VAE training)"
+    )
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--n-scenes", type=int, default=30000)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=500)
-    p.add_argument("--save-dtype", choices=["float16", "float32"], default="float32",
-                   help="float32 (default) loads in the stock pipelines with no dtype given; a float16 folder must be "
-                   "loaded with torch_dtype set (transformers keeps the text encoder's stored dtype, diffusers does not)")
+    p.add_argument(
+        "--save-dtype",
+        choices=["float16", "float32"],
+        default="float32",
+        help="float32 (default) loads in the stock pipelines with no dtype given; a float16 folder must be "
+        "loaded with torch_dtype set (transformers keeps the text encoder's stored dtype, diffusers does not)",
+    )
     args = p.parse_args(argv)
 
     if args.threads:
@@ -319,12 +468,16 @@ def main(argv=None) -> None:
     log["vae_seconds"] = round(time.time() - start, 1)
     log["scaling_factor"] = vae.config.scaling_factor
 
-    depth = {"pixart": {"blocks": args.blocks}, "flux": {"double": args.blocks // 3, "single": args.blocks - args.blocks // 3}}
+    depth = {
+        "pixart": {"blocks": args.blocks},
+        "flux": {"double": args.blocks // 3, "single": args.blocks - args.blocks // 3},
+    }
     recipe = RECIPES[args.arch](vae, build_clip_tokenizer(), **depth.get(args.arch, {}))
     params = [q for m in recipe.modules for q in m.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps,
-                                                pct_start=max(0.05, 3 / args.steps))
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=args.lr, total_steps=args.steps, pct_start=max(0.05, 3 / args.steps)
+    )
     save_dtype = getattr(torch, args.save_dtype)
     running = None
     for step in tqdm(range(1, args.steps + 1), desc=args.arch, mininterval=10):
@@ -375,12 +528,18 @@ def plot_loss(log_path: str, out_path: str, size: tuple[int, int] = (480, 240)) 
         if len(curve) < 2:
             continue
         last = curve[-1][0]
-        pts = [(pad + (w - 2 * pad) * s / last, h - pad - (h - 2 * pad) * (math.log10(v) - lo) / max(hi - lo, 1e-9))
-               for s, v in curve]
+        pts = [
+            (pad + (w - 2 * pad) * s / last, h - pad - (h - 2 * pad) * (math.log10(v) - lo) / max(hi - lo, 1e-9))
+            for s, v in curve
+        ]
         draw.line(pts, fill=colour, width=2)
         draw.text((pad + 5, 5 + 12 * k), f"{name}: {curve[-1][1]:.4f} at step {last}", fill=colour)
-    draw.text((pad, h - pad + 8), f"steps (each curve to its own end); log y from {10**lo:.3g} to {10**hi:.3g}; "
-              f"{log.get('seconds', 0) / 60:.0f} min, seed {log['seed']}", fill="black")
+    draw.text(
+        (pad, h - pad + 8),
+        f"steps (each curve to its own end); log y from {10**lo:.3g} to {10**hi:.3g}; "
+        f"{log.get('seconds', 0) / 60:.0f} min, seed {log['seed']}",
+        fill="black",
+    )
     img.save(out_path)
 
 

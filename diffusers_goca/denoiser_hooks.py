@@ -1,0 +1,96 @@
+"""The forward hooks that GoCA registers on a pipeline's denoiser: they bracket each forward that the running capture
+request wants with the capture's `start` / `stop`, and hand what it captured to the request."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from .capture_request import GoCAStepMasks
+
+
+class DenoiserHooks:
+    """The pre- and post-forward hooks of one `GoCAMixin` pipeline (`pipe`), read against its attached capture
+    (`pipe._goca`) at every call. A forward is captured when the request served now owns it (not a forward of a
+    request nested in it), it is the first denoiser call of its step, no guidance-only call, and `wants` the step;
+    after it, the capture goes to the request's `transform` (S-CFG), to `captured` (`keep_capture`), or is segmented
+    (`pipe._goca_results`) into the step's `GoCAStepMasks`, delivered and passed to the request's callback."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    @torch.compiler.disable  # the capture's bookkeeping stays out of a compiled denoiser
+    def pre_forward(self, module, args, kwargs):
+        state = self.pipe._goca
+        req = state.request if state and state.owns_forward() else None
+        if (
+            req is None
+            or state.adapter.guidance_forward(args, kwargs)
+            or req.forward % req.forwards_per_step
+            or not req.wants(req.forward // req.forwards_per_step)
+        ):
+            return None
+        adapter = state.adapter
+        rows = self.rows(adapter.denoiser_batch(args, kwargs), req.n_images)
+        state.wrap_replaced(adopt=False)
+        state.capture.start(
+            adapter.denoiser_latent_hw(args, kwargs),
+            rows,
+            adapter.denoiser_text_len(args, kwargs),
+            req.columns,
+            req.text_keys,
+            req.pseudo_attention,
+        )
+        req.timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        return None
+
+    def rows(self, batch: int, n: int) -> range:
+        """The rows of the denoiser batch that hold the n images to segment: the conditional ones."""
+        if batch == n:
+            return range(n)
+        if getattr(self.pipe, "do_perturbed_attention_guidance", False):  # PAG appends the perturbed rows
+            if batch == 3 * n:
+                return range(n, 2 * n)  # [uncond, cond, perturbed]
+            if batch == 2 * n:
+                return range(n)  # [cond, perturbed]
+        elif batch == 2 * n:
+            return range(n, 2 * n)  # [uncond, cond]
+        raise RuntimeError(
+            f"GoCA expected a denoiser batch of {n} images, or those with their unconditional (CFG) or "
+            f"perturbed (PAG) copies, got {batch}"
+        )
+
+    @torch.compiler.disable  # the capture's bookkeeping stays out of a compiled denoiser
+    def post_forward(self, module, args, kwargs, output):
+        state = self.pipe._goca
+        req = state.request if state and state.owns_forward() else None
+        if req is None or state.adapter.guidance_forward(args, kwargs):
+            return None
+        step = state.capture.stop()
+        index = req.forward // req.forwards_per_step
+        req.forward += 1
+        if step is not None and req.transform is not None:
+            return req.transform(step, output)
+        if step is not None and req.keep_capture:
+            req.captured.append(step)
+        elif step is not None:
+            reuse = None if req.reuse is None else partial(req.reuse, index)
+            results = self.pipe._goca_results(
+                state.adapter,
+                step,
+                req.indices,
+                req.method,
+                req.background,
+                req.background_offset,
+                req.options,
+                output_resize=req.output_resize,
+                reuse=reuse,
+            )
+            t = req.timestep
+            t = float(t.flatten()[0]) if torch.is_tensor(t) else float(t or 0)
+            masks = GoCAStepMasks(index, state.adapter.scheduler_timestep(t), results)
+            req.delivered.append(masks)
+            if req.callback is not None:
+                req.callback(self.pipe, index, masks.timestep, masks)
+        return None

@@ -1,0 +1,42 @@
+"""The denoiser-call side of an `Adapter`: what a call of the denoiser, and a call of the pipeline around it, say
+about the batch, the latent grid, the text and the steps."""
+
+from __future__ import annotations
+
+
+class DenoiserCalls:
+    """A base of `Adapter`: reads the denoiser's call arguments (its batch, latent grid and text length, whether it
+    is a guidance-only call) and the pipeline call's (denoiser calls per step, the resize of its output)."""
+
+    # Whether the pipeline's classifier-free guidance runs as one [uncond, cond] denoiser batch (what S-CFG rescales).
+    cfg_batch = True
+
+    def scheduler_timestep(self, t: float) -> float:
+        """The timestep the denoiser was called with, in the scheduler's units (what `callback_on_step_end` sees)."""
+        return t
+
+    def denoiser_text_len(self, args, kwargs) -> int | None:
+        ehs = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        return None if ehs is None else int(ehs.shape[1])
+
+    def forwards_per_step(self, call_kwargs: dict) -> int:
+        """Denoiser calls per denoising step; the first is the one segmented (Flux's true CFG adds an uncond call)."""
+        return 1
+
+    def output_resize(self, call_kwargs: dict):
+        """What the pipeline does to the generated image before returning it, as a function of scores [C, H, W] at the
+        generated size (labels follow by argmax), or None when it returns the image at that size."""
+        return None
+
+    def guidance_forward(self, args, kwargs) -> bool:
+        """Whether this denoiser call is an extra one that some steps add for a guidance (SD3's skip-layer guidance),
+        neither segmented nor counted as a step's call."""
+        return False
+
+    def denoiser_latent_hw(self, args, kwargs) -> tuple[int, int]:
+        sample = kwargs.get("sample", kwargs.get("hidden_states", args[0] if args else None))
+        return tuple(sample.shape[-2:])
+
+    def denoiser_batch(self, args, kwargs) -> int:
+        sample = kwargs.get("sample", kwargs.get("hidden_states", args[0] if args else None))
+        return sample.shape[0]

@@ -1,0 +1,177 @@
+"""Segmentation of an existing image (`GoCAMixin.segment`): the image encoded by the VAE and noised, the classes'
+presence, their separate encoding, one captured denoiser forward per kind of map, and each method's result."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack, contextmanager
+
+import torch
+from PIL import Image
+
+from .arguments import finite_number, is_integer
+from .capture import StepCapture
+from .capture_request import kept_columns, text_keys_read
+from .class_encoding import CLASS_ENCODINGS, separately_encoded
+from .image_input import as_rgb
+from .methods import ISEG_EMBEDDING_SCALE, capture_pseudo_attention, check_method
+from .presence import denoiser_presence
+from .result import GoCASegmentation
+from .tokens import has_class, segmentation_prompt
+
+logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def _scaled_text_tokens(denoiser: torch.nn.Module, positions: list[int], scale: float):
+    """While active, the denoiser sees `encoder_hidden_states` with the tokens at `positions` multiplied by `scale`."""
+
+    def hook(module, args, kwargs):
+        ehs = kwargs.get("encoder_hidden_states")
+        if ehs is None:
+            return None
+        scaled = ehs.clone()
+        scaled[:, positions] *= scale
+        return args, {**kwargs, "encoder_hidden_states": scaled}
+
+    handle = denoiser.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _cast_module(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast `module`'s parameters and buffers to `dtype` in place, through `torch.nn.Module.to`. Not diffusers'
+    `ModelMixin.to`, which logs "There are modules in <class> that should be kept in float32: [...]" for every dtype
+    cast (also for an empty list, as AutoencoderKL's), which `segment`'s VAE upcast would print twice per call; the
+    checks it adds before casting concern quantized models (never cast here) and device moves (none here)."""
+    torch.nn.Module.to(module, dtype)
+
+
+def encoded_latents(pipe, rgb: Image.Image, resolution: int, adapter) -> torch.Tensor:
+    """`rgb` resized to a `resolution` square and encoded by the pipeline's VAE (its mean; upcast to float32 for the
+    encode where the VAE asks for it), scaled as the denoiser reads latents, in the denoiser's dtype."""
+    vae = pipe.vae
+    pixels = pipe.image_processor.preprocess(rgb, height=resolution, width=resolution)
+    upcast = (
+        vae.dtype == torch.float16
+        and getattr(vae.config, "force_upcast", False)
+        and not getattr(vae, "is_quantized", False)
+    )
+    dtype = torch.float32 if upcast else vae.dtype
+    if upcast:
+        _cast_module(vae, torch.float32)
+    try:
+        # The pipeline's execution device: under model offload the VAE waits on the host until `encode` moves it.
+        latents = vae.encode(pixels.to(pipe._execution_device, dtype)).latent_dist.mean
+    finally:
+        if upcast:
+            _cast_module(vae, torch.float16)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return ((latents - shift) * vae.config.scaling_factor).to(adapter.denoiser.dtype)
+
+
+def segment_image(
+    pipe,
+    image,
+    classes,
+    method,
+    timestep,
+    seed,
+    background: bool,
+    background_offset,
+    resolution,
+    guidance_scale,
+    presence: bool,
+    presence_threshold,
+    class_encoding: str,
+    options: dict,
+) -> GoCASegmentation | dict[str, GoCASegmentation]:
+    """`pipe.segment(image, classes, ...)` (see there): every argument checked before the image is encoded, then
+    the presence test if asked for, one captured forward per kind of map (iSeg's own), and each method's result."""
+    methods = [method] if isinstance(method, str) else list(method)
+    if isinstance(classes, str):
+        classes = [c.strip() for c in classes.split(",") if c.strip()]
+    rgb = as_rgb(image)
+    classes = list(classes)
+    use_background = background and not has_class(classes, "background")
+    prompt = segmentation_prompt(classes, use_background)
+    adapter = pipe.goca_adapter
+    for m in methods:
+        check_method(adapter, m)
+    pseudo_attention = capture_pseudo_attention(adapter, methods, options)
+    background_offset = finite_number("background_offset", background_offset)
+    presence_threshold = finite_number("presence_threshold", presence_threshold)
+    if class_encoding not in CLASS_ENCODINGS:
+        raise ValueError(f"class_encoding must be one of {CLASS_ENCODINGS}, got {class_encoding!r}")
+    adapter.check_segment_guidance(guidance_scale)
+    index = adapter.token_index(
+        adapter.segment_text(prompt), classes, extra_entities=["background"] if use_background else []
+    )
+    # None: the family's own rule
+    timestep = adapter.segment_timestep if timestep is None else adapter.checked_timestep(timestep)
+    if seed is not None and not is_integer(seed):
+        raise ValueError(f"seed must be an integer or None (unseeded), got {seed!r}")
+    resolution = adapter.checked_resolution(resolution)
+    latents = pipe._goca_encode(rgb, resolution, adapter)
+    text_keys = text_keys_read(adapter, [index])
+
+    def capture(scale_classes: float | None = None) -> StepCapture:
+        generator = None if seed is None else torch.Generator().manual_seed(int(seed))
+        forward = lambda: adapter.segment_forward(latents, prompt, timestep, generator, guidance_scale)  # noqa: E731
+        settings = dict(columns=kept_columns(adapter, [index]), text_keys=text_keys, pseudo_attention=pseudo_attention)
+        with ExitStack() as stack:
+            if class_encoding == "separate":
+                missing = stack.enter_context(separately_encoded(pipe, classes, adapter.segment_text))
+            if scale_classes is not None:
+                positions = sorted({p for ps in index.class_tokens for p in ps})
+                stack.enter_context(_scaled_text_tokens(adapter.denoiser, positions, scale_classes))
+            step = pipe.capture_forward(forward, **settings)
+        if class_encoding == "separate" and missing:
+            logger.warning(
+                "GoCA: class_encoding='separate' did not find the tokens of %s in the prompt as "
+                "tokenized; they keep the prompt's encoding",
+                ", ".join(sorted(missing)),
+            )
+        return step
+
+    absent = []
+    if presence:
+        gains = denoiser_presence(
+            lambda text, t, g: adapter.segment_forward(latents, text, t, g, guidance_scale),
+            classes,
+            use_background,
+            seed,
+        )
+        absent = [c for c, gain in zip(classes, gains.tolist()) if gain <= presence_threshold]
+        if len(absent) == len(classes):
+            logger.warning(
+                "GoCA: the presence test judged every class absent (%s): %s",
+                ", ".join(absent),
+                "all pixels are background"
+                if use_background
+                else "the labels are the plain argmax over them (pass background=True to get background)",
+            )
+    # iSeg reads a forward whose class-token embeddings are scaled; every other method shares one plain forward.
+    steps = {}
+    if any(m != "iseg" for m in methods):
+        steps["plain"] = capture()
+    if "iseg" in methods:
+        steps["iseg"] = capture(ISEG_EMBEDDING_SCALE)
+    results = {}
+    for m in methods:
+        step = steps["iseg" if m == "iseg" else "plain"]
+        results[m] = pipe._goca_results(
+            adapter,
+            step,
+            [index],
+            m,
+            "background" if use_background else None,
+            background_offset,
+            options,
+            (rgb.height, rgb.width),
+            absent=absent,
+        )[0]
+        results[m].image = rgb
+    return results[method] if isinstance(method, str) else results
