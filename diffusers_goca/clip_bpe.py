@@ -78,3 +78,22 @@ def build_clip_tokenizer(pad_token: str = "<|endoftext|>", model_max_length: int
     if save_dir is not None:
         tokenizer.save_pretrained(save_dir)
     return tokenizer
+
+
+def small_clip_text_config(hidden: int):
+    """A `CLIPTextConfig` of a small random CLIP text encoder (2 layers, 4 heads, width `hidden`) over this tokenizer's
+    vocabulary and special-token ids: the text encoder of the toy models and of the tests' tiny pipelines."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=hidden,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )

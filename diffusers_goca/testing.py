@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .clip_bpe import CLIP_VOCAB_SIZE, build_clip_tokenizer
+from .clip_bpe import build_clip_tokenizer, small_clip_text_config
 from .t5_spm import build_t5_tokenizer
 
 __all__ = [
@@ -66,21 +66,10 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>"):
 
 
 def tiny_clip_text(hidden=32, with_projection=False, seed=0):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    config = CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        projection_dim=hidden,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    )
+    config = small_clip_text_config(hidden)
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
 
 

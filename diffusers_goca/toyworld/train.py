@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..clip_bpe import CLIP_VOCAB_SIZE, build_clip_tokenizer
+from ..clip_bpe import build_clip_tokenizer, small_clip_text_config
 from .scenes import make_scene, scene_seeds
 
 
@@ -61,20 +61,9 @@ def build_unet(cross_attention_dim: int = 64):
 
 
 def build_text_encoder(hidden: int = 64):
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
-    config = CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    )
-    return CLIPTextModel(config)
+    return CLIPTextModel(small_clip_text_config(hidden))
 
 
 def build_scheduler():
@@ -169,23 +158,10 @@ class SD3Recipe:
 
     def __init__(self, vae, tokenizer):
         from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-        from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+        from transformers import CLIPTextModelWithProjection
 
         def clip(hidden):
-            return CLIPTextModelWithProjection(
-                CLIPTextConfig(
-                    vocab_size=CLIP_VOCAB_SIZE,
-                    hidden_size=hidden,
-                    intermediate_size=2 * hidden,
-                    num_hidden_layers=2,
-                    num_attention_heads=4,
-                    max_position_embeddings=77,
-                    projection_dim=hidden,
-                    bos_token_id=49406,
-                    eos_token_id=49407,
-                    pad_token_id=49407,
-                )
-            )
+            return CLIPTextModelWithProjection(small_clip_text_config(hidden))
 
         self.transformer = SD3Transformer2DModel(
             sample_size=16,
