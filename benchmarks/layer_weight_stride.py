@@ -16,6 +16,7 @@ from PIL import Image
 
 import diffusers_goca as goca
 from diffusers_goca.methods import layer_weights
+from diffusers_goca.segmenting import encoded_latents
 from diffusers_goca.tokens import segmentation_prompt
 from diffusers_goca.toyworld import load_toy_pipeline, make_scene, scene_seeds
 from diffusers_goca.toyworld.evaluate import evaluate_segmentation
@@ -28,7 +29,7 @@ def weight_distances(pipe, strides, n_scenes: int) -> dict[int, list[float]]:
     for seed in scene_seeds("test", n_scenes):
         scene = make_scene(seed)
         prompt = segmentation_prompt(scene.classes, False)
-        latents = pipe._goca_encode(Image.fromarray(scene.image), adapter.native_resolution, adapter)
+        latents = encoded_latents(pipe, Image.fromarray(scene.image), adapter.native_resolution, adapter)
         forward = lambda: adapter.segment_forward(latents, prompt, 100, torch.Generator().manual_seed(0))
         step = pipe.capture_forward(forward)
         exact = layer_weights(step, 0, adapter, adapter.cross_layers, False)

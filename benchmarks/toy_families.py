@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import diffusers_goca as goca  # noqa: E402
 from diffusers_goca.methods import available_methods  # noqa: E402
+from diffusers_goca.segmenting import encoded_latents  # noqa: E402
 from diffusers_goca.toyworld import TOY_MODEL_DIR, load_toy_pipeline  # noqa: E402
 from diffusers_goca.toyworld.evaluate import evaluate_segmentation  # noqa: E402
 
@@ -77,8 +78,8 @@ def layer_report(pipe, n: int, start: int) -> str:
     held-out scenes: whether the layer weights favour the layers whose maps segment best."""
     from PIL import Image
 
+    from diffusers_goca.capture_request import kept_columns
     from diffusers_goca.methods import layer_weights
-    from diffusers_goca.mixin import kept_columns
     from diffusers_goca.tokens import segmentation_prompt
     from diffusers_goca.toyworld import make_scene, scene_seeds
 
@@ -91,7 +92,7 @@ def layer_report(pipe, n: int, start: int) -> str:
         scene = make_scene(seed)
         prompt = segmentation_prompt(scene.classes, False)
         index = adapter.token_index(adapter.segment_text(prompt), scene.classes)
-        latents = pipe._goca_encode(Image.fromarray(scene.image), adapter.native_resolution, adapter)
+        latents = encoded_latents(pipe, Image.fromarray(scene.image), adapter.native_resolution, adapter)
         for mode in weights:
             step = pipe.capture_forward(
                 lambda: adapter.segment_forward(

@@ -25,7 +25,7 @@ class CaptureRequest:
     """What the denoiser hooks of a `GoCAMixin` pipeline capture (and, during generation, segment) in one pipeline
     call or one forward: built by `segment` / `capture_forward` (`keep_capture=True`), by the call with `goca_masks`
     (the masks of the steps `wants`), and by `SCFGMixin`'s call (`transform`: the capture and the denoiser output →
-    the output the pipeline goes on with). Handed to the hooks with `GoCAMixin._goca_request`; the hooks fill
+    the output the pipeline goes on with). Handed to the hooks with `AttachedCapture.serving`; the hooks fill
     `captured` / `delivered` and count `forward`. For mixins built on `GoCAMixin`, as S-CFG is."""
 
     wants: Callable[[int], bool]

@@ -8,6 +8,7 @@ from functools import partial
 import torch
 
 from .capture_request import GoCAStepMasks
+from .step_results import step_segmentations
 
 
 class DenoiserHooks:
@@ -15,7 +16,7 @@ class DenoiserHooks:
     (`pipe._goca`) at every call. A forward is captured when the request served now owns it (not a forward of a
     request nested in it), it is the first denoiser call of its step, no guidance-only call, and `wants` the step;
     after it, the capture goes to the request's `transform` (S-CFG), to `captured` (`keep_capture`), or is segmented
-    (`pipe._goca_results`) into the step's `GoCAStepMasks`, delivered and passed to the request's callback."""
+    (`step_results.step_segmentations`) into the step's `GoCAStepMasks`, delivered and passed to the request's callback."""
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -76,7 +77,7 @@ class DenoiserHooks:
             req.captured.append(step)
         elif step is not None:
             reuse = None if req.reuse is None else partial(req.reuse, index)
-            results = self.pipe._goca_results(
+            results = step_segmentations(
                 state.adapter,
                 step,
                 req.indices,

@@ -1,5 +1,5 @@
 """Masks during generation (`GoCAMixin.__call__` with `goca_masks`): the classes segmented in each generated image,
-and the denoising steps segmented."""
+the denoising steps segmented, and the capture request that carries them to the denoiser hooks."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from .arguments import is_integer
-from .models.base import call_default
+from .arguments import finite_number, is_integer
+from .capture_request import CaptureRequest, kept_columns, text_keys_read
+from .methods import LayerWeightReuse, capture_pseudo_attention, check_method
+from .models.base import call_default, check_one_call_per_step
 from .prompt_classes import entities_from_prompt
 from .tokens import has_class
 
@@ -34,8 +36,24 @@ def _classes_per_prompt(goca_classes, prompt) -> list[list[str]] | None:
     return [list(c) for c in items]
 
 
-def mask_indices(pipe, adapter, prompt, call_kwargs: dict, goca_classes, goca_background: bool) -> list:
-    """One TokenIndex per generated image (`pipe._goca_prompt_indices`) of the classes `goca_classes` names for its
+def prompt_indices(adapter, prompt, call_kwargs: dict, what: str, index_for) -> list:
+    """One TokenIndex per generated image (prompts × num_images_per_prompt), read from the text the pipeline
+    encodes; `prompt`: the call's `adapter.call_prompt`. index_for(i, text, max_length, part_texts) builds the
+    i-th prompt's."""
+    if prompt is None:
+        raise ValueError(f"{what} needs the prompt text (prompt_embeds alone cannot be segmented)")
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    per_prompt = call_kwargs.get("num_images_per_prompt", 1) or 1
+    max_length = call_kwargs.get("max_sequence_length", adapter.text_max_length)
+    return [
+        index_for(i, adapter.prompt_text(p, call_kwargs), max_length, adapter.part_texts(call_kwargs, i, len(prompts)))
+        for i, p in enumerate(prompts)
+        for _ in range(per_prompt)
+    ]
+
+
+def mask_indices(adapter, prompt, call_kwargs: dict, goca_classes, goca_background: bool) -> list:
+    """One TokenIndex per generated image (`prompt_indices`) of the classes `goca_classes` names for its
     prompt (default: the prompt's entities), with the word "background" where `goca_background` asks for its map."""
     per_prompt = _classes_per_prompt(goca_classes, prompt)
 
@@ -52,7 +70,7 @@ def mask_indices(pipe, adapter, prompt, call_kwargs: dict, goca_classes, goca_ba
             )
         return index
 
-    return pipe._goca_prompt_indices(adapter, prompt, call_kwargs, "masks during generation", index_for)
+    return prompt_indices(adapter, prompt, call_kwargs, "masks during generation", index_for)
 
 
 def steps_wanted(pipe, adapter, call_kwargs: dict, goca_masks) -> Callable[[int], bool]:
@@ -101,3 +119,54 @@ def step_filter(pipe, goca_masks, steps_run: int, num_inference_steps: int) -> C
         return getattr(pipe, "_num_timesteps", None) or len(pipe.scheduler.timesteps)
 
     return lambda i: i in wanted or i - steps() in wanted
+
+
+def masks_request(
+    pipe,
+    args,
+    kwargs: dict,
+    goca_masks,
+    goca_classes,
+    goca_method: str,
+    goca_callback,
+    goca_background: bool,
+    goca_background_offset,
+    goca_options: dict | None,
+    goca_layer_weights_every,
+) -> CaptureRequest:
+    """The capture request of a generation with masks (`GoCAMixin.__call__`'s arguments), every argument checked
+    before anything is attached or run."""
+    if goca_method == "iseg":  # its maps come from a forward with scaled class-token embeddings
+        raise ValueError(
+            "goca_method='iseg' needs a denoiser forward of its own, which would change the images: "
+            "segment the generated image with pipe.segment(image, classes, method='iseg')"
+        )
+    # Every check before GoCA is attached: a refused call leaves a disabled pipeline as it was.
+    check_one_call_per_step(pipe, "goca_masks")
+    adapter = pipe.goca_adapter
+    check_method(adapter, goca_method)
+    pseudo_attention = capture_pseudo_attention(adapter, [goca_method], dict(goca_options or {}))
+    goca_background_offset = finite_number("goca_background_offset", goca_background_offset)
+    reuse = LayerWeightReuse(goca_layer_weights_every, "goca_layer_weights_every")
+
+    prompt = adapter.call_prompt(args, kwargs)
+    adapter.check_mask_prompt(kwargs, prompt)
+    indices = mask_indices(adapter, prompt, kwargs, goca_classes, goca_background)
+    wants = steps_wanted(pipe, adapter, kwargs, goca_masks)
+    request = CaptureRequest(
+        wants=wants,
+        n_images=len(indices),
+        indices=indices,
+        method=goca_method,
+        background="background" if goca_background else None,
+        background_offset=goca_background_offset,
+        options=dict(goca_options or {}),
+        callback=goca_callback,
+        forwards_per_step=adapter.forwards_per_step(kwargs),
+        columns=kept_columns(adapter, indices),
+        text_keys=text_keys_read(adapter, indices),
+        pseudo_attention=pseudo_attention,
+        output_resize=adapter.output_resize(kwargs),
+        reuse=reuse if reuse.every > 1 else None,
+    )
+    return request

@@ -1,36 +1,25 @@
 """`GoCAMixin`: GoCA on a diffusers pipeline: enable / disable the capture, segment existing images, masks during
 generation. The work is done by its parts (`attach`, `denoiser_hooks`, `segmenting`, `generation`); the mixin holds
-the public methods and what they share: the segmentation of a captured step (`_goca_results`)."""
+the public methods; the parts do the work."""
 
 from __future__ import annotations
 
-import logging
 from typing import Callable, Sequence
 
 import torch
-from PIL import Image
 
-from .arguments import finite_number
 from .attach import AttachedCapture
 from .capture import Capture, StepCapture
-from .capture_request import CaptureRequest, GoCAStepMasks, kept_columns, text_keys_read
+from .capture_request import CaptureRequest, GoCAStepMasks
 from .denoiser_hooks import DenoiserHooks
-from .functional.maps import labels_without, scores_to_labels
-from .generation import mask_indices, steps_wanted
+from .generation import masks_request
 from .methods import (
-    LayerWeightReuse,
     available_methods,
-    capture_pseudo_attention,
-    check_method,
-    method_scores,
-    reads_head_weighted_maps,
 )
-from .models.base import adapter_for, check_one_call_per_step
+from .models.base import adapter_for
 from .presence import PRESENCE_THRESHOLD
 from .result import GoCASegmentation
-from .segmenting import encoded_latents, segment_image
-
-logger = logging.getLogger(__name__)
+from .segmenting import segment_image
 
 
 class GoCAMixin:
@@ -103,25 +92,6 @@ class GoCAMixin:
         state.wrap_replaced(adopt=True)
         return state
 
-    def _goca_request(self, state: AttachedCapture, request: CaptureRequest):
-        """Hand `request` to the denoiser hooks for the duration of a `with` block (`AttachedCapture.serving`)."""
-        return state.serving(request)
-
-    def _goca_prompt_indices(self, adapter, prompt, kwargs, what: str, index_for) -> list:
-        """One TokenIndex per generated image (prompts × num_images_per_prompt), read from the text the pipeline
-        encodes; `prompt`: the call's `adapter.call_prompt`. index_for(i, text, max_length, part_texts) builds the
-        i-th prompt's."""
-        if prompt is None:
-            raise ValueError(f"{what} needs the prompt text (prompt_embeds alone cannot be segmented)")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        per_prompt = kwargs.get("num_images_per_prompt", 1) or 1
-        max_length = kwargs.get("max_sequence_length", adapter.text_max_length)
-        return [
-            index_for(i, adapter.prompt_text(p, kwargs), max_length, adapter.part_texts(kwargs, i, len(prompts)))
-            for i, p in enumerate(prompts)
-            for _ in range(per_prompt)
-        ]
-
     def capture_forward(
         self,
         run: Callable[[], object],
@@ -150,7 +120,7 @@ class GoCAMixin:
             pseudo_attention=pseudo_attention,
         )
         try:
-            with self._goca_request(state, request):
+            with state.serving(request):
                 run()
         finally:
             if not was_enabled:
@@ -192,10 +162,11 @@ class GoCAMixin:
         unless a class is named background (in any case). Off by default: where the surface is named, the channel
         takes part of it (the toy models' protocol table in docs/protocols.md); turn it on when only objects are named.
         presence: first ask the denoiser which classes are in the image (`presence.denoiser_presence`: each class
-        left out of the prompt in turn, 3·(K+1) more forwards); a class whose absence raises the denoising error by
+        left out of the prompt in turn, 14·(K+1) more forwards); a class whose absence raises the denoising error by
         no more than `presence_threshold` is judged absent and takes no pixel (`result.absent`; its scores stay in
-        `result.scores`). Every class absent: all background with a background channel, else the plain argmax; a
-        warning names them.
+        `result.scores`), and the others' scores are weighted by their gain (`presence.presence_weights`, in
+        `result.presence`) before the argmax. Every class absent: all background with a background channel, else the
+        plain argmax; a warning names them.
         class_encoding: "prompt" (the classes' tokens as the text encoder reads them in the prompt) or "separate"
         (each class encoded on its own, `class_encoding.separately_encoded`: the result no longer depends on the
         order of the classes, which a causal text encoder such as CLIP otherwise imposes; see docs/protocols.md).
@@ -218,10 +189,6 @@ class GoCAMixin:
             class_encoding,
             options,
         )
-
-    def _goca_encode(self, rgb: Image.Image, resolution: int, adapter) -> torch.Tensor:
-        """`rgb`'s latents as `segment` encodes them (`segmenting.encoded_latents`)."""
-        return encoded_latents(self, rgb, resolution, adapter)
 
     # -- masks during generation --------------------------------------------------------------------------------------
     def __call__(
@@ -252,83 +219,20 @@ class GoCAMixin:
         if goca_masks is None or goca_masks is False or (isinstance(goca_masks, (list, tuple)) and not goca_masks):
             self.goca_masks = []
             return super().__call__(*args, **kwargs)
-        if goca_method == "iseg":  # its maps come from a forward with scaled class-token embeddings
-            raise ValueError(
-                "goca_method='iseg' needs a denoiser forward of its own, which would change the images: "
-                "segment the generated image with pipe.segment(image, classes, method='iseg')"
-            )
-        # Every check before GoCA is attached: a refused call leaves a disabled pipeline as it was.
-        check_one_call_per_step(self, "goca_masks")
-        adapter = self.goca_adapter
-        check_method(adapter, goca_method)
-        pseudo_attention = capture_pseudo_attention(adapter, [goca_method], dict(goca_options or {}))
-        goca_background_offset = finite_number("goca_background_offset", goca_background_offset)
-        reuse = LayerWeightReuse(goca_layer_weights_every, "goca_layer_weights_every")
-
-        prompt = adapter.call_prompt(args, kwargs)
-        adapter.check_mask_prompt(kwargs, prompt)
-        indices = mask_indices(self, adapter, prompt, kwargs, goca_classes, goca_background)
-        wants = steps_wanted(self, adapter, kwargs, goca_masks)
-        request = CaptureRequest(
-            wants=wants,
-            n_images=len(indices),
-            indices=indices,
-            method=goca_method,
-            background="background" if goca_background else None,
-            background_offset=goca_background_offset,
-            options=dict(goca_options or {}),
-            callback=goca_callback,
-            forwards_per_step=adapter.forwards_per_step(kwargs),
-            columns=kept_columns(adapter, indices),
-            text_keys=text_keys_read(adapter, indices),
-            pseudo_attention=pseudo_attention,
-            output_resize=adapter.output_resize(kwargs),
-            reuse=reuse if reuse.every > 1 else None,
+        request = masks_request(
+            self,
+            args,
+            kwargs,
+            goca_masks,
+            goca_classes,
+            goca_method,
+            goca_callback,
+            goca_background,
+            goca_background_offset,
+            goca_options,
+            goca_layer_weights_every,
         )
         self.goca_masks: list[GoCAStepMasks] = request.delivered
         state = self._goca_attached() if self._goca is not None else self.enable_goca()._goca
-        with self._goca_request(state, request):
+        with state.serving(request):
             return super().__call__(*args, **kwargs)
-
-    def _goca_results(
-        self,
-        adapter,
-        step: StepCapture,
-        indices,
-        method: str,
-        background: str | None,
-        background_offset: float,
-        options: dict,
-        out_hw=None,
-        output_resize=None,
-        absent: Sequence[str] = (),
-        reuse: Callable | None = None,
-    ) -> list[GoCASegmentation]:
-        """One segmentation per captured row; labels at `out_hw` (default: the generated image's size), then through
-        `output_resize` (what the pipeline does to its image after generating it, if anything). Classes in `absent`
-        take no pixel (unless every class is absent and there is no background channel). reuse: the layer weights'
-        source during generation (`methods.goca_scores`)."""
-        map_hw = adapter.map_grid(step.latent_hw)
-        out_hw = out_hw or adapter.image_hw(step.latent_hw)
-        results = []
-        for row, index in enumerate(indices):
-            bg = background if background in index.extra_entities else None
-            scores, bg_scores = method_scores(step, row, index, adapter, method, bg, reuse, **options)
-            labels, up = scores_to_labels(scores, map_hw, out_hw, bg_scores, background_offset)
-            if output_resize is not None:
-                up = output_resize(up)
-                labels = up.argmax(0)
-            classes = list(index.classes) + (["background"] if bg else [])
-            if absent:
-                labels = labels_without(up, [classes.index(c) for c in absent])
-            results.append(GoCASegmentation(labels.cpu(), up.cpu(), classes, absent=list(absent)))
-        # Read after the labels came to the host, so the checks and counts cost no wait of their own.
-        step.check_text_keys()
-        degenerate = step.degenerate_pixels if reads_head_weighted_maps(method, options) else 0
-        if degenerate:
-            logger.warning(
-                "GoCA: %d pixel(s), summed over the layers and images of this forward, had an attention "
-                "output of norm ≈ 0; their head weights fell back to the head mean (docs/official_code.md)",
-                degenerate,
-            )
-        return results

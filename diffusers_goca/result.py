@@ -137,14 +137,20 @@ def boundaries(labels: np.ndarray, width: int = 1) -> np.ndarray:
 @dataclass
 class GoCASegmentation:
     """labels: LongTensor [H, W] of indices into `classes`; scores: FloatTensor [len(classes), H, W];
-    classes: the requested classes, plus "background" when a background channel is used; absent: the classes that
-    the presence test (`segment(..., presence=True)`) judged absent, which take no pixel (their scores are kept)."""
+    classes: the requested classes, plus "background" when a background channel is used; presence: after the
+    presence test (`segment(..., presence=True)`), each named class's weight in the argmax (`presence_weights`: 0 for
+    a class judged absent, which takes no pixel; the scores are kept unweighted), else empty."""
 
     labels: torch.Tensor
     scores: torch.Tensor
     classes: list[str]
     image: Image.Image | None = None
-    absent: list[str] = field(default_factory=list)
+    presence: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def absent(self) -> list[str]:
+        """The classes the presence test judged absent (weight 0), in the order of `classes`."""
+        return [c for c in self.classes if self.presence.get(c, 1.0) == 0]
 
     @property
     def palette(self) -> np.ndarray:

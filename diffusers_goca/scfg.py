@@ -23,6 +23,7 @@ from .capture_request import CaptureRequest
 from .functional.aggregation import aggregate_layers
 from .functional.maps import gaussian_blur, minmax, per_pixel_rescale, propagate, resize_maps
 from .functional.scfg import guidance_norm, rate_map, scfg_cond
+from .generation import prompt_indices
 from .methods import LayerWeightReuse, capture_pseudo_attention, layer_weights, refinement_operator
 from .mixin import GoCAMixin
 from .models.base import adapter_for, call_default, check_one_call_per_step
@@ -172,7 +173,7 @@ class SCFGMixin(GoCAMixin):
         pseudo_attention = capture_pseudo_attention(
             adapter, ["goca"], {} if pseudo_attention is None else {"pseudo_attention": pseudo_attention}
         )
-        indices = self._goca_prompt_indices(
+        indices = prompt_indices(
             adapter,
             adapter.call_prompt(args, kwargs),
             kwargs,
@@ -211,7 +212,7 @@ class SCFGMixin(GoCAMixin):
 
         request.transform = transform
         state = self._goca_attached() if self._goca is not None else self.enable_goca()._goca
-        with self._goca_request(state, request):
+        with state.serving(request):
             return super(GoCAMixin, self).__call__(*args, **kwargs)
 
     def _scfg_step(

@@ -15,8 +15,9 @@ from .capture_request import kept_columns, text_keys_read
 from .class_encoding import CLASS_ENCODINGS, separately_encoded
 from .image_input import as_rgb
 from .methods import ISEG_EMBEDDING_SCALE, capture_pseudo_attention, check_method
-from .presence import denoiser_presence
+from .presence import denoiser_presence, presence_weights
 from .result import GoCASegmentation
+from .step_results import step_segmentations
 from .tokens import has_class, segmentation_prompt
 
 logger = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ def segment_image(
     if seed is not None and not is_integer(seed):
         raise ValueError(f"seed must be an integer or None (unseeded), got {seed!r}")
     resolution = adapter.checked_resolution(resolution)
-    latents = pipe._goca_encode(rgb, resolution, adapter)
+    latents = encoded_latents(pipe, rgb, resolution, adapter)
     text_keys = text_keys_read(adapter, [index])
 
     def capture(scale_classes: float | None = None) -> StepCapture:
@@ -136,7 +137,7 @@ def segment_image(
             )
         return step
 
-    absent = []
+    weights = None
     if presence:
         gains = denoiser_presence(
             lambda text, t, g: adapter.segment_forward(latents, text, t, g, guidance_scale),
@@ -144,7 +145,8 @@ def segment_image(
             use_background,
             seed,
         )
-        absent = [c for c, gain in zip(classes, gains.tolist()) if gain <= presence_threshold]
+        weights = dict(zip(classes, presence_weights(gains, presence_threshold).tolist()))
+        absent = [c for c, w in weights.items() if w == 0]
         if len(absent) == len(classes):
             logger.warning(
                 "GoCA: the presence test judged every class absent (%s): %s",
@@ -162,7 +164,7 @@ def segment_image(
     results = {}
     for m in methods:
         step = steps["iseg" if m == "iseg" else "plain"]
-        results[m] = pipe._goca_results(
+        results[m] = step_segmentations(
             adapter,
             step,
             [index],
@@ -171,7 +173,7 @@ def segment_image(
             background_offset,
             options,
             (rgb.height, rgb.width),
-            absent=absent,
+            presence=weights,
         )[0]
         results[m].image = rgb
     return results[method] if isinstance(method, str) else results

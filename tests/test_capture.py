@@ -121,8 +121,8 @@ def test_maps_of_only_the_needed_tokens_are_the_full_maps_columns(make):
     """Joint families keep only the token columns the methods read (333 / 512 text keys at every layer): they are the
     full capture's columns, the text masses give the L1 sum over every token, and the methods give the scores of
     the full capture."""
+    from diffusers_goca.capture_request import kept_columns
     from diffusers_goca.methods import available_methods, method_scores
-    from diffusers_goca.mixin import kept_columns
 
     pipe = goca.from_pipe(make())
     adapter = pipe._goca.adapter
@@ -148,7 +148,7 @@ def test_maps_of_only_the_needed_tokens_are_the_full_maps_columns(make):
 def test_cross_attention_families_keep_every_text_column(make):
     """Cross-attention families keep every column their softmax reads (the per-pixel clamp and L1 sum run over all
     text tokens): segment's capture holds CLIP's 77 columns, or PixArt's unmasked prompt tokens."""
-    from diffusers_goca.mixin import kept_columns
+    from diffusers_goca.capture_request import kept_columns
 
     pipe = goca.from_pipe(make())
     adapter = pipe._goca.adapter
@@ -345,10 +345,10 @@ def test_captured_joint_maps_are_the_formula_on_the_layers_inputs(family):
 
 @pytest.mark.parametrize("make", FAMILIES, ids=FAMILY_IDS)
 def test_capture_and_reductions_never_wait_for_the_device(make, monkeypatch):
-    import diffusers_goca.mixin as mixin
+    import diffusers_goca.step_results as step_results
 
     pipe = goca.from_pipe(make())
-    reducing = Running(monkeypatch, mixin, "method_scores")
+    reducing = Running(monkeypatch, step_results, "method_scores")
     img = Image.fromarray((np.random.RandomState(2).rand(40, 56, 3) * 255).astype(np.uint8))
     with HostWaits(lambda: pipe._goca.capture.active or bool(reducing)) as waits:
         result = pipe.segment(img, ["cat", "grass"], resolution=64)

@@ -120,7 +120,7 @@ def test_the_cycle_finder_finds_a_cycle():
 def test_the_graph_reads_relative_and_absolute_imports():
     graph = import_graph()
     assert f"{NAME}.mixin" in graph[f"{NAME}.scfg"]  # from .mixin import GoCAMixin
-    assert f"{NAME}.functional.maps" in graph[f"{NAME}.mixin"]  # from .functional.maps import ...
+    assert f"{NAME}.functional.maps" in graph[f"{NAME}.step_results"]  # from .functional.maps import ...
     assert f"{NAME}.loading" in graph[f"{NAME}.cli"]
 
 
@@ -362,10 +362,10 @@ def test_goca_methods_and_adapter_are_public():
 
 
 def test_capture_request_is_public_and_scfg_uses_it():
-    from diffusers_goca import mixin, scfg
+    from diffusers_goca import generation, scfg
 
-    assert scfg.CaptureRequest is mixin.CaptureRequest and mixin.CaptureRequest.__doc__
-    assert not hasattr(mixin, "_Request")
+    assert scfg.CaptureRequest is generation.CaptureRequest and generation.CaptureRequest.__doc__
+    assert not hasattr(scfg, "_Request")
 
 
 def test_entropy_reduced_is_a_functional():

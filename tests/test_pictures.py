@@ -95,7 +95,7 @@ def test_overlay_refuses_unknown_styles():
 
 
 def test_absent_classes_are_named_in_the_legend():
-    r = two_class(absent=["cat"])
+    r = two_class(presence={"cat": 0.0})
     r.classes.append("cat")
     assert r._legend_names()[-1] == "cat (absent)"
     assert r._legend_names()[0] == f"sky ({100 * int(r.mask('sky').sum()) / (H * W):.0f}%)"

@@ -11,7 +11,8 @@ from PIL import Image
 import diffusers_goca as goca
 from diffusers_goca.bench.protocols import PROTOCOLS, evaluate_protocols, protocol_classes
 from diffusers_goca.class_encoding import CLASS_TEMPLATE, separately_encoded
-from diffusers_goca.presence import leave_one_out_gain
+from diffusers_goca.functional.maps import weighted_labels
+from diffusers_goca.presence import leave_one_out_gain, presence_weights
 from diffusers_goca.testing import make_tiny_flux, make_tiny_pixart, make_tiny_sd, make_tiny_sd3, make_tiny_sdxl
 from diffusers_goca.toyworld import BACKGROUNDS, CLASS_NAMES, load_toy_pipeline, make_scene, scene_seeds
 
@@ -29,6 +30,21 @@ def test_leave_one_out_gain_against_a_plain_loop():
     without, full = torch.tensor([[2.0, 3.0], [1.0, 1.5]]), torch.tensor([1.0, 2.0])
     expected = [np.mean([(2 - 1) / 1, (3 - 2) / 2]), np.mean([(1 - 1) / 1, (1.5 - 2) / 2])]
     assert torch.allclose(leave_one_out_gain(without, full), torch.tensor(expected, dtype=torch.float32))
+
+
+def test_presence_weights_and_weighted_labels_against_plain_loops():
+    gains = torch.tensor([-0.1, 0.0, 0.03, 0.3])
+    weights = presence_weights(gains, threshold=0.0, temperature=0.03)
+    expected = [0.0, 0.0, 1 / (1 + np.exp(-1.0)), 1 / (1 + np.exp(-10.0))]
+    assert torch.allclose(weights, torch.tensor(expected, dtype=torch.float32))
+    scores = torch.rand(4, 5, 6, generator=torch.Generator().manual_seed(0))
+    labels = weighted_labels(scores, weights.tolist())
+    for y in range(5):
+        for x in range(6):
+            best = max((weights[c] * scores[c, y, x], c) for c in range(4) if weights[c] > 0)[1]
+            assert labels[y, x] == best
+    assert torch.equal(weighted_labels(scores, [0.0] * 4), scores.argmax(0))  # every class absent: the plain argmax
+    assert torch.equal(weighted_labels(scores, [0.0, 0.0, 0.0, 1.0]), torch.full((5, 6), 3))
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -64,7 +80,7 @@ def test_presence_test_tells_present_from_absent_classes_on_the_toy(toy):
         rejected += len(absent - set(scene.classes))
         n_present += len(scene.classes)
         n_absent += 1
-    # measured: 44 of 45 present classes kept, 12 of 16 absent ones rejected
+    # measured: 45 of 45 present classes kept, 12 of 16 absent ones rejected
     assert kept / n_present >= 0.85 and rejected / n_absent >= 0.5, (kept, n_present, rejected, n_absent)
 
 
@@ -84,7 +100,10 @@ def test_presence_keeps_scores_and_handles_every_class_absent(toy, caplog):
     assert bg.classes[-1] == "background" and bool((bg.labels == len(scene.classes)).all())
     assert bg.scores.shape[0] == len(scene.classes) + 1  # a dropped class keeps its scores
     kept = toy.segment(image, scene.classes, presence=True, presence_threshold=-1e9)
-    assert kept.absent == [] and torch.equal(kept.labels, plain.labels)
+    assert kept.absent == [] and set(kept.presence) == set(scene.classes)
+    weights = [kept.presence[c] for c in scene.classes]
+    assert all(0 < w < 1 for w in weights)  # every class kept, each map weighted by its gain
+    assert torch.equal(kept.scores, plain.scores) and torch.equal(kept.labels, weighted_labels(plain.scores, weights))
     with pytest.raises(ValueError, match="presence_threshold must be a finite number"):
         toy.segment(image, scene.classes, presence=True, presence_threshold=float("nan"))
 

@@ -115,3 +115,13 @@ def labels_without(scores: torch.Tensor, excluded: Sequence[int] = ()) -> torch.
     if not keep or len(keep) == scores.shape[0]:
         return scores.argmax(0)
     return torch.tensor(keep, device=scores.device)[scores[keep].argmax(0)]
+
+
+def weighted_labels(scores: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+    """Argmax over the channels of scores [C, H, W] weighted by `weights` [C], where a weight of 0 takes no pixel;
+    every weight 0: the plain argmax. Returns LongTensor [H, W]."""
+    absent = [c for c, w in enumerate(weights) if w == 0]
+    if len(absent) == len(weights):
+        return scores.argmax(0)
+    weighted = scores * torch.tensor(weights, dtype=scores.dtype, device=scores.device)[:, None, None]
+    return labels_without(weighted, absent)
