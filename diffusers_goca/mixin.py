@@ -161,7 +161,7 @@ class GoCAMixin:
         background: add a "background" word to the prompt and a background channel (its map + `background_offset`),
         unless a class is named background (in any case). Off by default: where the surface is named, the channel
         takes part of it (the toy models' protocol table in docs/protocols.md); turn it on when only objects are named.
-        presence: first ask the denoiser which classes are in the image (`presence.denoiser_presence`: each class
+        presence: first ask the denoiser which classes are in the image (`presence.leave_one_out_errors`: each class
         left out of the prompt in turn, 14·(K+1) more forwards); a class whose absence raises the denoising error by
         no more than `presence_threshold` is judged absent and takes no pixel (`result.absent`; its scores stay in
         `result.scores`), and the others' scores are weighted by their gain (`presence.presence_weights`, in

@@ -45,19 +45,20 @@ def presence_weights(
 
 
 @torch.no_grad()
-def denoiser_presence(
+def leave_one_out_errors(
     forward: Callable,
     classes: Sequence[str],
     background: bool,
     seed: int | None,
     timesteps: Sequence[float] = PRESENCE_TIMESTEPS,
     draws: int = PRESENCE_DRAWS,
-) -> torch.Tensor:
-    """The relative rise of the denoising error when each class is left out of the segmentation prompt, [K].
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The denoising errors without each class [K, S] and with all of them [S], over S = draws · len(timesteps)
+    seeded noises (draw-major).
 
     forward(prompt, timestep, generator) → (prediction, target): one denoiser call on the noised image (the
     adapter's `segment_forward`); the same seeded noises serve the full prompt and each prompt without one class,
-    so the difference is the class's alone. (K + 1) · draws forwards per timestep.
+    so the difference is the class's alone. (K + 1) · S forwards.
     """
 
     def errors(prompt: str) -> torch.Tensor:
@@ -73,4 +74,4 @@ def denoiser_presence(
     without = torch.stack(
         [errors(segmentation_prompt([c for c in classes if c != name], background)) for name in classes]
     )
-    return leave_one_out_gain(without, full)
+    return without, full

@@ -15,7 +15,7 @@ from .capture_request import kept_columns, text_keys_read
 from .class_encoding import CLASS_ENCODINGS, separately_encoded
 from .image_input import as_rgb
 from .methods import ISEG_EMBEDDING_SCALE, capture_pseudo_attention, check_method
-from .presence import denoiser_presence, presence_weights
+from .presence import leave_one_out_errors, leave_one_out_gain, presence_weights
 from .result import GoCASegmentation
 from .step_results import step_segmentations
 from .tokens import has_class, segmentation_prompt
@@ -139,12 +139,13 @@ def segment_image(
 
     weights = None
     if presence:
-        gains = denoiser_presence(
+        without, full = leave_one_out_errors(
             lambda text, t, g: adapter.segment_forward(latents, text, t, g, guidance_scale),
             classes,
             use_background,
             seed,
         )
+        gains = leave_one_out_gain(without, full)
         weights = dict(zip(classes, presence_weights(gains, presence_threshold).tolist()))
         absent = [c for c, w in weights.items() if w == 0]
         if len(absent) == len(classes):

@@ -108,6 +108,6 @@ class SegmentForward:
         """Noise `latents` (clean, scaled) to `timestep` and run the denoiser once on `prompt`, without CFG.
 
         Returns (prediction, target): the denoiser's output and what it is trained to output there (noise,
-        velocity or flow), in the same layout; their distance is the denoising error (`presence.denoiser_presence`).
+        velocity or flow), in the same layout; their distance is the denoising error (`presence.leave_one_out_errors`).
         """
         raise NotImplementedError
