@@ -44,7 +44,9 @@ class CaptureRequest:
     text_keys: int | None = None  # leading text keys the cross maps read (None: all; see `Capture.start`)
     pseudo_attention: str = "official-code"  # A_p of the joint layers' weights taken in the forward (`Capture.start`)
     output_resize: Callable | None = None  # scores at the generated size → the returned image's (Adapter.output_resize)
-    transform: Callable | None = None  # (capture, denoiser output) → replacement output (S-CFG)
+    # (capture, denoiser output) → replacement output (S-CFG): at the first forward of every step, the capture None
+    # on the steps `wants` leaves out
+    transform: Callable | None = None
     reuse: LayerWeightReuse | None = None  # layer weights kept over steps (generation; None: taken at every step)
     captured: list[StepCapture] = field(default_factory=list)
     delivered: list[GoCAStepMasks] = field(default_factory=list)

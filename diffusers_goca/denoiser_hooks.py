@@ -25,12 +25,10 @@ class DenoiserHooks:
     def pre_forward(self, module, args, kwargs):
         state = self.pipe._goca
         req = state.request if state and state.owns_forward() else None
-        if (
-            req is None
-            or state.adapter.guidance_forward(args, kwargs)
-            or req.forward % req.forwards_per_step
-            or not req.wants(req.forward // req.forwards_per_step)
-        ):
+        if req is None or state.adapter.guidance_forward(args, kwargs) or req.forward % req.forwards_per_step:
+            return None
+        req.timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        if not req.wants(req.forward // req.forwards_per_step):
             return None
         adapter = state.adapter
         rows = self.rows(adapter.denoiser_batch(args, kwargs), req.n_images)
@@ -43,7 +41,6 @@ class DenoiserHooks:
             req.text_keys,
             req.pseudo_attention,
         )
-        req.timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         return None
 
     def rows(self, batch: int, n: int) -> range:
@@ -69,10 +66,10 @@ class DenoiserHooks:
         if req is None or state.adapter.guidance_forward(args, kwargs):
             return None
         step = state.capture.stop()
-        index = req.forward // req.forwards_per_step
+        index, first_of_step = divmod(req.forward, req.forwards_per_step)
         req.forward += 1
-        if step is not None and req.transform is not None:
-            return req.transform(step, output)
+        if req.transform is not None and (step is not None or first_of_step == 0):
+            return req.transform(step, output)  # step None: a step the request does not capture
         if step is not None and req.keep_capture:
             req.captured.append(step)
         elif step is not None:

@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from .arguments import step_interval
 from .capture import StepCapture, brought_back
 from .functional.aggregation import PSEUDO_ATTENTIONS, aggregate_layers, normalize_layer_weights
 from .functional.maps import (
@@ -173,12 +174,7 @@ class LayerWeightReuse:
     image row and the options) at most `every` − 1 steps before `step`, else `compute()`'s, kept for the next ones."""
 
     def __init__(self, every: int, name: str = "layer_weights_every"):
-        if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
-            raise ValueError(
-                f"{name} must be an integer ≥ 1 (1: every step; a number ≥ the steps: once, at the "
-                f"first masked step), got {every!r}"
-            )
-        self.every = int(every)
+        self.every = step_interval(name, every)
         self._taken: dict = {}  # key → (step, weights)
 
     def __call__(self, step: int, key, compute: Callable[[], torch.Tensor]) -> torch.Tensor:

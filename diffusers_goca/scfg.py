@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from .arguments import step_interval
 from .capture_request import CaptureRequest
 from .functional.aggregation import aggregate_layers
 from .functional.maps import gaussian_blur, minmax, per_pixel_rescale, propagate, resize_maps
@@ -128,7 +129,9 @@ class SCFGMixin(GoCAMixin):
     `"original"`, `scfg_variant` ("code" / "paper", for the original segmenter), `rate_bounds=(0.8, 3.0)` and
     `max_guidance=15.0`, `pseudo_attention` (the GoCA regions' layer weights, as `GoCAOptions.pseudo_attention`;
     None: its default), `layer_weights_every` (k > 1: the GoCA regions' layer weights taken at the first step and
-    again once k steps have passed, reused in between; 1: every step). `guidance_scale` keeps its meaning; at `guidance_scale ≤ 1` it is plain sampling.
+    again once k steps have passed, reused in between; 1: every step), `regions_every` (k > 1: the regions and
+    foreground segmented at steps 0, k, 2k, … only, the steps between guided by the last ones, at the cost of CFG;
+    1: every step, as published). `guidance_scale` keeps its meaning; at `guidance_scale ≤ 1` it is plain sampling.
     `scfg_keep_maps=True` keeps every step's regions and rates in `pipe.scfg_maps` (see `save_scfg_maps`)."""
 
     def __call__(
@@ -142,6 +145,7 @@ class SCFGMixin(GoCAMixin):
         scfg_keep_maps: bool = False,
         pseudo_attention: str | None = None,
         layer_weights_every: int = 1,
+        regions_every: int = 1,
         **kwargs,
     ):
         guidance = kwargs.get("guidance_scale", call_default(type(self), "guidance_scale", 7.5))
@@ -167,6 +171,7 @@ class SCFGMixin(GoCAMixin):
                 f"max_guidance must be a finite number > 0 (the cap on guidance × rate), got {max_guidance!r}"
             )
         reuse = LayerWeightReuse(layer_weights_every)
+        regions_every = step_interval("regions_every", regions_every)
         # Every check before GoCA is attached: a refused call leaves a disabled pipeline as it was.
         check_one_call_per_step(self, "S-CFG")
         adapter = self._goca.adapter if self._goca is not None else adapter_for(self)
@@ -186,13 +191,14 @@ class SCFGMixin(GoCAMixin):
         self.scfg_maps: list[SCFGStepMaps] = []
         # All token columns are kept: S-CFG's foreground reads the start token's share of every token's attention.
         request = CaptureRequest(
-            wants=lambda i: True,
+            wants=lambda i: i % regions_every == 0,
             n_images=2 * n,
             forwards_per_step=adapter.forwards_per_step(kwargs),
             pseudo_attention=pseudo_attention,
         )
 
         names: list[list[str]] = []  # the regions' tokens per image, read at the first kept step
+        regions: dict = {}  # the last captured step's regions, foregrounds and token counts, for the steps between
 
         def transform(step, output):
             return self._scfg_step(
@@ -208,6 +214,7 @@ class SCFGMixin(GoCAMixin):
                 max_guidance,
                 names if scfg_keep_maps else None,
                 reuse if reuse.every > 1 else None,
+                regions,
             )
 
         request.transform = transform
@@ -216,10 +223,11 @@ class SCFGMixin(GoCAMixin):
             return super(GoCAMixin, self).__call__(*args, **kwargs)
 
     def _scfg_step(
-        self, step, output, indices, request, segmentor, variant, guidance, lo, hi, max_guidance, names, reuse
+        self, step, output, indices, request, segmentor, variant, guidance, lo, hi, max_guidance, names, reuse, last
     ):
         """One step's S-CFG; `names` (None: the maps are not kept) holds the regions' tokens once known; `reuse`: the
-        `LayerWeightReuse` of the call (None: layer weights at every step)."""
+        `LayerWeightReuse` of the call (None: layer weights at every step); `last`: the regions of the last captured
+        step, which a step without a capture (`regions_every` > 1; `step` None) guides by."""
         adapter = self._goca.adapter
         out = output[0] if isinstance(output, tuple) else output.sample
         n = len(indices)
@@ -227,18 +235,9 @@ class SCFGMixin(GoCAMixin):
         eps_u, eps_c = out[:n], out[n:]
         channels = self.vae.config.latent_channels  # PixArt predicts [ε, variance]: guide by the ε channels
         reuse = None if reuse is None else partial(reuse, step_number)
-        regions, foreground, counts = [], [], []
-        for b, index in enumerate(indices):
-            if segmentor == "goca":
-                r, f, k = goca_regions(step, adapter, n + b, b, index, reuse)
-            else:
-                r, f, k = original_regions(step, adapter, n + b, b, index, variant)
-            regions.append(r)
-            foreground.append(f)
-            counts.append(k)
-        latent_hw = out.shape[-2:]
-        regions = F.interpolate(torch.stack(regions)[:, None].float(), size=latent_hw, mode="nearest")[:, 0].long()
-        foreground = F.interpolate(torch.stack(foreground)[:, None].float(), size=latent_hw, mode="nearest")[:, 0] > 0.5
+        if step is not None:
+            last["regions"] = self._scfg_regions(step, adapter, indices, segmentor, variant, reuse, out.shape[-2:])
+        regions, foreground, counts = last["regions"]
         norm = guidance_norm(eps_u[:, :channels], eps_c[:, :channels])
         rate = rate_map(
             norm, regions.to(norm.device), foreground.to(norm.device), max(counts), guidance, lo, hi, max_guidance
@@ -263,6 +262,24 @@ class SCFGMixin(GoCAMixin):
             return (guided,) + tuple(output[1:])
         output.sample = guided
         return output
+
+    @staticmethod
+    def _scfg_regions(step, adapter, indices, segmentor, variant, reuse, latent_hw):
+        """Each image's regions [B, h, w] (token ids) and foreground [B, h, w] at the latent grid, and its token
+        count, from a captured step."""
+        n = len(indices)
+        regions, foreground, counts = [], [], []
+        for b, index in enumerate(indices):
+            if segmentor == "goca":
+                r, f, k = goca_regions(step, adapter, n + b, b, index, reuse)
+            else:
+                r, f, k = original_regions(step, adapter, n + b, b, index, variant)
+            regions.append(r)
+            foreground.append(f)
+            counts.append(k)
+        regions = F.interpolate(torch.stack(regions)[:, None].float(), size=latent_hw, mode="nearest")[:, 0].long()
+        foreground = F.interpolate(torch.stack(foreground)[:, None].float(), size=latent_hw, mode="nearest")[:, 0] > 0.5
+        return regions, foreground, counts
 
 
 def _rate_colours(rate: np.ndarray, lo: float, hi: float) -> np.ndarray:

@@ -117,6 +117,8 @@ def test_scfg_refuses_a_max_guidance_that_is_not_a_finite_positive_number():
         for bad in (0, -2, 1.5, float("inf"), float("nan"), True, "2"):
             with pytest.raises(ValueError, match="layer_weights_every must be an integer ≥ 1"):
                 run(pipe, "a cat on grass", guidance_scale=5.0, layer_weights_every=bad)
+            with pytest.raises(ValueError, match="regions_every must be an integer ≥ 1"):
+                run(pipe, "a cat on grass", guidance_scale=5.0, regions_every=bad)
             with pytest.raises(ValueError, match="goca_layer_weights_every must be an integer ≥ 1"):
                 run(pipe, "a cat on grass", scfg=False, goca_masks=True, goca_layer_weights_every=bad)
 

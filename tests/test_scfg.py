@@ -167,6 +167,29 @@ def test_layer_weights_every_k_steps_are_taken_then_reused(monkeypatch):
 
 
 @pytest.mark.slow
+def test_regions_every_k_steps_are_segmented_then_reused(monkeypatch):
+    """regions_every=k segments at steps 0, k, 2k… only (no capture between) and guides the steps between by the last
+    regions, each with its own rates and timestep; 1 is the per-step method."""
+    pipe = goca.scfg_from_pipe(make_tiny_sd())
+    exact = run(pipe, guidance_scale=5.0, scfg_keep_maps=True, num_inference_steps=5)
+    exact_maps = list(pipe.scfg_maps)
+    segmenting = Running(monkeypatch, pipe, "_scfg_regions")
+    starts = Running(monkeypatch, pipe._goca.capture, "start")
+    for every, segmented in ((1, [0, 1, 2, 3, 4]), (2, [0, 2, 4]), (10, [0])):
+        before = segmenting.calls, starts.calls
+        images = run(pipe, guidance_scale=5.0, scfg_keep_maps=True, num_inference_steps=5, regions_every=every)
+        assert (segmenting.calls - before[0], starts.calls - before[1]) == (len(segmented), len(segmented))
+        maps = pipe.scfg_maps
+        assert [m.step for m in maps] == [0, 1, 2, 3, 4]
+        assert [m.timestep for m in maps] == [m.timestep for m in exact_maps]
+        assert torch.equal(maps[0].rates, exact_maps[0].rates)
+        for m in maps:
+            source = max(s for s in segmented if s <= m.step)
+            assert torch.equal(m.regions, maps[source].regions) and torch.equal(m.foreground, maps[source].foreground)
+        assert np.array_equal(images, exact) == (every == 1)
+
+
+@pytest.mark.slow
 def test_original_foreground_is_not_every_pixel_on_the_toy():
     """The original segmenter's foreground compares the start token's map with the sum of the others, each of the two
     divided by its mean; dividing each of the 76 maps first made the sum ≈ 76 against ≈ 1: every pixel, every step."""
