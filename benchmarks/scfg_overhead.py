@@ -140,11 +140,13 @@ def peak(pipe, device, **kw):
 RES = 512
 CFG = "CFG (stock, SDPA)"
 # The layer weights taken at the first step only: a later step's time is that of a step that reuses them.
+# Regions every 5 steps: over --steps 6, the 5 steps timed are 4 that reuse the regions and one that segments.
 CONFIGS = {
-    CFG: {"scfg": False},
-    "S-CFG, GoCA masks": {"segmentor": "goca"},
-    "S-CFG, GoCA masks, layer weights reused": {"segmentor": "goca", "layer_weights_every": 10**6},
-    "S-CFG, own segmenter": {"segmentor": "original"},
+    "cfg": (CFG, {"scfg": False}),
+    "goca": ("S-CFG, GoCA masks", {"segmentor": "goca"}),
+    "goca-reused": ("S-CFG, GoCA masks, layer weights reused", {"segmentor": "goca", "layer_weights_every": 10**6}),
+    "goca-regions5": ("S-CFG, GoCA masks, regions every 5 steps", {"segmentor": "goca", "regions_every": 5}),
+    "original": ("S-CFG, own segmenter", {"segmentor": "original"}),
 }
 
 
@@ -161,18 +163,32 @@ def main(argv=None):
         action="store_true",
         help="also the FLOPs and the operators launching device work per step, of each config",
     )
+    p.add_argument(
+        "--configs",
+        default=",".join([*CONFIGS, "sdpa-off"]),
+        help=f"comma-separated, of {', '.join(CONFIGS)} (CFG always runs, as the reference); 'sdpa-off' adds CFG "
+        "with SDPA off",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float16" if torch.cuda.is_available() else "float32")
     args = p.parse_args(argv)
     RES = args.resolution
+    keys = ["cfg"] + [k for k in args.configs.split(",") if k and k not in ("cfg", "sdpa-off")]
+    unknown = [k for k in keys if k not in CONFIGS]
+    if unknown:
+        p.error(f"unknown configs {unknown}; known: {', '.join(CONFIGS)}, sdpa-off")
+    configs = dict(CONFIGS[k] for k in keys)
     pipe = build(args.device, getattr(torch, args.dtype))
-    rows = per_step_times(pipe, CONFIGS, args.steps, args.rounds, args.device)
-    counts = {name: per_step_counts(pipe, args.device, **kw) for name, kw in CONFIGS.items()} if args.counts else {}
+    rows = per_step_times(pipe, configs, args.steps, args.rounds, args.device)
+    counts = {name: per_step_counts(pipe, args.device, **kw) for name, kw in configs.items()} if args.counts else {}
     mem = {CFG: peak(pipe, args.device, scfg=False), "S-CFG, GoCA masks": peak(pipe, args.device)}
-    pipe.disable_goca()
-    pipe.unet.set_attn_processor(AttnProcessor())  # SDPA off, as the original S-CFG code runs
-    sdpa_off = "CFG with SDPA off (original code's attention)"
-    rows[sdpa_off] = per_step_times(pipe, {sdpa_off: {"scfg": False}}, args.steps, args.rounds, args.device)[sdpa_off]
+    if "sdpa-off" in args.configs.split(","):
+        pipe.disable_goca()
+        pipe.unet.set_attn_processor(AttnProcessor())  # SDPA off, as the original S-CFG code runs
+        sdpa_off = "CFG with SDPA off (original code's attention)"
+        rows[sdpa_off] = per_step_times(pipe, {sdpa_off: {"scfg": False}}, args.steps, args.rounds, args.device)[
+            sdpa_off
+        ]
     base = rows[CFG]
     print(
         f"SD 1.5 UNet (real config, random weights), {RES} px, {args.device}, {args.dtype}, CFG batch 2, "
