@@ -140,12 +140,17 @@ def peak(pipe, device, **kw):
 RES = 512
 CFG = "CFG (stock, SDPA)"
 # The layer weights taken at the first step only: a later step's time is that of a step that reuses them.
-# Regions every 5 steps: over --steps 6, the 5 steps timed are 4 that reuse the regions and one that segments.
+# Regions every k steps: over --steps k + 1, the k steps timed are k − 1 that reuse the regions and one that segments.
 CONFIGS = {
     "cfg": (CFG, {"scfg": False}),
     "goca": ("S-CFG, GoCA masks", {"segmentor": "goca"}),
     "goca-reused": ("S-CFG, GoCA masks, layer weights reused", {"segmentor": "goca", "layer_weights_every": 10**6}),
     "goca-regions5": ("S-CFG, GoCA masks, regions every 5 steps", {"segmentor": "goca", "regions_every": 5}),
+    "goca-regions10": ("S-CFG, GoCA masks, regions every 10 steps", {"segmentor": "goca", "regions_every": 10}),
+    "goca-regions5-reused": (
+        "S-CFG, GoCA masks, regions every 5 steps, layer weights reused",
+        {"segmentor": "goca", "regions_every": 5, "layer_weights_every": 10**6},
+    ),
     "original": ("S-CFG, own segmenter", {"segmentor": "original"}),
 }
 
