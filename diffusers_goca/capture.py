@@ -52,11 +52,14 @@ class Capture(CrossCapture, JointCapture, HostOffload):
         columns: list[int] | None = None,
         text_keys: int | None = None,
         pseudo_attention: str = "official-code",
+        extra_text: torch.Tensor | None = None,
     ) -> None:
         """Capture the next forward's rows `rows`, keeping the maps' token `columns` (None: all). text_keys: where the
         text's padding is masked, the number of leading text keys that may be unmasked (the longest captured
         prompt's tokens); the cross maps are computed over those keys only, the rest carrying no probability.
-        pseudo_attention: the A_p formula of the layer weights that joint layers take in the forward."""
+        pseudo_attention: the A_p formula of the layer weights that joint layers take in the forward. extra_text:
+        [1, E, C] text states whose keys the cross maps append after the text keys read (at positions `text_keys` …
+        `text_keys` + E − 1, or after all keys), as if their words ended the prompt; the forward never sees them."""
         rows = list(rows)
         if rows != list(range(rows[0], rows[0] + len(rows))):
             raise ValueError(f"the captured rows must be a contiguous range of the batch, got {rows}")
@@ -72,6 +75,7 @@ class Capture(CrossCapture, JointCapture, HostOffload):
             pseudo_attention,
             None if columns is None else sorted(set(columns)),
             text_keys,
+            extra_text=extra_text,
         )
 
     @torch.no_grad()  # the side path never needs gradients, and under grad its maps would hold the forward's graph

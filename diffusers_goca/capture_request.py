@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
+
 from .capture import StepCapture
 from .methods import LayerWeightReuse
 from .result import GoCASegmentation
@@ -43,6 +45,9 @@ class CaptureRequest:
     columns: list[int] | None = None  # text positions whose maps are kept (None: all)
     text_keys: int | None = None  # leading text keys the cross maps read (None: all; see `Capture.start`)
     pseudo_attention: str = "official-code"  # A_p of the joint layers' weights taken in the forward (`Capture.start`)
+    extra_text: torch.Tensor | None = (
+        None  # states of words outside the prompt, keyed on the side path (`Capture.start`)
+    )
     output_resize: Callable | None = None  # scores at the generated size → the returned image's (Adapter.output_resize)
     # (capture, denoiser output) → replacement output (S-CFG): at the first forward of every step, the capture None
     # on the steps `wants` leaves out

@@ -22,6 +22,13 @@ class CrossCapture:
         if attention_mask is not None:
             bias = step.take(self._key_bias(attn, attention_mask, k.shape[1], tap.query.shape[0]))[..., :t]
         k = k[:, :t]
+        if step.extra_text is not None:  # words outside the prompt: their keys after the prompt's, on the side path
+            text = step.extra_text.to(device=k.device, dtype=k.dtype)
+            extra = attn.to_k(attn.norm_encoder_hidden_states(text) if attn.norm_cross else text)
+            k = torch.cat([k, extra.expand(r, -1, -1)], 1)
+            if attention_mask is not None:
+                bias = torch.nn.functional.pad(bias, (0, extra.shape[1]))
+            t = k.shape[1]
         qh = q.view(r, n, heads, d).transpose(1, 2).reshape(r * heads, n, d)
         kh = k.reshape(r, t, heads, d).permute(0, 2, 3, 1).reshape(r * heads, d, t)
         scores = logits(qh, kh, compute_dtype(q), attn.scale).view(r, heads, n, t)  # [R, heads, N, T]

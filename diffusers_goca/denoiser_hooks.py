@@ -40,6 +40,7 @@ class DenoiserHooks:
             req.columns,
             req.text_keys,
             req.pseudo_attention,
+            req.extra_text,
         )
         return None
 

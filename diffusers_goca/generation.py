@@ -54,18 +54,20 @@ def prompt_indices(adapter, prompt, call_kwargs: dict, what: str, index_for) -> 
 
 def mask_indices(adapter, prompt, call_kwargs: dict, goca_classes, goca_background: bool) -> list:
     """One TokenIndex per generated image (`prompt_indices`) of the classes `goca_classes` names for its
-    prompt (default: the prompt's entities), with the word "background" where `goca_background` asks for its map."""
+    prompt (default: the prompt's entities), with the word "background" where `goca_background` asks for its map
+    and the prompt has the word (else `with_background_keys` adds it on the side path)."""
     per_prompt = _classes_per_prompt(goca_classes, prompt)
 
     def index_for(i, text, max_length, part_texts):
         classes = list(per_prompt[i]) if per_prompt is not None else entities_from_prompt(text)
         extra = ["background"] if goca_background and not has_class(classes, "background") else []
         index = adapter.token_index(text, classes, extra, max_length, part_texts=part_texts)
-        if extra and "background" not in index.extra_entities:
-            # the channel is the word's map: without the word there is none, and the masks would silently lack it
+        if extra and "background" not in index.extra_entities and adapter.joint:
+            # a joint block's text keys come from the text stream of the block before: a word outside the prompt
+            # has none without running it through every block, which would change the image
             raise ValueError(
-                f"goca_background=True reads the map of the word 'background' in the prompt, and "
-                f"{text!r} has none: add it to the prompt (which changes the image), or segment the "
+                f"goca_background=True on {adapter.family} reads the map of the word 'background' in the prompt, "
+                f"and {text!r} has none: add it to the prompt (which changes the image), or segment the "
                 f"generated image with pipe.segment(image, classes, background=True)"
             )
         return index
@@ -152,6 +154,8 @@ def masks_request(
     prompt = adapter.call_prompt(args, kwargs)
     adapter.check_mask_prompt(kwargs, prompt)
     indices = mask_indices(adapter, prompt, kwargs, goca_classes, goca_background)
+    text_keys = text_keys_read(adapter, indices)
+    extra_text = with_background_keys(adapter, indices, text_keys) if goca_background else None
     wants = steps_wanted(pipe, adapter, kwargs, goca_masks)
     request = CaptureRequest(
         wants=wants,
@@ -164,9 +168,27 @@ def masks_request(
         callback=goca_callback,
         forwards_per_step=adapter.forwards_per_step(kwargs),
         columns=kept_columns(adapter, indices),
-        text_keys=text_keys_read(adapter, indices),
+        text_keys=text_keys,
+        extra_text=extra_text,
         pseudo_attention=pseudo_attention,
         output_resize=adapter.output_resize(kwargs),
         reuse=reuse if reuse.every > 1 else None,
     )
     return request
+
+
+def with_background_keys(adapter, indices: list, text_keys: int | None) -> torch.Tensor | None:
+    """For the prompts without the word "background" whose masks ask for its channel (cross-attention families):
+    the word's text states, whose keys every cross layer appends after the text keys it reads, on the side path
+    only (`Capture.start`'s extra_text), and the word's positions there added to those prompts' indices (as an
+    entity and as content, as the word would be in the prompt). None where no prompt needs them."""
+    missing = [i for i in indices if "background" not in i.extra_entities and not has_class(i.classes, "background")]
+    if not missing:
+        return None
+    states = adapter.word_states("background")
+    first = text_keys if text_keys is not None else adapter.text_max_length
+    positions = list(range(first, first + states.shape[1]))
+    for index in missing:
+        index.extra_entities["background"] = positions
+        index.content = sorted(set(index.content) | set(positions))
+    return states

@@ -90,6 +90,9 @@ class StepCapture:
     )
     columns: list[int] | None = None  # token positions kept in the maps (None: all)
     text_keys: int | None = None  # leading text keys read by the cross maps (None: all; see Capture.start)
+    # [1, E, C]: the states of words outside the prompt (a background word during generation), as the cross layers
+    # read text; each cross layer appends their keys after its `text_keys` on the side path (see Capture.start).
+    extra_text: torch.Tensor | None = None
     # layer → {"auto", "average"}: [R, N, T'] maps; joint layers also {"auto mass", "average mass"}: [R, N], each
     # pixel's map summed over all T text tokens (its text share), for the L1 sum over the columns not kept.
     cross: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)

@@ -148,16 +148,69 @@ def test_protocol_floors_on_the_shipped_toy(toy, monkeypatch):
     assert 0 < table["shuffled"]["goca"]["agreement"] < 100
 
 
-def test_generation_background_without_the_word_is_refused():
-    pipe = goca.from_pipe(make_tiny_sd())
+@pytest.mark.parametrize("make", [make_tiny_sd3, make_tiny_flux], ids=["sd3", "flux"])
+def test_generation_background_without_the_word_is_refused_on_joint_attention(make):
+    """A joint block's text keys come from the text stream of the block before: a word outside the prompt has none
+    without running it through every block, which would change the image."""
+    pipe = goca.from_pipe(make())
     calls = []
-    handle = pipe.unet.register_forward_pre_hook(lambda *args: calls.append(1))
-    with pytest.raises(ValueError, match="reads the map of the word 'background'"):
+    handle = pipe.transformer.register_forward_pre_hook(lambda *args: calls.append(1))
+    with pytest.raises(ValueError, match="reads the map of the word 'background' in the prompt"):
         pipe("a cat on grass", num_inference_steps=1, height=32, width=32, goca_masks="last", goca_background=True)
     handle.remove()
     assert not calls
-    pipe("a cat on a background", num_inference_steps=1, height=32, width=32, goca_masks="last", goca_background=True)
-    assert pipe.goca_masks[0].results[0].classes == ["cat", "background"]
+
+
+@pytest.mark.parametrize("make", [make_tiny_sd, make_tiny_sdxl, make_tiny_pixart], ids=["sd", "sdxl", "pixart"])
+def test_generation_background_without_the_word_keeps_the_images(make):
+    """Cross-attention families: the word's keys are appended on the side path only; the images stay bit-identical
+    and the masks get the channel, as `segment(..., background=True)` has it."""
+    base = make()
+    size = {} if make is make_tiny_pixart else dict(height=32, width=32)
+    if make is make_tiny_pixart:
+        size = dict(height=8 * base.transformer.config.sample_size, width=8 * base.transformer.config.sample_size)
+        size["use_resolution_binning"] = False
+
+    def call(pipe, **kw):
+        generator = torch.Generator().manual_seed(0)
+        return pipe("a cat on grass", num_inference_steps=2, output_type="np", generator=generator, **size, **kw)
+
+    plain = call(base).images
+    pipe = goca.from_pipe(base)
+    assert np.array_equal(call(pipe, goca_masks="last", goca_background=True).images, plain)
+    (result,) = pipe.goca_masks[0].results
+    assert result.classes == ["cat", "grass", "background"] and result.scores.shape[0] == 3
+
+
+def test_background_keys_are_the_words_keys_after_the_prompts():
+    """On the side path a cross layer's maps are over [the prompt's keys; the word's keys]: the first cross layer's
+    maps equal those of a forward whose text really is the prompt's states followed by the word's (the later layers
+    see other hidden states there, so only the first can be compared), and the denoiser's output is the plain one."""
+    from diffusers_goca.capture_request import CaptureRequest
+
+    pipe = goca.from_pipe(make_tiny_sd())
+    adapter = pipe.goca_adapter
+    word = adapter.word_states("background")
+    text = adapter.segment_text("background")
+    at = adapter.token_index(text, ["background"]).class_tokens[0]
+    assert torch.equal(word, pipe.encode_prompt(text, "cpu", 1, False)[0][:, at])
+    prompt = adapter.cross_text_states("a cat")
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def forward(states, extra):
+        request = CaptureRequest(wants=lambda i: True, n_images=1, keep_capture=True, extra_text=extra)
+        with torch.no_grad(), pipe._goca.serving(request):
+            out = pipe.unet(latents, 500, encoder_hidden_states=states).sample
+        return out, request.captured[0]
+
+    out, side = forward(prompt, word)
+    _, joined = forward(torch.cat([prompt, word], 1), None)
+    with torch.no_grad():
+        assert torch.equal(out, pipe.unet(latents, 500, encoder_hidden_states=prompt).sample)
+    first = adapter.cross_layers[0]
+    maps = side.cross[first]["average"]
+    assert maps.shape[-1] == prompt.shape[1] + word.shape[1]
+    assert torch.allclose(maps, joined.cross[first]["average"], atol=1e-6)
 
 
 def test_segment_has_no_background_channel_by_default(toy):

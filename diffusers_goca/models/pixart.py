@@ -70,6 +70,18 @@ class PixArtAdapter(Adapter):
     def segment_text(self, prompt: str) -> str:
         return self.prompt_text(prompt, {"clean_caption": False})  # as `segment_forward` encodes it (lower case)
 
+    def cross_text_states(self, text: str):
+        model = self.pipe.transformer
+        with torch.no_grad():
+            embeds, _, _, _ = self.pipe.encode_prompt(
+                text,
+                do_classifier_free_guidance=False,
+                device=self.pipe._execution_device,
+                clean_caption=False,
+                max_sequence_length=self.text_max_length,
+            )
+            return model.caption_projection(embeds.to(model.dtype))  # what every block's cross-attention reads
+
     def segment_forward(self, latents, prompt, timestep, generator, guidance_scale=None):
         pipe, model = self.pipe, self.pipe.transformer
         noisy, t, target = self.ddpm_noised(latents, timestep, generator)

@@ -80,6 +80,18 @@ class PromptTokens:
         """The text the pipeline actually tokenizes for `prompt` (token positions are read from it)."""
         return prompt
 
+    def cross_text_states(self, text: str):
+        """[1, T, C]: the text states `text` gives the cross layers' keys (one prompt, no CFG). Families whose text is
+        not read by plain cross-attention (joint attention, where the text changes from block to block) have none."""
+        raise ValueError(f"{self.family} has no cross-attention text states: its text keys change in every block")
+
+    def word_states(self, word: str):
+        """[1, E, C]: the states of `word`'s tokens as the cross layers read them, encoded as a segmentation prompt
+        of the word alone (`segment_text`)."""
+        text = self.segment_text(word)
+        positions = self.token_index(text, [word]).class_tokens[0]
+        return self.cross_text_states(text)[:, positions]
+
     def segment_text(self, prompt: str) -> str:
         """The text `segment_forward` tokenizes for `prompt`."""
         return self.prompt_text(prompt, {})

@@ -148,6 +148,15 @@ class UNetAdapter(Adapter):
             timesteps = timesteps[timesteps >= int(round(total - end * total))]
         return len(timesteps)
 
+    def cross_text_states(self, text: str):
+        device = self.pipe._execution_device
+        with torch.no_grad():
+            if self.is_sdxl:
+                return self.pipe.encode_prompt(
+                    text, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+                )[0]
+            return self.pipe.encode_prompt(text, device, 1, False)[0]
+
     def segment_forward(self, latents, prompt, timestep, generator, guidance_scale=None):
         pipe, unet = self.pipe, self.pipe.unet
         noisy, t, target = self.ddpm_noised(latents, timestep, generator)
