@@ -20,8 +20,6 @@ as a single-pass kernel would), the overhead no kernel work can go below.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
 
 import diffusers
 import torch
@@ -33,33 +31,11 @@ from diffusers_goca.clip_bpe import build_clip_tokenizer
 from diffusers_goca.functional.self_attention import queries_read
 from diffusers_goca.methods import EXPLICIT_S_FROM_ORDER
 from diffusers_goca.models import adapter_for
-from overhead import Host, build
+from overhead import Host, build, quiet_casts
 from real_configs import TEXT_TOKENS, TRANSFORMERS, UNETS
 
 NATIVE = {"sd15": 512, "sdxl": 1024, "pixart-sigma": 1024, "sd3-medium": 1024, "flux-dev": 1024}
 BOUNDS = {"pixart-sigma": 1.0, "flux-dev": 1.5}  # GiB, held + transient (issue #3)
-
-
-class _CastNotice(logging.Filter):
-    """Drops diffusers' "There are modules in ... that should be kept in float32: [...]. Casting directly with `to()`
-    ..." notice, which every `.to(device, dtype)` of a model built from a config logs (`overhead.build` casts the
-    meta-device models it counts FLOPs on): it advises `from_pretrained(torch_dtype=...)` for loaded weights, and
-    there are none here. Every other record passes."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not ("should be kept in float32" in message and "Casting directly with `to()`" in message)
-
-
-@contextlib.contextmanager
-def _quiet_casts():
-    """`_CastNotice` on the logger that emits the notice, for this script's own model construction only."""
-    logger, notice = logging.getLogger("diffusers.models.modeling_utils"), _CastNotice()
-    logger.addFilter(notice)
-    try:
-        yield
-    finally:
-        logger.removeFilter(notice)
 
 
 def host_for(name: str):
@@ -154,7 +130,7 @@ def least_flops(adapter, latent_hw, text_len: int) -> int:
 def forward_flops(name: str, px: int) -> int:
     """The denoiser forward's FLOPs for one image, counted on the meta device."""
     args = argparse.Namespace(model=name, resolution=px, layers=None, device="meta", cfg=False)
-    with _quiet_casts():  # build casts its config-built model to bfloat16 on the meta device: no weights to keep
+    with quiet_casts():  # build casts its config-built model to bfloat16 on the meta device: no weights to keep
         _, run = build(args, torch.bfloat16)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         run()

@@ -17,6 +17,8 @@ and the extra peak memory of the capture step (CUDA: allocator peak; CPU: the ca
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import statistics
 import time
 
@@ -39,6 +41,28 @@ class Host(GoCAMixin):
 
     def __init__(self, **parts):
         self.__dict__.update(parts)
+
+
+class _CastNotice(logging.Filter):
+    """Drops diffusers' "There are modules in ... that should be kept in float32: [...]. Casting directly with `to()`
+    ..." notice, which every `.to(device, dtype)` of a model built from a config logs (`memory_plan` casts the
+    meta-device models it counts on, `scfg_overhead.build` its pipeline): it advises
+    `from_pretrained(torch_dtype=...)` for loaded weights, and there are none here. Every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("should be kept in float32" in message and "Casting directly with `to()`" in message)
+
+
+@contextlib.contextmanager
+def quiet_casts():
+    """`_CastNotice` on the logger that emits the notice, for a benchmark's own model construction only."""
+    logger, notice = logging.getLogger("diffusers.models.modeling_utils"), _CastNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
 
 
 def build(args, dtype):

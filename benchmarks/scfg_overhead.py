@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from overhead import UNETS, Launches
+from overhead import UNETS, Launches, quiet_casts
 
 
 def build(device, dtype):
@@ -64,7 +64,9 @@ def build(device, dtype):
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
-    ).to(device, dtype)
+    )
+    with quiet_casts():  # models built from configs: no loaded weights to keep in float32
+        pipe.to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
