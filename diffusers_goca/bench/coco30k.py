@@ -48,6 +48,7 @@ CONFIGS = {
     # the layer weights taken every 5 steps and reused in between (the per-step cost option)
     "goca-scfg-every5": {"scfg": True, "segmentor": "goca", "layer_weights_every": 5},
     "goca-scfg-regions5": {"scfg": True, "segmentor": "goca", "regions_every": 5},
+    "goca-scfg-regions10": {"scfg": True, "segmentor": "goca", "regions_every": 10},
 }
 CONFIG_NAMES = {
     "cfg": "CFG",
@@ -55,6 +56,7 @@ CONFIG_NAMES = {
     "goca-scfg": "GoCA+S-CFG",
     "goca-scfg-every5": "GoCA+S-CFG, layer weights every 5 steps",
     "goca-scfg-regions5": "GoCA+S-CFG, regions every 5 steps",
+    "goca-scfg-regions10": "GoCA+S-CFG, regions every 10 steps",
 }
 # GoCA paper, SD 1.5, 512 px, fp16, 50 steps, w = 5: (FID, CLIP).
 PAPER = {"cfg": (19.27, 31.34), "scfg": (19.15, 31.35), "goca-scfg": (18.82, 31.42)}
