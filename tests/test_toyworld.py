@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import diffusers_goca as goca
+from diffusers_goca.loading import dtype_kwargs
 from diffusers_goca.testing import restoring
 from diffusers_goca.toyworld import (
     BACKGROUNDS,
@@ -72,7 +73,7 @@ def test_colour_labels_read_the_ground_truth_of_real_scenes():
 def test_loads_with_the_stock_pipeline():
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(TOY_MODEL_DIR, torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(TOY_MODEL_DIR, **dtype_kwargs(torch.float32))
     assert pipe.tokenizer("a red circle").input_ids == [49406, 320, 736, 7117, 49407]  # the real CLIP ids
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
 

@@ -433,7 +433,9 @@ def main(argv=None) -> None:
     if args.vae_from:
         from diffusers import AutoencoderKL
 
-        vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae", torch_dtype=torch.float32).eval()
+        from ..loading import dtype_kwargs
+
+        vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae", **dtype_kwargs(torch.float32)).eval()
         latents = encode_latents(vae, images) * vae.config.scaling_factor
     else:
         vae = build_vae()
