@@ -1,9 +1,10 @@
 """Per-step time and peak memory of S-CFG (GoCA masks, and S-CFG's own segmenter) against plain CFG, on the real
-SD 1.5 UNet config with random weights; plus plain CFG with SDPA turned off in every layer, which is what the original
-S-CFG code runs (it swaps in attention processors that materialise the maps).
+SD 1.5 or SDXL UNet config with random weights; plus plain CFG with SDPA turned off in every layer, which is what the
+original S-CFG code runs (it swaps in attention processors that materialise the maps).
 
     python benchmarks/scfg_overhead.py --resolution 512 --device cuda --dtype float16
-    python benchmarks/scfg_overhead.py --resolution 256 --steps 3          # CPU
+    python benchmarks/scfg_overhead.py --model sdxl --device cuda --dtype float16          # 1024 px
+    OMP_NUM_THREADS=1 python benchmarks/scfg_overhead.py --resolution 512 --steps 3          # CPU
 
 Per-step time = (time of `steps` steps − time of 1 step) / (steps − 1), each the best of `--rounds` interleaved
 rounds, so text encoding and decoding cancel out; on the CPU the time is the process's CPU time (run it with
@@ -21,25 +22,34 @@ import torch
 from overhead import UNETS, Launches, quiet_casts
 
 
-def build(device, dtype):
+def _clip_text(hidden_size: int, projection: bool = False):
+    """A one-layer CLIP text encoder of the real width (the text path is not what is measured)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from diffusers_goca.clip_bpe import CLIP_VOCAB_SIZE
+
+    config = CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=1,
+        num_attention_heads=hidden_size // 64,
+        max_position_embeddings=77,
+        projection_dim=hidden_size,
+    )
+    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+
+
+def build(model: str, device, dtype):
+    """The S-CFG pipeline of `model` ("sd15" or "sdxl"): its real UNet config with random weights, one-layer text
+    encoders of the real widths, a tiny VAE."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     import diffusers_goca as goca
-    from diffusers_goca.clip_bpe import CLIP_VOCAB_SIZE, build_clip_tokenizer
+    from diffusers_goca.clip_bpe import build_clip_tokenizer
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**UNETS["sd15"])
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=CLIP_VOCAB_SIZE,
-            hidden_size=768,
-            intermediate_size=1536,
-            num_hidden_layers=1,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-        )
-    )
+    unet = UNet2DConditionModel(**UNETS[model])
     vae = AutoencoderKL(
         block_out_channels=(8, 8, 8, 8),
         norm_num_groups=8,
@@ -55,16 +65,27 @@ def build(device, dtype):
         set_alpha_to_one=False,
         steps_offset=1,
     )
-    pipe = goca.SCFGGoCAStableDiffusionPipeline(
-        vae=vae,
-        unet=unet,
-        text_encoder=text,
-        tokenizer=build_clip_tokenizer(),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    if model == "sdxl":
+        pipe = goca.SCFGGoCAStableDiffusionXLPipeline(
+            vae=vae,
+            unet=unet,
+            text_encoder=_clip_text(768),
+            text_encoder_2=_clip_text(1280, projection=True),
+            tokenizer=build_clip_tokenizer(),
+            tokenizer_2=build_clip_tokenizer(),
+            scheduler=scheduler,
+        )
+    else:
+        pipe = goca.SCFGGoCAStableDiffusionPipeline(
+            vae=vae,
+            unet=unet,
+            text_encoder=_clip_text(768),
+            tokenizer=build_clip_tokenizer(),
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     with quiet_casts():  # models built from configs: no loaded weights to keep in float32
         pipe.to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
@@ -162,7 +183,8 @@ def main(argv=None):
     from diffusers.models.attention_processor import AttnProcessor
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--model", default="sd15", choices=sorted(UNETS), help="whose real UNet config")
+    p.add_argument("--resolution", type=int, default=None, help="default: 512 for sd15, 1024 for sdxl")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds (the best of each is kept)")
     p.add_argument(
@@ -179,13 +201,13 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float16" if torch.cuda.is_available() else "float32")
     args = p.parse_args(argv)
-    RES = args.resolution
+    RES = args.resolution or {"sd15": 512, "sdxl": 1024}[args.model]
     keys = ["cfg"] + [k for k in args.configs.split(",") if k and k not in ("cfg", "sdpa-off")]
     unknown = [k for k in keys if k not in CONFIGS]
     if unknown:
         p.error(f"unknown configs {unknown}; known: {', '.join(CONFIGS)}, sdpa-off")
     configs = dict(CONFIGS[k] for k in keys)
-    pipe = build(args.device, getattr(torch, args.dtype))
+    pipe = build(args.model, args.device, getattr(torch, args.dtype))
     rows = per_step_times(pipe, configs, args.steps, args.rounds, args.device)
     counts = {name: per_step_counts(pipe, args.device, **kw) for name, kw in configs.items()} if args.counts else {}
     mem = {CFG: peak(pipe, args.device, scfg=False), "S-CFG, GoCA masks": peak(pipe, args.device)}
@@ -198,7 +220,7 @@ def main(argv=None):
         ]
     base = rows[CFG]
     print(
-        f"SD 1.5 UNet (real config, random weights), {RES} px, {args.device}, {args.dtype}, CFG batch 2, "
+        f"{'SDXL' if args.model == 'sdxl' else 'SD 1.5'} UNet (real config, random weights), {RES} px, {args.device}, {args.dtype}, CFG batch 2, "
         f"per step over {args.steps} steps, best of {args.rounds} interleaved rounds"
     )
     for name, t in rows.items():
