@@ -198,7 +198,7 @@ class SCFGMixin(GoCAMixin):
         )
 
         names: list[list[str]] = []  # the regions' tokens per image, read at the first kept step
-        regions: dict = {}  # the last captured step's regions, foregrounds and token counts, for the steps between
+        last_regions: dict = {}  # the last captured step's regions, foregrounds and token counts, for the steps between
 
         def transform(step, output):
             return self._scfg_step(
@@ -214,7 +214,7 @@ class SCFGMixin(GoCAMixin):
                 max_guidance,
                 names if scfg_keep_maps else None,
                 reuse if reuse.every > 1 else None,
-                regions,
+                last_regions,
             )
 
         request.transform = transform
