@@ -22,31 +22,14 @@ import torch
 from overhead import UNETS, Launches, quiet_casts
 
 
-def _clip_text(hidden_size: int, projection: bool = False):
-    """A one-layer CLIP text encoder of the real width (the text path is not what is measured)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from diffusers_goca.clip_bpe import CLIP_VOCAB_SIZE
-
-    config = CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=1,
-        num_attention_heads=hidden_size // 64,
-        max_position_embeddings=77,
-        projection_dim=hidden_size,
-    )
-    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
-
-
 def build(model: str, device, dtype):
-    """The S-CFG pipeline of `model` ("sd15" or "sdxl"): its real UNet config with random weights, one-layer text
-    encoders of the real widths, a tiny VAE."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    """The S-CFG pipeline of `model` ("sd15" or "sdxl"): its real UNet config with random weights, small text encoders
+    of the real widths (the text path is not what is measured), a tiny VAE with the real 8× downsampling."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     import diffusers_goca as goca
     from diffusers_goca.clip_bpe import build_clip_tokenizer
+    from diffusers_goca.testing import tiny_clip_text, tiny_scheduler
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**UNETS[model])
@@ -57,20 +40,13 @@ def build(model: str, device, dtype):
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = tiny_scheduler()
     if model == "sdxl":
         pipe = goca.SCFGGoCAStableDiffusionXLPipeline(
             vae=vae,
             unet=unet,
-            text_encoder=_clip_text(768),
-            text_encoder_2=_clip_text(1280, projection=True),
+            text_encoder=tiny_clip_text(768),
+            text_encoder_2=tiny_clip_text(1280, with_projection=True),
             tokenizer=build_clip_tokenizer(),
             tokenizer_2=build_clip_tokenizer(),
             scheduler=scheduler,
@@ -79,7 +55,7 @@ def build(model: str, device, dtype):
         pipe = goca.SCFGGoCAStableDiffusionPipeline(
             vae=vae,
             unet=unet,
-            text_encoder=_clip_text(768),
+            text_encoder=tiny_clip_text(768),
             tokenizer=build_clip_tokenizer(),
             scheduler=scheduler,
             safety_checker=None,

@@ -77,24 +77,27 @@ def test_open_vocabulary_chunks_fit_the_token_limit(toy_pipe):
     assert all(len(c) <= 5 for c in class_chunks(adapter, names, True, max_classes=5))
 
 
+def _argv(out, *extra) -> list[str]:
+    """The benchmark's command line of these tests: 4 toy scenes, goca and vanilla, an offset sweep, background on."""
+    return [
+        "--dataset",
+        "toyworld",
+        "--limit",
+        "4",
+        "--methods",
+        "goca,vanilla",
+        "--out",
+        str(out),
+        "--offset-sweep",
+        "0.1,0.2",
+        "--background",
+        "on",
+        *extra,
+    ]
+
+
 def _args(out, *extra):
-    return parse_args(
-        [
-            "--dataset",
-            "toyworld",
-            "--limit",
-            "4",
-            "--methods",
-            "goca,vanilla",
-            "--out",
-            str(out),
-            "--offset-sweep",
-            "0.1,0.2",
-            "--background",
-            "on",
-            *extra,
-        ]
-    )
+    return parse_args(_argv(out, *extra))
 
 
 def test_resume_after_an_interruption_gives_the_same_table(toy_pipe, tmp_path):
@@ -173,18 +176,7 @@ def test_accelerate_launch_with_two_cpu_processes(tmp_path):
         "--dynamo_backend",
         "no",
         str(ROOT / "benchmarks" / "segmentation.py"),
-        "--dataset",
-        "toyworld",
-        "--limit",
-        "4",
-        "--methods",
-        "goca,vanilla",
-        "--out",
-        str(tmp_path / "acc"),
-        "--offset-sweep",
-        "0.1,0.2",
-        "--background",
-        "on",
+        *_argv(tmp_path / "acc"),
     ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -194,22 +186,7 @@ def test_accelerate_launch_with_two_cpu_processes(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the launched processes: CPU kernels split their sums by thread count
     try:
-        main(
-            [
-                "--dataset",
-                "toyworld",
-                "--limit",
-                "4",
-                "--methods",
-                "goca,vanilla",
-                "--out",
-                str(tmp_path / "single"),
-                "--offset-sweep",
-                "0.1,0.2",
-                "--background",
-                "on",
-            ]
-        )
+        main(_argv(tmp_path / "single"))
     finally:
         torch.set_num_threads(threads)
     single = json.loads((tmp_path / "single" / "table.json").read_text())
