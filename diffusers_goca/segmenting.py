@@ -139,12 +139,13 @@ def segment_image(
 
     weights = None
     if presence:
-        without, full = leave_one_out_errors(
-            lambda text, t, g: adapter.segment_forward(latents, text, t, g, guidance_scale),
-            classes,
-            use_background,
-            seed,
-        )
+        with adapter.encodings_kept():  # each of the K + 1 prompts encoded once, not at every noise
+            without, full = leave_one_out_errors(
+                lambda text, t, g: adapter.segment_forward(latents, text, t, g, guidance_scale),
+                classes,
+                use_background,
+                seed,
+            )
         gains = leave_one_out_gain(without, full)
         weights = dict(zip(classes, presence_weights(gains, presence_threshold).tolist()))
         absent = [c for c, w in weights.items() if w == 0]

@@ -1,5 +1,6 @@
 """Masks without oracle classes: the denoiser's presence test, the toy-world protocols, the background channel."""
 
+import contextlib
 import logging
 import random
 
@@ -45,6 +46,22 @@ def test_presence_weights_and_weighted_labels_against_plain_loops():
             assert labels[y, x] == best
     assert torch.equal(weighted_labels(scores, [0.0] * 4), scores.argmax(0))  # every class absent: the plain argmax
     assert torch.equal(weighted_labels(scores, [0.0, 0.0, 0.0, 1.0]), torch.full((5, 6), 3))
+
+
+@pytest.mark.parametrize("make", [make_tiny_sd, make_tiny_pixart, make_tiny_flux], ids=["sd", "pixart", "flux"])
+def test_presence_encodes_each_prompt_once(make, monkeypatch):
+    """The presence test's 14 forwards per prompt share one encoding of it (T5 is the costly part on PixArt and
+    Flux), and the presence gains are those of encoding at every forward."""
+    pipe = goca.from_pipe(make())
+    prompts = []
+    encode = pipe.encode_prompt
+    monkeypatch.setattr(pipe, "encode_prompt", lambda *a, **kw: prompts.append(1) or encode(*a, **kw))
+    kept = pipe.segment(IMAGE, ["cat", "grass", "dog"], presence=True, resolution=32)
+    assert len(prompts) == 4 + 1  # the K + 1 presence prompts once each, then the segmentation's forward
+    assert pipe.goca_adapter._encodings is None
+    monkeypatch.setattr(type(pipe.goca_adapter), "encodings_kept", contextlib.nullcontext)
+    again = pipe.segment(IMAGE, ["cat", "grass", "dog"], presence=True, resolution=32)
+    assert len(prompts) == 5 + 14 * 4 + 1 and again.presence == kept.presence
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

@@ -146,6 +146,16 @@ class FluxAdapter(Adapter):
         image = out[:, step.text_len :] if out.shape[1] > step.text_len and tap.added_key is None else out
         return image[:, : step.latent_hw[0] * step.latent_hw[1]]  # not Kontext's reference image
 
+    def encode_segment_prompt(self, prompt, device):
+        """(T5 states [1, L, C], CLIP's pooled embedding, text ids)."""
+        return self.pipe.encode_prompt(
+            prompt=prompt,
+            prompt_2=None,
+            device=device,
+            num_images_per_prompt=1,
+            max_sequence_length=self.text_max_length,
+        )
+
     def segment_forward(self, latents, prompt, timestep, generator, guidance_scale=None):
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
@@ -155,13 +165,7 @@ class FluxAdapter(Adapter):
         noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(device)
         packed, noise = (pipe._pack_latents(x, b, c, h, w) for x in (latents, noise))
         img_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, device, latents.dtype)
-        embeds, pooled, text_ids = pipe.encode_prompt(
-            prompt=prompt,
-            prompt_2=None,
-            device=device,
-            num_images_per_prompt=1,
-            max_sequence_length=self.text_max_length,
-        )
+        embeds, pooled, text_ids = self.segment_encoding(prompt, device)
         sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
         steps = self.segment_steps
         cfg = sched.config

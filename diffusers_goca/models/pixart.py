@@ -70,28 +70,27 @@ class PixArtAdapter(Adapter):
     def segment_text(self, prompt: str) -> str:
         return self.prompt_text(prompt, {"clean_caption": False})  # as `segment_forward` encodes it (lower case)
 
+    def encode_segment_prompt(self, prompt, device):
+        """(T5 states [1, L, C], their padding mask [1, L])."""
+        embeds, mask, _, _ = self.pipe.encode_prompt(
+            prompt,
+            do_classifier_free_guidance=False,
+            device=device,
+            clean_caption=False,
+            max_sequence_length=self.text_max_length,
+        )
+        return embeds, mask
+
     def cross_text_states(self, text: str):
         model = self.pipe.transformer
         with torch.no_grad():
-            embeds, _, _, _ = self.pipe.encode_prompt(
-                text,
-                do_classifier_free_guidance=False,
-                device=self.pipe._execution_device,
-                clean_caption=False,
-                max_sequence_length=self.text_max_length,
-            )
+            embeds, _ = self.segment_encoding(text, self.pipe._execution_device)
             return model.caption_projection(embeds.to(model.dtype))  # what every block's cross-attention reads
 
     def segment_forward(self, latents, prompt, timestep, generator, guidance_scale=None):
         pipe, model = self.pipe, self.pipe.transformer
         noisy, t, target = self.ddpm_noised(latents, timestep, generator)
-        embeds, mask, _, _ = pipe.encode_prompt(
-            prompt,
-            do_classifier_free_guidance=False,
-            device=latents.device,
-            clean_caption=False,
-            max_sequence_length=self.text_max_length,
-        )
+        embeds, mask = self.segment_encoding(prompt, latents.device)
         added = {"resolution": None, "aspect_ratio": None}
         if model.use_additional_conditions:
             h, w = latents.shape[-2] * pipe.vae_scale_factor, latents.shape[-1] * pipe.vae_scale_factor

@@ -113,6 +113,13 @@ class SD3Adapter(Adapter):
             tap.added_value,
         )
 
+    def encode_segment_prompt(self, prompt, device):
+        """(joint text states [1, 77 + L, C], pooled embedding)."""
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt, None, None, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        return embeds, pooled
+
     def segment_forward(self, latents, prompt, timestep, generator, guidance_scale=None):
         pipe, model = self.pipe, self.pipe.transformer
         sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
@@ -120,9 +127,7 @@ class SD3Adapter(Adapter):
         t = sched.timesteps[-self.segment_from_end] if timestep is None else torch.tensor(float(timestep))
         noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
         noisy = self.flow_noised(latents, noise, t)
-        embeds, _, pooled, _ = pipe.encode_prompt(
-            prompt, None, None, device=latents.device, num_images_per_prompt=1, do_classifier_free_guidance=False
-        )
+        embeds, pooled = self.segment_encoding(prompt, latents.device)
         out = model(
             hidden_states=noisy.to(model.dtype),
             timestep=t.reshape(1).to(latents.device),

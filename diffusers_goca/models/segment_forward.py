@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from contextlib import contextmanager
 
 import torch
 
@@ -20,6 +21,32 @@ class SegmentForward:
 
     # guidance-distilled families: the guidance embedding's value in `segment` (None: the family has no such input)
     segment_guidance: float | None = None
+
+    _encodings: dict | None = None  # (prompt, device) → encoding, inside `encodings_kept`
+
+    @contextmanager
+    def encodings_kept(self):
+        """Within the block, `segment_encoding` encodes each prompt text once: the presence test runs 14 forwards
+        per prompt, which would otherwise run the text encoder (T5-XXL on PixArt and Flux) as often."""
+        outer = self._encodings
+        self._encodings = {} if outer is None else outer
+        try:
+            yield
+        finally:
+            self._encodings = outer
+
+    def segment_encoding(self, prompt: str, device) -> tuple:
+        """`encode_segment_prompt(prompt, device)`, kept for the block where `encodings_kept` is open."""
+        if self._encodings is None:
+            return self.encode_segment_prompt(prompt, device)
+        key = (prompt, str(device))
+        if key not in self._encodings:
+            self._encodings[key] = self.encode_segment_prompt(prompt, device)
+        return self._encodings[key]
+
+    def encode_segment_prompt(self, prompt: str, device) -> tuple:
+        """The pipeline's encoding of `prompt` as `segment_forward` feeds it to the denoiser (one prompt, no CFG)."""
+        raise NotImplementedError
 
     def check_segment_guidance(self, guidance_scale) -> None:
         if guidance_scale is None:

@@ -148,25 +148,25 @@ class UNetAdapter(Adapter):
             timesteps = timesteps[timesteps >= int(round(total - end * total))]
         return len(timesteps)
 
+    def encode_segment_prompt(self, prompt, device):
+        """(text states [1, 77, C], SDXL's pooled embedding or None)."""
+        if self.is_sdxl:
+            embeds, _, pooled, _ = self.pipe.encode_prompt(
+                prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+            return embeds, pooled
+        return self.pipe.encode_prompt(prompt, device, 1, False)[0], None
+
     def cross_text_states(self, text: str):
-        device = self.pipe._execution_device
         with torch.no_grad():
-            if self.is_sdxl:
-                return self.pipe.encode_prompt(
-                    text, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
-                )[0]
-            return self.pipe.encode_prompt(text, device, 1, False)[0]
+            return self.segment_encoding(text, self.pipe._execution_device)[0]
 
     def segment_forward(self, latents, prompt, timestep, generator, guidance_scale=None):
-        pipe, unet = self.pipe, self.pipe.unet
+        unet = self.pipe.unet
         noisy, t, target = self.ddpm_noised(latents, timestep, generator)
         kwargs = {}
+        embeds, pooled = self.segment_encoding(prompt, latents.device)
         if self.is_sdxl:
-            embeds, _, pooled, _ = pipe.encode_prompt(
-                prompt, device=latents.device, num_images_per_prompt=1, do_classifier_free_guidance=False
-            )
             kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": self.time_ids(latents, embeds.dtype)}
-        else:
-            embeds, _ = pipe.encode_prompt(prompt, latents.device, 1, False)
         out = unet(noisy.to(unet.dtype), t, encoder_hidden_states=embeds.to(unet.dtype), return_dict=False, **kwargs)
         return out[0], target
