@@ -45,19 +45,21 @@ TEMPERATURES = (0.01, 0.02, 0.03, 0.05)
 FIRST_SETTING = [PRESENCE_TIMESTEPS.index(t) for t in (250, 500, 750)]  # draw 0 of each
 
 
-def rules() -> dict:
-    """rule name → (gains over the chosen noises: without [K, S], full [S] → weights [K])."""
-    every = lambda w, f: leave_one_out_gain(w, f)  # noqa: E731
-    out = {
-        "none": lambda w, f: torch.ones(w.shape[0]),
-        "threshold, 3 noises": lambda w, f: presence_weights(
-            leave_one_out_gain(w[:, FIRST_SETTING], f[FIRST_SETTING]), temperature=float("inf")
-        ),
-        "threshold, 14 noises": lambda w, f: presence_weights(every(w, f), temperature=float("inf")),
-    }
-    for tau in TEMPERATURES:
-        out[f"threshold + sigmoid τ = {tau}"] = lambda w, f, tau=tau: presence_weights(every(w, f), temperature=tau)
-    return out
+# rule name → weights [K] from the leave-one-out errors (without [K, S], full [S]); τ = ∞ makes every kept weight
+# equal (sigmoid(0)): the plain threshold.
+RULES = {
+    "none": lambda w, f: torch.ones(w.shape[0]),
+    "threshold, 3 noises": lambda w, f: presence_weights(
+        leave_one_out_gain(w[:, FIRST_SETTING], f[FIRST_SETTING]), temperature=float("inf")
+    ),
+    "threshold, 14 noises": lambda w, f: presence_weights(leave_one_out_gain(w, f), temperature=float("inf")),
+    **{
+        f"threshold + sigmoid τ = {tau}": lambda w, f, tau=tau: presence_weights(
+            leave_one_out_gain(w, f), temperature=tau
+        )
+        for tau in TEMPERATURES
+    },
+}
 
 
 def collect(pipe, n: int, split: str, methods=("goca", "vanilla")) -> list[dict]:
@@ -77,9 +79,10 @@ def collect(pipe, n: int, split: str, methods=("goca", "vanilla")) -> list[dict]
         record = {"truth": torch.from_numpy(scene.labels), "present": set(scene.classes)}
         for name, classes in lists.items():
             got = pipe.segment(image, classes, method=list(methods))
-            without, full = leave_one_out_errors(
-                lambda text, t, g: adapter.segment_forward(latents, text, t, g), classes, False, 0
-            )
+            with adapter.encodings_kept():
+                without, full = leave_one_out_errors(
+                    lambda text, t, g: adapter.segment_forward(latents, text, t, g), classes, False, 0
+                )
             record[name] = dict(classes=classes, scores={m: got[m].scores for m in methods}, errors=(without, full))
         records.append(record)
     return records
@@ -118,8 +121,8 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|")
     table = {}
     for method in ("goca", "vanilla"):
-        base = evaluate(records, "oracle", method, rules()["none"])[0]
-        for name, rule in rules().items():
+        base = evaluate(records, "oracle", method, RULES["none"])[0]
+        for name, rule in RULES.items():
             oracle, _ = evaluate(records, "oracle", method, rule)
             d2, absent = evaluate(records, "distractors-2", method, rule)
             table[f"{name} / {method}"] = dict(oracle=oracle, distractors_2=d2, absent_share=absent)

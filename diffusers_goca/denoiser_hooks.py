@@ -67,9 +67,9 @@ class DenoiserHooks:
         if req is None or state.adapter.guidance_forward(args, kwargs):
             return None
         step = state.capture.stop()
-        index, first_of_step = divmod(req.forward, req.forwards_per_step)
+        index, in_step = divmod(req.forward, req.forwards_per_step)  # in_step: this forward's place in its step
         req.forward += 1
-        if req.transform is not None and (step is not None or first_of_step == 0):
+        if req.transform is not None and (step is not None or in_step == 0):
             return req.transform(step, output)  # step None: a step the request does not capture
         if step is not None and req.keep_capture:
             req.captured.append(step)
