@@ -2,7 +2,8 @@
 
 "a photo of a cat sitting on the grass" → cat, grass; "an astronaut riding a horse on mars" → astronaut, horse, mars;
 "a red car parked next to a tree, highly detailed, 4k" → red car, tree. Colour and other modifiers stay with their
-noun, counts go ("two dogs" → dogs), and so do framing words ("a photo of"), verbs and quality tags.
+noun, counts go ("two dogs" → dogs), and so do framing words ("a photo of"), verbs, quality tags and who made the
+picture ("by greg rutkowski", "in the style of van gogh").
 """
 
 from __future__ import annotations
@@ -117,9 +118,12 @@ ten eleven twelve many several few couple pair lots lot bunch group number set k
 FRAMES = frozenset(
     """
 photo photograph picture image painting drawing illustration render rendering portrait shot view sketch closeup
-close-up scene group pair couple bunch lot lots number set kind type piece slice
+close-up scene group pair couple bunch lot lots number set kind type piece slice style
 """.split()
 )
+# Words after which "by" names who made the picture ("a painting by van gogh", "art by ..."), not a place ("a
+# house by the lake") or an agent ("surrounded by trees"); so does "by" opening a comma-separated tag.
+MAKERS = FRAMES | frozenset("art artwork artworks painted drawn made created designed sculpted photographed".split())
 # A word, a placeholder token of textual inversion ("<cat-toy>"), or one punctuation mark.
 _WORD = re.compile(r"<[^<>\s]+>|[\w'-]+|[^\w\s]")
 
@@ -146,10 +150,23 @@ def _phrases(prompt: str) -> list[list[str]]:
     """The prompt's words, cut into phrases at punctuation, linking words and verbs (which are dropped)."""
     words = _WORD.findall(_QUALITY.sub(",", prompt))
     phrases: list[list[str]] = [[]]
+    attribution = False  # inside "by <artist>" or "style of <artist>": names, not things in the image
     for i, word in enumerate(words):
         following = words[i + 1].lower() if i + 1 < len(words) else None
+        previous = words[i - 1].lower() if i > 0 else ","
         lower = word.lower()
-        if len(word) == 1 and not word.isalnum() and word not in ("'", "-"):
+        punctuation = len(word) == 1 and not word.isalnum() and word not in ("'", "-")
+        if attribution and not punctuation and (lower in ("and", "&") or lower not in LINKS):
+            continue  # names joined by "and" stay one attribution; another link ends it
+        attribution = False
+        if punctuation:
+            phrases.append([])
+        elif (lower == "by" and (previous in MAKERS or previous == ",") and following not in DETERMINERS) or (
+            lower == "of" and previous == "style"
+        ):
+            attribution = True
+            if previous in MAKERS:
+                phrases[-1] = []  # "art by", "in the style of": the frame is no class
             phrases.append([])
         elif lower in LINKS:
             if lower == "of" and phrases[-1] and phrases[-1][-1].lower() in FRAMES:

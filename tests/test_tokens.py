@@ -84,6 +84,10 @@ def test_entities_and_segmentation_prompt():
         ("running shoes on a wooden floor, trending on artstation, octane render", ["running shoes", "wooden floor"]),
         ("a spotted dog next to a bright colored bird", ["spotted dog", "bright colored bird"]),
         ("a painting of a lighthouse by the sea, masterpiece, best quality", ["lighthouse", "sea"]),
+        ("portrait of a woman wearing a red dress, digital art, by greg rutkowski", ["woman", "red dress"]),
+        ("a castle in the style of studio ghibli, by hayao miyazaki and makoto shinkai", ["castle"]),
+        ("oil painting by van gogh of a starry night over a village", ["starry night", "village"]),
+        ("a cabin surrounded by tall trees, art by alphonse mucha", ["cabin", "tall trees"]),
         (
             "sky with a yellow circle, a black square and a white triangle",
             ["sky", "yellow circle", "black square", "white triangle"],
