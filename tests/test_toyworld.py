@@ -152,6 +152,33 @@ def test_transformer_toy_loads_with_the_stock_pipeline_and_generates():
     assert image.shape == (32, 32, 3) and np.isfinite(image).all()
 
 
+@pytest.mark.parametrize("arch", ["sd", "pixart", "sd3", "flux"])
+def test_training_saves_a_pipeline_that_loads_generates_and_segments(arch, tmp_path):
+    """Ten steps of each layout's training: the folder loads with its stock pipeline, decodes an image and segments."""
+    from diffusers_goca.toyworld import train
+
+    out = str(tmp_path / arch)
+    train.main(
+        ["--out", out, "--arch", arch, "--blocks", "3", "--steps", "10", "--batch", "2", "--n-scenes", "4"]
+        + ["--vae-from", TOY_MODEL_DIR, "--threads", "1"]
+    )
+    pipe = goca.from_pipe(load_toy_pipeline(out))
+    kwargs = {"use_resolution_binning": False} if arch == "pixart" else {}
+    image = pipe(
+        "a red circle on grass",
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+        **kwargs,
+    ).images[0]
+    assert image.shape == (32, 32, 3) and np.isfinite(image).all()
+    scene = make_scene(scene_seeds("test", 1)[0])
+    result = pipe.segment(scene.image, scene.classes)
+    assert result.labels.shape == (32, 32) and result.classes == list(scene.classes)
+
+
 @pytest.mark.slow
 def test_transformer_toy_miou_floors_on_held_out_scenes():
     pipe = goca.from_pipe(load_toy_pipeline(TOY_DIT_MODEL_DIR))

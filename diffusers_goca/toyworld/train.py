@@ -420,6 +420,8 @@ def main(argv=None) -> None:
         "loaded with torch_dtype set (transformers keeps the text encoder's stored dtype, diffusers does not)",
     )
     args = p.parse_args(argv)
+    if args.steps < 10 or (args.vae_from is None and args.vae_steps < 10):
+        p.error("--steps and --vae-steps must be at least 10: the one-cycle schedule needs room for its warm-up")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -443,6 +445,8 @@ def main(argv=None) -> None:
         latents = encode_latents(vae, images)
         vae.register_to_config(scaling_factor=1.0 / latents.std().item())
         latents = latents * vae.config.scaling_factor
+    if vae.config.shift_factor is None:  # SD3 and Flux decode latents / scaling + shift: these latents have no shift
+        vae.register_to_config(shift_factor=0.0)
     log["vae_seconds"] = round(time.time() - start, 1)
     log["scaling_factor"] = vae.config.scaling_factor
 
