@@ -2,6 +2,7 @@
 
 python examples/generate_with_masks.py "a red circle and a white square on grass" --model <hub id or folder>
 python examples/generate_with_masks.py          # the embedded toy model (CPU, offline)
+python examples/generate_with_masks.py --model diffusers_goca/toyworld/dit_model   # the transformer toy (PixArt layout)
 """
 
 import argparse
@@ -11,6 +12,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 import diffusers_goca as goca
+from diffusers_goca.bench.generation import exact_size
 from diffusers_goca.loading import dtype_kwargs, pipeline_dtype
 from diffusers_goca.toyworld import TOY_MODEL_DIR
 
@@ -30,6 +32,9 @@ def main(argv=None):
     pipe = goca.scfg_from_pipe(pipe.to(device))  # S-CFG pipeline: masks, and S-CFG on request
     os.makedirs(args.out, exist_ok=True)
 
+    # PixArt's pipelines round the size to their trained aspect ratios, of which the 32 px toy has none: keep the size.
+    size = exact_size(pipe)
+
     def seeded():
         return torch.Generator("cpu").manual_seed(0)
 
@@ -41,6 +46,7 @@ def main(argv=None):
         generator=seeded(),
         scfg=False,
         goca_masks="last",
+        **size,
     ).images[0]
     masks = pipe.goca_masks[-1].results[0]
     cfg.save(f"{args.out}/cfg.png")
@@ -55,6 +61,7 @@ def main(argv=None):
         scfg=True,
         segmentor="goca",
         scfg_keep_maps=True,
+        **size,
     ).images[0]
     scfg.save(f"{args.out}/scfg.png")
     goca.save_scfg_maps(pipe.scfg_maps, f"{args.out}/scfg_maps.gif")

@@ -222,7 +222,8 @@ def test_scfg_runs_on_the_toy_model_with_both_segmenters(toy):
 
 @pytest.mark.slow
 def test_examples_run_on_the_toy_model(tmp_path):
-    """The two example scripts, with their defaults (the toy model), write what they say."""
+    """The two example scripts, with their defaults (the toy model), write what they say; generation also on the
+    transformer toy, whose pipeline bins sizes unless told not to."""
     import runpy
 
     root = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples"
@@ -232,3 +233,5 @@ def test_examples_run_on_the_toy_model(tmp_path):
     generate = runpy.run_path(str(root / "generate_with_masks.py"))["main"]
     cfg, scfg = generate(["--steps", "4", "--out", str(tmp_path / "gen")])
     assert cfg.size == scfg.size and (tmp_path / "gen" / "scfg_maps.gif").exists()
+    cfg, scfg = generate(["--steps", "4", "--model", TOY_DIT_MODEL_DIR, "--out", str(tmp_path / "dit")])
+    assert cfg.size == scfg.size == (32, 32) and (tmp_path / "dit" / "scfg_maps.gif").exists()
