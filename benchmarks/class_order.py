@@ -11,17 +11,13 @@ classes present, and the share of pixels labelled as in the scene's order.
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-import diffusers_goca as goca
+from diffusers_goca.bench.toy_script import toy_study, write_table
 from diffusers_goca.functional.metrics import confusion_matrix, miou
-from diffusers_goca.toyworld import CLASS_NAMES, load_toy_pipeline, make_scene, scene_seeds
+from diffusers_goca.toyworld import CLASS_NAMES, make_scene, scene_seeds
 
 METHODS = ("goca", "vanilla")
 
@@ -40,13 +36,7 @@ def orders(scene) -> dict[str, tuple[list[str], str]]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="a toy model folder (default: the shipped UNet toy)")
-    p.add_argument("--limit", type=int, default=100, help="held-out scenes")
-    p.add_argument("--split", default="test")
-    p.add_argument("--out", default=None, help="write the table as JSON here")
-    args = p.parse_args(argv)
-    pipe = goca.from_pipe(load_toy_pipeline(args.model) if args.model else load_toy_pipeline())
+    args, pipe = toy_study(__doc__, argv, limit=100, split="test")
     k = len(CLASS_NAMES)
     names = list(orders(make_scene(scene_seeds(args.split, 1)[0])))
     conf = {(o, m): torch.zeros(k, k, dtype=torch.long) for o in names for m in METHODS}
@@ -79,9 +69,7 @@ def main(argv=None) -> int:
             table[f"{name} / {m}"] = dict(miou=value, agreement=share)
             cells += [f"{value:.1f}", f"{share:.1f} %"]
         print(f"| {name} | " + " | ".join(cells) + " |")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(table, indent=1))
+    write_table(args.out, table)
     return 0
 
 

@@ -18,17 +18,14 @@ and the share of pixels the absent classes take.
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-import diffusers_goca as goca
+from diffusers_goca.bench.toy_script import toy_study, write_table
 from diffusers_goca.functional.maps import weighted_labels
 from diffusers_goca.functional.metrics import confusion_matrix, miou
 from diffusers_goca.presence import (
@@ -39,7 +36,7 @@ from diffusers_goca.presence import (
     presence_weights,
 )
 from diffusers_goca.segmenting import encoded_latents
-from diffusers_goca.toyworld import CLASS_NAMES, load_toy_pipeline, make_scene, scene_seeds
+from diffusers_goca.toyworld import CLASS_NAMES, make_scene, scene_seeds
 
 TEMPERATURES = (0.01, 0.02, 0.03, 0.05)
 FIRST_SETTING = [PRESENCE_TIMESTEPS.index(t) for t in (250, 500, 750)]  # draw 0 of each
@@ -107,13 +104,7 @@ def evaluate(records: list[dict], protocol: str, method: str, rule) -> tuple[flo
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="a toy model folder (default: the shipped UNet toy)")
-    p.add_argument("--limit", type=int, default=60, help="validation scenes")
-    p.add_argument("--split", default="validation")
-    p.add_argument("--out", default=None, help="write the table as JSON here")
-    args = p.parse_args(argv)
-    pipe = goca.from_pipe(load_toy_pipeline(args.model) if args.model else load_toy_pipeline())
+    args, pipe = toy_study(__doc__, argv, limit=60, split="validation")
     records = collect(pipe, args.limit, args.split)
     noises = f"{len(PRESENCE_TIMESTEPS)} levels × {PRESENCE_DRAWS} noises"
     print(f"{args.limit} {args.split} scenes, {args.model or 'UNet toy'}; errors at {noises}\n")
@@ -127,9 +118,7 @@ def main(argv=None) -> int:
             d2, absent = evaluate(records, "distractors-2", method, rule)
             table[f"{name} / {method}"] = dict(oracle=oracle, distractors_2=d2, absent_share=absent)
             print(f"| {name} | {method} | {oracle:.1f} | {d2:.1f} ({100 * d2 / base:.0f} %) | {absent:.1f} |")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(table, indent=1))
+    write_table(args.out, table)
     return 0
 
 
