@@ -13,6 +13,7 @@ import sys
 
 import torch
 
+from .class_encoding import CLASS_ENCODINGS
 from .loading import DTYPES, load_pipeline
 
 __all__ = ["main"]
@@ -48,6 +49,8 @@ def _segment(args) -> int:
             seed=args.seed,
             background=args.background,
             background_offset=args.background_offset,
+            presence=args.presence,
+            class_encoding=args.class_encoding,
             **options,
         )
         result.overlay().save(args.out)
@@ -59,7 +62,8 @@ def _segment(args) -> int:
         raise SystemExit(f"goca: error: {error}") from None
     total = result.labels.numel()
     for k, name in enumerate(result.classes):
-        print(f"  {name:>20s}: {100.0 * (result.labels == k).sum().item() / total:5.1f}% of pixels")
+        share = 100.0 * (result.labels == k).sum().item() / total
+        print(f"  {name:>20s}: " + ("judged absent" if name in result.absent else f"{share:5.1f}% of pixels"))
     return 0
 
 
@@ -105,6 +109,18 @@ def main(argv=None) -> int:
         "only objects are named; off by default, as in segment()",
     )
     s.add_argument("--background-offset", type=float, default=0.0)
+    s.add_argument(
+        "--presence",
+        action="store_true",
+        help="first ask the denoiser which named classes are in the image; those it judges absent take no pixel "
+        "(14 more forwards per class; off by default, as in segment())",
+    )
+    s.add_argument(
+        "--class-encoding",
+        default="prompt",
+        choices=CLASS_ENCODINGS,
+        help="separate: encode each class on its own, so that the class order does not matter (as in segment())",
+    )
     s.add_argument(
         "--layer-weight-stride",
         type=int,

@@ -319,3 +319,29 @@ def test_separate_class_encoding_makes_orders_agree_on_the_toy(toy):
         same += int((labels[0] == labels[1]).sum())
         total += labels[0].numel()
     assert same / total >= 0.9, same / total
+
+
+def test_cli_passes_presence_and_class_encoding_to_segment(toy, tmp_path, capsys):
+    """`goca segment --presence --class-encoding separate` prints what `segment` with those arguments gives: the
+    classes it judges absent, the others' shares."""
+    from diffusers_goca.cli import main
+
+    for seed in scene_seeds("validation", 8):  # a scene where the test rules out one of two added absent classes
+        scene = make_scene(seed)
+        absent = random.Random(seed).sample([c for c in CLASS_NAMES if c not in scene.classes], 2)
+        classes = list(scene.classes) + absent
+        expected = toy.segment(scene.image, classes, presence=True, class_encoding="separate")
+        if expected.absent:
+            break
+    assert expected.absent, "no validation scene where the presence test rules out a class"
+    image = tmp_path / "scene.png"
+    Image.fromarray(scene.image).save(image)
+    capsys.readouterr()
+    args = ["segment", str(image), "--classes", ",".join(classes), "--out", str(tmp_path / "o.png")]
+    assert main([*args, "--presence", "--class-encoding", "separate"]) == 0
+    lines = {
+        line.split(":")[0].strip(): line.split(":")[1].strip() for line in capsys.readouterr().out.splitlines()[1:]
+    }
+    for k, name in enumerate(classes):
+        share = 100.0 * (expected.labels == k).sum().item() / expected.labels.numel()
+        assert lines[name] == ("judged absent" if name in expected.absent else f"{share:5.1f}% of pixels".strip())
