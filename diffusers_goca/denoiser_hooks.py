@@ -32,6 +32,9 @@ class DenoiserHooks:
             return None
         adapter = state.adapter
         rows = self.rows(adapter.denoiser_batch(args, kwargs), req.n_images)
+        if req.side_encodings is not None:  # segmented from a side forward after this one (`post_forward`)
+            req.side_rows = rows
+            return None
         state.wrap_replaced(adopt=False)
         state.capture.start(
             adapter.denoiser_latent_hw(args, kwargs),
@@ -67,6 +70,12 @@ class DenoiserHooks:
         if req is None or state.adapter.guidance_forward(args, kwargs):
             return None
         step = state.capture.stop()
+        if req.side_rows is not None:  # the same inputs with the side texts, captured as a forward of its own
+            call = state.adapter.text_swapped_call(args, kwargs, req.side_rows, req.side_encodings)
+            req.side_rows = None
+            step = self.pipe.capture_forward(
+                lambda: module(**call), req.n_images, req.columns, req.text_keys, req.pseudo_attention
+            )
         index, in_step = divmod(req.forward, req.forwards_per_step)  # in_step: this forward's place in its step
         req.forward += 1
         if req.transform is not None and (step is not None or in_step == 0):

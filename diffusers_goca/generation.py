@@ -52,27 +52,33 @@ def prompt_indices(adapter, prompt, call_kwargs: dict, what: str, index_for) -> 
     ]
 
 
-def mask_indices(adapter, prompt, call_kwargs: dict, goca_classes, goca_background: bool) -> list:
-    """One TokenIndex per generated image (`prompt_indices`) of the classes `goca_classes` names for its
-    prompt (default: the prompt's entities), with the word "background" where `goca_background` asks for its map
-    and the prompt has the word (else `with_background_keys` adds it on the side path)."""
+def mask_indices(adapter, prompt, call_kwargs: dict, goca_classes, goca_background: bool) -> tuple[list, list | None]:
+    """(one TokenIndex per generated image (`prompt_indices`) of the classes `goca_classes` names for its prompt
+    (default: the prompt's entities), with the word "background" where `goca_background` asks for its map; the side
+    prompts). Where a prompt lacks the word, a cross-attention family appends the word's keys on the side path
+    (`with_background_keys`); a joint-attention family cannot (its text keys come from the text stream of the block
+    before), so its masks are read from a side forward of the same inputs on each prompt with the word added, "a cat
+    on grass, background", encoded for every text encoder as `segment(..., background=True)` encodes its prompt: the
+    side prompts are those texts and the indices theirs (None: the call's own forward is read)."""
     per_prompt = _classes_per_prompt(goca_classes, prompt)
+    named = []  # (text, classes, extra entities) per generated image
 
     def index_for(i, text, max_length, part_texts):
         classes = list(per_prompt[i]) if per_prompt is not None else entities_from_prompt(text)
         extra = ["background"] if goca_background and not has_class(classes, "background") else []
-        index = adapter.token_index(text, classes, extra, max_length, part_texts=part_texts)
-        if extra and "background" not in index.extra_entities and adapter.joint:
-            # a joint block's text keys come from the text stream of the block before: a word outside the prompt
-            # has none without running it through every block, which would change the image
-            raise ValueError(
-                f"goca_background=True on {adapter.family} reads the map of the word 'background' in the prompt, "
-                f"and {text!r} has none: add it to the prompt (which changes the image), or segment the "
-                f"generated image with pipe.segment(image, classes, background=True)"
-            )
-        return index
+        named.append((text, classes, extra))
+        return adapter.token_index(text, classes, extra, max_length, part_texts=part_texts)
 
-    return prompt_indices(adapter, prompt, call_kwargs, "masks during generation", index_for)
+    indices = prompt_indices(adapter, prompt, call_kwargs, "masks during generation", index_for)
+    lacking = [bool(extra) and "background" not in index.extra_entities for index, (_, _, extra) in zip(indices, named)]
+    if not adapter.joint or not any(lacking):
+        return indices, None
+    side = [f"{text}, background" if lack else text for (text, _, _), lack in zip(named, lacking)]
+    indices = [
+        adapter.token_index(adapter.segment_text(text), classes, extra)
+        for text, (_, classes, extra) in zip(side, named)
+    ]
+    return indices, side
 
 
 def steps_wanted(pipe, adapter, call_kwargs: dict, goca_masks) -> Callable[[int], bool]:
@@ -153,7 +159,11 @@ def masks_request(
 
     prompt = adapter.call_prompt(args, kwargs)
     adapter.check_mask_prompt(kwargs, prompt)
-    indices = mask_indices(adapter, prompt, kwargs, goca_classes, goca_background)
+    indices, side_prompts = mask_indices(adapter, prompt, kwargs, goca_classes, goca_background)
+    side_encodings = None
+    if side_prompts is not None:
+        with adapter.encodings_kept():  # each distinct prompt encoded once
+            side_encodings = [adapter.segment_encoding(p, pipe._execution_device) for p in side_prompts]
     text_keys = text_keys_read(adapter, indices)
     extra_text = with_background_keys(adapter, indices, text_keys) if goca_background else None
     wants = steps_wanted(pipe, adapter, kwargs, goca_masks)
@@ -170,6 +180,7 @@ def masks_request(
         columns=kept_columns(adapter, indices),
         text_keys=text_keys,
         extra_text=extra_text,
+        side_encodings=side_encodings,
         pseudo_attention=pseudo_attention,
         output_resize=adapter.output_resize(kwargs),
         reuse=reuse if reuse.every > 1 else None,

@@ -180,16 +180,68 @@ def test_presence_floors_with_two_distractors_on_the_shipped_toy(toy):
 
 
 @pytest.mark.parametrize("make", [make_tiny_sd3, make_tiny_flux], ids=["sd3", "flux"])
-def test_generation_background_without_the_word_is_refused_on_joint_attention(make):
-    """A joint block's text keys come from the text stream of the block before: a word outside the prompt has none
-    without running it through every block, which would change the image."""
-    pipe = goca.from_pipe(make())
-    calls = []
-    handle = pipe.transformer.register_forward_pre_hook(lambda *args: calls.append(1))
-    with pytest.raises(ValueError, match="reads the map of the word 'background' in the prompt"):
-        pipe("a cat on grass", num_inference_steps=1, height=32, width=32, goca_masks="last", goca_background=True)
+def test_generation_background_without_the_word_reads_a_side_forward_on_joint_attention(make):
+    """A joint block's text keys come from the text stream of the block before, so a word outside the prompt has
+    none: the masks of a wanted step come from a side forward of that step's inputs (the conditional rows) on the
+    prompt with the word added, as segment(..., background=True) words it. Restated here from the recorded inputs;
+    the images stay those of the plain call."""
+    from diffusers_goca.capture_request import kept_columns
+    from diffusers_goca.step_results import step_segmentations
+
+    base = make()
+    cfg = make is make_tiny_sd3  # SD3 batches [uncond, cond]; the tiny Flux runs one conditional row
+
+    def call(pipe, **kw):
+        generator = torch.Generator().manual_seed(0)
+        return pipe(
+            "a cat on grass",
+            num_inference_steps=2,
+            height=32,
+            width=32,
+            guidance_scale=4.0 if cfg else 3.5,
+            output_type="np",
+            generator=generator,
+            **kw,
+        )
+
+    plain = call(base).images
+    pipe = goca.from_pipe(base)
+    recorded = []
+
+    def record(module, args, kwargs):
+        if len(recorded) < 2:
+            recorded.append({k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()})
+
+    handle = pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
+    images = call(pipe, goca_masks=[1], goca_background=True).images
     handle.remove()
-    assert not calls
+    assert np.array_equal(images, plain)
+    (masks,) = pipe.goca_masks
+    (result,) = masks.results
+    assert result.classes == ["cat", "grass", "background"]
+
+    adapter = pipe.goca_adapter
+    text = "a cat on grass, background"
+    encoding = adapter.encode_segment_prompt(text, "cpu")
+    inputs = recorded[1]  # step 1's forward
+    cond = slice(1, 2) if cfg else slice(0, 1)
+    side = {
+        **inputs,
+        "hidden_states": inputs["hidden_states"][cond],
+        "timestep": inputs["timestep"][cond],
+        "encoder_hidden_states": encoding[0],
+        "pooled_projections": encoding[1],
+    }
+    if not cfg:
+        side["txt_ids"] = encoding[2]
+        if inputs.get("guidance") is not None:
+            side["guidance"] = inputs["guidance"][cond]
+    index = adapter.token_index(text, ["cat", "grass"], ["background"])
+    with torch.no_grad():
+        step = pipe.capture_forward(lambda: pipe.transformer(**side), 1, kept_columns(adapter, [index]))
+    (expected,) = step_segmentations(adapter, step, [index], "goca", "background", 0.0, {})
+    assert torch.allclose(result.scores, expected.scores, atol=1e-5)
+    assert result.scores[2].std() > 0
 
 
 @pytest.mark.parametrize("make", [make_tiny_sd, make_tiny_sdxl, make_tiny_pixart], ids=["sd", "sdxl", "pixart"])

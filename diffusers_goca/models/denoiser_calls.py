@@ -3,6 +3,8 @@ about the batch, the latent grid, the text and the steps."""
 
 from __future__ import annotations
 
+import torch
+
 
 class DenoiserCalls:
     """A base of `Adapter`: reads the denoiser's call arguments (its batch, latent grid and text length, whether it
@@ -40,3 +42,30 @@ class DenoiserCalls:
     def denoiser_batch(self, args, kwargs) -> int:
         sample = kwargs.get("sample", kwargs.get("hidden_states", args[0] if args else None))
         return sample.shape[0]
+
+    def text_swapped_call(self, args, kwargs: dict, rows, encodings: list[tuple]) -> dict:
+        """The keyword arguments of this denoiser call for its batch rows `rows` only, its text replaced by
+        `encodings` (one `encode_segment_prompt` result per row: text states, pooled vector and, for Flux, the text
+        ids): the side forward that reads a word outside a joint-attention prompt (`generation.mask_indices`)."""
+        if args:
+            raise RuntimeError(
+                f"GoCA's side forward expects the {self.family} denoiser called with keyword arguments only, as the "
+                f"diffusers pipelines call it; this call passed {len(args)} positional ones"
+            )
+        batch = self.denoiser_batch((), kwargs)
+        text = {
+            "encoder_hidden_states": torch.cat([e[0] for e in encodings]),
+            "pooled_projections": torch.cat([e[1] for e in encodings]),
+        }
+        if "txt_ids" in kwargs:
+            text["txt_ids"] = encodings[0][2]  # one set of ids for the batch, as the pipeline passes them
+        rows = list(rows)
+        call = {}
+        for key, value in kwargs.items():
+            if key in text:
+                call[key] = text[key]
+            elif torch.is_tensor(value) and value.ndim and value.shape[0] == batch and key != "img_ids":
+                call[key] = value[rows]  # per-row inputs: the latents, timestep, guidance
+            else:
+                call[key] = value
+        return call
