@@ -159,7 +159,10 @@ def save_masks(results: dict, folder: str | None = None) -> list[str]:
 def _shares(result) -> str:
     total = max(1, result.labels.numel())
     counts = torch.bincount(result.labels.flatten().cpu(), minlength=len(result.classes)).tolist()
-    return " · ".join(f"{name} {100 * n / total:.0f}%" for name, n in zip(result.classes, counts))
+    return " · ".join(
+        f"{name} judged absent" if name in result.absent else f"{name} {100 * n / total:.0f}%"
+        for name, n in zip(result.classes, counts)
+    )
 
 
 def legend_text(result, method: str | None = None) -> str:
@@ -264,6 +267,7 @@ class Demo:
         timestep=None,
         seed=0,
         class_encoding: str = "prompt",
+        presence: bool = False,
     ) -> dict:
         """`pipe.segment` on the chosen image → {method: GoCASegmentation}, in the order of `methods`."""
         classes = parse_classes(classes)
@@ -282,6 +286,7 @@ class Demo:
                 background=bool(background),
                 background_offset=offset,
                 class_encoding=class_encoding or "prompt",
+                presence=bool(presence),
             )
         return out if isinstance(out, dict) else {methods[0]: out}
 
@@ -448,12 +453,32 @@ def make_events(demo: Demo) -> SimpleNamespace:
         return UPLOAD, _enlarged(image), ""
 
     def segment_event(
-        source, seed, upload, classes, methods, background, offset, timestep, noise_seed, class_encoding="prompt"
+        source,
+        seed,
+        upload,
+        classes,
+        methods,
+        background,
+        offset,
+        timestep,
+        noise_seed,
+        class_encoding="prompt",
+        presence=False,
     ):
         start = time.perf_counter()
         try:
             results = demo.segment(
-                source, seed, upload, classes, methods, background, offset, timestep, noise_seed, class_encoding
+                source,
+                seed,
+                upload,
+                classes,
+                methods,
+                background,
+                offset,
+                timestep,
+                noise_seed,
+                class_encoding,
+                presence,
             )
         except Exception as error:
             text = warn(_error_markdown("Could not segment", error))
@@ -615,6 +640,13 @@ def build_app(demo: Demo):
                             "of the classes no longer matters",
                             elem_id="seg-encoding",
                         )
+                        presence = gr.Checkbox(
+                            False,
+                            label="Presence test",
+                            info="ask the denoiser which named classes are in the image; the others take no "
+                            "pixel (14 more forwards per class)",
+                            elem_id="seg-presence",
+                        )
                         with gr.Row():
                             timestep = gr.Textbox(
                                 "", label="Timestep", placeholder="the family's", elem_id="seg-timestep"
@@ -683,7 +715,19 @@ def build_app(demo: Demo):
         upload.upload(events.pick_upload, [upload], [source, preview, seg_message])
         segment_button.click(
             events.segment,
-            [source, scene, upload, classes, methods, background, offset, timestep, noise_seed, class_encoding],
+            [
+                source,
+                scene,
+                upload,
+                classes,
+                methods,
+                background,
+                offset,
+                timestep,
+                noise_seed,
+                class_encoding,
+                presence,
+            ],
             [seg_message, seg_legend, shown, overlay, labelmap, heatmaps, results, files],
         )
         shown.change(events.show_method, [results, shown], [overlay, labelmap, heatmaps, seg_legend])

@@ -105,6 +105,20 @@ def test_the_class_encoding_reaches_the_library(demo):
         demo.segment(TOY, DEFAULT_SCENE, None, classes, ["goca"], class_encoding="joint")
 
 
+def test_the_presence_test_reaches_the_library(demo):
+    """presence=True: the weights and labels of `segment(..., presence=True)`, a class ruled out shown as such."""
+    from diffusers_goca.app import legend_text
+    from diffusers_goca.toyworld import CLASS_NAMES
+
+    classes = list(SCENE.classes) + [c for c in CLASS_NAMES if c not in SCENE.classes][:2]
+    got = demo.segment(TOY, DEFAULT_SCENE, None, ", ".join(classes), ["goca"], presence=True)["goca"]
+    expected = demo.pipe.segment(SCENE.image, classes, presence=True)
+    assert got.presence == expected.presence and set(got.presence) == set(classes)
+    assert torch.equal(got.labels, expected.labels)
+    assert all(f"{c} judged absent" in legend_text(got) for c in got.absent)
+    assert not demo.segment(TOY, DEFAULT_SCENE, None, ", ".join(classes), ["goca"])["goca"].presence
+
+
 def test_save_masks_writes_one_png_per_class_and_a_zip(demo, tmp_path):
     results = demo.segment(TOY, DEFAULT_SCENE, None, ", ".join(SCENE.classes), ["goca", "vanilla"])
     paths = save_masks(results, str(tmp_path))
