@@ -452,34 +452,12 @@ def make_events(demo: Demo) -> SimpleNamespace:
             return UPLOAD, None, warn(_error_markdown("Upload", error))
         return UPLOAD, _enlarged(image), ""
 
-    def segment_event(
-        source,
-        seed,
-        upload,
-        classes,
-        methods,
-        background,
-        offset,
-        timestep,
-        noise_seed,
-        class_encoding="prompt",
-        presence=False,
-    ):
+    def segment_event(*inputs):
+        """The Segment tab's inputs, in `Demo.segment`'s order (image source, scene seed, upload, classes, methods,
+        background, its offset, timestep, noise seed, class encoding, presence test)."""
         start = time.perf_counter()
         try:
-            results = demo.segment(
-                source,
-                seed,
-                upload,
-                classes,
-                methods,
-                background,
-                offset,
-                timestep,
-                noise_seed,
-                class_encoding,
-                presence,
-            )
+            results = demo.segment(*inputs)
         except Exception as error:
             text = warn(_error_markdown("Could not segment", error))
             return text, "", gr.update(), None, None, None, None, None
