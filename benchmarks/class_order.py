@@ -22,31 +22,35 @@ from diffusers_goca.toyworld import CLASS_NAMES, make_scene, scene_seeds
 METHODS = ("goca", "vanilla")
 
 
-def orders(scene) -> dict[str, tuple[list[str], str]]:
-    """order name → (classes in that order, class_encoding) for `scene`."""
-    surface, objects = scene.background, [c for c in scene.classes if c != scene.background]
-    area = {c: int((scene.labels == CLASS_NAMES.index(c)).sum()) for c in scene.classes}
-    return {
-        "scene order: surface first, objects as drawn": ([surface] + objects, "prompt"),
-        "surface last": (objects + [surface], "prompt"),
-        "surface first, objects reversed": ([surface] + objects[::-1], "prompt"),
-        "largest region first (true areas)": (sorted(scene.classes, key=lambda c: -area[c]), "prompt"),
-        "surface last, class_encoding='separate'": (objects + [surface], "separate"),
-    }
+# order name → (the classes in that order, from the surface, the objects as drawn and each class's true area; the
+# class encoding)
+ORDERS = {
+    "scene order: surface first, objects as drawn": (lambda surface, objects, area: [surface] + objects, "prompt"),
+    "surface last": (lambda surface, objects, area: objects + [surface], "prompt"),
+    "surface first, objects reversed": (lambda surface, objects, area: [surface] + objects[::-1], "prompt"),
+    "largest region first (true areas)": (
+        lambda surface, objects, area: sorted([surface] + objects, key=lambda c: -area[c]),
+        "prompt",
+    ),
+    "surface last, class_encoding='separate'": (lambda surface, objects, area: objects + [surface], "separate"),
+}
 
 
 def main(argv=None) -> int:
     args, pipe = toy_study(__doc__, argv, limit=100, split="test")
     k = len(CLASS_NAMES)
-    names = list(orders(make_scene(scene_seeds(args.split, 1)[0])))
+    names = list(ORDERS)
     conf = {(o, m): torch.zeros(k, k, dtype=torch.long) for o in names for m in METHODS}
     agree = {(o, m): 0 for o in names for m in METHODS}
     pixels = 0
     for seed in tqdm(scene_seeds(args.split, args.limit), desc="scenes"):
         scene = make_scene(seed)
         image, truth = Image.fromarray(scene.image), torch.from_numpy(scene.labels)
+        objects = [c for c in scene.classes if c != scene.background]
+        area = {c: int((scene.labels == CLASS_NAMES.index(c)).sum()) for c in scene.classes}
         labels = {}
-        for name, (classes, encoding) in orders(scene).items():
+        for name, (order, encoding) in ORDERS.items():
+            classes = order(scene.background, objects, area)
             got = pipe.segment(image, classes, method=list(METHODS), class_encoding=encoding)
             ids = torch.tensor([CLASS_NAMES.index(c) for c in classes])
             for m in METHODS:
@@ -63,8 +67,7 @@ def main(argv=None) -> int:
     for name in names:
         cells = []
         for m in METHODS:
-            _, iou = miou(conf[name, m])
-            value = 100 * float(iou[conf[name, m].sum(1) > 0].mean())
+            value = 100 * miou(conf[name, m], over="truth")[0]
             share = 100 * agree[name, m] / pixels
             table[f"{name} / {m}"] = dict(miou=value, agreement=share)
             cells += [f"{value:.1f}", f"{share:.1f} %"]

@@ -99,8 +99,7 @@ def evaluate(records: list[dict], protocol: str, method: str, rule) -> tuple[flo
         absent_ids = [CLASS_NAMES.index(c) for c in run["classes"] if c not in rec["present"]]
         absent_pixels += int(np.isin(pred.numpy(), absent_ids).sum())
         pixels += pred.numel()
-    _, iou = miou(conf)
-    return 100 * float(iou[conf.sum(1) > 0].mean()), 100 * absent_pixels / pixels
+    return 100 * miou(conf, over="truth")[0], 100 * absent_pixels / pixels
 
 
 def main(argv=None) -> int:

@@ -157,11 +157,9 @@ def save_masks(results: dict, folder: str | None = None) -> list[str]:
 
 
 def _shares(result) -> str:
-    total = max(1, result.labels.numel())
-    counts = torch.bincount(result.labels.flatten().cpu(), minlength=len(result.classes)).tolist()
     return " · ".join(
-        f"{name} judged absent" if name in result.absent else f"{name} {100 * n / total:.0f}%"
-        for name, n in zip(result.classes, counts)
+        f"{name} judged absent" if share is None else f"{name} {share:.0f}%"
+        for name, share in result.pixel_shares().items()
     )
 
 

@@ -51,7 +51,6 @@ class CaptureRequest:
     # one text encoding per segmented image: the wanted steps are read from a side forward on these texts instead of
     # the call's own forward (a word outside a joint-attention prompt: `generation.mask_indices`), None: the call's
     side_encodings: list[tuple] | None = None
-    side_rows: range | None = None  # the rows of the forward running now that its side forward reads
     output_resize: Callable | None = None  # scores at the generated size → the returned image's (Adapter.output_resize)
     # (capture, denoiser output) → replacement output (S-CFG): at the first forward of every step, the capture None
     # on the steps `wants` leaves out

@@ -60,10 +60,8 @@ def _segment(args) -> int:
             print(f"saved {args.heatmaps}")
     except (ValueError, OSError) as error:  # FileNotFoundError is an OSError
         raise SystemExit(f"goca: error: {error}") from None
-    total = result.labels.numel()
-    for k, name in enumerate(result.classes):
-        share = 100.0 * (result.labels == k).sum().item() / total
-        print(f"  {name:>20s}: " + ("judged absent" if name in result.absent else f"{share:5.1f}% of pixels"))
+    for name, share in result.pixel_shares().items():
+        print(f"  {name:>20s}: " + ("judged absent" if share is None else f"{share:5.1f}% of pixels"))
     return 0
 
 

@@ -28,13 +28,10 @@ class DenoiserHooks:
         if req is None or state.adapter.guidance_forward(args, kwargs) or req.forward % req.forwards_per_step:
             return None
         req.timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        if not req.wants(req.forward // req.forwards_per_step):
-            return None
+        if req.side_encodings is not None or not req.wants(req.forward // req.forwards_per_step):
+            return None  # with side texts, the step is read from a forward of its own after this one (`post_forward`)
         adapter = state.adapter
         rows = self.rows(adapter.denoiser_batch(args, kwargs), req.n_images)
-        if req.side_encodings is not None:  # segmented from a side forward after this one (`post_forward`)
-            req.side_rows = rows
-            return None
         state.wrap_replaced(adopt=False)
         state.capture.start(
             adapter.denoiser_latent_hw(args, kwargs),
@@ -70,13 +67,14 @@ class DenoiserHooks:
         if req is None or state.adapter.guidance_forward(args, kwargs):
             return None
         step = state.capture.stop()
-        if req.side_rows is not None:  # the same inputs with the side texts, captured as a forward of its own
-            call = state.adapter.text_swapped_call(args, kwargs, req.side_rows, req.side_encodings)
-            req.side_rows = None
+        index, in_step = divmod(req.forward, req.forwards_per_step)  # in_step: this forward's place in its step
+        if req.side_encodings is not None and in_step == 0 and req.wants(index):
+            # the same inputs with the side texts, captured as a forward of its own
+            rows = self.rows(state.adapter.denoiser_batch(args, kwargs), req.n_images)
+            call = state.adapter.text_swapped_call(args, kwargs, rows, req.side_encodings)
             step = self.pipe.capture_forward(
                 lambda: module(**call), req.n_images, req.columns, req.text_keys, req.pseudo_attention
             )
-        index, in_step = divmod(req.forward, req.forwards_per_step)  # in_step: this forward's place in its step
         req.forward += 1
         if req.transform is not None and (step is not None or in_step == 0):
             return req.transform(step, output)  # step None: a step the request does not capture

@@ -163,18 +163,20 @@ class GoCASegmentation:
             raise ValueError(f"no class {name!r} in this segmentation; its classes are {self.classes}")
         return self.labels == self.classes.index(name)
 
-    def _legend_names(self) -> list[str]:
-        """Each class with its share of the pixels, or "(absent)" for those the presence test ruled out."""
+    def pixel_shares(self) -> dict[str, float | None]:
+        """Each class's share of the pixels in percent, in the order of `classes`; None for a class the presence test
+        ruled out and that took no pixel (with every class ruled out and no background channel, the labels are the
+        plain argmax: those classes have their shares)."""
         counts = torch.bincount(self.labels.flatten().cpu(), minlength=len(self.classes)).tolist()
         total = max(1, self.labels.numel())
+        absent = set(self.absent)
+        return {name: None if name in absent and n == 0 else 100 * n / total for name, n in zip(self.classes, counts)}
+
+    def _legend_names(self) -> list[str]:
+        """Each class with its share of the pixels, or "(absent)" for those the presence test ruled out."""
         names = []
-        for k, name in enumerate(self.classes):
-            share = 100 * counts[k] / total
-            text = (
-                "absent"
-                if name in self.absent and counts[k] == 0
-                else (f"{share:.0f}%" if share >= 1 or share == 0 else "<1%")
-            )
+        for name, share in self.pixel_shares().items():
+            text = "absent" if share is None else "<1%" if 0 < share < 1 else f"{share:.0f}%"
             names.append(f"{name} ({text})")
         return names
 

@@ -404,3 +404,21 @@ def test_key_resize_adjoint_is_the_transposed_resize(src, dst):
     x = torch.randn(dst[0] * dst[1], 5, dtype=torch.float64)
     b_transposed = resize_keys(torch.eye(src[0] * src[1], dtype=torch.float64), src, dst)  # [N_src, N_dst]
     assert torch.allclose(resize_keys_adjoint(x, src, dst).double(), b_transposed @ x, atol=1e-5)
+
+
+def test_miou_over_the_classes_of_the_ground_truth_against_a_plain_loop():
+    """over="truth" averages the IoU of the classes the ground truth has; a class only predicted does not count."""
+    from diffusers_goca.functional.metrics import confusion_matrix, miou
+
+    target = torch.tensor([0, 0, 0, 1, 1, 2])
+    pred = torch.tensor([0, 0, 3, 1, 0, 2])
+    conf = confusion_matrix(pred, target, 4)
+    expected = []
+    for k in target.unique().tolist():
+        inter = int(((pred == k) & (target == k)).sum())
+        union = int(((pred == k) | (target == k)).sum())
+        expected.append(inter / union)
+    assert miou(conf, over="truth")[0] == pytest.approx(sum(expected) / len(expected))
+    assert miou(conf, over="present")[0] != pytest.approx(miou(conf, over="truth")[0])  # class 3: predicted only
+    with pytest.raises(ValueError, match="'truth'"):
+        miou(conf, over="everything")

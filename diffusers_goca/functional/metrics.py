@@ -19,8 +19,9 @@ def confusion_matrix(
 def miou(confusion: torch.Tensor, over: str = "present") -> tuple[float, torch.Tensor]:
     """Mean IoU and per-class IoU (NaN where undefined).
 
-    over: "present" (standard: classes present in ground truth or prediction) or "all" (official GoCA: every class,
-    absent ones counting 0).
+    over: "present" (standard: classes present in ground truth or prediction), "truth" (classes present in the ground
+    truth only: the toy-world protocols, where a class named but absent must not lift the mean) or "all" (official
+    GoCA: every class, absent ones counting 0).
     """
     c = confusion.double()
     tp = c.diag()
@@ -28,6 +29,8 @@ def miou(confusion: torch.Tensor, over: str = "present") -> tuple[float, torch.T
     iou = tp / union
     if over == "all":
         return float(torch.nan_to_num(iou, nan=0.0).mean()), iou
+    if over == "truth":
+        return float(iou[c.sum(1) > 0].mean()), iou
     if over != "present":
-        raise ValueError(f"over must be 'present' or 'all', got {over!r}")
+        raise ValueError(f"over must be 'present', 'truth' or 'all', got {over!r}")
     return float(iou[union > 0].mean()), iou
