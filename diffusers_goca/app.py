@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .class_order import CLASS_ORDERS
 from .loading import TOY_DIT_MODEL_DIR, TOY_MODEL_DIR, pipeline_dtype, pretrained
 from .pipelines import from_pipe, scfg_from_pipe
 from .prompt_classes import entities_from_prompt
@@ -266,6 +267,7 @@ class Demo:
         seed=0,
         class_encoding: str = "prompt",
         presence: bool = False,
+        class_order: str = "given",
     ) -> dict:
         """`pipe.segment` on the chosen image → {method: GoCASegmentation}, in the order of `methods`."""
         classes = parse_classes(classes)
@@ -285,6 +287,7 @@ class Demo:
                 background_offset=offset,
                 class_encoding=class_encoding or "prompt",
                 presence=bool(presence),
+                class_order=class_order or "given",
             )
         return out if isinstance(out, dict) else {methods[0]: out}
 
@@ -452,7 +455,7 @@ def make_events(demo: Demo) -> SimpleNamespace:
 
     def segment_event(*inputs):
         """The Segment tab's inputs, in `Demo.segment`'s order (image source, scene seed, upload, classes, methods,
-        background, its offset, timestep, noise seed, class encoding, presence test)."""
+        background, its offset, timestep, noise seed, class encoding, presence test, class order)."""
         start = time.perf_counter()
         try:
             results = demo.segment(*inputs)
@@ -616,6 +619,14 @@ def build_app(demo: Demo):
                             "of the classes no longer matters",
                             elem_id="seg-encoding",
                         )
+                        class_order = gr.Radio(
+                            list(CLASS_ORDERS),
+                            value="given",
+                            label="Class order",
+                            info="stuff-first: stuff (sky, grass, road, wall, ...) named first, then the rest, each "
+                            "alphabetically, so that the order typed no longer matters",
+                            elem_id="seg-order",
+                        )
                         presence = gr.Checkbox(
                             False,
                             label="Presence test",
@@ -703,6 +714,7 @@ def build_app(demo: Demo):
                 noise_seed,
                 class_encoding,
                 presence,
+                class_order,
             ],
             [seg_message, seg_legend, shown, overlay, labelmap, heatmaps, results, files],
         )

@@ -14,6 +14,7 @@ import sys
 import torch
 
 from .class_encoding import CLASS_ENCODINGS
+from .class_order import CLASS_ORDERS
 from .loading import DTYPES, load_pipeline
 
 __all__ = ["main"]
@@ -51,6 +52,7 @@ def _segment(args) -> int:
             background_offset=args.background_offset,
             presence=args.presence,
             class_encoding=args.class_encoding,
+            class_order=args.class_order,
             **options,
         )
         result.overlay().save(args.out)
@@ -118,6 +120,13 @@ def main(argv=None) -> int:
         default="prompt",
         choices=CLASS_ENCODINGS,
         help="separate: encode each class on its own, so that the class order does not matter (as in segment())",
+    )
+    s.add_argument(
+        "--class-order",
+        default="given",
+        choices=CLASS_ORDERS,
+        help="stuff-first: name stuff classes (sky, grass, road, wall, ...) first, then the others, each group "
+        "alphabetically, so that the order given does not matter (default: as given, as in segment())",
     )
     s.add_argument(
         "--layer-weight-stride",

@@ -145,6 +145,7 @@ class GoCAMixin:
         presence: bool = False,
         presence_threshold: float = PRESENCE_THRESHOLD,
         class_encoding: str = "prompt",
+        class_order: str = "given",
         **options,
     ) -> GoCASegmentation | dict[str, GoCASegmentation]:
         """Segment an existing image into `classes` (docs/official_code.md): resize to the model's native square resolution,
@@ -165,11 +166,17 @@ class GoCAMixin:
         left out of the prompt in turn, 14·(K+1) more forwards); a class whose absence raises the denoising error by
         no more than `presence_threshold` is judged absent and takes no pixel (`result.absent`; its scores stay in
         `result.scores`), and the others' scores are weighted by their gain (`presence.presence_weights`, in
-        `result.presence`) before the argmax. Every class absent: all background with a background channel, else the
-        plain argmax; a warning names them.
+        `result.presence`) before the argmax; the classes judged absent are also left out of the segmentation's prompt
+        (their scores come from one more forward naming every class). Every class absent: all background with a
+        background channel, else the plain argmax; a warning names them.
         class_encoding: "prompt" (the classes' tokens as the text encoder reads them in the prompt) or "separate"
         (each class encoded on its own, `class_encoding.separately_encoded`: the result no longer depends on the
         order of the classes, which a causal text encoder such as CLIP otherwise imposes; see docs/protocols.md).
+        class_order: the order the prompt names the classes in: "given" (as `classes`) or "stuff-first" (stuff
+        classes such as sky, grass, road or wall first, then the others, each group alphabetically:
+        `class_order.prompt_order`), so that the segmentation depends on the set of classes, not their order, and
+        the class that covers most of the image is named first, where a causal text encoder reads it best. The
+        result lists the classes in the order given either way.
         Returns, for one method (a string), a `GoCASegmentation` whose labels have the input image's size; for a list
         of methods, a dict method → `GoCASegmentation`, all read from the same single forward (iSeg's from its own).
         """
@@ -187,6 +194,7 @@ class GoCAMixin:
             presence,
             presence_threshold,
             class_encoding,
+            class_order,
             options,
         )
 

@@ -13,6 +13,7 @@ from .arguments import finite_number, is_integer
 from .capture import StepCapture
 from .capture_request import kept_columns, text_keys_read
 from .class_encoding import CLASS_ENCODINGS, separately_encoded
+from .class_order import prompt_order
 from .image_input import as_rgb
 from .methods import ISEG_EMBEDDING_SCALE, capture_pseudo_attention, check_method
 from .presence import leave_one_out_errors, leave_one_out_gain, presence_weights
@@ -87,17 +88,19 @@ def segment_image(
     presence: bool,
     presence_threshold,
     class_encoding: str,
+    class_order: str,
     options: dict,
 ) -> GoCASegmentation | dict[str, GoCASegmentation]:
     """`pipe.segment(image, classes, ...)` (see there): every argument checked before the image is encoded, then
-    the presence test if asked for, one captured forward per kind of map (iSeg's own), and each method's result."""
+    the presence test if asked for, the captured forwards (one per kind of map: iSeg's own; with the classes judged
+    absent left out of the prompt, and one with every class for their scores), and each method's result."""
     methods = [method] if isinstance(method, str) else list(method)
     if isinstance(classes, str):
         classes = [c.strip() for c in classes.split(",") if c.strip()]
     rgb = as_rgb(image)
     classes = list(classes)
+    named = prompt_order(classes, class_order)
     use_background = background and not has_class(classes, "background")
-    prompt = segmentation_prompt(classes, use_background)
     adapter = pipe.goca_adapter
     for m in methods:
         check_method(adapter, m)
@@ -107,24 +110,27 @@ def segment_image(
     if class_encoding not in CLASS_ENCODINGS:
         raise ValueError(f"class_encoding must be one of {CLASS_ENCODINGS}, got {class_encoding!r}")
     adapter.check_segment_guidance(guidance_scale)
-    index = adapter.token_index(
-        adapter.segment_text(prompt), classes, extra_entities=["background"] if use_background else []
-    )
+    extra_entities = ["background"] if use_background else []
+    adapter.token_index(adapter.segment_text(segmentation_prompt(named, use_background)), named, extra_entities)
     # None: the family's own rule
     timestep = adapter.segment_timestep if timestep is None else adapter.checked_timestep(timestep)
     if seed is not None and not is_integer(seed):
         raise ValueError(f"seed must be an integer or None (unseeded), got {seed!r}")
     resolution = adapter.checked_resolution(resolution)
     latents = encoded_latents(pipe, rgb, resolution, adapter)
-    text_keys = text_keys_read(adapter, [index])
 
-    def capture(scale_classes: float | None = None) -> StepCapture:
+    def capture(names: list[str], index, scale_classes: float | None = None) -> StepCapture:
+        prompt = segmentation_prompt(names, use_background)
         generator = None if seed is None else torch.Generator().manual_seed(int(seed))
         forward = lambda: adapter.segment_forward(latents, prompt, timestep, generator, guidance_scale)  # noqa: E731
-        settings = dict(columns=kept_columns(adapter, [index]), text_keys=text_keys, pseudo_attention=pseudo_attention)
+        settings = dict(
+            columns=kept_columns(adapter, [index]),
+            text_keys=text_keys_read(adapter, [index]),
+            pseudo_attention=pseudo_attention,
+        )
         with ExitStack() as stack:
             if class_encoding == "separate":
-                missing = stack.enter_context(separately_encoded(pipe, classes, adapter.segment_text))
+                missing = stack.enter_context(separately_encoded(pipe, names, adapter.segment_text))
             if scale_classes is not None:
                 positions = sorted({p for ps in index.class_tokens for p in ps})
                 stack.enter_context(_scaled_text_tokens(adapter.denoiser, positions, scale_classes))
@@ -137,18 +143,45 @@ def segment_image(
             )
         return step
 
+    def segmentations(names: list[str], weights: dict[str, float] | None) -> dict[str, GoCASegmentation]:
+        """Each method's segmentation with the prompt naming `names`: iSeg reads a forward whose class-token
+        embeddings are scaled; every other method shares one plain forward."""
+        index = adapter.token_index(
+            adapter.segment_text(segmentation_prompt(names, use_background)), names, extra_entities
+        )
+        steps = {}
+        if any(m != "iseg" for m in methods):
+            steps["plain"] = capture(names, index)
+        if "iseg" in methods:
+            steps["iseg"] = capture(names, index, ISEG_EMBEDDING_SCALE)
+        background_name = "background" if use_background else None
+        return {
+            m: step_segmentations(
+                adapter,
+                steps["iseg" if m == "iseg" else "plain"],
+                [index],
+                m,
+                background_name,
+                background_offset,
+                options,
+                (rgb.height, rgb.width),
+                presence=weights,
+            )[0]
+            for m in methods
+        }
+
     weights = None
     if presence:
         with adapter.encodings_kept():  # each of the K + 1 prompts encoded once, not at every noise
             without, full = leave_one_out_errors(
                 lambda text, t, g: adapter.segment_forward(latents, text, t, g, guidance_scale),
-                classes,
+                named,
                 use_background,
                 seed,
             )
         gains = leave_one_out_gain(without, full)
-        weights = dict(zip(classes, presence_weights(gains, presence_threshold).tolist()))
-        absent = [c for c, w in weights.items() if w == 0]
+        weights = dict(zip(named, presence_weights(gains, presence_threshold).tolist()))
+        absent = [c for c in classes if weights[c] == 0]
         if len(absent) == len(classes):
             logger.warning(
                 "GoCA: the presence test judged every class absent (%s): %s",
@@ -157,25 +190,27 @@ def segment_image(
                 if use_background
                 else "the labels are the plain argmax over them (pass background=True to get background)",
             )
-    # iSeg reads a forward whose class-token embeddings are scaled; every other method shares one plain forward.
-    steps = {}
-    if any(m != "iseg" for m in methods):
-        steps["plain"] = capture()
-    if "iseg" in methods:
-        steps["iseg"] = capture(ISEG_EMBEDDING_SCALE)
-    results = {}
-    for m in methods:
-        step = steps["iseg" if m == "iseg" else "plain"]
-        results[m] = step_segmentations(
-            adapter,
-            step,
-            [index],
-            m,
-            "background" if use_background else None,
-            background_offset,
-            options,
-            (rgb.height, rgb.width),
-            presence=weights,
-        )[0]
-        results[m].image = rgb
-    return results[method] if isinstance(method, str) else results
+    # A class judged absent takes no pixel; it also leaves the prompt, so that its words shape neither the others'
+    # states (a causal text encoder) nor the attention's softmax. Its scores come from the prompt naming every class.
+    kept = [c for c in named if weights is None or weights[c] > 0] or named
+    results = segmentations(kept, weights)
+    every = segmentations(named, weights) if kept != named else results
+    out = {m: _in_order(results[m], every[m], classes, use_background, rgb) for m in methods}
+    return out[method] if isinstance(method, str) else out
+
+
+def _in_order(
+    kept: GoCASegmentation, every: GoCASegmentation, classes: list[str], use_background: bool, rgb: Image.Image
+) -> GoCASegmentation:
+    """The segmentation over `classes` in the caller's order (and "background" last with a channel): labels from
+    `kept` (whose prompt may name fewer classes, in another order), each class's scores from `kept` where it names
+    the class, else from `every` (the prompt naming every class)."""
+    names = classes + (["background"] if use_background else [])
+    scores = torch.stack(
+        [
+            kept.scores[kept.classes.index(c)] if c in kept.classes else every.scores[every.classes.index(c)]
+            for c in names
+        ]
+    )
+    to_caller = torch.tensor([names.index(c) for c in kept.classes], device=kept.labels.device)
+    return GoCASegmentation(to_caller[kept.labels], scores, names, image=rgb, presence=kept.presence)

@@ -105,6 +105,20 @@ def test_the_class_encoding_reaches_the_library(demo):
         demo.segment(TOY, DEFAULT_SCENE, None, classes, ["goca"], class_encoding="joint")
 
 
+def test_the_class_order_reaches_the_library(demo):
+    """class_order="stuff-first": the scores of `segment(..., class_order="stuff-first")`, the classes listed as
+    typed."""
+    classes = list(reversed(SCENE.classes))
+    got = demo.segment(TOY, DEFAULT_SCENE, None, ", ".join(classes), ["goca"], class_order="stuff-first")["goca"]
+    expected = demo.pipe.segment(SCENE.image, classes, class_order="stuff-first")
+    assert got.classes == classes and torch.equal(got.scores, expected.scores)
+    assert not torch.equal(
+        got.scores, demo.segment(TOY, DEFAULT_SCENE, None, ", ".join(classes), ["goca"])["goca"].scores
+    )
+    with pytest.raises(ValueError, match="class_order"):
+        demo.segment(TOY, DEFAULT_SCENE, None, ", ".join(classes), ["goca"], class_order="largest")
+
+
 def test_the_presence_test_reaches_the_library(demo):
     """presence=True: the weights and labels of `segment(..., presence=True)`, a class ruled out shown as such."""
     from diffusers_goca.app import legend_text

@@ -12,6 +12,7 @@ from PIL import Image
 import diffusers_goca as goca
 from diffusers_goca.bench.protocols import PROTOCOLS, evaluate_protocols, protocol_classes
 from diffusers_goca.class_encoding import CLASS_TEMPLATE, separately_encoded
+from diffusers_goca.class_order import is_stuff, prompt_order
 from diffusers_goca.functional.maps import weighted_labels
 from diffusers_goca.presence import leave_one_out_gain, presence_weights
 from diffusers_goca.testing import make_tiny_flux, make_tiny_pixart, make_tiny_sd, make_tiny_sd3, make_tiny_sdxl
@@ -373,16 +374,80 @@ def test_separate_class_encoding_makes_orders_agree_on_the_toy(toy):
     assert same / total >= 0.9, same / total
 
 
-def test_cli_passes_presence_and_class_encoding_to_segment(toy, tmp_path, capsys):
-    """`goca segment --presence --class-encoding separate` prints what `segment` with those arguments gives: the
-    classes it judges absent, the others' shares."""
+def test_stuff_words_and_the_prompt_order():
+    assert [c for c in ["blue sky", "stone walls", "Trees", "sandy beach", "grass"] if not is_stuff(c)] == []
+    assert [c for c in ["rock star", "sandwich", "cat", "red car", "skyline painting", ""] if is_stuff(c)] == []
+    classes = ["purple circle", "sand", "Black square", "sky"]
+    assert prompt_order(classes, "given") == classes
+    assert prompt_order(classes, "stuff-first") == ["sand", "sky", "Black square", "purple circle"]
+    rng = random.Random(0)
+    for _ in range(5):
+        assert prompt_order(rng.sample(classes, 4), "stuff-first") == prompt_order(classes, "stuff-first")
+    with pytest.raises(ValueError, match="class_order must be one of"):
+        prompt_order(classes, "largest-first")
+
+
+def _by_name(result):
+    """The labels as class names' ids in the world, and each class's scores by name: comparable across orders."""
+    ids = torch.tensor([CLASS_NAMES.index(c) if c in CLASS_NAMES else -1 for c in result.classes])
+    return ids[result.labels], dict(zip(result.classes, result.scores))
+
+
+def test_stuff_first_order_does_not_depend_on_the_order_given(toy):
+    """Two orders of the same classes give the same segmentation, which is that of the classes given in the prompt's
+    order, its rows and labels in the caller's order."""
+    scene = next(make_scene(s) for s in scene_seeds("validation", 50) if len(make_scene(s).classes) >= 3)
+    image = Image.fromarray(scene.image)
+    classes = scene.classes[::-1] + [c for c in CLASS_NAMES if c not in scene.classes + list(BACKGROUNDS)][:1]
+    first = toy.segment(image, classes, class_order="stuff-first", method=["goca", "vanilla"])
+    second = toy.segment(image, classes[::-1], class_order="stuff-first", method=["goca", "vanilla"])
+    canonical = prompt_order(classes, "stuff-first")
+    assert canonical[0] == scene.background
+    given = toy.segment(image, canonical, method=["goca", "vanilla"])
+    for m in ("goca", "vanilla"):
+        assert first[m].classes == classes and second[m].classes == classes[::-1]
+        labels, scores = _by_name(first[m])
+        for other in (second[m], given[m]):
+            other_labels, other_scores = _by_name(other)
+            assert torch.equal(labels, other_labels)
+            assert all(torch.equal(scores[c], other_scores[c]) for c in classes)
+    assert not torch.equal(_by_name(toy.segment(image, classes))[0], _by_name(first["goca"])[0])
+
+
+@pytest.mark.slow
+def test_presence_leaves_absent_classes_out_of_the_prompt(toy):
+    """With a class judged absent, the labels are the weighted argmax of a segmentation naming only the others (in the
+    order given), and the absent class's scores those of the prompt naming every class."""
+    for seed in scene_seeds("validation", 8):
+        scene = make_scene(seed)
+        classes = scene.classes + random.Random(seed).sample([c for c in CLASS_NAMES if c not in scene.classes], 2)
+        image = Image.fromarray(scene.image)
+        got = toy.segment(image, classes, presence=True)
+        if got.absent:
+            break
+    assert got.absent, "no validation scene where the presence test rules out a class"
+    kept = [c for c in classes if c not in got.absent]
+    alone = toy.segment(image, kept)
+    every = toy.segment(image, classes)
+    labels = weighted_labels(alone.scores, [got.presence[c] for c in kept])
+    assert torch.equal(_by_name(got)[0], torch.tensor([CLASS_NAMES.index(c) for c in kept])[labels])
+    for k, name in enumerate(classes):
+        source = every.scores[k] if name in got.absent else alone.scores[kept.index(name)]
+        assert torch.equal(got.scores[k], source)
+
+
+def test_cli_passes_presence_class_encoding_and_order_to_segment(toy, tmp_path, capsys):
+    """`goca segment --presence --class-encoding separate --class-order stuff-first` prints what `segment` with those
+    arguments gives: the classes it judges absent, the others' shares."""
     from diffusers_goca.cli import main
 
     for seed in scene_seeds("validation", 8):  # a scene where the test rules out one of two added absent classes
         scene = make_scene(seed)
         absent = random.Random(seed).sample([c for c in CLASS_NAMES if c not in scene.classes], 2)
         classes = list(scene.classes) + absent
-        expected = toy.segment(scene.image, classes, presence=True, class_encoding="separate")
+        expected = toy.segment(
+            scene.image, classes, presence=True, class_encoding="separate", class_order="stuff-first"
+        )
         if expected.absent:
             break
     assert expected.absent, "no validation scene where the presence test rules out a class"
@@ -390,7 +455,7 @@ def test_cli_passes_presence_and_class_encoding_to_segment(toy, tmp_path, capsys
     Image.fromarray(scene.image).save(image)
     capsys.readouterr()
     args = ["segment", str(image), "--classes", ",".join(classes), "--out", str(tmp_path / "o.png")]
-    assert main([*args, "--presence", "--class-encoding", "separate"]) == 0
+    assert main([*args, "--presence", "--class-encoding", "separate", "--class-order", "stuff-first"]) == 0
     lines = {
         line.split(":")[0].strip(): line.split(":")[1].strip() for line in capsys.readouterr().out.splitlines()[1:]
     }

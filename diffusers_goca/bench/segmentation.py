@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..class_order import CLASS_ORDERS
 from ..functional.metrics import miou
 from ..loading import load_pipeline, pipeline_dtype
 from ..tokens import segmentation_prompt
@@ -363,6 +364,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=("prompt", "separate"),
         help="segment(class_encoding=...): 'separate' encodes each class on its own (order-free)",
     )
+    p.add_argument(
+        "--class-order",
+        default="given",
+        choices=CLASS_ORDERS,
+        help="segment(class_order=...): 'stuff-first' names stuff classes (sky, grass, ...) first, then the others, "
+        "each group alphabetically (order-free)",
+    )
     args = p.parse_args(argv)
     if args.protocols and args.dataset != "toyworld":
         p.error("--protocols needs --dataset toyworld (its scenes know every class, present or not)")
@@ -487,7 +495,11 @@ def run_protocols(args: argparse.Namespace, pipe=None, progress: bool = True) ->
     for m in methods:
         if m not in pipe.goca_methods:
             raise SystemExit(f"segmentation: error: method {m!r} is not available for this model")
-    segment_kwargs = {"presence": args.presence, "class_encoding": args.class_encoding}
+    segment_kwargs = {
+        "presence": args.presence,
+        "class_encoding": args.class_encoding,
+        "class_order": args.class_order,
+    }
     if args.presence_threshold is not None:
         segment_kwargs["presence_threshold"] = args.presence_threshold
     if args.timestep is not None:
