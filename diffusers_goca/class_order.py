@@ -4,9 +4,10 @@ With a causal text encoder (CLIP) each token's state carries the tokens before i
 the order they are listed in. On the toy models it matters most where the class covering most of the image is
 named: on the UNet toy naming the surface first reads 42.5 mIoU and naming it last 22.2 (docs/protocols.md). The
 classes that cover most of an image are the *stuff* of segmentation datasets (sky, grass, road, wall: COCO-Stuff's
-word for amorphous regions, against countable *things*). "stuff-first" names those first, then the rest, each group
-in alphabetical order: a function of the set of classes alone, so any two orders of the same classes give the same
-segmentation.
+word for amorphous regions, against countable *things*). "stuff-first" names those first, in alphabetical order, and
+the other classes after them in several orders whose maps are averaged (every order of up to three; each class in
+each place): the orders are a function of the set of classes alone, so any two orders of the same classes give the
+same segmentation, and no class is privileged by its place.
 """
 
 from __future__ import annotations
@@ -42,12 +43,24 @@ def is_stuff(name: str) -> bool:
     return head in STUFF_WORDS or (head.endswith("s") and head[:-1] in STUFF_WORDS)
 
 
-def prompt_order(classes: Sequence[str], class_order: str) -> list[str]:
-    """The classes in the order the prompt names them: "given" keeps `classes`' order; "stuff-first" puts the stuff
-    classes (`is_stuff`) first, then the others, each group in alphabetical order (case-folded), so that the order
-    depends on the set of classes alone."""
+def prompt_orders(classes: Sequence[str], class_order: str) -> list[list[str]]:
+    """The orders the prompt names the classes in, one segmenting forward each, whose scores are averaged.
+
+    "given": `classes` as they are. "stuff-first": the stuff classes (`is_stuff`) first, in alphabetical order
+    (case-folded), then the others in every rotation of their alphabetical order and of its reverse, without repeats:
+    every order of up to three of them, 2·T orders of T > 3, each of them once in each place. The first order is the
+    alphabetical one."""
     if class_order not in CLASS_ORDERS:
         raise ValueError(f"class_order must be one of {CLASS_ORDERS}, got {class_order!r}")
     if class_order == "given":
-        return list(classes)
-    return sorted(classes, key=lambda c: (not is_stuff(c), c.casefold(), c))
+        return [list(classes)]
+    alphabetical = sorted(classes, key=lambda c: (c.casefold(), c))
+    stuff = [c for c in alphabetical if is_stuff(c)]
+    things = [c for c in alphabetical if not is_stuff(c)]
+    orders = []
+    for base in (things, things[::-1]):
+        for shift in range(max(1, len(base))):
+            order = stuff + base[shift:] + base[:shift]
+            if order not in orders:
+                orders.append(order)
+    return orders

@@ -172,11 +172,12 @@ class GoCAMixin:
         class_encoding: "prompt" (the classes' tokens as the text encoder reads them in the prompt) or "separate"
         (each class encoded on its own, `class_encoding.separately_encoded`: the result no longer depends on the
         order of the classes, which a causal text encoder such as CLIP otherwise imposes; see docs/protocols.md).
-        class_order: the order the prompt names the classes in: "given" (as `classes`) or "stuff-first" (stuff
-        classes such as sky, grass, road or wall first, then the others, each group alphabetically:
-        `class_order.prompt_order`), so that the segmentation depends on the set of classes, not their order, and
-        the class that covers most of the image is named first, where a causal text encoder reads it best. The
-        result lists the classes in the order given either way.
+        class_order: the order the prompt names the classes in: "given" (as `classes`, one forward) or
+        "stuff-first" (stuff classes such as sky, grass, road or wall first, alphabetically, then the others in
+        several orders whose scores are averaged: every order of up to three, 2·T orders of T > 3;
+        `class_order.prompt_orders`): the segmentation depends on the set of classes, not on their order, and the
+        class that covers most of the image is named first, where a causal text encoder reads it best. One forward
+        per order. The result lists the classes in the order given either way.
         Returns, for one method (a string), a `GoCASegmentation` whose labels have the input image's size; for a list
         of methods, a dict method → `GoCASegmentation`, all read from the same single forward (iSeg's from its own).
         """

@@ -13,7 +13,8 @@ from .arguments import finite_number, is_integer
 from .capture import StepCapture
 from .capture_request import kept_columns, text_keys_read
 from .class_encoding import CLASS_ENCODINGS, separately_encoded
-from .class_order import prompt_order
+from .class_order import prompt_orders
+from .functional.maps import weighted_labels
 from .image_input import as_rgb
 from .methods import ISEG_EMBEDDING_SCALE, capture_pseudo_attention, check_method
 from .presence import leave_one_out_errors, leave_one_out_gain, presence_weights
@@ -99,7 +100,7 @@ def segment_image(
         classes = [c.strip() for c in classes.split(",") if c.strip()]
     rgb = as_rgb(image)
     classes = list(classes)
-    named = prompt_order(classes, class_order)
+    named = prompt_orders(classes, class_order)[0]
     use_background = background and not has_class(classes, "background")
     adapter = pipe.goca_adapter
     for m in methods:
@@ -143,9 +144,9 @@ def segment_image(
             )
         return step
 
-    def segmentations(names: list[str], weights: dict[str, float] | None) -> dict[str, GoCASegmentation]:
-        """Each method's segmentation with the prompt naming `names`: iSeg reads a forward whose class-token
-        embeddings are scaled; every other method shares one plain forward."""
+    def one_order(names: list[str]) -> dict[str, GoCASegmentation]:
+        """Each method's segmentation with the prompt naming `names` in this order: iSeg reads a forward whose
+        class-token embeddings are scaled; every other method shares one plain forward."""
         index = adapter.token_index(
             adapter.segment_text(segmentation_prompt(names, use_background)), names, extra_entities
         )
@@ -165,10 +166,15 @@ def segment_image(
                 background_offset,
                 options,
                 (rgb.height, rgb.width),
-                presence=weights,
             )[0]
             for m in methods
         }
+
+    def segmentations(names: list[str], weights: dict[str, float] | None) -> dict[str, GoCASegmentation]:
+        """Each method's segmentation naming `names`: the scores averaged over the orders of `class_order`, the
+        labels their argmax weighted by the presence test's `weights`."""
+        runs = [one_order(order) for order in prompt_orders(names, class_order)]
+        return {m: _averaged([run[m] for run in runs], weights) for m in methods}
 
     weights = None
     if presence:
@@ -197,6 +203,15 @@ def segment_image(
     every = segmentations(named, weights) if kept != named else results
     out = {m: _in_order(results[m], every[m], classes, use_background, rgb) for m in methods}
     return out[method] if isinstance(method, str) else out
+
+
+def _averaged(runs: list[GoCASegmentation], weights: dict[str, float] | None) -> GoCASegmentation:
+    """One segmentation from the same classes named in several orders: each class's scores averaged (in the first
+    run's order of the classes), the labels their argmax, each class weighted by `weights` (absent: 1)."""
+    names = runs[0].classes
+    scores = torch.stack([torch.stack([run.scores[run.classes.index(c)] for c in names]) for run in runs]).mean(0)
+    labels = weighted_labels(scores, [1.0 if weights is None else weights.get(c, 1.0) for c in names])
+    return GoCASegmentation(labels, scores, names, presence=dict(weights or {}))
 
 
 def _in_order(

@@ -1,6 +1,7 @@
 """Masks without oracle classes: the denoiser's presence test, the toy-world protocols, the background channel."""
 
 import contextlib
+import itertools
 import logging
 import random
 
@@ -12,7 +13,7 @@ from PIL import Image
 import diffusers_goca as goca
 from diffusers_goca.bench.protocols import PROTOCOLS, evaluate_protocols, protocol_classes
 from diffusers_goca.class_encoding import CLASS_TEMPLATE, separately_encoded
-from diffusers_goca.class_order import is_stuff, prompt_order
+from diffusers_goca.class_order import is_stuff, prompt_orders
 from diffusers_goca.functional.maps import weighted_labels
 from diffusers_goca.presence import leave_one_out_gain, presence_weights
 from diffusers_goca.testing import make_tiny_flux, make_tiny_pixart, make_tiny_sd, make_tiny_sd3, make_tiny_sdxl
@@ -374,17 +375,27 @@ def test_separate_class_encoding_makes_orders_agree_on_the_toy(toy):
     assert same / total >= 0.9, same / total
 
 
-def test_stuff_words_and_the_prompt_order():
+def test_stuff_words_and_the_prompt_orders():
     assert [c for c in ["blue sky", "stone walls", "Trees", "sandy beach", "grass"] if not is_stuff(c)] == []
     assert [c for c in ["rock star", "sandwich", "cat", "red car", "skyline painting", ""] if is_stuff(c)] == []
     classes = ["purple circle", "sand", "Black square", "sky"]
-    assert prompt_order(classes, "given") == classes
-    assert prompt_order(classes, "stuff-first") == ["sand", "sky", "Black square", "purple circle"]
+    assert prompt_orders(classes, "given") == [classes]
+    assert prompt_orders(classes, "stuff-first") == [
+        ["sand", "sky", "Black square", "purple circle"],
+        ["sand", "sky", "purple circle", "Black square"],
+    ]
+    three = prompt_orders(["c", "wall", "a", "b"], "stuff-first")
+    assert three[0] == ["wall", "a", "b", "c"]
+    assert sorted(map(tuple, three)) == sorted(("wall", *p) for p in itertools.permutations("abc"))
+    four = prompt_orders(list("dcba"), "stuff-first")
+    assert len(four) == 8 and len({tuple(o) for o in four}) == 8
+    assert all(sorted(o[place] for o in four) == sorted("abcd" * 2) for place in range(4))  # each twice in each place
+    assert prompt_orders(["cat"], "stuff-first") == [["cat"]]
     rng = random.Random(0)
     for _ in range(5):
-        assert prompt_order(rng.sample(classes, 4), "stuff-first") == prompt_order(classes, "stuff-first")
+        assert prompt_orders(rng.sample(classes, 4), "stuff-first") == prompt_orders(classes, "stuff-first")
     with pytest.raises(ValueError, match="class_order must be one of"):
-        prompt_order(classes, "largest-first")
+        prompt_orders(classes, "largest-first")
 
 
 def _by_name(result):
@@ -394,23 +405,28 @@ def _by_name(result):
 
 
 def test_stuff_first_order_does_not_depend_on_the_order_given(toy):
-    """Two orders of the same classes give the same segmentation, which is that of the classes given in the prompt's
-    order, its rows and labels in the caller's order."""
+    """Two orders of the same classes give the same segmentation: each class's scores averaged over the
+    segmentations with the classes given in each of `prompt_orders`' orders, the labels their argmax; the rows and
+    labels in the caller's order."""
     scene = next(make_scene(s) for s in scene_seeds("validation", 50) if len(make_scene(s).classes) >= 3)
     image = Image.fromarray(scene.image)
     classes = scene.classes[::-1] + [c for c in CLASS_NAMES if c not in scene.classes + list(BACKGROUNDS)][:1]
     first = toy.segment(image, classes, class_order="stuff-first", method=["goca", "vanilla"])
     second = toy.segment(image, classes[::-1], class_order="stuff-first", method=["goca", "vanilla"])
-    canonical = prompt_order(classes, "stuff-first")
-    assert canonical[0] == scene.background
-    given = toy.segment(image, canonical, method=["goca", "vanilla"])
+    orders = prompt_orders(classes, "stuff-first")
+    assert orders[0][0] == scene.background and len(orders) == 6
+    runs = [toy.segment(image, order, method=["goca", "vanilla"]) for order in orders]
     for m in ("goca", "vanilla"):
         assert first[m].classes == classes and second[m].classes == classes[::-1]
-        labels, scores = _by_name(first[m])
-        for other in (second[m], given[m]):
-            other_labels, other_scores = _by_name(other)
-            assert torch.equal(labels, other_labels)
-            assert all(torch.equal(scores[c], other_scores[c]) for c in classes)
+        scores = torch.stack(
+            [torch.stack([run[m].scores[order.index(c)] for c in classes]) for run, order in zip(runs, orders)]
+        )
+        scores = scores.mean(0)
+        expected = torch.tensor([CLASS_NAMES.index(c) for c in classes])[scores.argmax(0)]
+        for got in (first[m], second[m]):
+            labels, by_name = _by_name(got)
+            assert torch.equal(labels, expected)
+            assert all(torch.equal(by_name[c], scores[k]) for k, c in enumerate(classes))
     assert not torch.equal(_by_name(toy.segment(image, classes))[0], _by_name(first["goca"])[0])
 
 
