@@ -23,16 +23,23 @@ METHODS = ("goca", "vanilla")
 
 
 # order name → (the classes in that order, from the surface, the objects as drawn and each class's true area; the
-# class encoding)
+# other arguments of `segment`)
 ORDERS = {
-    "scene order: surface first, objects as drawn": (lambda surface, objects, area: [surface] + objects, "prompt"),
-    "surface last": (lambda surface, objects, area: objects + [surface], "prompt"),
-    "surface first, objects reversed": (lambda surface, objects, area: [surface] + objects[::-1], "prompt"),
+    "scene order: surface first, objects as drawn": (lambda surface, objects, area: [surface] + objects, {}),
+    "surface last": (lambda surface, objects, area: objects + [surface], {}),
+    "surface first, objects reversed": (lambda surface, objects, area: [surface] + objects[::-1], {}),
     "largest region first (true areas)": (
         lambda surface, objects, area: sorted([surface] + objects, key=lambda c: -area[c]),
-        "prompt",
+        {},
     ),
-    "surface last, class_encoding='separate'": (lambda surface, objects, area: objects + [surface], "separate"),
+    "surface last, class_encoding='separate'": (
+        lambda surface, objects, area: objects + [surface],
+        {"class_encoding": "separate"},
+    ),
+    "surface last, class_order='stuff-first'": (
+        lambda surface, objects, area: objects + [surface],
+        {"class_order": "stuff-first"},
+    ),
 }
 
 
@@ -49,9 +56,9 @@ def main(argv=None) -> int:
         objects = [c for c in scene.classes if c != scene.background]
         area = {c: int((scene.labels == CLASS_NAMES.index(c)).sum()) for c in scene.classes}
         labels = {}
-        for name, (order, encoding) in ORDERS.items():
+        for name, (order, arguments) in ORDERS.items():
             classes = order(scene.background, objects, area)
-            got = pipe.segment(image, classes, method=list(METHODS), class_encoding=encoding)
+            got = pipe.segment(image, classes, method=list(METHODS), **arguments)
             ids = torch.tensor([CLASS_NAMES.index(c) for c in classes])
             for m in METHODS:
                 labels[name, m] = ids[got[m].labels]

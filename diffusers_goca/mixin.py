@@ -166,9 +166,8 @@ class GoCAMixin:
         left out of the prompt in turn, 14·(K+1) more forwards); a class whose absence raises the denoising error by
         no more than `presence_threshold` is judged absent and takes no pixel (`result.absent`; its scores stay in
         `result.scores`), and the others' scores are weighted by their gain (`presence.presence_weights`, in
-        `result.presence`) before the argmax; the classes judged absent are also left out of the segmentation's prompt
-        (their scores come from one more forward naming every class). Every class absent: all background with a
-        background channel, else the plain argmax; a warning names them.
+        `result.presence`) before the argmax. Every class absent: all background with a background channel, else the
+        plain argmax; a warning names them.
         class_encoding: "prompt" (the classes' tokens as the text encoder reads them in the prompt) or "separate"
         (each class encoded on its own, `class_encoding.separately_encoded`: the result no longer depends on the
         order of the classes, which a causal text encoder such as CLIP otherwise imposes; see docs/protocols.md).

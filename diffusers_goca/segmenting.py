@@ -93,14 +93,15 @@ def segment_image(
     options: dict,
 ) -> GoCASegmentation | dict[str, GoCASegmentation]:
     """`pipe.segment(image, classes, ...)` (see there): every argument checked before the image is encoded, then
-    the presence test if asked for, the captured forwards (one per kind of map: iSeg's own; with the classes judged
-    absent left out of the prompt, and one with every class for their scores), and each method's result."""
+    the presence test if asked for, the captured forwards (one per kind of map, iSeg's own, for each order of the
+    classes), and each method's result."""
     methods = [method] if isinstance(method, str) else list(method)
     if isinstance(classes, str):
         classes = [c.strip() for c in classes.split(",") if c.strip()]
     rgb = as_rgb(image)
     classes = list(classes)
-    named = prompt_orders(classes, class_order)[0]
+    orders = prompt_orders(classes, class_order)
+    named = orders[0]
     use_background = background and not has_class(classes, "background")
     adapter = pipe.goca_adapter
     for m in methods:
@@ -170,12 +171,6 @@ def segment_image(
             for m in methods
         }
 
-    def segmentations(names: list[str], weights: dict[str, float] | None) -> dict[str, GoCASegmentation]:
-        """Each method's segmentation naming `names`: the scores averaged over the orders of `class_order`, the
-        labels their argmax weighted by the presence test's `weights`."""
-        runs = [one_order(order) for order in prompt_orders(names, class_order)]
-        return {m: _averaged([run[m] for run in runs], weights) for m in methods}
-
     weights = None
     if presence:
         with adapter.encodings_kept():  # each of the K + 1 prompts encoded once, not at every noise
@@ -196,12 +191,11 @@ def segment_image(
                 if use_background
                 else "the labels are the plain argmax over them (pass background=True to get background)",
             )
-    # A class judged absent takes no pixel; it also leaves the prompt, so that its words shape neither the others'
-    # states (a causal text encoder) nor the attention's softmax. Its scores come from the prompt naming every class.
-    kept = [c for c in named if weights is None or weights[c] > 0] or named
-    results = segmentations(kept, weights)
-    every = segmentations(named, weights) if kept != named else results
-    out = {m: _in_order(results[m], every[m], classes, use_background, rgb) for m in methods}
+    # Each class's scores averaged over the orders, the labels their argmax weighted by the presence test's weights.
+    runs = [one_order(order) for order in orders]
+    out = {m: _in_order(_averaged([run[m] for run in runs], weights), classes) for m in methods}
+    for result in out.values():
+        result.image = rgb
     return out[method] if isinstance(method, str) else out
 
 
@@ -214,18 +208,10 @@ def _averaged(runs: list[GoCASegmentation], weights: dict[str, float] | None) ->
     return GoCASegmentation(labels, scores, names, presence=dict(weights or {}))
 
 
-def _in_order(
-    kept: GoCASegmentation, every: GoCASegmentation, classes: list[str], use_background: bool, rgb: Image.Image
-) -> GoCASegmentation:
-    """The segmentation over `classes` in the caller's order (and "background" last with a channel): labels from
-    `kept` (whose prompt may name fewer classes, in another order), each class's scores from `kept` where it names
-    the class, else from `every` (the prompt naming every class)."""
-    names = classes + (["background"] if use_background else [])
-    scores = torch.stack(
-        [
-            kept.scores[kept.classes.index(c)] if c in kept.classes else every.scores[every.classes.index(c)]
-            for c in names
-        ]
-    )
-    to_caller = torch.tensor([names.index(c) for c in kept.classes], device=kept.labels.device)
-    return GoCASegmentation(to_caller[kept.labels], scores, names, image=rgb, presence=kept.presence)
+def _in_order(result: GoCASegmentation, classes: list[str]) -> GoCASegmentation:
+    """`result` with its classes in the caller's order `classes` (and "background" last, with a channel): the rows
+    of its scores and the values of its labels renumbered."""
+    names = classes + result.classes[len(classes) :]
+    to_caller = torch.tensor([names.index(c) for c in result.classes], device=result.labels.device)
+    scores = result.scores[[result.classes.index(c) for c in names]]
+    return GoCASegmentation(to_caller[result.labels], scores, names, presence=result.presence)

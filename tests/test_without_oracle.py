@@ -430,28 +430,6 @@ def test_stuff_first_order_does_not_depend_on_the_order_given(toy):
     assert not torch.equal(_by_name(toy.segment(image, classes))[0], _by_name(first["goca"])[0])
 
 
-@pytest.mark.slow
-def test_presence_leaves_absent_classes_out_of_the_prompt(toy):
-    """With a class judged absent, the labels are the weighted argmax of a segmentation naming only the others (in the
-    order given), and the absent class's scores those of the prompt naming every class."""
-    for seed in scene_seeds("validation", 8):
-        scene = make_scene(seed)
-        classes = scene.classes + random.Random(seed).sample([c for c in CLASS_NAMES if c not in scene.classes], 2)
-        image = Image.fromarray(scene.image)
-        got = toy.segment(image, classes, presence=True)
-        if got.absent:
-            break
-    assert got.absent, "no validation scene where the presence test rules out a class"
-    kept = [c for c in classes if c not in got.absent]
-    alone = toy.segment(image, kept)
-    every = toy.segment(image, classes)
-    labels = weighted_labels(alone.scores, [got.presence[c] for c in kept])
-    assert torch.equal(_by_name(got)[0], torch.tensor([CLASS_NAMES.index(c) for c in kept])[labels])
-    for k, name in enumerate(classes):
-        source = every.scores[k] if name in got.absent else alone.scores[kept.index(name)]
-        assert torch.equal(got.scores[k], source)
-
-
 def test_cli_passes_presence_class_encoding_and_order_to_segment(toy, tmp_path, capsys):
     """`goca segment --presence --class-encoding separate --class-order stuff-first` prints what `segment` with those
     arguments gives: the classes it judges absent, the others' shares."""
