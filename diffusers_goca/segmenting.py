@@ -113,7 +113,11 @@ def segment_image(
         raise ValueError(f"class_encoding must be one of {CLASS_ENCODINGS}, got {class_encoding!r}")
     adapter.check_segment_guidance(guidance_scale)
     extra_entities = ["background"] if use_background else []
-    adapter.token_index(adapter.segment_text(segmentation_prompt(named, use_background)), named, extra_entities)
+    # Every order's token index before the image is encoded: a class cut off by the token limit fails here.
+    indices = [
+        adapter.token_index(adapter.segment_text(segmentation_prompt(order, use_background)), order, extra_entities)
+        for order in orders
+    ]
     # None: the family's own rule
     timestep = adapter.segment_timestep if timestep is None else adapter.checked_timestep(timestep)
     if seed is not None and not is_integer(seed):
@@ -145,12 +149,9 @@ def segment_image(
             )
         return step
 
-    def one_order(names: list[str]) -> dict[str, GoCASegmentation]:
+    def one_order(names: list[str], index) -> dict[str, GoCASegmentation]:
         """Each method's segmentation with the prompt naming `names` in this order: iSeg reads a forward whose
         class-token embeddings are scaled; every other method shares one plain forward."""
-        index = adapter.token_index(
-            adapter.segment_text(segmentation_prompt(names, use_background)), names, extra_entities
-        )
         steps = {}
         if any(m != "iseg" for m in methods):
             steps["plain"] = capture(names, index)
@@ -192,7 +193,7 @@ def segment_image(
                 else "the labels are the plain argmax over them (pass background=True to get background)",
             )
     # Each class's scores averaged over the orders, the labels their argmax weighted by the presence test's weights.
-    runs = [one_order(order) for order in orders]
+    runs = [one_order(order, index) for order, index in zip(orders, indices)]
     out = {m: _in_order(_averaged([run[m] for run in runs], weights), classes) for m in methods}
     for result in out.values():
         result.image = rgb
