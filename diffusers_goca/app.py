@@ -623,8 +623,9 @@ def build_app(demo: Demo):
                             list(CLASS_ORDERS),
                             value="given",
                             label="Class order",
-                            info="stuff-first: stuff (sky, grass, road, wall, ...) named first, then the rest, each "
-                            "alphabetically, so that the order typed no longer matters",
+                            info="stuff-first: stuff (sky, grass, road, wall, ...) named first, the rest in several "
+                            "orders whose maps are averaged (a forward each), so that the order typed no longer "
+                            "matters",
                             elem_id="seg-order",
                         )
                         presence = gr.Checkbox(

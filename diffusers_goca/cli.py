@@ -125,8 +125,9 @@ def main(argv=None) -> int:
         "--class-order",
         default="given",
         choices=CLASS_ORDERS,
-        help="stuff-first: name stuff classes (sky, grass, road, wall, ...) first, then the others, each group "
-        "alphabetically, so that the order given does not matter (default: as given, as in segment())",
+        help="stuff-first: name stuff classes (sky, grass, road, wall, ...) first, the others in several orders "
+        "whose maps are averaged (one forward each), so that the order given does not matter (default: as given, "
+        "one forward, as in segment())",
     )
     s.add_argument(
         "--layer-weight-stride",

@@ -368,8 +368,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--class-order",
         default="given",
         choices=CLASS_ORDERS,
-        help="segment(class_order=...): 'stuff-first' names stuff classes (sky, grass, ...) first, then the others, "
-        "each group alphabetically (order-free)",
+        help="segment(class_order=...): 'stuff-first' names stuff classes (sky, grass, ...) first, the others in "
+        "several orders whose maps are averaged (order-free)",
     )
     args = p.parse_args(argv)
     if args.protocols and args.dataset != "toyworld":
