@@ -192,27 +192,18 @@ def segment_image(
                 if use_background
                 else "the labels are the plain argmax over them (pass background=True to get background)",
             )
-    # Each class's scores averaged over the orders, the labels their argmax weighted by the presence test's weights.
     runs = [one_order(order, index) for order, index in zip(orders, indices)]
-    out = {m: _in_order(_averaged([run[m] for run in runs], weights), classes) for m in methods}
-    for result in out.values():
-        result.image = rgb
+    out = {m: _averaged([run[m] for run in runs], classes, weights, rgb) for m in methods}
     return out[method] if isinstance(method, str) else out
 
 
-def _averaged(runs: list[GoCASegmentation], weights: dict[str, float] | None) -> GoCASegmentation:
-    """One segmentation from the same classes named in several orders: each class's scores averaged (in the first
-    run's order of the classes), the labels their argmax, each class weighted by `weights` (absent: 1)."""
-    names = runs[0].classes
+def _averaged(
+    runs: list[GoCASegmentation], classes: list[str], weights: dict[str, float] | None, image: Image.Image
+) -> GoCASegmentation:
+    """One segmentation from the same classes named in one or several orders, in the caller's order `classes` (and
+    "background" last, with a channel): each class's scores averaged over the runs, the labels their argmax with each
+    class weighted by the presence test's `weights` (a class without one: 1)."""
+    names = classes + runs[0].classes[len(classes) :]
     scores = torch.stack([torch.stack([run.scores[run.classes.index(c)] for c in names]) for run in runs]).mean(0)
     labels = weighted_labels(scores, [1.0 if weights is None else weights.get(c, 1.0) for c in names])
-    return GoCASegmentation(labels, scores, names, presence=dict(weights or {}))
-
-
-def _in_order(result: GoCASegmentation, classes: list[str]) -> GoCASegmentation:
-    """`result` with its classes in the caller's order `classes` (and "background" last, with a channel): the rows
-    of its scores and the values of its labels renumbered."""
-    names = classes + result.classes[len(classes) :]
-    to_caller = torch.tensor([names.index(c) for c in result.classes], device=result.labels.device)
-    scores = result.scores[[result.classes.index(c) for c in names]]
-    return GoCASegmentation(to_caller[result.labels], scores, names, presence=result.presence)
+    return GoCASegmentation(labels, scores, names, image=image, presence=dict(weights or {}))
