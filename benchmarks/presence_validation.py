@@ -5,13 +5,18 @@ were chosen from this table, never from the test scenes.
     python benchmarks/presence_validation.py --limit 40 --model diffusers_goca/toyworld/dit_model
 
 Each validation scene is segmented twice without the test: with its own classes (oracle) and with them plus two
-absent world classes, shuffled (distractors-2, as in `bench.protocols`). The leave-one-out denoising errors of both
-class lists are taken once, at every noise of the library's setting (`presence.PRESENCE_TIMESTEPS` × `PRESENCE_DRAWS`);
-each rule below then decides from them which classes take part in the argmax and with what weight:
+absent world classes, shuffled (distractors-2, as in `bench.protocols`), named in the order `--class-order` gives.
+The leave-one-out denoising errors of both class lists are taken at every noise of the library's setting
+(`presence.PRESENCE_TIMESTEPS` × `PRESENCE_DRAWS`) in a backward elimination run to the end (`presence.
+elimination_rounds` without a threshold: each round leaves out the class of the lowest gain); each rule below then
+decides from them which classes take part in the argmax and with what weight:
 - `none`: no presence test;
-- `threshold, 3 noises`: gain > 0 over t = 250, 500, 750 with one noise each (the first setting shipped);
-- `threshold, 14 noises`: gain > 0 over every noise;
-- `threshold + sigmoid τ`: the same, and each kept class's scores weighted by sigmoid(gain / τ).
+- `threshold, 3 noises`: gain > 0 in the first round over t = 250, 500, 750 with one noise each (the first setting
+  shipped);
+- `threshold, 14 noises`: gain > 0 in the first round over every noise;
+- `threshold + sigmoid τ`: the same, and each kept class's scores weighted by sigmoid(gain / τ);
+- `elimination, threshold θ, τ`: the rounds cut after the first whose every gain is above θ (`presence.
+  eliminated_gains`), each class weighted by its gain in the last round it was named in as above (0 at or under θ).
 Reported per rule and method: oracle mIoU, distractors-2 mIoU (and its share of the oracle mIoU without the test),
 and the share of pixels the absent classes take.
 """
@@ -26,11 +31,15 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from diffusers_goca.bench.toy_script import toy_study, write_table
+from diffusers_goca.class_order import prompt_orders
 from diffusers_goca.functional.maps import weighted_labels
 from diffusers_goca.functional.metrics import confusion_matrix, miou
 from diffusers_goca.presence import (
     PRESENCE_DRAWS,
+    PRESENCE_TEMPERATURE,
     PRESENCE_TIMESTEPS,
+    eliminated_gains,
+    elimination_rounds,
     leave_one_out_errors,
     leave_one_out_gain,
     presence_weights,
@@ -42,25 +51,49 @@ TEMPERATURES = (0.01, 0.02, 0.03, 0.05)
 FIRST_SETTING = [PRESENCE_TIMESTEPS.index(t) for t in (250, 500, 750)]  # draw 0 of each
 
 
-# rule name → weights [K] from the leave-one-out errors (without [K, S], full [S]); τ = ∞ makes every kept weight
-# equal (sigmoid(0)): the plain threshold.
+ELIMINATION_THRESHOLDS = (-0.02, 0.0, 0.01, 0.02, 0.04)
+
+
+def first_round(rule):
+    """A rule on the first round's errors (without [K, S], full [S]) as a rule on a record's list (see `collect`)."""
+    return lambda run: rule(*run["first_round"])
+
+
+def elimination(threshold: float, temperature: float):
+    return lambda run: presence_weights(
+        eliminated_gains(run["rounds"], run["named"], threshold), threshold, temperature
+    )
+
+
+# rule name → weights [K] of the classes in prompt order; τ = ∞ makes every kept weight equal (sigmoid(0)): the plain
+# threshold.
 RULES = {
-    "none": lambda w, f: torch.ones(w.shape[0]),
-    "threshold, 3 noises": lambda w, f: presence_weights(
-        leave_one_out_gain(w[:, FIRST_SETTING], f[FIRST_SETTING]), temperature=float("inf")
+    "none": lambda run: torch.ones(len(run["named"])),
+    "threshold, 3 noises": first_round(
+        lambda w, f: presence_weights(
+            leave_one_out_gain(w[:, FIRST_SETTING], f[FIRST_SETTING]), temperature=float("inf")
+        )
     ),
-    "threshold, 14 noises": lambda w, f: presence_weights(leave_one_out_gain(w, f), temperature=float("inf")),
+    "threshold, 14 noises": first_round(
+        lambda w, f: presence_weights(leave_one_out_gain(w, f), temperature=float("inf"))
+    ),
     **{
-        f"threshold + sigmoid τ = {tau}": lambda w, f, tau=tau: presence_weights(
-            leave_one_out_gain(w, f), temperature=tau
+        f"threshold + sigmoid τ = {tau}": first_round(
+            lambda w, f, tau=tau: presence_weights(leave_one_out_gain(w, f), temperature=tau)
         )
         for tau in TEMPERATURES
     },
+    **{
+        f"elimination, threshold {theta}, τ = {PRESENCE_TEMPERATURE}": elimination(theta, PRESENCE_TEMPERATURE)
+        for theta in ELIMINATION_THRESHOLDS
+    },
+    "elimination, threshold 0.0, τ = 0.1": elimination(0.0, 0.1),
 }
 
 
-def collect(pipe, n: int, split: str, methods=("goca", "vanilla")) -> list[dict]:
-    """Per scene and class list: the unweighted scores of each method and the leave-one-out errors."""
+def collect(pipe, n: int, split: str, class_order: str, methods=("goca", "vanilla")) -> list[dict]:
+    """Per scene and class list: the unweighted scores of each method, the classes in prompt order, the first
+    round's leave-one-out errors and every round of the elimination run to the end."""
     adapter = pipe.goca_adapter
     records = []
     for seed in tqdm(scene_seeds(split, n), desc="scenes"):
@@ -75,12 +108,15 @@ def collect(pipe, n: int, split: str, methods=("goca", "vanilla")) -> list[dict]
         latents = encoded_latents(pipe, image, adapter.native_resolution, adapter)
         record = {"truth": torch.from_numpy(scene.labels), "present": set(scene.classes)}
         for name, classes in lists.items():
-            got = pipe.segment(image, classes, method=list(methods))
+            got = pipe.segment(image, classes, method=list(methods), class_order=class_order)
+            named = prompt_orders(classes, class_order)[0]
+            forward = lambda text, t, g: adapter.segment_forward(latents, text, t, g)  # noqa: E731
+            cache = {}
             with adapter.encodings_kept():
-                without, full = leave_one_out_errors(
-                    lambda text, t, g: adapter.segment_forward(latents, text, t, g), classes, False, 0
-                )
-            record[name] = dict(classes=classes, scores={m: got[m].scores for m in methods}, errors=(without, full))
+                rounds = elimination_rounds(forward, named, False, 0, threshold=None, cache=cache)
+            first = leave_one_out_errors(forward, named, False, 0, errors=cache.__getitem__)
+            scores = {m: got[m].scores[[classes.index(c) for c in named]] for m in methods}
+            record[name] = dict(named=named, scores=scores, first_round=first, rounds=rounds)
         records.append(record)
     return records
 
@@ -92,21 +128,21 @@ def evaluate(records: list[dict], protocol: str, method: str, rule) -> tuple[flo
     absent_pixels = pixels = 0
     for rec in records:
         run = rec[protocol]
-        weights = rule(*run["errors"]).tolist()
-        ids = torch.tensor([CLASS_NAMES.index(c) for c in run["classes"]])
+        weights = rule(run).tolist()
+        ids = torch.tensor([CLASS_NAMES.index(c) for c in run["named"]])
         pred = ids[weighted_labels(run["scores"][method], weights)]
         conf += confusion_matrix(pred, rec["truth"], k)
-        absent_ids = [CLASS_NAMES.index(c) for c in run["classes"] if c not in rec["present"]]
+        absent_ids = [CLASS_NAMES.index(c) for c in run["named"] if c not in rec["present"]]
         absent_pixels += int(np.isin(pred.numpy(), absent_ids).sum())
         pixels += pred.numel()
     return 100 * miou(conf, over="truth")[0], 100 * absent_pixels / pixels
 
 
 def main(argv=None) -> int:
-    args, pipe = toy_study(__doc__, argv, limit=60, split="validation")
-    records = collect(pipe, args.limit, args.split)
+    args, pipe = toy_study(__doc__, argv, limit=60, split="validation", class_order=True)
+    records = collect(pipe, args.limit, args.split, args.class_order)
     noises = f"{len(PRESENCE_TIMESTEPS)} levels × {PRESENCE_DRAWS} noises"
-    print(f"{args.limit} {args.split} scenes, {args.model or 'UNet toy'}; errors at {noises}\n")
+    print(f"{args.limit} {args.split} scenes, {args.model or 'UNet toy'}, class order {args.class_order}; {noises}\n")
     print("| rule | method | oracle mIoU | distractors-2 mIoU (of oracle without the test) | absent % |")
     print("|---|---|---|---|---|")
     table = {}

@@ -44,6 +44,27 @@ def presence_weights(
     return torch.where(gains > threshold, torch.sigmoid(gains / temperature), torch.zeros_like(gains))
 
 
+def noise_errors(
+    forward: Callable,
+    prompt: str,
+    seed: int | None,
+    timesteps: Sequence[float] = PRESENCE_TIMESTEPS,
+    draws: int = PRESENCE_DRAWS,
+) -> torch.Tensor:
+    """The denoising errors of `prompt` [S] over S = draws · len(timesteps) seeded noises (draw-major).
+
+    forward(prompt, timestep, generator) → (prediction, target): one denoiser call on the noised image (the
+    adapter's `segment_forward`). Every prompt sees the same seeded noises, so two prompts' errors differ by their
+    text alone."""
+    out = []
+    for draw in range(draws):
+        for j, t in enumerate(timesteps):
+            offset = draw * len(timesteps) + j
+            generator = torch.Generator().manual_seed((0 if seed is None else int(seed)) + offset)
+            out.append(denoising_error(*forward(prompt, t, generator)))
+    return torch.stack(out)
+
+
 @torch.no_grad()
 def leave_one_out_errors(
     forward: Callable,
@@ -52,26 +73,65 @@ def leave_one_out_errors(
     seed: int | None,
     timesteps: Sequence[float] = PRESENCE_TIMESTEPS,
     draws: int = PRESENCE_DRAWS,
+    errors: Callable[[str], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The denoising errors without each class [K, S] and with all of them [S], over S = draws · len(timesteps)
-    seeded noises (draw-major).
-
-    forward(prompt, timestep, generator) → (prediction, target): one denoiser call on the noised image (the
-    adapter's `segment_forward`); the same seeded noises serve the full prompt and each prompt without one class,
-    so the difference is the class's alone. (K + 1) · S forwards.
-    """
-
-    def errors(prompt: str) -> torch.Tensor:
-        out = []
-        for draw in range(draws):
-            for j, t in enumerate(timesteps):
-                offset = draw * len(timesteps) + j
-                generator = torch.Generator().manual_seed((0 if seed is None else int(seed)) + offset)
-                out.append(denoising_error(*forward(prompt, t, generator)))
-        return torch.stack(out)
-
+    """The denoising errors without each class [K, S] and with all of them [S] (`noise_errors`): (K + 1) · S
+    forwards. errors(prompt) → [S], if given, stands in for `noise_errors` (a cache shared between rounds)."""
+    errors = errors or (lambda prompt: noise_errors(forward, prompt, seed, timesteps, draws))
     full = errors(segmentation_prompt(classes, background))
     without = torch.stack(
         [errors(segmentation_prompt([c for c in classes if c != name], background)) for name in classes]
     )
     return without, full
+
+
+@torch.no_grad()
+def elimination_rounds(
+    forward: Callable,
+    classes: Sequence[str],
+    background: bool,
+    seed: int | None,
+    threshold: float | None = PRESENCE_THRESHOLD,
+    timesteps: Sequence[float] = PRESENCE_TIMESTEPS,
+    draws: int = PRESENCE_DRAWS,
+    cache: dict[str, torch.Tensor] | None = None,
+) -> list[tuple[list[str], torch.Tensor]]:
+    """Backward elimination by leave-one-out gain: each round takes the gain [K'] of every class still named
+    (`leave_one_out_gain` over `leave_one_out_errors`), then leaves out the class of the lowest gain, until every
+    gain is above `threshold` (None: until no class is left). Returns each round's (classes named, their gains).
+
+    One round is not enough where the model's text conditioning is weak: an absent class in the prompt shifts the
+    errors of every prompt it is in, so the gains of the other classes are read against a wrong prompt. Each
+    prompt's errors are taken once (the full prompt of a round is a prompt without one class of the round before):
+    (K + 1) · S forwards for the first round, K' · S for each later one; `cache` (prompt → errors [S]), if given,
+    keeps them for the caller.
+    """
+    cache = {} if cache is None else cache
+
+    def errors(prompt: str) -> torch.Tensor:
+        if prompt not in cache:
+            cache[prompt] = noise_errors(forward, prompt, seed, timesteps, draws)
+        return cache[prompt]
+
+    named, rounds = list(classes), []
+    while named:
+        gains = leave_one_out_gain(*leave_one_out_errors(forward, named, background, seed, errors=errors))
+        rounds.append((named, gains))
+        if threshold is not None and bool((gains > threshold).all()):
+            break
+        named = [c for i, c in enumerate(named) if i != int(gains.argmin())]
+    return rounds
+
+
+def eliminated_gains(
+    rounds: Sequence[tuple[Sequence[str], torch.Tensor]], classes: Sequence[str], threshold: float = PRESENCE_THRESHOLD
+) -> torch.Tensor:
+    """Each class's gain [K] in the last round it was named in, the rounds cut after the first whose every gain is
+    above `threshold` (so the rounds of `elimination_rounds` run to the end serve any threshold): above the
+    threshold for the classes kept, at most the threshold for those left out."""
+    last: dict[str, float] = {}
+    for named, gains in rounds:
+        last.update(zip(named, gains.tolist()))
+        if bool((gains > threshold).all()):
+            break
+    return torch.tensor([last[c] for c in classes])

@@ -17,7 +17,7 @@ from .class_order import prompt_orders
 from .functional.maps import weighted_labels
 from .image_input import as_rgb
 from .methods import ISEG_EMBEDDING_SCALE, capture_pseudo_attention, check_method
-from .presence import leave_one_out_errors, leave_one_out_gain, presence_weights
+from .presence import eliminated_gains, elimination_rounds, presence_weights
 from .result import GoCASegmentation
 from .step_results import step_segmentations
 from .tokens import has_class, segmentation_prompt
@@ -174,14 +174,15 @@ def segment_image(
 
     weights = None
     if presence:
-        with adapter.encodings_kept():  # each of the K + 1 prompts encoded once, not at every noise
-            without, full = leave_one_out_errors(
+        with adapter.encodings_kept():  # each prompt encoded once, not at every noise
+            rounds = elimination_rounds(
                 lambda text, t, g: adapter.segment_forward(latents, text, t, g, guidance_scale),
                 named,
                 use_background,
                 seed,
+                presence_threshold,
             )
-        gains = leave_one_out_gain(without, full)
+        gains = eliminated_gains(rounds, named, presence_threshold)
         weights = dict(zip(named, presence_weights(gains, presence_threshold).tolist()))
         absent = [c for c in classes if weights[c] == 0]
         if len(absent) == len(classes):

@@ -15,7 +15,13 @@ from diffusers_goca.bench.protocols import PROTOCOLS, evaluate_protocols, protoc
 from diffusers_goca.class_encoding import CLASS_TEMPLATE, separately_encoded
 from diffusers_goca.class_order import is_stuff, prompt_orders
 from diffusers_goca.functional.maps import weighted_labels
-from diffusers_goca.presence import leave_one_out_gain, presence_weights
+from diffusers_goca.presence import (
+    eliminated_gains,
+    elimination_rounds,
+    leave_one_out_errors,
+    leave_one_out_gain,
+    presence_weights,
+)
 from diffusers_goca.testing import make_tiny_flux, make_tiny_pixart, make_tiny_sd, make_tiny_sd3, make_tiny_sdxl
 from diffusers_goca.toyworld import BACKGROUNDS, CLASS_NAMES, load_toy_pipeline, make_scene, scene_seeds
 
@@ -57,13 +63,55 @@ def test_presence_encodes_each_prompt_once(make, monkeypatch):
     pipe = goca.from_pipe(make())
     prompts = []
     encode = pipe.encode_prompt
-    monkeypatch.setattr(pipe, "encode_prompt", lambda *a, **kw: prompts.append(1) or encode(*a, **kw))
+    monkeypatch.setattr(
+        pipe, "encode_prompt", lambda *a, **kw: prompts.append(a[0] if a else kw["prompt"]) or encode(*a, **kw)
+    )
     kept = pipe.segment(IMAGE, ["cat", "grass", "dog"], presence=True, resolution=32)
-    assert len(prompts) == 4 + 1  # the K + 1 presence prompts once each, then the segmentation's forward
+    presence_prompts = prompts[:-1]  # then the segmentation's forward
+    assert len(presence_prompts) == len(set(presence_prompts)) >= 4  # each of the elimination's prompts once
     assert pipe.goca_adapter._encodings is None
     monkeypatch.setattr(type(pipe.goca_adapter), "encodings_kept", contextlib.nullcontext)
+    prompts.clear()
     again = pipe.segment(IMAGE, ["cat", "grass", "dog"], presence=True, resolution=32)
-    assert len(prompts) == 5 + 14 * 4 + 1 and again.presence == kept.presence
+    assert len(prompts) == 14 * len(presence_prompts) + 1 and again.presence == kept.presence
+
+
+def test_elimination_rounds_against_a_plain_loop():
+    """A made-up denoiser whose error depends on the set of classes named: "cat" is in the image; "dog" alone would
+    look present (leaving it out of all three raises the error) only because "hat" in the prompt hurts more without
+    it. One round keeps "dog"; the elimination leaves out "hat", then "dog"."""
+    effect = {"cat": -0.3, "dog": 0.1, "hat": 0.3}
+
+    def error(named):
+        return 1 + sum(effect[c] for c in named) - (0.15 if {"dog", "hat"} <= set(named) else 0)
+
+    calls = []
+
+    def forward(prompt, t, generator):
+        named = [c for c in effect if c in prompt]
+        calls.append(prompt)
+        return torch.full((1, 4), error(named) ** 0.5), torch.zeros(1, 4)
+
+    def plain_gains(named):
+        return torch.tensor([(error([n for n in named if n != c]) - error(named)) / error(named) for c in named])
+
+    classes = ["cat", "dog", "hat"]
+    rounds = elimination_rounds(forward, classes, False, 0, timesteps=(100, 500), draws=1)
+    assert [named for named, _ in rounds] == [classes, ["cat", "dog"], ["cat"]]
+    for named, gains in rounds:
+        assert torch.allclose(gains, plain_gains(named))
+    first = leave_one_out_gain(*leave_one_out_errors(forward, classes, False, 0, timesteps=(100, 500), draws=1))
+    assert bool((first > 0)[:2].all()) and first[2] < 0  # one round would keep "dog"
+    assert len(calls) == 2 * 7 + 2 * 4 and len(set(calls[:14])) == 7  # 7 prompts once each (then one round's 4)
+    gains = eliminated_gains(rounds, classes)
+    assert torch.allclose(gains, torch.tensor([plain_gains(["cat"])[0], plain_gains(["cat", "dog"])[1], first[2]]))
+    assert presence_weights(gains).tolist()[1:] == [0.0, 0.0] and presence_weights(gains)[0] > 0.5
+    # run to the end, the rounds serve any threshold: cut where a run with that threshold stops
+    full = elimination_rounds(forward, classes, False, 0, threshold=None, timesteps=(100, 500), draws=1)
+    assert [named for named, _ in full] == [classes, ["cat", "dog"], ["cat"]]
+    for threshold in (-1.0, 0.0, 0.1, 0.5):
+        stopped = elimination_rounds(forward, classes, False, 0, threshold, timesteps=(100, 500), draws=1)
+        assert torch.equal(eliminated_gains(full, classes, threshold), eliminated_gains(stopped, classes, threshold))
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
