@@ -632,7 +632,7 @@ def build_app(demo: Demo):
                             False,
                             label="Presence test",
                             info="ask the denoiser which named classes are in the image; the others take no "
-                            "pixel (14 more forwards per class)",
+                            "pixel (14 more forwards per class and round)",
                             elem_id="seg-presence",
                         )
                         with gr.Row():

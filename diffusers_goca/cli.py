@@ -113,7 +113,7 @@ def main(argv=None) -> int:
         "--presence",
         action="store_true",
         help="first ask the denoiser which named classes are in the image; those it judges absent take no pixel "
-        "(14 more forwards per class; off by default, as in segment())",
+        "(14 more forwards per class and round of its elimination; off by default, as in segment())",
     )
     s.add_argument(
         "--class-encoding",

