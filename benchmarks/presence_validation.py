@@ -48,10 +48,8 @@ from diffusers_goca.segmenting import encoded_latents
 from diffusers_goca.toyworld import CLASS_NAMES, make_scene, scene_seeds
 
 TEMPERATURES = (0.01, 0.02, 0.03, 0.05)
-FIRST_SETTING = [PRESENCE_TIMESTEPS.index(t) for t in (250, 500, 750)]  # draw 0 of each
-
-
 ELIMINATION_THRESHOLDS = (-0.02, 0.0, 0.01, 0.02, 0.04)
+FIRST_SETTING = [PRESENCE_TIMESTEPS.index(t) for t in (250, 500, 750)]  # draw 0 of each
 
 
 def first_round(rule):
@@ -60,6 +58,7 @@ def first_round(rule):
 
 
 def elimination(threshold: float, temperature: float):
+    """The library's rule at this threshold and τ, read from the rounds of an elimination run to the end."""
     return lambda run: presence_weights(
         eliminated_gains(run["rounds"], run["named"], threshold), threshold, temperature
     )
