@@ -8,15 +8,18 @@ Each validation scene is segmented twice without the test: with its own classes 
 absent world classes, shuffled (distractors-2, as in `bench.protocols`), named in the order `--class-order` gives.
 The leave-one-out denoising errors of both class lists are taken at every noise of the library's setting
 (`presence.PRESENCE_TIMESTEPS` × `PRESENCE_DRAWS`) in a backward elimination run to the end (`presence.
-elimination_rounds` without a threshold: each round leaves out the class of the lowest gain); each rule below then
-decides from them which classes take part in the argmax and with what weight:
+elimination_rounds`: each round leaves out the class of the lowest gain); each rule below then decides from them
+which classes take part in the argmax and with what weight:
 - `none`: no presence test;
 - `threshold, 3 noises`: gain > 0 in the first round over t = 250, 500, 750 with one noise each (the first setting
   shipped);
 - `threshold, 14 noises`: gain > 0 in the first round over every noise;
 - `threshold + sigmoid τ`: the same, and each kept class's scores weighted by sigmoid(gain / τ);
-- `elimination, threshold θ, τ`: the rounds cut after the first whose every gain is above θ (`presence.
-  eliminated_gains`), each class weighted by its gain in the last round it was named in as above (0 at or under θ).
+- `elimination to the first stop, threshold θ, τ`: the classes of the first round whose every gain is above θ, each
+  weighted by its gain there as above, 0 for those left out before (the rule shipped before the whole path);
+- `elimination, threshold θ, τ`: the library's rule (`presence.elimination_weights`): the classes of the round whose
+  prompt explains the image best along the whole path, with θ the fraction by which each class must lower the
+  error (`presence.kept_round`), weighted as above.
 Reported per rule and method: oracle mIoU, distractors-2 mIoU (and its share of the oracle mIoU without the test),
 and the share of pixels the absent classes take.
 """
@@ -38,8 +41,8 @@ from diffusers_goca.presence import (
     PRESENCE_DRAWS,
     PRESENCE_TEMPERATURE,
     PRESENCE_TIMESTEPS,
-    eliminated_gains,
     elimination_rounds,
+    elimination_weights,
     leave_one_out_errors,
     leave_one_out_gain,
     presence_weights,
@@ -48,7 +51,7 @@ from diffusers_goca.segmenting import encoded_latents
 from diffusers_goca.toyworld import CLASS_NAMES, make_scene, scene_seeds
 
 TEMPERATURES = (0.01, 0.02, 0.03, 0.05)
-ELIMINATION_THRESHOLDS = (-0.02, 0.0, 0.01, 0.02, 0.04)
+ELIMINATION_THRESHOLDS = (-0.02, 0.0, 0.01, 0.02, 0.03, 0.04)
 FIRST_SETTING = [PRESENCE_TIMESTEPS.index(t) for t in (250, 500, 750)]  # draw 0 of each
 
 
@@ -58,10 +61,22 @@ def first_round(rule):
 
 
 def elimination(threshold: float, temperature: float):
-    """The library's rule at this threshold and τ, read from the rounds of an elimination run to the end."""
-    return lambda run: presence_weights(
-        eliminated_gains(run["rounds"], run["named"], threshold), threshold, temperature
-    )
+    """The library's rule at this threshold and τ, read from the elimination path."""
+    return lambda run: elimination_weights(run["rounds"], run["named"], threshold, temperature)
+
+
+def first_stop(threshold: float, temperature: float):
+    """The elimination stopped at its first round whose every gain is above the threshold."""
+
+    def rule(run):
+        stop = next((i for i, (_, gains) in enumerate(run["rounds"]) if bool((gains > threshold).all())), None)
+        if stop is None:
+            return torch.zeros(len(run["named"]))
+        named, gains = run["rounds"][stop]
+        weights = dict(zip(named, presence_weights(gains, threshold, temperature).tolist()))
+        return torch.tensor([weights.get(c, 0.0) for c in run["named"]])
+
+    return rule
 
 
 # rule name → weights [K] of the classes in prompt order; τ = ∞ makes every kept weight equal (sigmoid(0)): the plain
@@ -69,19 +84,16 @@ def elimination(threshold: float, temperature: float):
 RULES = {
     "none": lambda run: torch.ones(len(run["named"])),
     "threshold, 3 noises": first_round(
-        lambda w, f: presence_weights(
-            leave_one_out_gain(w[:, FIRST_SETTING], f[FIRST_SETTING]), temperature=float("inf")
-        )
+        lambda w, f: presence_weights(leave_one_out_gain(w[:, FIRST_SETTING], f[FIRST_SETTING]), 0.0, float("inf"))
     ),
-    "threshold, 14 noises": first_round(
-        lambda w, f: presence_weights(leave_one_out_gain(w, f), temperature=float("inf"))
-    ),
+    "threshold, 14 noises": first_round(lambda w, f: presence_weights(leave_one_out_gain(w, f), 0.0, float("inf"))),
     **{
         f"threshold + sigmoid τ = {tau}": first_round(
-            lambda w, f, tau=tau: presence_weights(leave_one_out_gain(w, f), temperature=tau)
+            lambda w, f, tau=tau: presence_weights(leave_one_out_gain(w, f), 0.0, tau)
         )
         for tau in TEMPERATURES
     },
+    f"elimination to the first stop, threshold 0.0, τ = {PRESENCE_TEMPERATURE}": first_stop(0.0, PRESENCE_TEMPERATURE),
     **{
         f"elimination, threshold {theta}, τ = {PRESENCE_TEMPERATURE}": elimination(theta, PRESENCE_TEMPERATURE)
         for theta in ELIMINATION_THRESHOLDS
@@ -112,7 +124,7 @@ def collect(pipe, n: int, split: str, class_order: str, methods=("goca", "vanill
             forward = lambda text, t, g: adapter.segment_forward(latents, text, t, g)  # noqa: E731
             cache = {}
             with adapter.encodings_kept():
-                rounds = elimination_rounds(forward, named, False, 0, threshold=None, cache=cache)
+                rounds = elimination_rounds(forward, named, False, 0, cache=cache)
             first = leave_one_out_errors(forward, named, False, 0, errors=cache.__getitem__)
             scores = {m: got[m].scores[[classes.index(c) for c in named]] for m in methods}
             record[name] = dict(named=named, scores=scores, first_round=first, rounds=rounds)

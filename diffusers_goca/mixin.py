@@ -163,12 +163,13 @@ class GoCAMixin:
         unless a class is named background (in any case). Off by default: where the surface is named, the channel
         takes part of it (the toy models' protocol table in docs/protocols.md); turn it on when only objects are named.
         presence: first ask the denoiser which classes are in the image (`presence.elimination_rounds`: each class
-        left out of the prompt in turn, 14·(K+1) more forwards, then the class whose absence raised the denoising
-        error least left out and the others asked again, 14·K' forwards a round, until every class still named raises
-        it by more than `presence_threshold`); a class left out is judged absent and takes no pixel (`result.absent`;
-        its scores stay in `result.scores`), and the others' scores are weighted by their last gain
-        (`presence.presence_weights`, in `result.presence`) before the argmax. Every class absent: all background with a background channel, else the
-        plain argmax; a warning names them.
+        left out of the prompt in turn, then the class whose absence raised the denoising error least left out and
+        the others asked again, until none is left, 14·(1 + K(K+1)/2) more forwards for K classes); the classes of
+        the prompt along that path that explains the image best are kept, each having to lower the error by more
+        than `presence_threshold` (`presence.kept_round`). A class left out is judged absent and takes no pixel
+        (`result.absent`; its scores stay in `result.scores`), and the kept classes' scores are weighted by their
+        gains there (`presence.presence_weights`, in `result.presence`) before the argmax. Every class absent: all
+        background with a background channel, else the plain argmax; a warning names them.
         class_encoding: "prompt" (the classes' tokens as the text encoder reads them in the prompt) or "separate"
         (each class encoded on its own, `class_encoding.separately_encoded`: the result no longer depends on the
         order of the classes, which a causal text encoder such as CLIP otherwise imposes; see docs/protocols.md).

@@ -17,7 +17,7 @@ from .class_order import prompt_orders
 from .functional.maps import weighted_labels
 from .image_input import as_rgb
 from .methods import ISEG_EMBEDDING_SCALE, capture_pseudo_attention, check_method
-from .presence import eliminated_gains, elimination_rounds, presence_weights
+from .presence import elimination_rounds, elimination_weights
 from .result import GoCASegmentation
 from .step_results import step_segmentations
 from .tokens import has_class, segmentation_prompt
@@ -180,10 +180,8 @@ def segment_image(
                 named,
                 use_background,
                 seed,
-                presence_threshold,
             )
-        gains = eliminated_gains(rounds, named, presence_threshold)
-        weights = dict(zip(named, presence_weights(gains, presence_threshold).tolist()))
+        weights = dict(zip(named, elimination_weights(rounds, named, presence_threshold).tolist()))
         absent = [c for c in classes if weights[c] == 0]
         if len(absent) == len(classes):
             logger.warning(

@@ -16,9 +16,9 @@ from diffusers_goca.class_encoding import CLASS_TEMPLATE, separately_encoded
 from diffusers_goca.class_order import is_stuff, prompt_orders
 from diffusers_goca.functional.maps import weighted_labels
 from diffusers_goca.presence import (
-    eliminated_gains,
     elimination_rounds,
-    leave_one_out_errors,
+    elimination_weights,
+    kept_round,
     leave_one_out_gain,
     presence_weights,
 )
@@ -68,7 +68,7 @@ def test_presence_encodes_each_prompt_once(make, monkeypatch):
     )
     kept = pipe.segment(IMAGE, ["cat", "grass", "dog"], presence=True, resolution=32)
     presence_prompts = prompts[:-1]  # then the segmentation's forward
-    assert len(presence_prompts) == len(set(presence_prompts)) >= 4  # each of the elimination's prompts once
+    assert len(presence_prompts) == len(set(presence_prompts)) == 7  # each of the elimination's 1 + K(K + 1)/2 once
     assert pipe.goca_adapter._encodings is None
     monkeypatch.setattr(type(pipe.goca_adapter), "encodings_kept", contextlib.nullcontext)
     prompts.clear()
@@ -76,14 +76,15 @@ def test_presence_encodes_each_prompt_once(make, monkeypatch):
     assert len(prompts) == 14 * len(presence_prompts) + 1 and again.presence == kept.presence
 
 
-def test_elimination_rounds_against_a_plain_loop():
-    """A made-up denoiser whose error depends on the set of classes named: "cat" is in the image; "dog" alone would
-    look present (leaving it out of all three raises the error) only because "hat" in the prompt hurts more without
-    it. One round keeps "dog"; the elimination leaves out "hat", then "dog"."""
-    effect = {"cat": -0.3, "dog": 0.1, "hat": 0.3}
+def test_elimination_against_a_plain_loop():
+    """A made-up denoiser whose error is a product of each named class's effect and a factor for how many classes the
+    prompt names: "cat" is in the image, "dog" and "hat" are not, and three names lower the error by a fifth. Every
+    gain of the first round is above 0, so stopping there would keep both absent classes; the whole path finds that
+    the prompt naming "cat" alone explains the image best."""
+    effect = {"cat": 0.7, "dog": 1.1, "hat": 1.2}
 
     def error(named):
-        return 1 + sum(effect[c] for c in named) - (0.15 if {"dog", "hat"} <= set(named) else 0)
+        return float(np.prod([effect[c] for c in named])) * (0.8 if len(named) == 3 else 1.0)
 
     calls = []
 
@@ -93,25 +94,29 @@ def test_elimination_rounds_against_a_plain_loop():
         return torch.full((1, 4), error(named) ** 0.5), torch.zeros(1, 4)
 
     def plain_gains(named):
-        return torch.tensor([(error([n for n in named if n != c]) - error(named)) / error(named) for c in named])
+        return [(error([n for n in named if n != c]) - error(named)) / error(named) for c in named]
 
     classes = ["cat", "dog", "hat"]
     rounds = elimination_rounds(forward, classes, False, 0, timesteps=(100, 500), draws=1)
     assert [named for named, _ in rounds] == [classes, ["cat", "dog"], ["cat"]]
     for named, gains in rounds:
-        assert torch.allclose(gains, plain_gains(named))
-    first = leave_one_out_gain(*leave_one_out_errors(forward, classes, False, 0, timesteps=(100, 500), draws=1))
-    assert bool((first > 0)[:2].all()) and first[2] < 0  # one round would keep "dog"
-    assert len(calls) == 2 * 7 + 2 * 4 and len(set(calls[:14])) == 7  # 7 prompts once each (then one round's 4)
-    gains = eliminated_gains(rounds, classes)
-    assert torch.allclose(gains, torch.tensor([plain_gains(["cat"])[0], plain_gains(["cat", "dog"])[1], first[2]]))
-    assert presence_weights(gains).tolist()[1:] == [0.0, 0.0] and presence_weights(gains)[0] > 0.5
-    # run to the end, the rounds serve any threshold: cut where a run with that threshold stops
-    full = elimination_rounds(forward, classes, False, 0, threshold=None, timesteps=(100, 500), draws=1)
-    assert [named for named, _ in full] == [classes, ["cat", "dog"], ["cat"]]
-    for threshold in (-1.0, 0.0, 0.1, 0.5):
-        stopped = elimination_rounds(forward, classes, False, 0, threshold, timesteps=(100, 500), draws=1)
-        assert torch.equal(eliminated_gains(full, classes, threshold), eliminated_gains(stopped, classes, threshold))
+        assert torch.allclose(gains, torch.tensor(plain_gains(named)))
+    assert len(calls) == 2 * 7 and len(set(calls)) == 7  # 1 + K(K + 1)/2 prompts, each once
+    assert bool((rounds[0][1] > 0).all())  # the first stop would keep "dog" and "hat"
+
+    def plain_kept_round(threshold):
+        path = [classes, ["cat", "dog"], ["cat"], []]
+        phi = [sum(min(plain_gains(path[j])) - threshold for j in range(i)) for i in range(len(path))]
+        return max(i for i in range(len(path)) if phi[i] == min(phi))
+
+    for threshold, kept in ((-1.0, classes), (0.0, ["cat"]), (0.05, ["cat"]), (0.5, [])):
+        assert kept_round(rounds, threshold) == plain_kept_round(threshold)
+        weights = elimination_weights(rounds, classes, threshold)
+        assert [c for c, w in zip(classes, weights.tolist()) if w > 0] == kept
+        if kept:
+            named, gains = rounds[kept_round(rounds, threshold)]
+            assert bool((gains > threshold).all())
+            assert torch.equal(weights[[classes.index(c) for c in named]], presence_weights(gains, threshold))
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
