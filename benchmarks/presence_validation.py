@@ -46,6 +46,7 @@ from diffusers_goca.presence import (
     leave_one_out_errors,
     leave_one_out_gain,
     presence_weights,
+    round_weights,
 )
 from diffusers_goca.segmenting import encoded_latents
 from diffusers_goca.toyworld import CLASS_NAMES, make_scene, scene_seeds
@@ -66,15 +67,12 @@ def elimination(threshold: float, temperature: float):
 
 
 def first_stop(threshold: float, temperature: float):
-    """The elimination stopped at its first round whose every gain is above the threshold."""
+    """The elimination stopped at its first round whose every gain is above the threshold (none: every class out)."""
 
     def rule(run):
-        stop = next((i for i, (_, gains) in enumerate(run["rounds"]) if bool((gains > threshold).all())), None)
-        if stop is None:
-            return torch.zeros(len(run["named"]))
-        named, gains = run["rounds"][stop]
-        weights = dict(zip(named, presence_weights(gains, threshold, temperature).tolist()))
-        return torch.tensor([weights.get(c, 0.0) for c in run["named"]])
+        rounds = run["rounds"]
+        stop = next((i for i, (_, gains) in enumerate(rounds) if bool((gains > threshold).all())), len(rounds))
+        return round_weights(rounds, stop, run["named"], threshold, temperature)
 
     return rule
 

@@ -140,17 +140,27 @@ def kept_round(rounds: Sequence[tuple[Sequence[str], torch.Tensor]], threshold: 
     return chosen
 
 
+def round_weights(
+    rounds: Sequence[tuple[Sequence[str], torch.Tensor]],
+    chosen: int,
+    classes: Sequence[str],
+    threshold: float = PRESENCE_THRESHOLD,
+    temperature: float = PRESENCE_TEMPERATURE,
+) -> torch.Tensor:
+    """Each class's weight [K] with the classes of round `chosen` of an elimination path kept (len(rounds): none):
+    `presence_weights` of their gains there (the gains with only those classes named), 0 for the others."""
+    weights = {}
+    if chosen < len(rounds):
+        named, gains = rounds[chosen]
+        weights = dict(zip(named, presence_weights(gains, threshold, temperature).tolist()))
+    return torch.tensor([weights.get(c, 0.0) for c in classes])
+
+
 def elimination_weights(
     rounds: Sequence[tuple[Sequence[str], torch.Tensor]],
     classes: Sequence[str],
     threshold: float = PRESENCE_THRESHOLD,
     temperature: float = PRESENCE_TEMPERATURE,
 ) -> torch.Tensor:
-    """Each class's weight [K] from an elimination path: `presence_weights` of its gain in the round `kept_round`
-    chooses (the gains with only the kept classes named), 0 for a class left out before it."""
-    chosen = kept_round(rounds, threshold)
-    weights = {}
-    if chosen < len(rounds):
-        named, gains = rounds[chosen]
-        weights = dict(zip(named, presence_weights(gains, threshold, temperature).tolist()))
-    return torch.tensor([weights.get(c, 0.0) for c in classes])
+    """Each class's weight [K] from an elimination path: `round_weights` of the round `kept_round` chooses."""
+    return round_weights(rounds, kept_round(rounds, threshold), classes, threshold, temperature)
