@@ -166,7 +166,9 @@ class GoCAMixin:
         left out of the prompt in turn, then the class whose absence raised the denoising error least left out and
         the others asked again, until none is left, 14·(1 + K(K+1)/2) more forwards for K classes); the classes of
         the prompt along that path that explains the image best are kept, each having to lower the error by more
-        than `presence_threshold` (`presence.kept_round`). A class left out is judged absent and takes no pixel
+        than `presence_threshold` (`presence.kept_round`). The error is read over the whole image, or with a
+        background channel in each class's region (`presence.class_regions` of the first method's scores): there the
+        classes named need not explain the surface. A class left out is judged absent and takes no pixel
         (`result.absent`; its scores stay in `result.scores`), and the kept classes' scores are weighted by their
         gains there (`presence.presence_weights`, in `result.presence`) before the argmax. Every class absent: all
         background with a background channel, else the plain argmax; a warning names them.

@@ -17,7 +17,7 @@ from .class_order import prompt_orders
 from .functional.maps import weighted_labels
 from .image_input import as_rgb
 from .methods import ISEG_EMBEDDING_SCALE, capture_pseudo_attention, check_method
-from .presence import elimination_rounds, elimination_weights
+from .presence import class_regions, elimination_rounds, elimination_weights
 from .result import GoCASegmentation
 from .step_results import step_segmentations
 from .tokens import has_class, segmentation_prompt
@@ -172,14 +172,25 @@ def segment_image(
             for m in methods
         }
 
+    runs = [one_order(order, index) for order, index in zip(orders, indices)]
+    averaged = {m: _averaged_scores([run[m] for run in runs], classes) for m in methods}
     weights = None
     if presence:
+        regions = None
+        if use_background:
+            # the classes named need not explain the whole image (the surface goes to the background channel), so each
+            # class's gain is read where the first method's scores put it, on the denoising error's grid
+            names, scores = averaged[methods[0]]
+            regions = class_regions(scores[[names.index(c) for c in named]], adapter.error_map_grid(latents))
         with adapter.encodings_kept():  # each prompt encoded once, not at every noise
             rounds = elimination_rounds(
-                lambda text, t, g: adapter.segment_forward(latents, text, t, g, guidance_scale),
+                lambda text, t, g: adapter.error_map(
+                    *adapter.segment_forward(latents, text, t, g, guidance_scale), latents
+                ),
                 named,
                 use_background,
                 seed,
+                regions=regions,
             )
         weights = dict(zip(named, elimination_weights(rounds, named, presence_threshold).tolist()))
         absent = [c for c in classes if weights[c] == 0]
@@ -191,18 +202,21 @@ def segment_image(
                 if use_background
                 else "the labels are the plain argmax over them (pass background=True to get background)",
             )
-    runs = [one_order(order, index) for order, index in zip(orders, indices)]
-    out = {m: _averaged([run[m] for run in runs], classes, weights, rgb) for m in methods}
+    out = {m: _segmentation(*averaged[m], weights, rgb) for m in methods}
     return out[method] if isinstance(method, str) else out
 
 
-def _averaged(
-    runs: list[GoCASegmentation], classes: list[str], weights: dict[str, float] | None, image: Image.Image
-) -> GoCASegmentation:
-    """One segmentation from the same classes named in one or several orders, in the caller's order `classes` (and
-    "background" last, with a channel): each class's scores averaged over the runs, the labels their argmax with each
-    class weighted by the presence test's `weights` (a class without one: 1)."""
+def _averaged_scores(runs: list[GoCASegmentation], classes: list[str]) -> tuple[list[str], torch.Tensor]:
+    """(names, scores [len(names), H, W]) of one method from the same classes named in one or several orders: the
+    caller's order `classes` (and "background" last, with a channel), each class's scores averaged over the runs."""
     names = classes + runs[0].classes[len(classes) :]
-    scores = torch.stack([torch.stack([run.scores[run.classes.index(c)] for c in names]) for run in runs]).mean(0)
+    return names, torch.stack([torch.stack([run.scores[run.classes.index(c)] for c in names]) for run in runs]).mean(0)
+
+
+def _segmentation(
+    names: list[str], scores: torch.Tensor, weights: dict[str, float] | None, image: Image.Image
+) -> GoCASegmentation:
+    """The labels of `scores`: their argmax with each class weighted by the presence test's `weights` (a class
+    without one: 1)."""
     labels = weighted_labels(scores, [1.0 if weights is None else weights.get(c, 1.0) for c in names])
     return GoCASegmentation(labels, scores, names, image=image, presence=dict(weights or {}))

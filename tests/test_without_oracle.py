@@ -16,12 +16,14 @@ from diffusers_goca.class_encoding import CLASS_TEMPLATE, separately_encoded
 from diffusers_goca.class_order import is_stuff, prompt_orders
 from diffusers_goca.functional.maps import weighted_labels
 from diffusers_goca.presence import (
+    class_regions,
     elimination_rounds,
     elimination_weights,
     kept_round,
     leave_one_out_gain,
     presence_weights,
 )
+from diffusers_goca.segmenting import encoded_latents
 from diffusers_goca.testing import make_tiny_flux, make_tiny_pixart, make_tiny_sd, make_tiny_sd3, make_tiny_sdxl
 from diffusers_goca.toyworld import BACKGROUNDS, CLASS_NAMES, load_toy_pipeline, make_scene, scene_seeds
 
@@ -39,6 +41,58 @@ def test_leave_one_out_gain_against_a_plain_loop():
     without, full = torch.tensor([[2.0, 3.0], [1.0, 1.5]]), torch.tensor([1.0, 2.0])
     expected = [np.mean([(2 - 1) / 1, (3 - 2) / 2]), np.mean([(1 - 1) / 1, (1.5 - 2) / 2])]
     assert torch.allclose(leave_one_out_gain(without, full), torch.tensor(expected, dtype=torch.float32))
+    # error maps [K, S, h, w] read in each class's region, and over the whole image without regions
+    g = torch.Generator().manual_seed(0)
+    without, full, regions = (
+        torch.rand(3, 2, 4, 5, generator=g),
+        torch.rand(2, 4, 5, generator=g),
+        torch.rand(3, 4, 5, generator=g),
+    )
+    plain = [
+        np.mean(
+            [float(((without[k, s] - full[s]) * regions[k]).sum() / (full[s] * regions[k]).sum()) for s in range(2)]
+        )
+        for k in range(3)
+    ]
+    whole = [np.mean([float(without[k, s].mean() / full[s].mean() - 1) for s in range(2)]) for k in range(3)]
+    assert torch.allclose(leave_one_out_gain(without, full, regions), torch.tensor(plain, dtype=torch.float32))
+    assert torch.allclose(leave_one_out_gain(without, full), torch.tensor(whole, dtype=torch.float32))
+
+
+def test_class_regions_against_a_plain_loop():
+    scores = torch.rand(2, 8, 12, generator=torch.Generator().manual_seed(0))
+    regions = class_regions(scores, (2, 3))
+    for k in range(2):
+        normalised = (scores[k] - scores[k].min()) / (scores[k].max() - scores[k].min())
+        for i in range(2):
+            for j in range(3):
+                cell = normalised[4 * i : 4 * i + 4, 4 * j : 4 * j + 4]
+                assert torch.isclose(regions[k, i, j], cell.mean())
+
+
+def test_region_gains_keep_a_small_class_whole_image_gains_drop():
+    """A made-up denoiser on a 2 × 2 latent grid: "cat" fills one cell and naming it halves the error there; the
+    rest of the image (a surface that is not named) keeps a large error whatever the prompt. Over the whole image the
+    cat's gain is under the threshold; in its region it is 1."""
+
+    def forward(prompt, t, generator):
+        return torch.tensor([[1.0 if "cat" in prompt else 2.0, 100.0], [100.0, 100.0]])
+
+    regions = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    whole = elimination_rounds(forward, ["cat"], True, 0, timesteps=(100,), draws=1)
+    local = elimination_rounds(forward, ["cat"], True, 0, timesteps=(100,), draws=1, regions=regions)
+    assert torch.allclose(whole[0][1], torch.tensor([1 / 301])) and torch.allclose(local[0][1], torch.tensor([1.0]))
+    assert elimination_weights(whole, ["cat"]).tolist() == [0.0] and elimination_weights(local, ["cat"]).item() > 0
+
+
+def test_flux_error_map_is_the_error_on_the_latent_grid():
+    pipe = goca.from_pipe(make_tiny_flux())
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1, 4, 6, 8, generator=g), torch.randn(1, 4, 6, 8, generator=g)
+    pack = lambda x: pipe._pack_latents(x, 1, 4, 6, 8)  # noqa: E731
+    expected = torch.nn.functional.avg_pool2d((a - b).pow(2).mean(1, keepdim=True), 2)[0, 0]
+    assert pipe.goca_adapter.error_map_grid(a) == (3, 4)
+    assert torch.allclose(pipe.goca_adapter.error_map(pack(a), pack(b), a), expected)
 
 
 def test_presence_weights_and_weighted_labels_against_plain_loops():
@@ -67,13 +121,39 @@ def test_presence_encodes_each_prompt_once(make, monkeypatch):
         pipe, "encode_prompt", lambda *a, **kw: prompts.append(a[0] if a else kw["prompt"]) or encode(*a, **kw)
     )
     kept = pipe.segment(IMAGE, ["cat", "grass", "dog"], presence=True, resolution=32)
-    presence_prompts = prompts[:-1]  # then the segmentation's forward
+    presence_prompts = prompts[1:]  # after the segmentation's forward, whose scores place each class
     assert len(presence_prompts) == len(set(presence_prompts)) == 7  # each of the elimination's 1 + K(K + 1)/2 once
     assert pipe.goca_adapter._encodings is None
     monkeypatch.setattr(type(pipe.goca_adapter), "encodings_kept", contextlib.nullcontext)
     prompts.clear()
     again = pipe.segment(IMAGE, ["cat", "grass", "dog"], presence=True, resolution=32)
     assert len(prompts) == 14 * len(presence_prompts) + 1 and again.presence == kept.presence
+
+
+@pytest.mark.parametrize("make", [make_tiny_sd, make_tiny_flux], ids=["sd", "flux"])
+@pytest.mark.parametrize("background", [False, True], ids=["image", "regions"])
+def test_segment_reads_the_gains_in_the_regions_with_a_background_channel(make, background):
+    """The weights of `segment(..., presence=True)` restated from the public pieces: the elimination over the error
+    maps of the adapter's forward, in each class's region (the first method's scores) where the background channel
+    is on, over the whole image where it is off."""
+    pipe = goca.from_pipe(make())
+    classes = ["cat", "dog"]
+    got = pipe.segment(IMAGE, classes, method=["vanilla", "goca"], presence=True, background=background, resolution=32)
+    adapter = pipe.goca_adapter
+    latents = encoded_latents(pipe, IMAGE, 32, adapter)
+    regions = class_regions(got["vanilla"].scores[:2], adapter.error_map_grid(latents)) if background else None
+    rounds = elimination_rounds(
+        lambda text, t, g: adapter.error_map(*adapter.segment_forward(latents, text, t, g), latents),
+        classes,
+        background,
+        0,
+        regions=regions,
+    )
+    expected = elimination_weights(rounds, classes)
+    for result in got.values():
+        assert [result.presence[c] for c in classes] == expected.tolist()
+        weights = expected.tolist() + [1.0] * background
+        assert torch.equal(result.labels, weighted_labels(result.scores, weights))
 
 
 def test_elimination_against_a_plain_loop():
@@ -91,7 +171,7 @@ def test_elimination_against_a_plain_loop():
     def forward(prompt, t, generator):
         named = [c for c in effect if c in prompt]
         calls.append(prompt)
-        return torch.full((1, 4), error(named) ** 0.5), torch.zeros(1, 4)
+        return torch.full((2, 2), error(named))
 
     def plain_gains(named):
         return [(error([n for n in named if n != c]) - error(named)) / error(named) for c in named]

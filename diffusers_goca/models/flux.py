@@ -195,3 +195,10 @@ class FluxAdapter(Adapter):
             return_dict=False,
         )
         return out[0], noise - packed  # the flow's velocity, in the packed layout
+
+    def error_map(self, prediction, target, latents):
+        # packed [1, (h/2)(w/2), 4C]: each token is a 2 × 2 patch of the latent grid, in row-major order
+        return (prediction.float() - target.float()).pow(2).mean(-1)[0].reshape(self.error_map_grid(latents))
+
+    def error_map_grid(self, latents):
+        return latents.shape[-2] // 2, latents.shape[-1] // 2

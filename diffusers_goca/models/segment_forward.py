@@ -135,6 +135,16 @@ class SegmentForward:
         """Noise `latents` (clean, scaled) to `timestep` and run the denoiser once on `prompt`, without CFG.
 
         Returns (prediction, target): the denoiser's output and what it is trained to output there (noise,
-        velocity or flow), in the same layout; their distance is the denoising error (`presence.leave_one_out_errors`).
+        velocity or flow), in the same layout; their distance is the denoising error (`error_map`).
         """
         raise NotImplementedError
+
+    def error_map(self, prediction: torch.Tensor, target: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """The squared denoising error at each position of the latent grid, averaged over channels: `segment_forward`'s
+        (prediction, target) [1, C, h, w] → [h, w] (float32); `latents` is its input. The presence test reads it
+        in each class's region (`presence.leave_one_out_gain`)."""
+        return (prediction.float() - target.float()).pow(2).mean(1)[0]
+
+    def error_map_grid(self, latents: torch.Tensor) -> tuple[int, int]:
+        """The (h, w) of `error_map` for these latents [1, C, h, w]."""
+        return tuple(latents.shape[-2:])
