@@ -146,7 +146,7 @@ def collect(pipe, n: int, split: str, class_order: str, methods=("goca", "vanill
         for name, (classes, background) in lists.items():
             got = pipe.segment(image, classes, method=list(methods), class_order=class_order, background=background)
             named = prompt_orders(classes, class_order)[0]
-            forward = lambda text, t, g: adapter.error_map(*adapter.segment_forward(latents, text, t, g), latents)  # noqa: E731
+            forward = adapter.presence_forward(latents)
             channels = [classes.index(c) for c in named] + ([len(classes)] if background else [])
             scores = {m: got[m].scores[channels] for m in methods}
             regions = class_regions(scores[methods[0]][: len(named)], adapter.error_map_grid(latents))

@@ -148,9 +148,9 @@ def kept_round(rounds: Sequence[tuple[Sequence[str], torch.Tensor]], threshold: 
     j, over i = 0 … len(rounds) (len(rounds): no class); the smallest set among equal Φ.
 
     With the gains over the whole image, Φ is to first order the log denoising error of the prompt naming S_i plus
-    `threshold` for each class it names, up to a constant (with the gains in the regions, each step's term is the rise
-    in the region of the class it leaves out): a class is kept only if naming it lowers the error by more than that fraction, and every gain
-    of the round chosen is above the threshold. Stopping at the first round whose gains are all above the threshold
+    `threshold` for each class it names, up to a constant (with the gains in the regions, each step's term is the
+    rise in the region of the class it leaves out): a class is kept only if naming it lowers the error by more than
+    that fraction, and every gain of the round chosen is above the threshold. Stopping at the first round whose gains are all above the threshold
     finds only a local minimum: where the text conditioning is weak the error also depends on how many classes the
     prompt names, so every gain of a round can be above the threshold with absent classes still named, and a later
     round of the path explains the image better.

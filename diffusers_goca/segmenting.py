@@ -184,9 +184,7 @@ def segment_image(
             regions = class_regions(scores[[names.index(c) for c in named]], adapter.error_map_grid(latents))
         with adapter.encodings_kept():  # each prompt encoded once, not at every noise
             rounds = elimination_rounds(
-                lambda text, t, g: adapter.error_map(
-                    *adapter.segment_forward(latents, text, t, g, guidance_scale), latents
-                ),
+                adapter.presence_forward(latents, guidance_scale),
                 named,
                 use_background,
                 seed,

@@ -142,21 +142,36 @@ def test_presence_encodes_each_prompt_once(make, monkeypatch):
 def test_segment_reads_the_gains_in_the_regions_with_a_background_channel(make, background):
     """The weights of `segment(..., presence=True)` restated from the public pieces: the elimination over the error
     maps of the adapter's forward, in each class's region (the first method's scores) where the background channel
-    is on, over the whole image where it is off."""
+    is on, over the whole image where it is off. Every class is kept (threshold −1), so each weight shows its gain:
+    the random tiny models' gains are near 0, where the library's threshold would drop both classes on either path."""
     pipe = goca.from_pipe(make())
     classes = ["cat", "dog"]
-    got = pipe.segment(IMAGE, classes, method=["vanilla", "goca"], presence=True, background=background, resolution=32)
+    got = pipe.segment(
+        IMAGE,
+        classes,
+        method=["vanilla", "goca"],
+        presence=True,
+        presence_threshold=-1.0,
+        background=background,
+        resolution=32,
+    )
     adapter = pipe.goca_adapter
     latents = encoded_latents(pipe, IMAGE, 32, adapter)
-    regions = class_regions(got["vanilla"].scores[:2], adapter.error_map_grid(latents)) if background else None
-    rounds = elimination_rounds(
-        lambda text, t, g: adapter.error_map(*adapter.segment_forward(latents, text, t, g), latents),
-        classes,
-        background,
-        0,
-        regions=regions,
-    )
-    expected = elimination_weights(rounds, classes)
+
+    def weights(regions):
+        rounds = elimination_rounds(
+            lambda text, t, g: adapter.error_map(*adapter.segment_forward(latents, text, t, g), latents),
+            classes,
+            background,
+            0,
+            regions=regions,
+        )
+        return elimination_weights(rounds, classes, -1.0)
+
+    regions = class_regions(got["vanilla"].scores[:2], adapter.error_map_grid(latents))
+    expected = weights(regions if background else None)
+    if background:
+        assert not torch.equal(expected, weights(None))  # the regions change the gains
     for result in got.values():
         assert [result.presence[c] for c in classes] == expected.tolist()
         weights = expected.tolist() + [1.0] * background

@@ -145,6 +145,13 @@ class SegmentForward:
         in each class's region (`presence.leave_one_out_gain`)."""
         return (prediction.float() - target.float()).pow(2).mean(1)[0]
 
+    def presence_forward(self, latents: torch.Tensor, guidance_scale: float | None = None):
+        """The forward the presence test asks (`presence.noise_errors`): (prompt, timestep, generator) → the
+        `error_map` of one `segment_forward` on these latents."""
+        return lambda prompt, timestep, generator: self.error_map(
+            *self.segment_forward(latents, prompt, timestep, generator, guidance_scale), latents
+        )
+
     def error_map_grid(self, latents: torch.Tensor) -> tuple[int, int]:
         """The (h, w) of `error_map` for these latents [1, C, h, w]."""
         return tuple(latents.shape[-2:])
